@@ -1,0 +1,457 @@
+#include "executor.h"
+
+#include <ATen/autocast_mode.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+
+#include <cmath>
+#include <sstream>
+
+#include "ops.h"
+
+namespace revengine {
+
+using torch::autograd::Node;
+using torch::autograd::variable_list;
+
+// ---------------------------------------------------------------------------------------------
+// Recompute flag, RNG and autocast replay
+
+namespace {
+thread_local int recompute_depth = 0;
+}
+
+bool is_recomputing() { return recompute_depth > 0; }
+RecomputeGuard::RecomputeGuard() { ++recompute_depth; }
+RecomputeGuard::~RecomputeGuard() { --recompute_depth; }
+
+RngSnapshot capture_rng(c10::Device device) {
+  RngSnapshot s;
+  auto cpu = at::detail::getDefaultCPUGenerator();
+  {
+    std::lock_guard<std::mutex> lock(cpu.mutex());
+    s.cpu = cpu.get_state();
+  }
+  if (device.type() != c10::kCPU) {
+    auto gen = at::globalContext().defaultGenerator(device);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    s.device_state = gen.get_state();
+    s.device = device;
+  }
+  return s;
+}
+
+void restore_rng(const RngSnapshot& s) {
+  if (s.cpu.defined()) {
+    auto cpu = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(cpu.mutex());
+    cpu.set_state(s.cpu);
+  }
+  if (s.device_state.defined()) {
+    auto gen = at::globalContext().defaultGenerator(s.device);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(s.device_state);
+  }
+}
+
+namespace {
+
+struct AutocastState {
+  c10::DeviceType device_type = c10::kCPU;
+  bool cpu_enabled = false;
+  at::ScalarType cpu_dtype = at::kBFloat16;
+  bool dev_enabled = false;
+  at::ScalarType dev_dtype = at::kHalf;
+  bool cache_enabled = true;
+
+  static AutocastState capture(c10::DeviceType dev) {
+    AutocastState s;
+    s.device_type = dev;
+    s.cpu_enabled = at::autocast::is_autocast_enabled(c10::kCPU);
+    s.cpu_dtype = at::autocast::get_autocast_dtype(c10::kCPU);
+    if (dev != c10::kCPU) {
+      s.dev_enabled = at::autocast::is_autocast_enabled(dev);
+      s.dev_dtype = at::autocast::get_autocast_dtype(dev);
+    }
+    s.cache_enabled = at::autocast::is_autocast_cache_enabled();
+    return s;
+  }
+  void apply() const {
+    at::autocast::set_autocast_enabled(c10::kCPU, cpu_enabled);
+    at::autocast::set_autocast_dtype(c10::kCPU, cpu_dtype);
+    if (device_type != c10::kCPU) {
+      at::autocast::set_autocast_enabled(device_type, dev_enabled);
+      at::autocast::set_autocast_dtype(device_type, dev_dtype);
+    }
+    at::autocast::set_autocast_cache_enabled(cache_enabled);
+  }
+  bool any() const { return cpu_enabled || dev_enabled; }
+};
+
+// Puts autocast in the state the forward ran under, and back on exit (like torch.autocast).
+struct AutocastReplay {
+  AutocastState saved;
+  bool entered = false;
+  explicit AutocastReplay(const AutocastState& want) : saved(AutocastState::capture(want.device_type)) {
+    want.apply();
+    if (want.any()) {
+      at::autocast::increment_nesting();
+      entered = true;
+    }
+  }
+  ~AutocastReplay() {
+    if (entered && at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    saved.apply();
+  }
+};
+
+// Restores the RNG state the caller had before backward touched it.
+struct RngRestore {
+  bool active;
+  RngSnapshot saved;
+  RngRestore(bool active_, c10::Device d) : active(active_) {
+    if (active) saved = capture_rng(d);
+  }
+  ~RngRestore() {
+    if (active) restore_rng(saved);
+  }
+};
+
+std::string layer_label(const std::vector<LayerPtr>& layers, size_t i) {
+  std::ostringstream os;
+  os << "layer " << i << " (" << layers[i]->name() << ")";
+  return os.str();
+}
+
+std::string describe(const at::Tensor& t) {
+  std::ostringstream os;
+  os << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device();
+  return os.str();
+}
+
+double default_debug_tol(at::ScalarType dt) {
+  switch (dt) {
+    case at::kDouble: return 1e-8;
+    case at::kFloat: return 1e-3;
+    default: return 5e-2;
+  }
+}
+
+}  // namespace
+
+at::Tensor Streams::value(const at::Tensor& buf) const {
+  return exact ? ops::fixed_dequantize(buf, frac_bits, dtype) : buf;
+}
+
+std::vector<at::Tensor> vjp(const std::vector<at::Tensor>& outputs,
+                            const std::vector<at::Tensor>& grad_outputs,
+                            const std::vector<at::Tensor>& inputs, const std::vector<bool>& wanted) {
+  std::vector<at::Tensor> result(inputs.size());
+  std::vector<at::Tensor> outs, gouts, sel;
+  std::vector<size_t> pos;
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    if (outputs[i].defined() && outputs[i].requires_grad() && grad_outputs[i].defined()) {
+      outs.push_back(outputs[i]);
+      gouts.push_back(grad_outputs[i].to(outputs[i].scalar_type()));
+    }
+  }
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (wanted[i] && inputs[i].defined() && inputs[i].requires_grad()) {
+      sel.push_back(inputs[i]);
+      pos.push_back(i);
+    }
+  }
+  if (outs.empty() || sel.empty()) return result;
+  auto grads = torch::autograd::grad(outs, sel, gouts, /*retain_graph=*/false,
+                                     /*create_graph=*/false, /*allow_unused=*/true);
+  for (size_t k = 0; k < pos.size(); ++k) result[pos[k]] = grads[k];
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-call state shared by the nodes of one stack
+
+struct StackState {
+  std::vector<LayerPtr> layers;
+  std::vector<LayerRecord> records;
+  std::vector<size_t> num_params;
+  Ctx ctx;
+  ExecOptions opts;
+  AutocastState autocast;
+  c10::Device device = c10::Device(c10::kCPU);
+  Streams streams;                // working buffers during backward
+  at::Tensor final_a, final_b;    // the stack's output (float alias, or the fixed-point buffers)
+  int64_t version_a = 0, version_b = 0;
+  std::shared_ptr<StackReport> report;
+};
+
+class RevNode : public Node {
+ public:
+  RevNode(std::shared_ptr<StackState> st, size_t index) : st_(std::move(st)), index_(index) {}
+  std::string name() const override { return "RevengineLayerBackward"; }
+  variable_list apply(variable_list&& grads) override;
+  void release_variables() override;
+
+ private:
+  std::shared_ptr<StackState> st_;
+  size_t index_;
+};
+
+variable_list RevNode::apply(variable_list&& grads) {
+  StackState& st = *st_;
+  const auto& layers = st.layers;
+  const size_t L = layers.size();
+  const std::string label = layer_label(layers, index_);
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "revengine: double backward (create_graph=True) through a reversible stack is not "
+              "supported; use mode=\"checkpoint\" or mode=\"plain\" for higher-order gradients");
+  Streams& s = st.streams;
+  if (index_ == L - 1) {
+    TORCH_CHECK(st.final_a.defined(),
+                "revengine: trying to backward through a reversible stack a second time after its "
+                "saved outputs were freed; pass retain_graph=True to the first backward");
+    if (!st.opts.exact) {
+      TORCH_CHECK(st.final_a._version() == st.version_a && st.final_b._version() == st.version_b,
+                  "revengine: an output of the reversible stack was modified in place after the "
+                  "forward; its backward reconstructs the inputs from the outputs, so clone the "
+                  "output before changing it");
+    }
+    // Fresh buffers: the saved outputs stay intact for retain_graph and the user.
+    s.a = st.final_a.clone(at::MemoryFormat::Contiguous);
+    s.b = st.final_b.clone(at::MemoryFormat::Contiguous);
+  }
+  TORCH_INTERNAL_ASSERT(s.a.defined() && s.b.defined(),
+                        "revengine: backward of ", label, " ran before the layer above it");
+
+  const at::Tensor shape_ref = s.value(s.a);
+  auto grad_or_zeros = [&](const at::Tensor& g) {
+    return g.defined() ? g : at::zeros_like(shape_ref, shape_ref.options().dtype(s.dtype));
+  };
+  at::Tensor dya = grad_or_zeros(grads[0]);
+  at::Tensor dyb = grad_or_zeros(grads[1]);
+
+  const size_t np = st.num_params[index_];
+  const size_t nc = st.ctx.tensors.size();
+  Needs needs;
+  needs.streams = should_compute_output(0) || should_compute_output(1);
+  needs.params.resize(np);
+  needs.ctx.resize(nc);
+  for (size_t j = 0; j < np; ++j) needs.params[j] = should_compute_output(2 + j);
+  for (size_t k = 0; k < nc; ++k) needs.ctx[k] = should_compute_output(2 + np + k);
+
+  BackwardResult r;
+  {
+    RngRestore rng_guard(st.opts.preserve_rng, st.device);
+    AutocastReplay autocast_guard(st.autocast);
+    at::AutoGradMode grad_on(true);
+    r = layers[index_]->backward(s, dya, dyb, st.ctx, st.records[index_], needs);
+  }
+  TORCH_CHECK(r.finite, "revengine: non-finite value (NaN or Inf) in the input of ", label,
+              " reconstructed during backward. The forward may have overflowed, or the layer's "
+              "inverse amplifies error (e.g. a small lam/beta). Sequential(..., debug=True) compares "
+              "each reconstruction with the true input.");
+  const LayerRecord& rec = st.records[index_];
+  if (rec.debug_a.defined()) {
+    at::NoGradGuard ng;
+    double err = std::max((s.value(s.a) - rec.debug_a).abs().max().item<double>(),
+                          (s.value(s.b) - rec.debug_b).abs().max().item<double>());
+    st.report->reconstruction_errors[index_] = err;
+    double tol = st.opts.debug_tol >= 0 ? st.opts.debug_tol : default_debug_tol(s.dtype);
+    double scale = std::max(1.0, rec.debug_a.abs().max().item<double>());
+    TORCH_CHECK(err <= tol * scale, "revengine: ", label, " did not invert its forward: the "
+                "reconstructed input differs from the true input by ", err, " (tolerance ",
+                tol * scale, "). Check that its inverse undoes its forward (revengine.testing.check_layer).");
+  }
+
+  variable_list out(2 + np + nc);
+  out[0] = r.da;
+  out[1] = r.db;
+  for (size_t j = 0; j < np && j < r.dparams.size(); ++j) out[2 + j] = r.dparams[j];
+  for (size_t k = 0; k < nc && k < r.dctx.size(); ++k) out[2 + np + k] = r.dctx[k];
+  return out;
+}
+
+void RevNode::release_variables() {
+  StackState& st = *st_;
+  if (index_ == st.layers.size() - 1) {
+    st.final_a.reset();
+    st.final_b.reset();
+  }
+  st.records[index_] = LayerRecord();
+  if (index_ == 0) {
+    st.streams.a.reset();
+    st.streams.b.reset();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+void check_streams(const at::Tensor& a, const at::Tensor& b, const std::string& where) {
+  TORCH_CHECK(a.defined() && b.defined(), "revengine: ", where, ": both streams must be tensors");
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && a.device() == b.device(),
+              "revengine: ", where, ": the two streams must match in shape, dtype and device, got ",
+              describe(a), " and ", describe(b));
+  TORCH_CHECK(at::isFloatingType(a.scalar_type()), "revengine: ", where,
+              ": streams must be floating point, got ", a.scalar_type());
+}
+
+Streams make_streams(const at::Tensor& xa, const at::Tensor& xb, const ExecOptions& opts) {
+  Streams s;
+  s.exact = opts.exact;
+  s.frac_bits = opts.frac_bits;
+  s.dtype = xa.scalar_type();
+  s.check_finite = opts.check_finite;
+  s.preserve_rng = opts.preserve_rng;
+  at::NoGradGuard ng;
+  if (opts.exact) {
+    s.a = ops::fixed_quantize(xa, opts.frac_bits);
+    s.b = ops::fixed_quantize(xb, opts.frac_bits);
+  } else {
+    // Owned copies: the user's input is never written to.
+    s.a = xa.detach().clone(at::MemoryFormat::Contiguous);
+    s.b = xb.detach().clone(at::MemoryFormat::Contiguous);
+  }
+  return s;
+}
+
+void check_exact(const std::vector<LayerPtr>& layers, const ExecOptions& opts) {
+  if (!opts.exact) return;
+  TORCH_CHECK(opts.frac_bits >= 0 && opts.frac_bits <= 52, "revengine: exact_bits must be in [0, 52], got ",
+              opts.frac_bits);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    TORCH_CHECK(layers[i]->supports_exact(), "revengine: exact=True needs layers that only add and "
+                "subtract increments (AdditiveCoupling with lam=beta=1, ...), but ", layer_label(layers, i),
+                " does not support it");
+  }
+}
+
+}  // namespace
+
+ForwardResult reversible_forward(const std::vector<LayerPtr>& layers, const at::Tensor& xa,
+                                 const at::Tensor& xb, const Ctx& ctx, const ExecOptions& opts) {
+  check_streams(xa, xb, "input of the reversible stack");
+  check_exact(layers, opts);
+  const size_t L = layers.size();
+  ForwardResult result;
+  result.report = std::make_shared<StackReport>();
+  result.report->reconstruction_errors.assign(L, -1.0);
+  if (L == 0) {
+    result.a = xa;
+    result.b = xb;
+    return result;
+  }
+
+  std::vector<std::vector<at::Tensor>> params(L);
+  bool any_requires_grad = xa.requires_grad() || xb.requires_grad();
+  for (const auto& t : ctx.tensors) any_requires_grad |= (t.defined() && t.requires_grad());
+  for (size_t i = 0; i < L; ++i) {
+    params[i] = layers[i]->parameters();
+    for (const auto& p : params[i]) any_requires_grad |= p.requires_grad();
+  }
+  const bool record = at::GradMode::is_enabled() && any_requires_grad;
+
+  auto st = std::make_shared<StackState>();
+  Streams s = make_streams(xa, xb, opts);
+  const auto shape = xa.sizes().vec();
+  const auto float_opts = xa.options();
+  at::Tensor prev_a = xa, prev_b = xb;
+  if (record) {
+    st->layers = layers;
+    st->ctx = ctx;
+    st->opts = opts;
+    st->device = xa.device();
+    st->autocast = AutocastState::capture(xa.device().type());
+    st->report = result.report;
+    st->records.reserve(L);
+    st->num_params.reserve(L);
+  }
+
+  for (size_t i = 0; i < L; ++i) {
+    LayerRecord rec;
+    if (record && opts.debug) {
+      at::NoGradGuard ng;
+      rec.debug_a = s.value(s.a).clone();
+      rec.debug_b = s.value(s.b).clone();
+    }
+    {
+      at::NoGradGuard ng;
+      layers[i]->forward(s, ctx, rec);
+    }
+    const auto want = opts.exact ? at::kLong : s.dtype;
+    TORCH_CHECK(s.a.defined() && s.b.defined() && s.a.sizes() == at::IntArrayRef(shape) &&
+                    s.b.sizes() == at::IntArrayRef(shape) && s.a.scalar_type() == want &&
+                    s.b.scalar_type() == want && s.a.device() == xa.device() && s.b.device() == xa.device(),
+                "revengine: ", layer_label(layers, i), " changed its streams: expected ", describe(xa),
+                " for both, got ", describe(s.a), " and ", describe(s.b));
+    if (!record) continue;
+
+    c10::intrusive_ptr<Node> node = c10::make_intrusive<RevNode>(st, i);
+    variable_list inputs{prev_a, prev_b};
+    inputs.insert(inputs.end(), params[i].begin(), params[i].end());
+    inputs.insert(inputs.end(), ctx.tensors.begin(), ctx.tensors.end());
+    node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+    st->records.push_back(std::move(rec));
+    st->num_params.push_back(params[i].size());
+
+    at::Tensor out_a, out_b;
+    if (i + 1 < L) {
+      // Intermediate outputs only carry autograd metadata: their values live in the buffers.
+      std::vector<int64_t> zero_strides(shape.size(), 0);
+      out_a = at::empty_strided(shape, zero_strides, float_opts);
+      out_b = at::empty_strided(shape, zero_strides, float_opts);
+    } else if (opts.exact) {
+      at::NoGradGuard ng;
+      out_a = s.value(s.a);
+      out_b = s.value(s.b);
+      st->final_a = s.a;
+      st->final_b = s.b;
+    } else {
+      out_a = s.a;
+      out_b = s.b;
+    }
+    torch::autograd::set_history(out_a, node);
+    torch::autograd::set_history(out_b, node);
+    if (i + 1 == L && !opts.exact) {
+      // Detached aliases share storage and version counter (no reference cycle to the node).
+      st->final_a = out_a.detach();
+      st->final_b = out_b.detach();
+      st->version_a = st->final_a._version();
+      st->version_b = st->final_b._version();
+    }
+    prev_a = out_a;
+    prev_b = out_b;
+  }
+  if (record) {
+    st->streams = s;
+    st->streams.a.reset();
+    st->streams.b.reset();
+    result.a = prev_a;
+    result.b = prev_b;
+  } else {
+    at::NoGradGuard ng;
+    result.a = s.value(s.a);
+    result.b = s.value(s.b);
+  }
+  return result;
+}
+
+std::pair<at::Tensor, at::Tensor> reversible_inverse(const std::vector<LayerPtr>& layers,
+                                                     const at::Tensor& ya, const at::Tensor& yb,
+                                                     const Ctx& ctx, const ExecOptions& opts) {
+  check_streams(ya, yb, "input of Sequential.inverse");
+  check_exact(layers, opts);
+  at::NoGradGuard ng;
+  Streams s = make_streams(ya, yb, opts);
+  for (size_t k = layers.size(); k-- > 0;) {
+    bool finite = layers[k]->inverse(s, ctx);
+    TORCH_CHECK(finite, "revengine: non-finite value (NaN or Inf) in the input of ", layer_label(layers, k),
+                " reconstructed by inverse()");
+  }
+  return {s.value(s.a), s.value(s.b)};
+}
+
+}  // namespace revengine

@@ -1,0 +1,275 @@
+#include "layers.h"
+
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/function.h>
+
+#include <unordered_map>
+
+#include "ops.h"
+
+namespace revengine {
+
+ParamIndex ParamIndex::build(const std::vector<std::vector<at::Tensor>>& per_fn) {
+  ParamIndex idx;
+  std::unordered_map<const void*, size_t> seen;
+  for (const auto& ps : per_fn) {
+    std::vector<size_t> slots;
+    for (const auto& p : ps) {
+      auto key = static_cast<const void*>(p.unsafeGetTensorImpl());
+      auto it = seen.find(key);
+      if (it == seen.end()) {
+        it = seen.emplace(key, idx.params.size()).first;
+        idx.params.push_back(p);
+      }
+      slots.push_back(it->second);
+    }
+    idx.slots.push_back(std::move(slots));
+  }
+  return idx;
+}
+
+at::Tensor grad_leaf(const Streams& s, const at::Tensor& buf) {
+  at::Tensor v = s.exact ? s.value(buf) : buf.detach();
+  return v.requires_grad_(true);
+}
+
+Ctx leaf_context(const Ctx& ctx, const std::vector<bool>& needs) {
+  std::vector<at::Tensor> ts;
+  ts.reserve(ctx.tensors.size());
+  for (size_t k = 0; k < ctx.tensors.size(); ++k) {
+    const auto& t = ctx.tensors[k];
+    if (!t.defined()) {
+      ts.push_back(t);
+    } else if (needs[k] && torch::autograd::isDifferentiableType(t.scalar_type())) {
+      ts.push_back(t.detach().requires_grad_(true));
+    } else {
+      ts.push_back(t.detach());
+    }
+  }
+  return ctx.with_tensors(std::move(ts));
+}
+
+void check_increment(const at::Tensor& inc, const at::Tensor& stream, const char* fn_name,
+                     const std::string& layer) {
+  TORCH_CHECK(inc.defined() && inc.sizes() == stream.sizes() && inc.device() == stream.device() &&
+                  at::isFloatingType(inc.scalar_type()),
+              "revengine: ", fn_name, " of ", layer, " must return a floating tensor shaped like its "
+              "stream (", stream.sizes(), " on ", stream.device(), "), got ",
+              inc.defined() ? inc.sizes().vec() : std::vector<int64_t>{}, " ",
+              inc.defined() ? c10::toString(inc.scalar_type()) : "undefined");
+}
+
+namespace {
+
+// Adds the grads of one function's parameters (and of the context) into the layer's result.
+void scatter_grads(BackwardResult& r, const std::vector<at::Tensor>& grads, size_t offset,
+                   const std::vector<size_t>& slots, size_t nctx) {
+  auto acc = [](at::Tensor& dst, const at::Tensor& g) {
+    if (!g.defined()) return;
+    dst = dst.defined() ? dst + g : g;
+  };
+  for (size_t j = 0; j < slots.size(); ++j) acc(r.dparams[slots[j]], grads[offset + j]);
+  for (size_t k = 0; k < nctx; ++k) acc(r.dctx[k], grads[offset + slots.size() + k]);
+}
+
+std::vector<at::Tensor> concat(std::initializer_list<std::vector<at::Tensor>> parts) {
+  std::vector<at::Tensor> out;
+  for (const auto& p : parts) out.insert(out.end(), p.begin(), p.end());
+  return out;
+}
+
+std::vector<bool> wanted_for(bool first, const std::vector<size_t>& slots, const Needs& needs, size_t extra_first = 0) {
+  std::vector<bool> w;
+  for (size_t i = 0; i < extra_first; ++i) w.push_back(first);
+  for (size_t j : slots) w.push_back(needs.params[j]);
+  for (bool c : needs.ctx) w.push_back(c);
+  return w;
+}
+
+// In place: buf <- lam*buf + inc (float) or buf += q(inc) (exact).
+void add_increment(Streams& s, at::Tensor& buf, const at::Tensor& inc, double lam) {
+  if (s.exact) {
+    ops::fixed_update_(buf, inc, s.frac_bits, +1);
+  } else {
+    ops::coupling_update_(buf, inc, lam);
+  }
+}
+
+// In place: buf <- (buf - inc)/lam (float) or buf -= q(inc) (exact). Returns the finite flag.
+bool remove_increment(Streams& s, at::Tensor& buf, const at::Tensor& inc, double lam) {
+  if (s.exact) {
+    ops::fixed_update_(buf, inc, s.frac_bits, -1);
+    return true;  // fixed_update_ rejects non-finite increments itself
+  }
+  return ops::coupling_inverse_(buf, inc, lam, s.check_finite).item<bool>();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+AdditiveCoupling::AdditiveCoupling(FnPtr f, FnPtr g, double lam, double beta)
+    : f_(std::move(f)), g_(std::move(g)), lam_(lam), beta_(beta) {
+  TORCH_CHECK(f_ && g_, "revengine: AdditiveCoupling needs two stream functions f and g");
+  TORCH_CHECK(lam_ != 0.0 && beta_ != 0.0 && std::isfinite(lam_) && std::isfinite(beta_),
+              "revengine: AdditiveCoupling scales must be finite and non-zero (the inverse divides by "
+              "them), got lam=", lam_, ", beta=", beta_);
+}
+
+std::vector<at::Tensor> AdditiveCoupling::parameters() {
+  index_ = ParamIndex::build({f_->parameters(), g_->parameters()});
+  return index_.params;
+}
+
+void AdditiveCoupling::forward(Streams& s, const Ctx& ctx, LayerRecord& rec) {
+  const auto dev = s.a.device();
+  if (s.preserve_rng) rec.rng.push_back(capture_rng(dev));
+  at::Tensor fx = f_->call(s.value(s.b), ctx);
+  check_increment(fx, s.b, "f", name());
+  add_increment(s, s.a, fx, lam_);
+  fx.reset();
+  if (s.preserve_rng) rec.rng.push_back(capture_rng(dev));
+  at::Tensor gy = g_->call(s.value(s.a), ctx);
+  check_increment(gy, s.a, "g", name());
+  add_increment(s, s.b, gy, beta_);
+}
+
+BackwardResult AdditiveCoupling::backward(Streams& s, const at::Tensor& dya, const at::Tensor& dyb,
+                                          const Ctx& ctx, const LayerRecord& rec, const Needs& needs) {
+  BackwardResult r;
+  r.dparams.resize(index_.params.size());
+  r.dctx.resize(ctx.tensors.size());
+  Ctx lctx = leaf_context(ctx, needs.ctx);
+  const size_t nctx = ctx.tensors.size();
+
+  // g half: y2 = beta*x2 + g(y1). Recompute g(y1) with grad; it also gives x2 back.
+  at::Tensor y1 = grad_leaf(s, s.a);
+  at::Tensor gy;
+  {
+    if (s.preserve_rng) restore_rng(rec.rng.at(1));
+    RecomputeGuard rg;
+    gy = g_->call(y1, lctx);
+  }
+  {
+    at::NoGradGuard ng;
+    r.finite &= remove_increment(s, s.b, gy.detach(), beta_);
+  }
+  auto gp = g_->parameters();
+  auto grads = vjp({gy}, {dyb}, concat({{y1}, gp, lctx.tensors}), wanted_for(true, index_.slots[1], needs, 1));
+  gy.reset();
+  at::Tensor dy1 = grads[0].defined() ? dya + grads[0] : dya;
+  scatter_grads(r, grads, 1, index_.slots[1], nctx);
+  y1.reset();
+
+  // f half: y1 = lam*x1 + f(x2).
+  at::Tensor x2 = grad_leaf(s, s.b);
+  at::Tensor fx;
+  {
+    if (s.preserve_rng) restore_rng(rec.rng.at(0));
+    RecomputeGuard rg;
+    fx = f_->call(x2, lctx);
+  }
+  {
+    at::NoGradGuard ng;
+    r.finite &= remove_increment(s, s.a, fx.detach(), lam_);
+  }
+  auto fp = f_->parameters();
+  grads = vjp({fx}, {dy1}, concat({{x2}, fp, lctx.tensors}), wanted_for(true, index_.slots[0], needs, 1));
+  scatter_grads(r, grads, 1, index_.slots[0], nctx);
+  r.da = lam_ == 1.0 ? dy1 : dy1 * lam_;
+  at::Tensor db = beta_ == 1.0 ? dyb : dyb * beta_;
+  r.db = grads[0].defined() ? db + grads[0] : db;
+  return r;
+}
+
+bool AdditiveCoupling::inverse(Streams& s, const Ctx& ctx) {
+  bool finite = remove_increment(s, s.b, g_->call(s.value(s.a), ctx), beta_);
+  finite &= remove_increment(s, s.a, f_->call(s.value(s.b), ctx), lam_);
+  return finite;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+AffineCoupling::AffineCoupling(FnPtr fs, FnPtr ft, FnPtr gs, FnPtr gt, double clamp)
+    : fs_(std::move(fs)), ft_(std::move(ft)), gs_(std::move(gs)), gt_(std::move(gt)), clamp_(clamp) {
+  TORCH_CHECK(fs_ && ft_ && gs_ && gt_, "revengine: AffineCoupling needs four stream functions");
+  TORCH_CHECK(clamp_ > 0 && std::isfinite(clamp_), "revengine: AffineCoupling clamp must be positive, got ", clamp_);
+}
+
+std::vector<at::Tensor> AffineCoupling::parameters() {
+  index_ = ParamIndex::build({fs_->parameters(), ft_->parameters(), gs_->parameters(), gt_->parameters()});
+  return index_.params;
+}
+
+at::Tensor AffineCoupling::scale_of(const at::Tensor& raw) const {
+  return at::exp(at::tanh(raw / clamp_) * clamp_);
+}
+
+void AffineCoupling::forward(Streams& s, const Ctx& ctx, LayerRecord& rec) {
+  const auto dev = s.a.device();
+  auto half = [&](at::Tensor& upd, const at::Tensor& src, Fn& fsc, Fn& fsh, const char* nm) {
+    if (s.preserve_rng) rec.rng.push_back(capture_rng(dev));
+    at::Tensor raw = fsc.call(src, ctx);
+    check_increment(raw, src, nm, name());
+    if (s.preserve_rng) rec.rng.push_back(capture_rng(dev));
+    at::Tensor shift = fsh.call(src, ctx);
+    check_increment(shift, src, nm, name());
+    ops::affine_update_(upd, scale_of(raw), shift);
+  };
+  half(s.a, s.b, *fs_, *ft_, "f_scale/f_shift");
+  half(s.b, s.a, *gs_, *gt_, "g_scale/g_shift");
+}
+
+BackwardResult AffineCoupling::backward(Streams& s, const at::Tensor& dya, const at::Tensor& dyb,
+                                        const Ctx& ctx, const LayerRecord& rec, const Needs& needs) {
+  BackwardResult r;
+  r.dparams.resize(index_.params.size());
+  r.dctx.resize(ctx.tensors.size());
+  Ctx lctx = leaf_context(ctx, needs.ctx);
+  const size_t nctx = ctx.tensors.size();
+
+  // One half: upd = x*scale(src) + shift(src). Reconstructs x in place, returns (dx, dsrc).
+  auto half = [&](at::Tensor& upd, const at::Tensor& src_buf, Fn& fsc, Fn& fsh, size_t rng0,
+                  size_t slot_sc, size_t slot_sh, const at::Tensor& dy) {
+    at::Tensor src = grad_leaf(s, src_buf);
+    at::Tensor raw, shift, scale;
+    {
+      RecomputeGuard rg;
+      if (s.preserve_rng) restore_rng(rec.rng.at(rng0));
+      raw = fsc.call(src, lctx);
+      if (s.preserve_rng) restore_rng(rec.rng.at(rng0 + 1));
+      shift = fsh.call(src, lctx);
+      scale = scale_of(raw);
+    }
+    {
+      at::NoGradGuard ng;
+      r.finite &= ops::affine_inverse_(upd, scale.detach(), shift.detach(), s.check_finite).item<bool>();
+    }
+    auto psc = fsc.parameters();
+    auto psh = fsh.parameters();
+    std::vector<size_t> slots = index_.slots[slot_sc];
+    slots.insert(slots.end(), index_.slots[slot_sh].begin(), index_.slots[slot_sh].end());
+    at::Tensor dscale = dy * upd;  // upd now holds x
+    auto grads = vjp({scale, shift}, {dscale, dy}, concat({{src}, psc, psh, lctx.tensors}),
+                     wanted_for(true, slots, needs, 1));
+    scatter_grads(r, grads, 1, slots, nctx);
+    at::Tensor dx = dy * scale.detach();
+    return std::make_pair(dx, grads[0]);
+  };
+  auto [dx2_part, dy1_part] = half(s.b, s.a, *gs_, *gt_, 2, 2, 3, dyb);
+  at::Tensor dy1 = dy1_part.defined() ? dya + dy1_part : dya;
+  auto [dx1, dx2_f] = half(s.a, s.b, *fs_, *ft_, 0, 0, 1, dy1);
+  r.da = dx1.to(s.dtype);
+  r.db = (dx2_f.defined() ? dx2_part + dx2_f : dx2_part).to(s.dtype);
+  return r;
+}
+
+bool AffineCoupling::inverse(Streams& s, const Ctx& ctx) {
+  bool finite = ops::affine_inverse_(s.b, scale_of(gs_->call(s.a, ctx)), gt_->call(s.a, ctx),
+                                     s.check_finite).item<bool>();
+  finite &= ops::affine_inverse_(s.a, scale_of(fs_->call(s.b, ctx)), ft_->call(s.b, ctx),
+                                 s.check_finite).item<bool>();
+  return finite;
+}
+
+}  // namespace revengine

@@ -1,0 +1,60 @@
+// Built-in reversible layers with fused backward: the reconstruction of each stream doubles as
+// the recompute, so every stream function runs once in forward and once (with grad) in backward,
+// the same cost as activation checkpointing.
+#pragma once
+#include "executor.h"
+
+namespace revengine {
+
+// Unique parameters of several stream functions, and where each function's parameters land.
+struct ParamIndex {
+  std::vector<at::Tensor> params;
+  std::vector<std::vector<size_t>> slots;  // slots[fn][j] = index in params
+  static ParamIndex build(const std::vector<std::vector<at::Tensor>>& per_fn);
+};
+
+// y1 = lam*x1 + f(x2); y2 = beta*x2 + g(y1)  (Reformer/RevNet, with MEFT's scales)
+class AdditiveCoupling : public Layer {
+ public:
+  AdditiveCoupling(FnPtr f, FnPtr g, double lam = 1.0, double beta = 1.0);
+  std::string name() const override { return "AdditiveCoupling"; }
+  std::vector<at::Tensor> parameters() override;
+  bool supports_exact() const override { return lam_ == 1.0 && beta_ == 1.0; }
+  void forward(Streams& s, const Ctx& ctx, LayerRecord& rec) override;
+  BackwardResult backward(Streams& s, const at::Tensor& dya, const at::Tensor& dyb, const Ctx& ctx,
+                          const LayerRecord& rec, const Needs& needs) override;
+  bool inverse(Streams& s, const Ctx& ctx) override;
+
+ private:
+  FnPtr f_, g_;
+  double lam_, beta_;
+  ParamIndex index_;
+};
+
+// y1 = x1*exp(c*tanh(fs(x2)/c)) + ft(x2); y2 = x2*exp(c*tanh(gs(y1)/c)) + gt(y1)
+// The scale's log is soft-clamped to (-c, c), so the inverse never divides by ~0.
+class AffineCoupling : public Layer {
+ public:
+  AffineCoupling(FnPtr fs, FnPtr ft, FnPtr gs, FnPtr gt, double clamp = 2.0);
+  std::string name() const override { return "AffineCoupling"; }
+  std::vector<at::Tensor> parameters() override;
+  void forward(Streams& s, const Ctx& ctx, LayerRecord& rec) override;
+  BackwardResult backward(Streams& s, const at::Tensor& dya, const at::Tensor& dyb, const Ctx& ctx,
+                          const LayerRecord& rec, const Needs& needs) override;
+  bool inverse(Streams& s, const Ctx& ctx) override;
+
+ private:
+  at::Tensor scale_of(const at::Tensor& raw) const;
+  FnPtr fs_, ft_, gs_, gt_;
+  double clamp_;
+  ParamIndex index_;
+};
+
+// Helpers shared by layers (and by Python-defined layers in python.cpp).
+at::Tensor grad_leaf(const Streams& s, const at::Tensor& buf);
+// Leaves standing in for the context tensors during a recompute (grad wanted where needs say so).
+Ctx leaf_context(const Ctx& ctx, const std::vector<bool>& needs);
+void check_increment(const at::Tensor& inc, const at::Tensor& stream, const char* fn_name,
+                     const std::string& layer);
+
+}  // namespace revengine

@@ -1,0 +1,1001 @@
+// Element-wise kernels of revengine (see ops.h): op schemas, CPU and Meta kernels, autograd.
+//
+// Arithmetic contract (the CUDA kernels must match it so results agree across devices):
+//   opmath  = float for bfloat16/float16 x, else x's dtype; every operand is converted to opmath,
+//             the result is rounded once to x's dtype.
+//   coupling_update : r = fma(lam, x, f)          (lam converted to opmath first)
+//   coupling_inverse: r = (y - f) / lam
+//   affine_update   : r = fma(x, scale, shift)
+//   affine_inverse  : r = (y - shift) / scale
+//   fixed_quantize  : q = round_half_even(double(x) * 2^frac_bits)      (exact scaling in double)
+//   fixed_update_   : acc += sign * round_half_even(double(inc) * 2^frac_bits)  (wrap-around int64)
+//   fixed_dequantize: out = dtype(double(q) * 2^-frac_bits)   (double -> float -> bf16/half, as torch)
+// The "all finite" flags test the stored (rounded) results, so an overflow of the final
+// rounding (e.g. to float16) is reported too.
+//
+// The file is also compiled into a plain C++ shared library: no pybind11 here.
+#include "ops.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <c10/util/irange.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <sstream>
+
+// Runtime ISA dispatch for the hot loops: an AVX2+FMA clone and a baseline clone, picked once
+// by an ifunc resolver. Both give bit-identical results (fma is exact; nothing else is fused).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(REVENGINE_NO_TARGET_CLONES)
+#define REVENGINE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define REVENGINE_CLONES
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define REVENGINE_IVDEP _Pragma("GCC ivdep")
+#elif defined(__clang__)
+#define REVENGINE_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+#else
+#define REVENGINE_IVDEP
+#endif
+
+namespace revengine {
+namespace {
+
+constexpr int64_t kGrain = 32768;
+
+// ---------------------------------------------------------------------------------------------
+// Element traits: storage type, opmath type, load/store with round-to-nearest-even, and a
+// branch-free "stored value is inf/nan" test on the bits (vectorises as integer ops).
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  using storage = float;
+  using op = float;
+  static inline op load(storage v) { return v; }
+  static inline storage store(float v) { return v; }
+  static inline storage store_from_double(double v) { return static_cast<float>(v); }
+  static inline uint32_t nonfinite(storage v) {
+    uint32_t b;
+    std::memcpy(&b, &v, sizeof(b));
+    return (b & 0x7f800000u) == 0x7f800000u;
+  }
+};
+
+template <>
+struct Elem<double> {
+  using storage = double;
+  using op = double;
+  static inline op load(storage v) { return v; }
+  static inline storage store(double v) { return v; }
+  static inline storage store_from_double(double v) { return v; }
+  static inline uint32_t nonfinite(storage v) {
+    uint64_t b;
+    std::memcpy(&b, &v, sizeof(b));
+    return (b & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+  }
+};
+
+template <>
+struct Elem<c10::BFloat16> {
+  using storage = uint16_t;
+  using op = float;
+  static inline op load(storage v) {
+    uint32_t b = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &b, sizeof(f));
+    return f;
+  }
+  // Same rounding as c10::BFloat16(float): round to nearest even, NaN -> 0x7FC0; branch-free.
+  static inline storage store(float v) {
+    uint32_t u;
+    std::memcpy(&u, &v, sizeof(u));
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const bool is_nan = (u & 0x7fffffffu) > 0x7f800000u;
+    return static_cast<storage>(is_nan ? 0x7fc0u : rounded);
+  }
+  // torch converts double -> bfloat16 through float; so do we.
+  static inline storage store_from_double(double v) { return store(static_cast<float>(v)); }
+  static inline uint32_t nonfinite(storage v) { return (v & 0x7f80u) == 0x7f80u; }
+};
+
+inline uint32_t f32_bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return b;
+}
+inline float f32_from(uint32_t b) {
+  float v;
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
+}
+// All-ones when c, else zero: selects written as masks leave the compiler no branch to keep
+// (it will not if-convert a branch holding floating-point work under -ftrapping-math).
+inline uint32_t mask32(bool c) { return 0u - static_cast<uint32_t>(c); }
+inline uint64_t mask64(bool c) { return 0ull - static_cast<uint64_t>(c); }
+inline uint32_t sel32(bool c, uint32_t a, uint32_t b) { return (a & mask32(c)) | (b & ~mask32(c)); }
+inline uint64_t sel64(bool c, uint64_t a, uint64_t b) { return (a & mask64(c)) | (b & ~mask64(c)); }
+
+// IEEE half <-> float without branches (c10's versions have data-dependent control flow that
+// GCC does not vectorise). Every path is computed and the result selected with integer ops.
+// Same results as c10::Half: exact widening; narrowing rounds to nearest even, overflow -> inf,
+// NaN -> 0x7E00 with the sign kept.
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = static_cast<uint32_t>(h & 0x7fffu) << 13;  // exponent+mantissa, float position
+  const uint32_t exp = em & 0x0f800000u;
+  const uint32_t normal = em + ((127u - 15u) << 23);
+  const uint32_t infnan = normal + ((128u - 16u) << 23);
+  // subnormal (or zero): renormalise through one exact float subtraction
+  const uint32_t sub = f32_bits(f32_from(normal + (1u << 23)) - f32_from(113u << 23));
+  const uint32_t mag = sel32(exp == 0x0f800000u, infnan, sel32(exp == 0, sub, normal));
+  return f32_from(mag | sign);
+}
+
+inline uint16_t float_to_half(float v) {
+  const uint32_t b = f32_bits(v);
+  const uint32_t sign = b & 0x80000000u;
+  const uint32_t u = b ^ sign;
+  // overflow / inf / nan
+  const uint32_t big = sel32(u > 0x7f800000u, 0x7e00u, 0x7c00u);
+  // results that are half subnormals or zero: let the float adder round (exact RNE)
+  const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+  const uint32_t small = f32_bits(f32_from(u) + f32_from(denorm_magic)) - denorm_magic;
+  // normal results: rebias and round to nearest even on the 13 dropped bits
+  const uint32_t mant_odd = (u >> 13) & 1u;
+  const uint32_t normal = (u + (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + mant_odd) >> 13;
+  const uint32_t mag = sel32(u >= ((127u + 16u) << 23), big, sel32(u < (113u << 23), small, normal));
+  return static_cast<uint16_t>(mag | (sign >> 16));
+}
+
+template <>
+struct Elem<c10::Half> {
+  using storage = uint16_t;
+  using op = float;
+  static inline op load(storage v) { return half_to_float(v); }
+  static inline storage store(float v) { return float_to_half(v); }
+  static inline storage store_from_double(double v) { return store(static_cast<float>(v)); }
+  static inline uint32_t nonfinite(storage v) { return (v & 0x7c00u) == 0x7c00u; }
+};
+
+template <typename T>
+using storage_t = typename Elem<T>::storage;
+template <typename T>
+using opmath_t = typename Elem<T>::op;
+
+template <typename T>
+inline storage_t<T>* ptr(const at::Tensor& t) {
+  return reinterpret_cast<storage_t<T>*>(t.data_ptr());
+}
+template <typename T>
+inline const storage_t<T>* cptr(const at::Tensor& t) {
+  return reinterpret_cast<const storage_t<T>*>(t.const_data_ptr());
+}
+
+// round_half_even(v) as int64 for a finite double with |v| < 2^62, in integer and exact
+// floating-point operations only (AVX2 has no double -> int64 conversion; this vectorises).
+//   |v| <  2^52: |v| + 2^52 lies in [2^52, 2^53] where the spacing is 1, so the adder rounds to
+//                nearest even and the bit pattern minus that of 2^52 is the integer;
+//   |v| >= 2^52: v is an integer: mantissa << (exponent - 52).
+inline int64_t rne_to_int64(double v) {
+  uint64_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  const uint64_t neg = b >> 63;
+  const uint64_t abits = b & 0x7fffffffffffffffull;
+  constexpr uint64_t two52_bits = static_cast<uint64_t>(1023 + 52) << 52;
+  double a;
+  std::memcpy(&a, &abits, sizeof(a));
+  const double t = a + 4503599627370496.0;  // + 2^52
+  uint64_t tb;
+  std::memcpy(&tb, &t, sizeof(tb));
+  const uint64_t small = tb - two52_bits;
+  const uint64_t shift = ((abits >> 52) - (1023 + 52)) & 63u;
+  const uint64_t large = ((abits & 0x000fffffffffffffull) | (1ull << 52)) << shift;
+  const uint64_t mag = sel64(abits < two52_bits, small, large);
+  return static_cast<int64_t>((mag ^ (0 - neg)) + neg);
+}
+
+// double(q), correctly rounded like a cvtsi2sd, from exact floating-point pieces (vectorises;
+// AVX2 has no int64 -> double conversion):  (2^84 + (hi + 2^31) 2^32) - (2^84 + 2^63 + 2^52)
+// = hi 2^32 - 2^52 exactly, plus (2^52 + lo) gives hi 2^32 + lo = q with a single rounding.
+inline double int64_to_double(int64_t q) {
+  const uint64_t u = static_cast<uint64_t>(q);
+  const uint64_t lo_bits = (u & 0xffffffffull) | 0x4330000000000000ull;  // 2^52 + lo
+  const uint64_t hi_bits = (u >> 32) ^ 0x4530000080000000ull;            // 2^84 + (hi + 2^31) 2^32
+  const uint64_t magic_bits = 0x4530000080100000ull;                       // 2^84 + 2^63 + 2^52
+  double lo, hi, magic;
+  std::memcpy(&lo, &lo_bits, sizeof(lo));
+  std::memcpy(&hi, &hi_bits, sizeof(hi));
+  std::memcpy(&magic, &magic_bits, sizeof(magic));
+  return (hi - magic) + lo;
+}
+
+// 0.0 where c, else v (bitwise select).
+inline double zero_if(uint32_t c, double v) {
+  uint64_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  b &= ~mask64(c != 0);
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
+}
+
+// |v| >= 2^62, inf or nan, decided on the exponent bits.
+inline uint32_t out_of_fixed_range(double v) {
+  uint64_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return (b & 0x7ff0000000000000ull) >= (static_cast<uint64_t>(1023 + 62) << 52);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunk kernels (one contiguous chunk each; called from at::parallel_for).
+// Aliasing: `out` may equal `x` and a secondary operand may equal the primary one element for
+// element (same-index aliasing only; partial overlap is removed by the caller), hence ivdep.
+// ---------------------------------------------------------------------------------------------
+template <typename XT, typename FT>
+REVENGINE_CLONES void coupling_fwd_chunk(storage_t<XT>* out, const storage_t<XT>* x,
+                                         const storage_t<FT>* f, opmath_t<XT> lam, int64_t n) {
+  using op = opmath_t<XT>;
+  REVENGINE_IVDEP
+  for (int64_t i = 0; i < n; ++i) {
+    const op r = std::fma(lam, Elem<XT>::load(x[i]), static_cast<op>(Elem<FT>::load(f[i])));
+    out[i] = Elem<XT>::store(r);
+  }
+}
+
+// Returns non-zero when some stored result is not finite.
+template <typename XT, typename FT>
+REVENGINE_CLONES uint32_t coupling_inv_chunk(storage_t<XT>* y, const storage_t<FT>* f,
+                                             opmath_t<XT> lam, int64_t n) {
+  using op = opmath_t<XT>;
+  uint32_t bad = 0;
+  REVENGINE_IVDEP
+  for (int64_t i = 0; i < n; ++i) {
+    const op r = (Elem<XT>::load(y[i]) - static_cast<op>(Elem<FT>::load(f[i]))) / lam;
+    const storage_t<XT> s = Elem<XT>::store(r);
+    y[i] = s;
+    bad |= Elem<XT>::nonfinite(s);
+  }
+  return bad;
+}
+
+template <typename XT, typename ST>
+REVENGINE_CLONES void affine_fwd_chunk(storage_t<XT>* x, const storage_t<ST>* scale,
+                                       const storage_t<ST>* shift, int64_t n) {
+  using op = opmath_t<XT>;
+  REVENGINE_IVDEP
+  for (int64_t i = 0; i < n; ++i) {
+    const op r = std::fma(Elem<XT>::load(x[i]), static_cast<op>(Elem<ST>::load(scale[i])),
+                          static_cast<op>(Elem<ST>::load(shift[i])));
+    x[i] = Elem<XT>::store(r);
+  }
+}
+
+template <typename XT, typename ST>
+REVENGINE_CLONES uint32_t affine_inv_chunk(storage_t<XT>* y, const storage_t<ST>* scale,
+                                           const storage_t<ST>* shift, int64_t n) {
+  using op = opmath_t<XT>;
+  uint32_t bad = 0;
+  REVENGINE_IVDEP
+  for (int64_t i = 0; i < n; ++i) {
+    const op r = (Elem<XT>::load(y[i]) - static_cast<op>(Elem<ST>::load(shift[i]))) /
+                 static_cast<op>(Elem<ST>::load(scale[i]));
+    const storage_t<XT> s = Elem<XT>::store(r);
+    y[i] = s;
+    bad |= Elem<XT>::nonfinite(s);
+  }
+  return bad;
+}
+
+template <typename XT>
+REVENGINE_CLONES uint32_t all_finite_chunk(const storage_t<XT>* x, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= Elem<XT>::nonfinite(x[i]);
+  return bad;
+}
+
+// Returns the number of bad (non-finite or out of range) elements; they are stored as 0.
+template <typename XT>
+REVENGINE_CLONES int64_t quantize_chunk(const storage_t<XT>* x, int64_t* q, double scale, int64_t n) {
+  int64_t bad = 0;
+  REVENGINE_IVDEP
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(Elem<XT>::load(x[i])) * scale;
+    const uint32_t b = out_of_fixed_range(v);
+    bad += b;
+    q[i] = rne_to_int64(zero_if(b, v));
+  }
+  return bad;
+}
+
+// acc += sign * q (two's complement wrap-around); bad increments add nothing.
+template <typename XT>
+REVENGINE_CLONES int64_t fixed_update_chunk(int64_t* acc, const storage_t<XT>* inc, double scale,
+                                            int64_t sign, int64_t n) {
+  int64_t bad = 0;
+  REVENGINE_IVDEP
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(Elem<XT>::load(inc[i])) * scale;
+    const uint32_t b = out_of_fixed_range(v);
+    bad += b;
+    const int64_t q = rne_to_int64(zero_if(b, v));
+    acc[i] = static_cast<int64_t>(static_cast<uint64_t>(acc[i]) + static_cast<uint64_t>(sign * q));
+  }
+  return bad;
+}
+
+template <typename OT>
+REVENGINE_CLONES void dequantize_chunk(const int64_t* q, storage_t<OT>* out, double scale, int64_t n) {
+  REVENGINE_IVDEP
+  for (int64_t i = 0; i < n; ++i) out[i] = Elem<OT>::store_from_double(int64_to_double(q[i]) * scale);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks, shared by the CPU and Meta kernels (symbolic-shape safe).
+// ---------------------------------------------------------------------------------------------
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), "revengine::", op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(is_supported_float(t.scalar_type()), "revengine::", op, ": ", name,
+              " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
+}
+
+void check_like(const char* op, const char* xname, const at::Tensor& x, const char* name,
+                const at::Tensor& t) {
+  check_float(op, name, t);
+  TORCH_CHECK(t.device() == x.device(), "revengine::", op, ": ", name, " is on ", t.device(),
+              " but ", xname, " is on ", x.device(), "; they must be on the same device");
+  TORCH_CHECK(t.sym_sizes() == x.sym_sizes(), "revengine::", op, ": ", name, " must have the same shape as ",
+              xname, " (no broadcasting), got ", name, " of shape ", t.sym_sizes(), " and ", xname,
+              " of shape ", x.sym_sizes());
+}
+
+void check_lam_inverse(const char* op, double lam, at::ScalarType xtype) {
+  TORCH_CHECK(lam != 0.0, "revengine::", op, ": lam must be non-zero to invert the coupling, got lam = ", lam);
+  TORCH_CHECK(std::isfinite(lam), "revengine::", op, ": lam must be finite, got lam = ", lam);
+  if (xtype != at::kDouble) {
+    const float lf = static_cast<float>(lam);
+    TORCH_CHECK(lf != 0.0f && std::isfinite(lf), "revengine::", op, ": lam = ", lam,
+                " is not representable as a non-zero finite float32, the arithmetic type for ", xtype);
+  }
+}
+
+void check_frac_bits(const char* op, int64_t frac_bits) {
+  TORCH_CHECK(frac_bits >= 0 && frac_bits <= 1023, "revengine::", op, ": frac_bits must be in [0, 1023], got ",
+              frac_bits);
+}
+
+void check_coupling(const char* op, const at::Tensor& x, const at::Tensor& f) {
+  check_float(op, "x", x);
+  check_like(op, "x", x, "f", f);
+}
+
+void check_affine(const char* op, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
+  check_float(op, "x", x);
+  check_like(op, "x", x, "scale", scale);
+  check_like(op, "x", x, "shift", shift);
+}
+
+void check_fixed_update(const at::Tensor& acc, const at::Tensor& inc, int64_t frac_bits, int64_t sign) {
+  const char* op = "fixed_update_";
+  TORCH_CHECK(acc.defined() && acc.scalar_type() == at::kLong, "revengine::", op,
+              ": acc must be an int64 tensor, got ", acc.defined() ? c10::toString(acc.scalar_type()) : "undefined");
+  check_like(op, "acc", acc, "inc", inc);
+  check_frac_bits(op, frac_bits);
+  TORCH_CHECK(sign == 1 || sign == -1, "revengine::", op, ": sign must be +1 or -1, got ", sign);
+}
+
+void check_dequantize(const at::Tensor& q, int64_t frac_bits, at::ScalarType dtype) {
+  TORCH_CHECK(q.defined() && q.scalar_type() == at::kLong, "revengine::fixed_dequantize: q must be an int64 tensor, got ",
+              q.defined() ? c10::toString(q.scalar_type()) : "undefined");
+  check_frac_bits("fixed_dequantize", frac_bits);
+  TORCH_CHECK(is_supported_float(dtype),
+              "revengine::fixed_dequantize: dtype must be float32, float64, bfloat16 or float16, got ", dtype);
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU helpers
+// ---------------------------------------------------------------------------------------------
+
+// Operand `t` made safe to read while `dst` (contiguous) is written element by element:
+// contiguous, and a private copy if it overlaps `dst` other than element-for-element.
+at::Tensor operand_for(const at::Tensor& dst, const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  if (dst.numel() == 0) return c;
+  const auto status = at::get_overlap_status(dst, c);
+  if (status == at::MemOverlapStatus::No) return c;
+  if (status == at::MemOverlapStatus::Full && dst.scalar_type() == c.scalar_type()) return c;
+  return c.clone(at::MemoryFormat::Contiguous);
+}
+
+// Runs `fn(contiguous_x)` on a contiguous tensor that aliases x when possible, else on a
+// contiguous copy that is written back to x afterwards (only when fn returns true).
+template <typename Fn>
+void inplace_contiguous(at::Tensor& x, Fn&& fn) {
+  at::assert_no_internal_overlap(x);
+  if (x.is_contiguous()) {
+    fn(x);
+  } else {
+    at::Tensor xc = x.contiguous();
+    if (fn(xc)) x.copy_(xc);
+  }
+}
+
+// Operand dtypes with a kernel of their own for each x dtype: x's dtype and the autocast
+// partners (float32 x with bfloat16/float16 operands, bfloat16/float16 x with float32 operands).
+// Any other operand is first converted to x's opmath type, which is exactly the kernel's own
+// first step on each element, so results are the same; only fewer kernels are compiled.
+bool has_pair_kernel(at::ScalarType x, at::ScalarType f) {
+  if (x == f) return true;
+  if (x == at::kFloat) return f == at::kBFloat16 || f == at::kHalf;
+  if (x == at::kBFloat16 || x == at::kHalf) return f == at::kFloat;
+  return false;
+}
+
+at::Tensor as_kernel_operand(at::ScalarType x, const at::Tensor& f) {
+  if (has_pair_kernel(x, f.scalar_type())) return f;
+  return f.to(x == at::kDouble ? at::kDouble : at::kFloat);
+}
+
+// Calls body(XT{}, FT{}) for the (x dtype, operand dtype) pairs of has_pair_kernel.
+template <typename Body>
+void dispatch_pair(at::ScalarType xt, at::ScalarType ft, Body&& body) {
+  using BF = c10::BFloat16;
+  using H = c10::Half;
+  switch (xt) {
+    case at::kFloat:
+      if (ft == at::kFloat) return body(float{}, float{});
+      if (ft == at::kBFloat16) return body(float{}, BF{});
+      if (ft == at::kHalf) return body(float{}, H{});
+      break;
+    case at::kDouble:
+      if (ft == at::kDouble) return body(double{}, double{});
+      break;
+    case at::kBFloat16:
+      if (ft == at::kBFloat16) return body(BF{}, BF{});
+      if (ft == at::kFloat) return body(BF{}, float{});
+      break;
+    case at::kHalf:
+      if (ft == at::kHalf) return body(H{}, H{});
+      if (ft == at::kFloat) return body(H{}, float{});
+      break;
+    default:
+      break;
+  }
+  TORCH_INTERNAL_ASSERT(false, "revengine: no kernel for x of dtype ", xt, " with an operand of dtype ", ft);
+}
+
+at::Tensor bool_scalar(bool v, const at::Tensor& like) {
+  return at::scalar_tensor(v, like.options().dtype(at::kBool));
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU kernels
+// ---------------------------------------------------------------------------------------------
+at::Tensor coupling_update_cpu(const at::Tensor& x, const at::Tensor& f, double lam) {
+  check_coupling("coupling_update", x, f);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const at::Tensor fc = as_kernel_operand(x.scalar_type(), f).contiguous();  // out is fresh: no overlap
+  const int64_t n = xc.numel();
+  dispatch_pair(x.scalar_type(), fc.scalar_type(), [&](auto xtag, auto ftag) {
+    using XT = decltype(xtag);
+    using FT = decltype(ftag);
+    const auto l = static_cast<opmath_t<XT>>(lam);
+    auto* o = ptr<XT>(out);
+    const auto* xp = cptr<XT>(xc);
+    const auto* fp = cptr<FT>(fc);
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      coupling_fwd_chunk<XT, FT>(o + b, xp + b, fp + b, l, e - b);
+    });
+  });
+  return out;
+}
+
+void coupling_update__cpu(at::Tensor& x, const at::Tensor& f, double lam) {
+  check_coupling("coupling_update_", x, f);
+  inplace_contiguous(x, [&](at::Tensor& xc) {
+    const at::Tensor fc = operand_for(xc, as_kernel_operand(xc.scalar_type(), f));
+    const int64_t n = xc.numel();
+    dispatch_pair(xc.scalar_type(), fc.scalar_type(), [&](auto xtag, auto ftag) {
+      using XT = decltype(xtag);
+      using FT = decltype(ftag);
+      const auto l = static_cast<opmath_t<XT>>(lam);
+      auto* xp = ptr<XT>(xc);
+      const auto* fp = cptr<FT>(fc);
+      at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+        coupling_fwd_chunk<XT, FT>(xp + b, xp + b, fp + b, l, e - b);
+      });
+    });
+    return true;
+  });
+}
+
+at::Tensor coupling_inverse__cpu(at::Tensor& y, const at::Tensor& f, double lam, bool check_finite) {
+  check_coupling("coupling_inverse_", y, f);
+  check_lam_inverse("coupling_inverse_", lam, y.scalar_type());
+  std::atomic<bool> bad{false};
+  inplace_contiguous(y, [&](at::Tensor& yc) {
+    const at::Tensor fc = operand_for(yc, as_kernel_operand(yc.scalar_type(), f));
+    const int64_t n = yc.numel();
+    dispatch_pair(yc.scalar_type(), fc.scalar_type(), [&](auto xtag, auto ftag) {
+      using XT = decltype(xtag);
+      using FT = decltype(ftag);
+      const auto l = static_cast<opmath_t<XT>>(lam);
+      auto* yp = ptr<XT>(yc);
+      const auto* fp = cptr<FT>(fc);
+      at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+        // The finite test is fused into the pass (nearly free: the loop is memory bound).
+        if (coupling_inv_chunk<XT, FT>(yp + b, fp + b, l, e - b)) bad.store(true, std::memory_order_relaxed);
+      });
+    });
+    return true;
+  });
+  return bool_scalar(!check_finite || !bad.load(), y);
+}
+
+// scale and shift of different dtypes are first brought to their promoted type (an exact
+// conversion), then to a dtype with a kernel for x (see as_kernel_operand).
+std::pair<at::Tensor, at::Tensor> affine_operands(at::ScalarType x, const at::Tensor& scale, const at::Tensor& shift) {
+  if (scale.scalar_type() == shift.scalar_type()) return {as_kernel_operand(x, scale), as_kernel_operand(x, shift)};
+  const auto t = at::promote_types(scale.scalar_type(), shift.scalar_type());
+  return {as_kernel_operand(x, scale.to(t)), as_kernel_operand(x, shift.to(t))};
+}
+
+void affine_update__cpu(at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
+  check_affine("affine_update_", x, scale, shift);
+  const auto ops_ = affine_operands(x.scalar_type(), scale, shift);
+  inplace_contiguous(x, [&](at::Tensor& xc) {
+    const at::Tensor sc = operand_for(xc, ops_.first);
+    const at::Tensor sh = operand_for(xc, ops_.second);
+    const int64_t n = xc.numel();
+    dispatch_pair(xc.scalar_type(), sc.scalar_type(), [&](auto xtag, auto stag) {
+      using XT = decltype(xtag);
+      using ST = decltype(stag);
+      auto* xp = ptr<XT>(xc);
+      const auto* sp = cptr<ST>(sc);
+      const auto* hp = cptr<ST>(sh);
+      at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+        affine_fwd_chunk<XT, ST>(xp + b, sp + b, hp + b, e - b);
+      });
+    });
+    return true;
+  });
+}
+
+at::Tensor affine_inverse__cpu(at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, bool check_finite) {
+  check_affine("affine_inverse_", y, scale, shift);
+  const auto ops_ = affine_operands(y.scalar_type(), scale, shift);
+  std::atomic<bool> bad{false};
+  inplace_contiguous(y, [&](at::Tensor& yc) {
+    const at::Tensor sc = operand_for(yc, ops_.first);
+    const at::Tensor sh = operand_for(yc, ops_.second);
+    const int64_t n = yc.numel();
+    dispatch_pair(yc.scalar_type(), sc.scalar_type(), [&](auto xtag, auto stag) {
+      using XT = decltype(xtag);
+      using ST = decltype(stag);
+      auto* yp = ptr<XT>(yc);
+      const auto* sp = cptr<ST>(sc);
+      const auto* hp = cptr<ST>(sh);
+      at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+        if (affine_inv_chunk<XT, ST>(yp + b, sp + b, hp + b, e - b)) bad.store(true, std::memory_order_relaxed);
+      });
+    });
+    return true;
+  });
+  return bool_scalar(!check_finite || !bad.load(), y);
+}
+
+// Error path only: index and value of the first element whose scaled value is not
+// representable; builds the message.
+template <typename XT>
+std::string fixed_range_message(const char* op, const char* name, const at::Tensor& xc, int64_t nbad,
+                                int64_t frac_bits, double scale) {
+  const auto* xp = cptr<XT>(xc);
+  const int64_t n = xc.numel();
+  int64_t first = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    if (out_of_fixed_range(static_cast<double>(Elem<XT>::load(xp[i])) * scale)) {
+      first = i;
+      break;
+    }
+  }
+  std::ostringstream ss;
+  ss.precision(17);
+  ss << "revengine::" << op << ": " << nbad << " of " << n << " elements of " << name
+     << " are non-finite or out of the fixed-point range (|" << name << "| * 2^" << frac_bits
+     << " must be < 2^62)";
+  if (first >= 0) {
+    ss << "; first bad value: " << static_cast<double>(Elem<XT>::load(xp[first])) << " at flat index " << first;
+  }
+  return ss.str();
+}
+
+at::Tensor fixed_quantize_cpu(const at::Tensor& x, int64_t frac_bits) {
+  check_float("fixed_quantize", "x", x);
+  check_frac_bits("fixed_quantize", frac_bits);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kLong).memory_format(at::MemoryFormat::Contiguous));
+  const int64_t n = xc.numel();
+  const double scale = std::ldexp(1.0, static_cast<int>(frac_bits));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "revengine::fixed_quantize", [&] {
+    using XT = scalar_t;
+    const auto* xp = cptr<XT>(xc);
+    int64_t* qp = q.data_ptr<int64_t>();
+    std::atomic<int64_t> nbad{0};
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      const int64_t c = quantize_chunk<XT>(xp + b, qp + b, scale, e - b);
+      if (c) nbad.fetch_add(c, std::memory_order_relaxed);
+    });
+    const int64_t total = nbad.load();
+    if (total) TORCH_CHECK(false, fixed_range_message<XT>("fixed_quantize", "x", xc, total, frac_bits, scale));
+  });
+  return q;
+}
+
+at::Tensor fixed_dequantize_cpu(const at::Tensor& q, int64_t frac_bits, at::ScalarType dtype) {
+  check_dequantize(q, frac_bits, dtype);
+  const at::Tensor qc = q.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype).memory_format(at::MemoryFormat::Contiguous));
+  const int64_t n = qc.numel();
+  const double scale = std::ldexp(1.0, -static_cast<int>(frac_bits));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "revengine::fixed_dequantize", [&] {
+    using OT = scalar_t;
+    const int64_t* qp = qc.const_data_ptr<int64_t>();
+    auto* outp = ptr<OT>(out);
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      dequantize_chunk<OT>(qp + b, outp + b, scale, e - b);
+    });
+  });
+  return out;
+}
+
+void fixed_update__cpu(at::Tensor& acc, const at::Tensor& inc, int64_t frac_bits, int64_t sign) {
+  check_fixed_update(acc, inc, frac_bits, sign);
+  const double scale = std::ldexp(1.0, static_cast<int>(frac_bits));
+  inplace_contiguous(acc, [&](at::Tensor& ac) {
+    const at::Tensor ic = operand_for(ac, inc);
+    const int64_t n = ac.numel();
+    bool ok = true;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ic.scalar_type(), "revengine::fixed_update_", [&] {
+      using XT = scalar_t;
+      int64_t* ap = ac.data_ptr<int64_t>();
+      const auto* ip = cptr<XT>(ic);
+      std::atomic<int64_t> nbad{0};
+      at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+        const int64_t c = fixed_update_chunk<XT>(ap + b, ip + b, scale, sign, e - b);
+        if (c) nbad.fetch_add(c, std::memory_order_relaxed);
+      });
+      const int64_t total = nbad.load();
+      if (total) {
+        ok = false;
+        // Undo the good increments (bad ones added 0) so that acc is left unchanged. Wrap-around
+        // integer arithmetic makes this exact. A contiguous copy is simply dropped instead.
+        if (ac.is_same(acc)) {
+          at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+            fixed_update_chunk<XT>(ap + b, ip + b, scale, -sign, e - b);
+          });
+        }
+        TORCH_CHECK(false, fixed_range_message<XT>("fixed_update_", "inc", ic, total, frac_bits, scale),
+                    " (acc was left unchanged)");
+      }
+    });
+    return ok;
+  });
+}
+
+at::Tensor all_finite_cpu(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.defined(), "revengine::all_finite: x is an undefined tensor");
+  at::Tensor x = x_in;
+  if (x.is_complex()) x = at::view_as_real(x.resolve_conj());
+  if (!x.is_floating_point()) return bool_scalar(true, x_in);  // integers and bools are always finite
+  TORCH_CHECK(is_supported_float(x.scalar_type()),
+              "revengine::all_finite: unsupported dtype ", x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.numel();
+  std::atomic<bool> bad{false};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "revengine::all_finite", [&] {
+    using XT = scalar_t;
+    const auto* xp = cptr<XT>(xc);
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      if (bad.load(std::memory_order_relaxed)) return;
+      if (all_finite_chunk<XT>(xp + b, e - b)) bad.store(true, std::memory_order_relaxed);
+    });
+  });
+  return bool_scalar(!bad.load(), x_in);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Meta kernels (also used by FakeTensor / torch.compile; symbolic-shape safe)
+// ---------------------------------------------------------------------------------------------
+at::Tensor meta_flag(const at::Tensor& like) {
+  return at::empty({}, like.options().dtype(at::kBool));
+}
+
+at::Tensor coupling_update_meta(const at::Tensor& x, const at::Tensor& f, double /*lam*/) {
+  check_coupling("coupling_update", x, f);
+  return at::empty_symint(x.sym_sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+void coupling_update__meta(at::Tensor& x, const at::Tensor& f, double /*lam*/) {
+  check_coupling("coupling_update_", x, f);
+}
+
+at::Tensor coupling_inverse__meta(at::Tensor& y, const at::Tensor& f, double lam, bool /*check_finite*/) {
+  check_coupling("coupling_inverse_", y, f);
+  check_lam_inverse("coupling_inverse_", lam, y.scalar_type());
+  return meta_flag(y);
+}
+
+void affine_update__meta(at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
+  check_affine("affine_update_", x, scale, shift);
+}
+
+at::Tensor affine_inverse__meta(at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, bool /*check*/) {
+  check_affine("affine_inverse_", y, scale, shift);
+  return meta_flag(y);
+}
+
+at::Tensor fixed_quantize_meta(const at::Tensor& x, int64_t frac_bits) {
+  check_float("fixed_quantize", "x", x);
+  check_frac_bits("fixed_quantize", frac_bits);
+  return at::empty_symint(x.sym_sizes(), x.options().dtype(at::kLong).memory_format(at::MemoryFormat::Contiguous));
+}
+
+at::Tensor fixed_dequantize_meta(const at::Tensor& q, int64_t frac_bits, at::ScalarType dtype) {
+  check_dequantize(q, frac_bits, dtype);
+  return at::empty_symint(q.sym_sizes(), q.options().dtype(dtype).memory_format(at::MemoryFormat::Contiguous));
+}
+
+void fixed_update__meta(at::Tensor& acc, const at::Tensor& inc, int64_t frac_bits, int64_t sign) {
+  check_fixed_update(acc, inc, frac_bits, sign);
+}
+
+at::Tensor all_finite_meta(const at::Tensor& x) {
+  TORCH_CHECK(x.defined(), "revengine::all_finite: x is an undefined tensor");
+  return meta_flag(x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Autograd
+// ---------------------------------------------------------------------------------------------
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct CouplingUpdateFn : public torch::autograd::Function<CouplingUpdateFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& f, double lam) {
+    ctx->saved_data["lam"] = lam;
+    ctx->saved_data["f_dtype"] = static_cast<int64_t>(f.scalar_type());
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops::coupling_update(x, f, lam);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    const double lam = ctx->saved_data["lam"].toDouble();
+    const auto f_dtype = static_cast<at::ScalarType>(ctx->saved_data["f_dtype"].toInt());
+    at::Tensor gx = ctx->needs_input_grad(0) ? g * lam : at::Tensor();
+    at::Tensor gf = ctx->needs_input_grad(1) ? g.to(f_dtype) : at::Tensor();
+    return {gx, gf, at::Tensor()};
+  }
+};
+
+at::Tensor coupling_update_autograd(const at::Tensor& x, const at::Tensor& f, double lam) {
+  return CouplingUpdateFn::apply(x, f, lam);
+}
+
+// The mutating and fixed-point ops have no derivative: they are used by the reversible
+// executor under no_grad. With grad mode on, an input that requires grad is an error (rather
+// than a silently wrong gradient). Mutated tensors get their version counter bumped, as aten
+// in-place ops do.
+void check_no_grad(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const auto& in : inputs) {
+    TORCH_CHECK(!(in.second->defined() && in.second->requires_grad()), "revengine::", op,
+                " is not differentiable; it is used by the reversible executor under no_grad (input '", in.first,
+                "' requires grad: call it under torch.no_grad() or detach the input)");
+  }
+}
+
+void coupling_update__autograd(at::Tensor& x, const at::Tensor& f, double lam) {
+  check_no_grad("coupling_update_", {{"x", &x}, {"f", &f}});
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ops::coupling_update_(x, f, lam);
+  }
+  torch::autograd::impl::bump_version(x);
+}
+
+at::Tensor coupling_inverse__autograd(at::Tensor& y, const at::Tensor& f, double lam, bool check_finite) {
+  check_no_grad("coupling_inverse_", {{"y", &y}, {"f", &f}});
+  at::Tensor flag;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    flag = ops::coupling_inverse_(y, f, lam, check_finite);
+  }
+  torch::autograd::impl::bump_version(y);
+  return flag;
+}
+
+void affine_update__autograd(at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
+  check_no_grad("affine_update_", {{"x", &x}, {"scale", &scale}, {"shift", &shift}});
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ops::affine_update_(x, scale, shift);
+  }
+  torch::autograd::impl::bump_version(x);
+}
+
+at::Tensor affine_inverse__autograd(at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                                    bool check_finite) {
+  check_no_grad("affine_inverse_", {{"y", &y}, {"scale", &scale}, {"shift", &shift}});
+  at::Tensor flag;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    flag = ops::affine_inverse_(y, scale, shift, check_finite);
+  }
+  torch::autograd::impl::bump_version(y);
+  return flag;
+}
+
+at::Tensor fixed_quantize_autograd(const at::Tensor& x, int64_t frac_bits) {
+  check_no_grad("fixed_quantize", {{"x", &x}});
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return ops::fixed_quantize(x, frac_bits);
+}
+
+at::Tensor fixed_dequantize_autograd(const at::Tensor& q, int64_t frac_bits, at::ScalarType dtype) {
+  // q is int64 and cannot require grad; the output is a constant for autograd.
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return ops::fixed_dequantize(q, frac_bits, dtype);
+}
+
+void fixed_update__autograd(at::Tensor& acc, const at::Tensor& inc, int64_t frac_bits, int64_t sign) {
+  check_no_grad("fixed_update_", {{"inc", &inc}});
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ops::fixed_update_(acc, inc, frac_bits, sign);
+  }
+  torch::autograd::impl::bump_version(acc);
+}
+
+at::Tensor all_finite_autograd(const at::Tensor& x) {
+  // A bool result: allowed on tensors that require grad (e.g. checking parameters).
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return ops::all_finite(x);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Dispatcher-calling wrappers (ops.h)
+// ---------------------------------------------------------------------------------------------
+namespace ops {
+
+#define REVENGINE_OP_HANDLE(NAME, SIG)                                                          \
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("revengine::" NAME, "") \
+                             .typed<SIG>()
+
+at::Tensor coupling_update(const at::Tensor& x, const at::Tensor& f, double lam) {
+  REVENGINE_OP_HANDLE("coupling_update", at::Tensor(const at::Tensor&, const at::Tensor&, double));
+  return op.call(x, f, lam);
+}
+
+void coupling_update_(at::Tensor& x, const at::Tensor& f, double lam) {
+  REVENGINE_OP_HANDLE("coupling_update_", void(at::Tensor&, const at::Tensor&, double));
+  op.call(x, f, lam);
+}
+
+at::Tensor coupling_inverse_(at::Tensor& y, const at::Tensor& f, double lam, bool check_finite) {
+  REVENGINE_OP_HANDLE("coupling_inverse_", at::Tensor(at::Tensor&, const at::Tensor&, double, bool));
+  return op.call(y, f, lam, check_finite);
+}
+
+void affine_update_(at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
+  REVENGINE_OP_HANDLE("affine_update_", void(at::Tensor&, const at::Tensor&, const at::Tensor&));
+  op.call(x, scale, shift);
+}
+
+at::Tensor affine_inverse_(at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift, bool check_finite) {
+  REVENGINE_OP_HANDLE("affine_inverse_",
+                      at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, bool));
+  return op.call(y, scale, shift, check_finite);
+}
+
+at::Tensor fixed_quantize(const at::Tensor& x, int64_t frac_bits) {
+  REVENGINE_OP_HANDLE("fixed_quantize", at::Tensor(const at::Tensor&, int64_t));
+  return op.call(x, frac_bits);
+}
+
+at::Tensor fixed_dequantize(const at::Tensor& q, int64_t frac_bits, at::ScalarType dtype) {
+  REVENGINE_OP_HANDLE("fixed_dequantize", at::Tensor(const at::Tensor&, int64_t, at::ScalarType));
+  return op.call(q, frac_bits, dtype);
+}
+
+void fixed_update_(at::Tensor& acc, const at::Tensor& inc, int64_t frac_bits, int64_t sign) {
+  REVENGINE_OP_HANDLE("fixed_update_", void(at::Tensor&, const at::Tensor&, int64_t, int64_t));
+  op.call(acc, inc, frac_bits, sign);
+}
+
+at::Tensor all_finite(const at::Tensor& x) {
+  REVENGINE_OP_HANDLE("all_finite", at::Tensor(const at::Tensor&));
+  return op.call(x);
+}
+
+#undef REVENGINE_OP_HANDLE
+
+}  // namespace ops
+}  // namespace revengine
+
+// ---------------------------------------------------------------------------------------------
+// Registration. This is the only TORCH_LIBRARY block of namespace revengine; other files use
+// TORCH_LIBRARY_FRAGMENT.
+// ---------------------------------------------------------------------------------------------
+TORCH_LIBRARY(revengine, m) {
+  const std::vector<at::Tag> tags = {at::Tag::pt2_compliant_tag};
+  m.def("coupling_update(Tensor x, Tensor f, float lam) -> Tensor", tags);
+  m.def("coupling_update_(Tensor(a!) x, Tensor f, float lam) -> ()", tags);
+  m.def("coupling_inverse_(Tensor(a!) y, Tensor f, float lam, bool check_finite) -> Tensor", tags);
+  m.def("affine_update_(Tensor(a!) x, Tensor scale, Tensor shift) -> ()", tags);
+  m.def("affine_inverse_(Tensor(a!) y, Tensor scale, Tensor shift, bool check_finite) -> Tensor", tags);
+  m.def("fixed_quantize(Tensor x, int frac_bits) -> Tensor", tags);
+  m.def("fixed_dequantize(Tensor q, int frac_bits, ScalarType dtype) -> Tensor", tags);
+  m.def("fixed_update_(Tensor(a!) acc, Tensor inc, int frac_bits, int sign) -> ()", tags);
+  m.def("all_finite(Tensor x) -> Tensor", tags);
+}
+
+TORCH_LIBRARY_IMPL(revengine, CPU, m) {
+  using namespace revengine;
+  m.impl("coupling_update", TORCH_FN(coupling_update_cpu));
+  m.impl("coupling_update_", TORCH_FN(coupling_update__cpu));
+  m.impl("coupling_inverse_", TORCH_FN(coupling_inverse__cpu));
+  m.impl("affine_update_", TORCH_FN(affine_update__cpu));
+  m.impl("affine_inverse_", TORCH_FN(affine_inverse__cpu));
+  m.impl("fixed_quantize", TORCH_FN(fixed_quantize_cpu));
+  m.impl("fixed_dequantize", TORCH_FN(fixed_dequantize_cpu));
+  m.impl("fixed_update_", TORCH_FN(fixed_update__cpu));
+  m.impl("all_finite", TORCH_FN(all_finite_cpu));
+}
+
+TORCH_LIBRARY_IMPL(revengine, Meta, m) {
+  using namespace revengine;
+  m.impl("coupling_update", TORCH_FN(coupling_update_meta));
+  m.impl("coupling_update_", TORCH_FN(coupling_update__meta));
+  m.impl("coupling_inverse_", TORCH_FN(coupling_inverse__meta));
+  m.impl("affine_update_", TORCH_FN(affine_update__meta));
+  m.impl("affine_inverse_", TORCH_FN(affine_inverse__meta));
+  m.impl("fixed_quantize", TORCH_FN(fixed_quantize_meta));
+  m.impl("fixed_dequantize", TORCH_FN(fixed_dequantize_meta));
+  m.impl("fixed_update_", TORCH_FN(fixed_update__meta));
+  m.impl("all_finite", TORCH_FN(all_finite_meta));
+}
+
+TORCH_LIBRARY_IMPL(revengine, Autograd, m) {
+  using namespace revengine;
+  m.impl("coupling_update", TORCH_FN(coupling_update_autograd));
+  m.impl("coupling_update_", TORCH_FN(coupling_update__autograd));
+  m.impl("coupling_inverse_", TORCH_FN(coupling_inverse__autograd));
+  m.impl("affine_update_", TORCH_FN(affine_update__autograd));
+  m.impl("affine_inverse_", TORCH_FN(affine_inverse__autograd));
+  m.impl("fixed_quantize", TORCH_FN(fixed_quantize_autograd));
+  m.impl("fixed_dequantize", TORCH_FN(fixed_dequantize_autograd));
+  m.impl("fixed_update_", TORCH_FN(fixed_update__autograd));
+  m.impl("all_finite", TORCH_FN(all_finite_autograd));
+}

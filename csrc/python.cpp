@@ -1,0 +1,276 @@
+// Python bindings: adapts Python callables / nn.Modules to the executor's Fn and Layer interfaces.
+#include <torch/extension.h>
+
+#include "executor.h"
+#include "layers.h"
+#include "ops.h"
+
+// setup.py writes the hash of csrc/ into a generated header (build/generated/).
+#ifdef REVENGINE_HAVE_HASH_HEADER
+#include "revengine_source_hash.h"
+#else
+#define REVENGINE_SOURCE_HASH "unknown"
+#endif
+
+namespace py = pybind11;
+using namespace revengine;
+
+namespace {
+
+// Holds a Python object; drops its reference under the GIL from whatever thread frees it.
+struct PyRef {
+  py::object obj;
+  PyRef() = default;
+  explicit PyRef(py::object o) : obj(std::move(o)) {}
+  PyRef(const PyRef&) = delete;
+  PyRef& operator=(const PyRef&) = delete;
+  ~PyRef() {
+    if (!obj) return;
+    if (Py_IsInitialized()) {
+      py::gil_scoped_acquire gil;
+      obj = py::object();
+    } else {
+      obj.release();
+    }
+  }
+};
+
+// The non-tensor part of the context: a Python callable rebuilding the kwargs from the tensors.
+struct PyCtxExtra : CtxExtra {
+  PyRef builder;
+  explicit PyCtxExtra(py::object b) : builder(std::move(b)) {}
+};
+
+py::object runtime_attr(const char* name) {
+  return py::module_::import("revengine._runtime").attr(name);
+}
+
+py::dict build_kwargs(const Ctx& ctx) {
+  if (!ctx.extra) return py::dict();
+  auto* e = static_cast<PyCtxExtra*>(ctx.extra.get());
+  py::list ts;
+  for (const auto& t : ctx.tensors) ts.append(t.defined() ? py::cast(t) : py::none());
+  return e->builder.obj(ts).cast<py::dict>();
+}
+
+// Runs a Python call, turning a Python exception into a C++ one with the same text (so that it
+// can cross the autograd engine without holding Python objects).
+template <typename F>
+auto guarded(F&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (py::error_already_set& e) {
+    std::string msg = e.what();
+    throw std::runtime_error(msg);
+  }
+}
+
+std::vector<at::Tensor> python_parameters(const py::object& obj) {
+  std::vector<at::Tensor> out;
+  if (py::hasattr(obj, "parameters")) {
+    for (auto p : obj.attr("parameters")()) out.push_back(p.cast<at::Tensor>());
+  }
+  return out;
+}
+
+at::Tensor to_tensor(const py::object& o, const std::string& what) {
+  TORCH_CHECK(THPVariable_Check(o.ptr()), "revengine: ", what, " must return a tensor, got ",
+              std::string(py::str(o.get_type())));
+  return o.cast<at::Tensor>();
+}
+
+class PyFn : public Fn {
+ public:
+  PyFn(py::object fn, std::string label) : fn_(std::move(fn)), label_(std::move(label)) {}
+  at::Tensor call(const at::Tensor& x, const Ctx& ctx) override {
+    py::gil_scoped_acquire gil;
+    return guarded([&] {
+      py::dict kw = build_kwargs(ctx);
+      py::object out;
+      if (is_recomputing()) {
+        static py::object* recompute_call = new py::object(runtime_attr("recompute_call"));
+        out = (*recompute_call)(fn_.obj, py::make_tuple(x), kw);
+      } else {
+        out = fn_.obj(x, **kw);
+      }
+      return to_tensor(out, label_);
+    });
+  }
+  std::vector<at::Tensor> parameters() override {
+    py::gil_scoped_acquire gil;
+    return guarded([&] { return python_parameters(fn_.obj); });
+  }
+  std::string name() const override { return label_; }
+
+ private:
+  PyRef fn_;
+  std::string label_;
+};
+
+FnPtr make_fn(py::object f, const std::string& label) {
+  TORCH_CHECK(!f.is_none() && PyCallable_Check(f.ptr()), "revengine: ", label, " must be callable");
+  return std::make_shared<PyFn>(std::move(f), label);
+}
+
+// A user-defined coupling written in Python: module(x1, x2, **ctx) -> (y1, y2) and
+// module.inverse(y1, y2, **ctx) -> (x1, x2). Backward inverts without grad, then re-runs the
+// forward with grad (two forward evaluations, against one for the fused built-in couplings).
+class PyCoupling : public Layer {
+ public:
+  PyCoupling(py::object module, std::string label) : mod_(std::move(module)), label_(std::move(label)) {}
+  std::string name() const override { return label_; }
+  std::vector<at::Tensor> parameters() override {
+    py::gil_scoped_acquire gil;
+    return guarded([&] { return python_parameters(mod_.obj); });
+  }
+  void forward(Streams& s, const Ctx& ctx, LayerRecord& rec) override {
+    if (s.preserve_rng) rec.rng.push_back(capture_rng(s.a.device()));
+    auto [a, b] = call2(s.a, s.b, ctx, "forward");
+    s.a = a;
+    s.b = b;
+  }
+  BackwardResult backward(Streams& s, const at::Tensor& dya, const at::Tensor& dyb, const Ctx& ctx,
+                          const LayerRecord& rec, const Needs& needs) override {
+    BackwardResult r;
+    {
+      at::NoGradGuard ng;
+      auto [a, b] = call2(s.a, s.b, ctx, "inverse");
+      s.a = a;
+      s.b = b;
+      if (s.check_finite) {
+        r.finite = ops::all_finite(a).item<bool>() && ops::all_finite(b).item<bool>();
+        if (!r.finite) return r;
+      }
+    }
+    Ctx lctx = leaf_context(ctx, needs.ctx);
+    at::Tensor xa = s.a.detach().requires_grad_(true);
+    at::Tensor xb = s.b.detach().requires_grad_(true);
+    at::Tensor ya, yb;
+    {
+      if (s.preserve_rng) restore_rng(rec.rng.at(0));
+      RecomputeGuard rg;
+      std::tie(ya, yb) = call2(xa, xb, lctx, "forward");
+    }
+    auto params = parameters();
+    std::vector<at::Tensor> inputs{xa, xb};
+    inputs.insert(inputs.end(), params.begin(), params.end());
+    inputs.insert(inputs.end(), lctx.tensors.begin(), lctx.tensors.end());
+    std::vector<bool> wanted{true, true};
+    wanted.insert(wanted.end(), needs.params.begin(), needs.params.end());
+    wanted.insert(wanted.end(), needs.ctx.begin(), needs.ctx.end());
+    auto grads = vjp({ya, yb}, {dya, dyb}, inputs, wanted);
+    r.da = grads[0].defined() ? grads[0] : at::zeros_like(dya);
+    r.db = grads[1].defined() ? grads[1] : at::zeros_like(dyb);
+    r.dparams.assign(grads.begin() + 2, grads.begin() + 2 + params.size());
+    r.dctx.assign(grads.begin() + 2 + params.size(), grads.end());
+    return r;
+  }
+  bool inverse(Streams& s, const Ctx& ctx) override {
+    auto [a, b] = call2(s.a, s.b, ctx, "inverse");
+    s.a = a;
+    s.b = b;
+    return !s.check_finite || (ops::all_finite(a).item<bool>() && ops::all_finite(b).item<bool>());
+  }
+
+ private:
+  // what: "forward" calls the module (hooks included), "inverse" its inverse method.
+  std::pair<at::Tensor, at::Tensor> call2(const at::Tensor& a, const at::Tensor& b, const Ctx& ctx,
+                                          const char* what) {
+    py::gil_scoped_acquire gil;
+    return guarded([&] {
+      py::object fn = std::string(what) == "inverse" ? mod_.obj.attr("inverse") : mod_.obj;
+      py::dict kw = build_kwargs(ctx);
+      py::object out;
+      if (is_recomputing()) {
+        static py::object* recompute_call = new py::object(runtime_attr("recompute_call"));
+        out = (*recompute_call)(fn, py::make_tuple(a, b), kw);
+      } else {
+        out = fn(a, b, **kw);
+      }
+      std::string where = label_ + "." + what;
+      TORCH_CHECK(py::isinstance<py::tuple>(out) || py::isinstance<py::list>(out),
+                  "revengine: ", where, " must return two tensors (y1, y2)");
+      auto seq = out.cast<py::sequence>();
+      TORCH_CHECK(seq.size() == 2, "revengine: ", where, " must return two tensors, got ", seq.size());
+      return std::make_pair(to_tensor(seq[0], where), to_tensor(seq[1], where));
+    });
+  }
+  // The module's inverse runs on the same ctx; a PyRef keeps the module alive across threads.
+  PyRef mod_;
+  std::string label_;
+};
+
+ExecOptions make_options(bool exact, int64_t frac_bits, bool check_finite, bool preserve_rng, bool debug,
+                         double debug_tol) {
+  ExecOptions o;
+  o.exact = exact;
+  o.frac_bits = frac_bits;
+  o.check_finite = check_finite;
+  o.preserve_rng = preserve_rng;
+  o.debug = debug;
+  o.debug_tol = debug_tol;
+  return o;
+}
+
+Ctx make_ctx(std::vector<at::Tensor> tensors, py::object builder) {
+  Ctx ctx;
+  ctx.tensors = std::move(tensors);
+  if (!builder.is_none()) ctx.extra = std::make_shared<PyCtxExtra>(std::move(builder));
+  return ctx;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "revengine C++ executor and kernels";
+  m.attr("SOURCE_HASH") = REVENGINE_SOURCE_HASH;
+  m.attr("TORCH_VERSION") = TORCH_VERSION;
+
+  py::class_<Layer, LayerPtr>(m, "Layer")
+      .def_property_readonly("name", &Layer::name)
+      .def("parameters", &Layer::parameters)
+      .def_property_readonly("supports_exact", &Layer::supports_exact);
+  py::class_<AdditiveCoupling, Layer, std::shared_ptr<AdditiveCoupling>>(m, "AdditiveCoupling")
+      .def(py::init([](py::object f, py::object g, double lam, double beta) {
+             return std::make_shared<AdditiveCoupling>(make_fn(f, "f"), make_fn(g, "g"), lam, beta);
+           }),
+           py::arg("f"), py::arg("g"), py::arg("lam") = 1.0, py::arg("beta") = 1.0);
+  py::class_<AffineCoupling, Layer, std::shared_ptr<AffineCoupling>>(m, "AffineCoupling")
+      .def(py::init([](py::object fs, py::object ft, py::object gs, py::object gt, double clamp) {
+             return std::make_shared<AffineCoupling>(make_fn(fs, "f_scale"), make_fn(ft, "f_shift"),
+                                                     make_fn(gs, "g_scale"), make_fn(gt, "g_shift"), clamp);
+           }),
+           py::arg("f_scale"), py::arg("f_shift"), py::arg("g_scale"), py::arg("g_shift"), py::arg("clamp") = 2.0);
+  py::class_<PyCoupling, Layer, std::shared_ptr<PyCoupling>>(m, "PyCoupling")
+      .def(py::init([](py::object module, std::string label) {
+             return std::make_shared<PyCoupling>(std::move(module), std::move(label));
+           }),
+           py::arg("module"), py::arg("name"));
+  py::class_<StackReport, std::shared_ptr<StackReport>>(m, "StackReport")
+      .def_readonly("reconstruction_errors", &StackReport::reconstruction_errors);
+
+  m.def(
+      "reversible_forward",
+      [](const std::vector<LayerPtr>& layers, const at::Tensor& xa, const at::Tensor& xb,
+         std::vector<at::Tensor> ctx_tensors, py::object ctx_builder, bool exact, int64_t frac_bits,
+         bool check_finite, bool preserve_rng, bool debug, double debug_tol) {
+        auto res = reversible_forward(layers, xa, xb, make_ctx(std::move(ctx_tensors), std::move(ctx_builder)),
+                                      make_options(exact, frac_bits, check_finite, preserve_rng, debug, debug_tol));
+        return py::make_tuple(res.a, res.b, res.report);
+      },
+      py::arg("layers"), py::arg("xa"), py::arg("xb"), py::arg("ctx_tensors"), py::arg("ctx_builder"),
+      py::arg("exact") = false, py::arg("frac_bits") = 16, py::arg("check_finite") = true,
+      py::arg("preserve_rng") = true, py::arg("debug") = false, py::arg("debug_tol") = -1.0);
+  m.def(
+      "reversible_inverse",
+      [](const std::vector<LayerPtr>& layers, const at::Tensor& ya, const at::Tensor& yb,
+         std::vector<at::Tensor> ctx_tensors, py::object ctx_builder, bool exact, int64_t frac_bits,
+         bool check_finite) {
+        auto res = reversible_inverse(layers, ya, yb, make_ctx(std::move(ctx_tensors), std::move(ctx_builder)),
+                                      make_options(exact, frac_bits, check_finite, false, false, -1.0));
+        return py::make_tuple(res.first, res.second);
+      },
+      py::arg("layers"), py::arg("ya"), py::arg("yb"), py::arg("ctx_tensors"), py::arg("ctx_builder"),
+      py::arg("exact") = false, py::arg("frac_bits") = 16, py::arg("check_finite") = true);
+  m.def("is_recomputing", &is_recomputing, "True while revengine re-runs a layer during backward");
+}

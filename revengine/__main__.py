@@ -1,0 +1,7 @@
+"""`python -m revengine ...`: the same as the `revengine` command."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

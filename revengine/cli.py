@@ -1,0 +1,232 @@
+"""The `revengine` command line (also `python -m revengine`).
+
+    revengine demo            # train a small reversible network on a synthetic task, then compare
+                              # peak memory and step time of plain / checkpoint / reversible
+    revengine demo --quick    # the same in a few seconds
+"""
+import argparse
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+PROG = "revengine"
+MODES = ("plain", "checkpoint", "reversible")
+
+
+# -- the demo model and task -------------------------------------------------------------------
+
+
+class DemoNet(nn.Module):
+    """Input projection -> revengine.Sequential of additive couplings -> norm -> classification head."""
+
+    def __init__(self, in_dim: int, width: int, depth: int, classes: int, mode: str = "reversible"):
+        super().__init__()
+        from .couplings import AdditiveCoupling
+        from .sequential import Sequential
+
+        def mlp():
+            return nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+        self.proj = nn.Linear(in_dim, 2 * width)
+        self.stack = Sequential(*[AdditiveCoupling(mlp(), mlp()) for _ in range(depth)], mode=mode)
+        self.norm = nn.LayerNorm(2 * width)
+        self.head = nn.Linear(2 * width, classes)
+        # Small last layers in every branch: each coupling starts near the identity, which keeps a
+        # deep additive stack well conditioned at step 0.
+        for layer in self.stack.layers:
+            for branch in (layer.f, layer.g):
+                nn.init.normal_(branch[2].weight, std=0.02 / depth**0.5)
+                nn.init.zeros_(branch[2].bias)
+
+    def forward(self, x):
+        return self.head(self.norm(self.stack(self.proj(x))))
+
+
+def make_task(seed: int, in_dim: int = 32, classes: int = 8, n_train: int = 8192, n_test: int = 2048):
+    """A synthetic classification task: labels are the argmax of a fixed random nonlinear teacher."""
+    g = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(in_dim, 64, generator=g) / in_dim**0.5
+    w2 = torch.randn(64, classes, generator=g) / 8.0
+    x = torch.randn(n_train + n_test, in_dim, generator=g)
+    y = (torch.tanh(x @ w1 * 1.5) @ w2).argmax(dim=-1)
+    return (x[:n_train], y[:n_train]), (x[n_train:], y[n_train:])
+
+
+def build_demo(depth: int, width: int, seed: int, mode: str = "reversible", in_dim: int = 32, classes: int = 8):
+    torch.manual_seed(seed)
+    return DemoNet(in_dim, width, depth, classes, mode=mode)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    logits = model(x)
+    loss = nn.functional.cross_entropy(logits, y).item()
+    acc = (logits.argmax(dim=-1) == y).float().mean().item()
+    return loss, acc
+
+
+def _train_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def measure_demo_step(depth: int, width: int, seed: int, mode: str, batch: int) -> dict:
+    """One training step of the demo model in `mode` (run in a fresh subprocess by `demo`)."""
+    from .memory import measure_step
+
+    torch.manual_seed(seed)
+    model = build_demo(depth, width, seed, mode=mode)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, 32, generator=g)
+    y = torch.randint(0, 8, (batch,), generator=g)
+    fig = measure_step(lambda: _train_step(model, opt, x, y).item(), warmup=1)
+    return {"mode": mode, "figure": fig.as_dict()}
+
+
+def time_modes(models: Dict[str, nn.Module], x, y, rounds: int, warmup: int = 2) -> Dict[str, float]:
+    """Median training-step time per mode, in this process, alternating the modes."""
+    opts = {m: torch.optim.AdamW(model.parameters(), lr=1e-4) for m, model in models.items()}
+    for _ in range(warmup):
+        for m in models:
+            _train_step(models[m], opts[m], x, y)
+    times: Dict[str, List[float]] = {m: [] for m in models}
+    names = list(models)
+    for r in range(rounds):
+        for m in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            _train_step(models[m], opts[m], x, y)
+            times[m].append(time.perf_counter() - t0)
+    return {m: statistics.median(ts) for m, ts in times.items()}
+
+
+def cmd_demo(args) -> int:
+    import os
+
+    from tqdm import tqdm
+
+    from .memory import measure_in_subprocess
+
+    child_env = None
+    if args.quick and args.threads is None:
+        args.threads = 1  # tiny tensors: thread hand-offs cost more than they save, worst on a busy machine
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        child_env = {"OMP_NUM_THREADS": str(args.threads)}
+    if args.quick:
+        args.steps = min(args.steps, 30)
+        args.depth, args.width = min(args.depth, 3), min(args.width, 16)
+        mem_batch, time_batch, rounds = 4096, 128, 3
+    else:
+        mem_batch, time_batch, rounds = args.mem_batch, 1024, 7
+    torch.manual_seed(args.seed)
+    (xtr, ytr), (xte, yte) = make_task(args.seed)
+    model = build_demo(args.depth, args.width, args.seed, mode="reversible")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"revengine demo: {args.depth} reversible additive couplings (width {2 * args.width}, "
+        f"MLP hidden {2 * args.width}), {n_params:,} parameters; synthetic 8-class task "
+        f"(seed {args.seed}, {len(xtr)} train / {len(xte)} held-out examples)"
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(args.steps, 1), pct_start=0.1)
+    loss0, acc0 = evaluate(model, xtr, ytr)
+    print(f"before training: train loss {loss0:.4f}, accuracy {acc0:.3f}")
+    g = torch.Generator().manual_seed(args.seed + 2)
+    bar = tqdm(range(args.steps), desc="training (reversible)", dynamic_ncols=True, mininterval=0.5)
+    for _ in bar:
+        idx = torch.randint(0, len(xtr), (args.batch,), generator=g)
+        loss = _train_step(model, opt, xtr[idx], ytr[idx])
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    bar.close()
+    loss1, acc1 = evaluate(model, xtr, ytr)
+    tloss, tacc = evaluate(model, xte, yte)
+    print(f"after {args.steps} steps: train loss {loss1:.4f}, accuracy {acc1:.3f}")
+    print(f"held-out: loss {tloss:.4f}, accuracy {tacc:.3f} (chance {1 / 8:.3f})")
+
+    print()
+    print(
+        f"one training step (forward + backward + AdamW) of this model in each mode: peak-memory delta "
+        f"(batch {mem_batch}, each from a fresh subprocess with MALLOC_MMAP_THRESHOLD_=65536) and step time "
+        f"(batch {time_batch}, this process, modes alternating, median of {rounds}; {torch.get_num_threads()} threads, allocator: "
+        f"{'MALLOC_MMAP_THRESHOLD_=' + os.environ['MALLOC_MMAP_THRESHOLD_'] if 'MALLOC_MMAP_THRESHOLD_' in os.environ else 'default malloc'})"
+    )
+    def measure(m):
+        return measure_in_subprocess(
+            "revengine.cli:measure_demo_step",
+            dict(depth=args.depth, width=args.width, seed=args.seed, mode=m, batch=mem_batch),
+            env=child_env, timeout=300,
+        )
+
+    # The three processes run side by side: each reads its own peak, so they don't disturb each other's figure.
+    with ThreadPoolExecutor(max_workers=len(MODES)) as pool:
+        mem = {m: out["figure"]["peak_delta_mb"] for m, out in zip(MODES, pool.map(measure, MODES))}
+    state = model.state_dict()
+    models = {}
+    for m in MODES:
+        models[m] = build_demo(args.depth, args.width, args.seed, mode=m)
+        models[m].load_state_dict(state)
+    tb = torch.Generator().manual_seed(args.seed + 3)
+    idx = torch.randint(0, len(xtr), (time_batch,), generator=tb)
+    med = time_modes(models, xtr[idx], ytr[idx], rounds)
+
+    hdr = f"{'mode':<11} | {'peak MB':>8} | {'vs plain':>8} | {'step ms':>8} | {'vs plain':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for m in MODES:
+        mr = f"{mem[m] / mem['plain']:.2f}x" if mem["plain"] > 0 else "n/a"
+        print(f"{m:<11} | {mem[m]:>8.1f} | {mr:>8} | {med[m] * 1e3:>8.2f} | {med[m] / med['plain']:>7.2f}x")
+    return 0
+
+
+# -- argument parsing --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="revengine: a reversible-autograd engine for PyTorch (memory-flat backward for deep networks).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="train a small reversible network on a synthetic task and compare memory/time across modes",
+        description="Trains a reversible stack (input projection -> additive couplings -> head) on an embedded "
+        "synthetic classification task, then prints peak memory and step time for plain, checkpoint and "
+        "reversible modes. No downloads.",
+    )
+    demo.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    demo.add_argument("--depth", type=int, default=8, help="number of reversible couplings (default 8)")
+    demo.add_argument("--width", type=int, default=64, help="stream width; the hidden state is 2*width (default 64)")
+    demo.add_argument("--batch", type=int, default=128, help="training batch size (default 128)")
+    demo.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    demo.add_argument("--mem-batch", type=int, default=8192, help="batch of the memory comparison (default 8192)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the task and the model (default 0)")
+    demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; --quick: 1)")
+    demo.add_argument("--quick", action="store_true", help="a tiny run (seconds), for tests")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # an unknown subcommand exits with status 2 and a message
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        print(f"\n{PROG}: error: a command is required", file=sys.stderr)
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

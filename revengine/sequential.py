@@ -1,0 +1,220 @@
+"""revengine.Sequential: a stack of reversible layers run by the C++ executor."""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from . import _ext
+from ._runtime import flatten_context, recompute_call
+from .couplings import Coupling
+from .recompute import recomputing
+
+Tensor = torch.Tensor
+
+MODES = ("reversible", "checkpoint", "plain")
+SPLITS = ("halves", "duplicate")
+MERGES = ("cat", "mean", "last", None)
+
+
+class Sequential(nn.Module):
+    """A stack of reversible couplings.
+
+    Args:
+        *layers: `Coupling` modules (AdditiveCoupling, AffineCoupling, integrators, or your own).
+        split: how one input tensor becomes two streams: "halves" (last dim split in two; needs
+            an even width) or "duplicate" (both streams start as the input, as in MEFT).
+            Passing a tuple (x1, x2) skips the split.
+        merge: how the two output streams become one: "cat", "mean", "last", or None (return the
+            tuple).
+        mode: "reversible" (the C++ executor: activations are recomputed from the outputs, memory
+            flat in depth), "checkpoint" (torch.utils.checkpoint per layer) or "plain" (autograd
+            stores everything; the reference).
+        exact: keep the streams in fixed point (int64, `exact_bits` fractional bits) and round
+            every increment before adding it, so reconstruction is bit-exact at any depth.
+        check_finite: raise, naming the layer, when a reconstruction holds NaN or Inf.
+        preserve_rng_state: replay the RNG state in the recompute (dropout gets the same masks).
+        debug: keep every layer's true input and compare it with the reconstruction in backward;
+            a layer whose inverse does not invert raises, and `last_report.reconstruction_errors`
+            holds the per-layer error.
+
+    forward(x, **ctx) passes ctx (masks, (cos, sin), ...) to every layer; tensors in it get grads.
+    """
+
+    def __init__(
+        self,
+        *layers: Union[Coupling, Sequence[Coupling]],
+        split: str = "halves",
+        merge: Optional[str] = "cat",
+        mode: str = "reversible",
+        exact: bool = False,
+        exact_bits: int = 16,
+        check_finite: bool = True,
+        preserve_rng_state: bool = True,
+        debug: bool = False,
+        debug_tol: Optional[float] = None,
+    ):
+        super().__init__()
+        if len(layers) == 1 and isinstance(layers[0], (list, tuple, nn.ModuleList)):
+            layers = tuple(layers[0])
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Coupling):
+                raise TypeError(
+                    f"revengine.Sequential: layer {i} ({type(layer).__name__}) is not a reversible coupling; "
+                    "wrap it, e.g. revengine.AdditiveCoupling(f, g), or subclass revengine.Coupling"
+                )
+        if mode not in MODES:
+            raise ValueError(f"revengine.Sequential: mode must be one of {MODES}, got {mode!r}")
+        if split not in SPLITS:
+            raise ValueError(f"revengine.Sequential: split must be one of {SPLITS}, got {split!r}")
+        if merge not in MERGES:
+            raise ValueError(f"revengine.Sequential: merge must be one of {MERGES}, got {merge!r}")
+        if exact and not 0 <= int(exact_bits) <= 52:
+            raise ValueError(f"revengine.Sequential: exact_bits must be in [0, 52], got {exact_bits}")
+        if exact:
+            for i, layer in enumerate(layers):
+                if not layer._executor_layer().supports_exact:
+                    raise ValueError(
+                        f"revengine.Sequential: exact=True needs layers that only add and subtract increments, "
+                        f"but layer {i} ({type(layer).__name__}) does not support it"
+                    )
+        self.layers = nn.ModuleList(layers)
+        self.split, self.merge, self.mode = split, merge, mode
+        self.exact, self.exact_bits = bool(exact), int(exact_bits)
+        self.check_finite, self.preserve_rng_state = bool(check_finite), bool(preserve_rng_state)
+        self.debug, self.debug_tol = bool(debug), debug_tol
+        self.last_report = None
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, split={self.split!r}, merge={self.merge!r}, exact={self.exact}"
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    # -- split / merge ------------------------------------------------------------------------
+
+    def _split(self, x) -> Tuple[Tensor, Tensor]:
+        if isinstance(x, (tuple, list)):
+            if len(x) != 2:
+                raise ValueError(f"revengine.Sequential: pass one tensor or two streams, got {len(x)} tensors")
+            x1, x2 = x
+            if not (isinstance(x1, Tensor) and isinstance(x2, Tensor)):
+                raise TypeError("revengine.Sequential: streams must be tensors")
+            if x1.shape != x2.shape or x1.dtype != x2.dtype or x1.device != x2.device:
+                raise ValueError(
+                    "revengine.Sequential: the two streams must match in shape, dtype and device, got "
+                    f"{tuple(x1.shape)} {x1.dtype} {x1.device} and {tuple(x2.shape)} {x2.dtype} {x2.device}"
+                )
+            return x1, x2
+        if not isinstance(x, Tensor):
+            raise TypeError(f"revengine.Sequential: expected a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"revengine.Sequential: the input must be floating point, got {x.dtype}")
+        if self.split == "duplicate":
+            return x, x
+        if x.dim() == 0 or x.shape[-1] % 2:
+            width = x.shape[-1] if x.dim() else "a scalar"
+            raise ValueError(
+                f"revengine.Sequential: split='halves' needs an even last dimension, got {width} "
+                f"(input shape {tuple(x.shape)}); use an even width or split='duplicate'"
+            )
+        return x.chunk(2, dim=-1)
+
+    def _merge(self, y1: Tensor, y2: Tensor):
+        if self.merge == "cat":
+            return torch.cat([y1, y2], dim=-1)
+        if self.merge == "mean":
+            return (y1 + y2) / 2
+        if self.merge == "last":
+            return y2
+        return y1, y2
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, x, **ctx):
+        x1, x2 = self._split(x)
+        if self.mode == "reversible":
+            y1, y2 = self._forward_reversible(x1, x2, ctx)
+        else:
+            y1, y2 = self._forward_stored(x1, x2, ctx)
+        return self._merge(y1, y2)
+
+    def _forward_reversible(self, x1, x2, ctx):
+        tensors, builder = flatten_context(ctx)
+        layers = [layer._executor_layer() for layer in self.layers]
+        y1, y2, report = _ext._C.reversible_forward(
+            layers, x1, x2, tensors, builder,
+            exact=self.exact, frac_bits=self.exact_bits, check_finite=self.check_finite,
+            preserve_rng=self.preserve_rng_state, debug=self.debug,
+            debug_tol=-1.0 if self.debug_tol is None else float(self.debug_tol),
+        )
+        self.last_report = report if self.debug else None
+        return y1, y2
+
+    def _forward_stored(self, x1, x2, ctx):
+        if self.exact:
+            # The same rounding as the fixed-point executor, with straight-through grads.
+            from .couplings import quantize_ste
+
+            x1, x2 = quantize_ste(x1, self.exact_bits), quantize_ste(x2, self.exact_bits)
+        for layer in self.layers:
+            run = _layer_runner(layer, self.exact, self.exact_bits)
+            if self.mode == "checkpoint" and torch.is_grad_enabled():
+                x1, x2 = checkpoint(
+                    _CheckpointCall(run, layer), x1, x2, ctx,
+                    use_reentrant=False, preserve_rng_state=self.preserve_rng_state,
+                )
+            else:
+                x1, x2 = run(x1, x2, ctx)
+        return x1, x2
+
+    # -- inverse ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def inverse(self, y, **ctx):
+        """The input that produces output `y` (computed layer by layer in reverse, without grad)."""
+        if isinstance(y, (tuple, list)):
+            y1, y2 = y
+        elif self.merge == "cat":
+            if y.shape[-1] % 2:
+                raise ValueError(f"revengine.Sequential.inverse: expected an even last dimension, got shape {tuple(y.shape)}")
+            y1, y2 = y.chunk(2, dim=-1)
+        else:
+            raise ValueError(
+                f"revengine.Sequential.inverse: merge={self.merge!r} loses information; pass the two "
+                "output streams as a tuple (build the stack with merge=None to get them)"
+            )
+        tensors, builder = flatten_context(ctx)
+        layers = [layer._executor_layer() for layer in self.layers]
+        x1, x2 = _ext._C.reversible_inverse(
+            layers, y1, y2, tensors, builder,
+            exact=self.exact, frac_bits=self.exact_bits, check_finite=self.check_finite,
+        )
+        if isinstance(y, (tuple, list)):
+            return x1, x2
+        if self.split == "duplicate":
+            return x1
+        return torch.cat([x1, x2], dim=-1)
+
+
+def _layer_runner(layer: Coupling, exact: bool, bits: int):
+    if exact:
+        return lambda a, b, ctx: layer.forward_exact(a, b, bits, **ctx)
+    return lambda a, b, ctx: layer(a, b, **ctx)
+
+
+class _CheckpointCall:
+    """The function torch.utils.checkpoint re-runs: its second call is the recompute, which must not
+    update module buffers again and reports is_recomputing()."""
+
+    def __init__(self, run, layer):
+        self.run = run
+        self.layer = layer
+        self.calls = 0
+
+    def __call__(self, a, b, ctx):
+        self.calls += 1
+        if self.calls == 1:
+            return self.run(a, b, ctx)
+        with recomputing():
+            return recompute_call(self.run, (a, b, ctx), {}, module=self.layer)

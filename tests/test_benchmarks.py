@@ -1,0 +1,29 @@
+"""Smoke tests of the benchmarks (tiny sizes: they run, they print their table)."""
+import json
+import os
+import subprocess
+import sys
+
+import revengine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(revengine.__file__)))
+
+
+def test_memory_vs_depth_quick(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([PKG_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    out_json = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "memory_vs_depth.py"), "--quick", "--json", str(out_json)],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "plain MB" in out and "ckpt MB" in out and "rev MB" in out
+    rows = [line for line in out.splitlines() if line.strip().split("|")[0].strip().isdigit()]
+    assert len(rows) == 2, out  # --quick: depths 2 and 4
+    assert sum(line.startswith(("PASS", "FAIL")) for line in out.splitlines()) == 3, out
+    res = json.loads(out_json.read_text())
+    assert set(res["peak_mb"]) == {"plain", "checkpoint", "reversible"}
+    assert all(v >= 0 for m in res["peak_mb"].values() for v in m.values())
