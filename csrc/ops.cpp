@@ -11,7 +11,13 @@
 //   fixed_update_   : acc += sign * round_half_even(double(inc) * 2^frac_bits)  (wrap-around int64)
 //   fixed_dequantize: out = dtype(double(q) * 2^-frac_bits)   (double -> float -> bf16/half, as torch)
 // The "all finite" flags test the stored (rounded) results, so an overflow of the final
-// rounding (e.g. to float16) is reported too.
+// rounding (e.g. to float16) is reported too. Operands (f, scale, shift) must have x's shape and
+// device but may have any supported floating dtype (autocast); scale and shift may differ.
+//
+// CPU: at::parallel_for over contiguous chunks (grain 32768) of plain loops that GCC vectorises,
+// built twice (x86-64-v3 and baseline) with target_clones; float16 operands are widened and
+// narrowed in blocks with F16C when the CPU has it. Results do not depend on the thread count
+// or on the clone picked. Non-contiguous x is handled through a contiguous copy written back.
 //
 // The file is also compiled into a plain C++ shared library: no pybind11 here.
 #include "ops.h"
@@ -22,16 +28,16 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <c10/util/irange.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <sstream>
+#include <type_traits>
 
 // Runtime ISA dispatch for the hot loops: an AVX2+FMA clone and a baseline clone, picked once
 // by an ifunc resolver. Both give bit-identical results (fma is exact; nothing else is fused).
@@ -40,6 +46,18 @@
 #define REVENGINE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define REVENGINE_CLONES
+#endif
+
+// float16 <-> float block conversions with F16C, chosen at run time (see half_to_float_block).
+#ifndef REVENGINE_X86_F16C
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define REVENGINE_X86_F16C 1
+#else
+#define REVENGINE_X86_F16C 0
+#endif
+#endif
+#if REVENGINE_X86_F16C
+#include <immintrin.h>
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -344,6 +362,222 @@ REVENGINE_CLONES void dequantize_chunk(const int64_t* q, storage_t<OT>* out, dou
 }
 
 // ---------------------------------------------------------------------------------------------
+// float16 staging. GCC does not vectorise float16 conversions well (the branch-free bit
+// versions above cost ~4 cycles an element), so kernels with float16 operands run the float
+// kernel on blocks converted with F16C when the CPU has it. Same arithmetic as a direct float16
+// kernel: the opmath type is float, inputs widen exactly, the result is rounded once to float16.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+constexpr bool is_half_v = std::is_same_v<T, c10::Half>;
+template <typename T>
+using kern_t = std::conditional_t<is_half_v<T>, float, T>;  // element type the chunk kernels see
+
+constexpr int64_t kBlock = 1024;
+
+REVENGINE_CLONES void half_to_float_soft(const uint16_t* h, float* f, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) f[i] = half_to_float(h[i]);
+}
+
+REVENGINE_CLONES uint32_t float_to_half_soft(const float* f, uint16_t* h, int64_t n) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t v = float_to_half(f[i]);
+    h[i] = v;
+    bad |= Elem<c10::Half>::nonfinite(v);
+  }
+  return bad;
+}
+
+#if REVENGINE_X86_F16C
+__attribute__((target("avx,f16c"))) void half_to_float_f16c(const uint16_t* h, float* f, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  }
+  for (; i < n; ++i) f[i] = _cvtsh_ss(h[i]);
+}
+
+__attribute__((target("avx,f16c"))) uint32_t float_to_half_f16c(const float* f, uint16_t* h, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(h + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT));
+  }
+  for (; i < n; ++i) h[i] = _cvtss_sh(f[i], _MM_FROUND_TO_NEAREST_INT);
+  uint32_t bad = 0;
+  for (i = 0; i < n; ++i) bad |= Elem<c10::Half>::nonfinite(h[i]);
+  return bad;
+}
+
+bool cpu_has_f16c() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  }();
+  return has;
+}
+#endif
+
+inline void half_to_float_block(const uint16_t* h, float* f, int64_t n) {
+#if REVENGINE_X86_F16C
+  if (cpu_has_f16c()) return half_to_float_f16c(h, f, n);
+#endif
+  half_to_float_soft(h, f, n);
+}
+
+// Returns non-zero when some float16 result is inf or nan.
+inline uint32_t float_to_half_block(const float* f, uint16_t* h, int64_t n) {
+#if REVENGINE_X86_F16C
+  if (cpu_has_f16c()) return float_to_half_f16c(f, h, n);
+#endif
+  return float_to_half_soft(f, h, n);
+}
+
+// Elements [s, s + m) of p as the chunk kernels read them: p itself, or float16 widened into buf.
+template <typename T>
+inline const storage_t<kern_t<T>>* stage_in(const storage_t<T>* p, int64_t s, int64_t m, float* buf) {
+  if constexpr (is_half_v<T>) {
+    half_to_float_block(p + s, buf, m);
+    return buf;
+  } else {
+    return p + s;
+  }
+}
+
+// Range functions: what the parallel_for bodies call. Without float16 they are the chunk kernels.
+template <typename XT, typename FT>
+void coupling_fwd_range(storage_t<XT>* out, const storage_t<XT>* x, const storage_t<FT>* f, opmath_t<XT> lam,
+                        int64_t n) {
+  if constexpr (!is_half_v<XT> && !is_half_v<FT>) {
+    coupling_fwd_chunk<XT, FT>(out, x, f, lam, n);
+  } else {
+    float xb[kBlock], fb[kBlock];
+    for (int64_t s = 0; s < n; s += kBlock) {
+      const int64_t m = std::min(kBlock, n - s);
+      const auto* xs = stage_in<XT>(x, s, m, xb);
+      const auto* fs = stage_in<FT>(f, s, m, fb);  // both read before anything is written
+      if constexpr (is_half_v<XT>) {
+        coupling_fwd_chunk<float, kern_t<FT>>(xb, xs, fs, lam, m);
+        float_to_half_block(xb, out + s, m);
+      } else {
+        coupling_fwd_chunk<XT, kern_t<FT>>(out + s, xs, fs, lam, m);
+      }
+    }
+  }
+}
+
+template <typename XT, typename FT>
+uint32_t coupling_inv_range(storage_t<XT>* y, const storage_t<FT>* f, opmath_t<XT> lam, int64_t n) {
+  if constexpr (!is_half_v<XT> && !is_half_v<FT>) {
+    return coupling_inv_chunk<XT, FT>(y, f, lam, n);
+  } else {
+    uint32_t bad = 0;
+    float yb[kBlock], fb[kBlock];
+    for (int64_t s = 0; s < n; s += kBlock) {
+      const int64_t m = std::min(kBlock, n - s);
+      if constexpr (is_half_v<XT>) {
+        half_to_float_block(y + s, yb, m);
+        const auto* fs = stage_in<FT>(f, s, m, fb);
+        coupling_inv_chunk<float, kern_t<FT>>(yb, fs, lam, m);  // its flag is for float results
+        bad |= float_to_half_block(yb, y + s, m);
+      } else {
+        bad |= coupling_inv_chunk<XT, kern_t<FT>>(y + s, stage_in<FT>(f, s, m, fb), lam, m);
+      }
+    }
+    return bad;
+  }
+}
+
+template <typename XT, typename ST>
+void affine_fwd_range(storage_t<XT>* x, const storage_t<ST>* scale, const storage_t<ST>* shift, int64_t n) {
+  if constexpr (!is_half_v<XT> && !is_half_v<ST>) {
+    affine_fwd_chunk<XT, ST>(x, scale, shift, n);
+  } else {
+    float xb[kBlock], sb[kBlock], hb[kBlock];
+    for (int64_t s = 0; s < n; s += kBlock) {
+      const int64_t m = std::min(kBlock, n - s);
+      const auto* ss = stage_in<ST>(scale, s, m, sb);
+      const auto* hs = stage_in<ST>(shift, s, m, hb);
+      if constexpr (is_half_v<XT>) {
+        half_to_float_block(x + s, xb, m);
+        affine_fwd_chunk<float, kern_t<ST>>(xb, ss, hs, m);
+        float_to_half_block(xb, x + s, m);
+      } else {
+        affine_fwd_chunk<XT, kern_t<ST>>(x + s, ss, hs, m);
+      }
+    }
+  }
+}
+
+template <typename XT, typename ST>
+uint32_t affine_inv_range(storage_t<XT>* y, const storage_t<ST>* scale, const storage_t<ST>* shift, int64_t n) {
+  if constexpr (!is_half_v<XT> && !is_half_v<ST>) {
+    return affine_inv_chunk<XT, ST>(y, scale, shift, n);
+  } else {
+    uint32_t bad = 0;
+    float yb[kBlock], sb[kBlock], hb[kBlock];
+    for (int64_t s = 0; s < n; s += kBlock) {
+      const int64_t m = std::min(kBlock, n - s);
+      const auto* ss = stage_in<ST>(scale, s, m, sb);
+      const auto* hs = stage_in<ST>(shift, s, m, hb);
+      if constexpr (is_half_v<XT>) {
+        half_to_float_block(y + s, yb, m);
+        affine_inv_chunk<float, kern_t<ST>>(yb, ss, hs, m);
+        bad |= float_to_half_block(yb, y + s, m);
+      } else {
+        bad |= affine_inv_chunk<XT, kern_t<ST>>(y + s, ss, hs, m);
+      }
+    }
+    return bad;
+  }
+}
+
+template <typename XT>
+int64_t quantize_range(const storage_t<XT>* x, int64_t* q, double scale, int64_t n) {
+  if constexpr (!is_half_v<XT>) {
+    return quantize_chunk<XT>(x, q, scale, n);
+  } else {
+    int64_t bad = 0;
+    float xb[kBlock];
+    for (int64_t s = 0; s < n; s += kBlock) {
+      const int64_t m = std::min(kBlock, n - s);
+      bad += quantize_chunk<float>(stage_in<XT>(x, s, m, xb), q + s, scale, m);
+    }
+    return bad;
+  }
+}
+
+template <typename XT>
+int64_t fixed_update_range(int64_t* acc, const storage_t<XT>* inc, double scale, int64_t sign, int64_t n) {
+  if constexpr (!is_half_v<XT>) {
+    return fixed_update_chunk<XT>(acc, inc, scale, sign, n);
+  } else {
+    int64_t bad = 0;
+    float ib[kBlock];
+    for (int64_t s = 0; s < n; s += kBlock) {
+      const int64_t m = std::min(kBlock, n - s);
+      bad += fixed_update_chunk<float>(acc + s, stage_in<XT>(inc, s, m, ib), scale, sign, m);
+    }
+    return bad;
+  }
+}
+
+template <typename OT>
+void dequantize_range(const int64_t* q, storage_t<OT>* out, double scale, int64_t n) {
+  if constexpr (!is_half_v<OT>) {
+    dequantize_chunk<OT>(q, out, scale, n);
+  } else {
+    // double -> float -> float16, as torch converts
+    float ob[kBlock];
+    for (int64_t s = 0; s < n; s += kBlock) {
+      const int64_t m = std::min(kBlock, n - s);
+      dequantize_chunk<float>(q + s, ob, scale, m);
+      float_to_half_block(ob, out + s, m);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Argument checks, shared by the CPU and Meta kernels (symbolic-shape safe).
 // ---------------------------------------------------------------------------------------------
 bool is_supported_float(at::ScalarType t) {
@@ -502,7 +736,7 @@ at::Tensor coupling_update_cpu(const at::Tensor& x, const at::Tensor& f, double 
     const auto* xp = cptr<XT>(xc);
     const auto* fp = cptr<FT>(fc);
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      coupling_fwd_chunk<XT, FT>(o + b, xp + b, fp + b, l, e - b);
+      coupling_fwd_range<XT, FT>(o + b, xp + b, fp + b, l, e - b);
     });
   });
   return out;
@@ -520,7 +754,7 @@ void coupling_update__cpu(at::Tensor& x, const at::Tensor& f, double lam) {
       auto* xp = ptr<XT>(xc);
       const auto* fp = cptr<FT>(fc);
       at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-        coupling_fwd_chunk<XT, FT>(xp + b, xp + b, fp + b, l, e - b);
+        coupling_fwd_range<XT, FT>(xp + b, xp + b, fp + b, l, e - b);
       });
     });
     return true;
@@ -542,7 +776,7 @@ at::Tensor coupling_inverse__cpu(at::Tensor& y, const at::Tensor& f, double lam,
       const auto* fp = cptr<FT>(fc);
       at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
         // The finite test is fused into the pass (nearly free: the loop is memory bound).
-        if (coupling_inv_chunk<XT, FT>(yp + b, fp + b, l, e - b)) bad.store(true, std::memory_order_relaxed);
+        if (coupling_inv_range<XT, FT>(yp + b, fp + b, l, e - b)) bad.store(true, std::memory_order_relaxed);
       });
     });
     return true;
@@ -572,7 +806,7 @@ void affine_update__cpu(at::Tensor& x, const at::Tensor& scale, const at::Tensor
       const auto* sp = cptr<ST>(sc);
       const auto* hp = cptr<ST>(sh);
       at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-        affine_fwd_chunk<XT, ST>(xp + b, sp + b, hp + b, e - b);
+        affine_fwd_range<XT, ST>(xp + b, sp + b, hp + b, e - b);
       });
     });
     return true;
@@ -594,7 +828,7 @@ at::Tensor affine_inverse__cpu(at::Tensor& y, const at::Tensor& scale, const at:
       const auto* sp = cptr<ST>(sc);
       const auto* hp = cptr<ST>(sh);
       at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-        if (affine_inv_chunk<XT, ST>(yp + b, sp + b, hp + b, e - b)) bad.store(true, std::memory_order_relaxed);
+        if (affine_inv_range<XT, ST>(yp + b, sp + b, hp + b, e - b)) bad.store(true, std::memory_order_relaxed);
       });
     });
     return true;
@@ -640,7 +874,7 @@ at::Tensor fixed_quantize_cpu(const at::Tensor& x, int64_t frac_bits) {
     int64_t* qp = q.data_ptr<int64_t>();
     std::atomic<int64_t> nbad{0};
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      const int64_t c = quantize_chunk<XT>(xp + b, qp + b, scale, e - b);
+      const int64_t c = quantize_range<XT>(xp + b, qp + b, scale, e - b);
       if (c) nbad.fetch_add(c, std::memory_order_relaxed);
     });
     const int64_t total = nbad.load();
@@ -660,7 +894,7 @@ at::Tensor fixed_dequantize_cpu(const at::Tensor& q, int64_t frac_bits, at::Scal
     const int64_t* qp = qc.const_data_ptr<int64_t>();
     auto* outp = ptr<OT>(out);
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-      dequantize_chunk<OT>(qp + b, outp + b, scale, e - b);
+      dequantize_range<OT>(qp + b, outp + b, scale, e - b);
     });
   });
   return out;
@@ -679,7 +913,7 @@ void fixed_update__cpu(at::Tensor& acc, const at::Tensor& inc, int64_t frac_bits
       const auto* ip = cptr<XT>(ic);
       std::atomic<int64_t> nbad{0};
       at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-        const int64_t c = fixed_update_chunk<XT>(ap + b, ip + b, scale, sign, e - b);
+        const int64_t c = fixed_update_range<XT>(ap + b, ip + b, scale, sign, e - b);
         if (c) nbad.fetch_add(c, std::memory_order_relaxed);
       });
       const int64_t total = nbad.load();
@@ -689,7 +923,7 @@ void fixed_update__cpu(at::Tensor& acc, const at::Tensor& inc, int64_t frac_bits
         // integer arithmetic makes this exact. A contiguous copy is simply dropped instead.
         if (ac.is_same(acc)) {
           at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
-            fixed_update_chunk<XT>(ap + b, ip + b, scale, -sign, e - b);
+            fixed_update_range<XT>(ap + b, ip + b, scale, -sign, e - b);
           });
         }
         TORCH_CHECK(false, fixed_range_message<XT>("fixed_update_", "inc", ic, total, frac_bits, scale),
@@ -803,8 +1037,9 @@ at::Tensor coupling_update_autograd(const at::Tensor& x, const at::Tensor& f, do
 
 // The mutating and fixed-point ops have no derivative: they are used by the reversible
 // executor under no_grad. With grad mode on, an input that requires grad is an error (rather
-// than a silently wrong gradient). Mutated tensors get their version counter bumped, as aten
-// in-place ops do.
+// than a silently wrong gradient). Their Autograd kernels only check that and go on below
+// autograd; the ADInplaceOrView kernels of the mutating ops bump the version counter of the
+// mutated tensor, as aten in-place ops do (also under inference_mode for normal tensors).
 void check_no_grad(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs) {
   if (!at::GradMode::is_enabled()) return;
   for (const auto& in : inputs) {
@@ -816,6 +1051,36 @@ void check_no_grad(const char* op, std::initializer_list<std::pair<const char*, 
 
 void coupling_update__autograd(at::Tensor& x, const at::Tensor& f, double lam) {
   check_no_grad("coupling_update_", {{"x", &x}, {"f", &f}});
+  at::AutoDispatchBelowAutograd guard;
+  ops::coupling_update_(x, f, lam);
+}
+
+at::Tensor coupling_inverse__autograd(at::Tensor& y, const at::Tensor& f, double lam, bool check_finite) {
+  check_no_grad("coupling_inverse_", {{"y", &y}, {"f", &f}});
+  at::AutoDispatchBelowAutograd guard;
+  return ops::coupling_inverse_(y, f, lam, check_finite);
+}
+
+void affine_update__autograd(at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
+  check_no_grad("affine_update_", {{"x", &x}, {"scale", &scale}, {"shift", &shift}});
+  at::AutoDispatchBelowAutograd guard;
+  ops::affine_update_(x, scale, shift);
+}
+
+at::Tensor affine_inverse__autograd(at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                                    bool check_finite) {
+  check_no_grad("affine_inverse_", {{"y", &y}, {"scale", &scale}, {"shift", &shift}});
+  at::AutoDispatchBelowAutograd guard;
+  return ops::affine_inverse_(y, scale, shift, check_finite);
+}
+
+void fixed_update__autograd(at::Tensor& acc, const at::Tensor& inc, int64_t frac_bits, int64_t sign) {
+  check_no_grad("fixed_update_", {{"inc", &inc}});
+  at::AutoDispatchBelowAutograd guard;
+  ops::fixed_update_(acc, inc, frac_bits, sign);
+}
+
+void coupling_update__inplace(at::Tensor& x, const at::Tensor& f, double lam) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     ops::coupling_update_(x, f, lam);
@@ -823,8 +1088,7 @@ void coupling_update__autograd(at::Tensor& x, const at::Tensor& f, double lam) {
   torch::autograd::impl::bump_version(x);
 }
 
-at::Tensor coupling_inverse__autograd(at::Tensor& y, const at::Tensor& f, double lam, bool check_finite) {
-  check_no_grad("coupling_inverse_", {{"y", &y}, {"f", &f}});
+at::Tensor coupling_inverse__inplace(at::Tensor& y, const at::Tensor& f, double lam, bool check_finite) {
   at::Tensor flag;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -834,8 +1098,7 @@ at::Tensor coupling_inverse__autograd(at::Tensor& y, const at::Tensor& f, double
   return flag;
 }
 
-void affine_update__autograd(at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
-  check_no_grad("affine_update_", {{"x", &x}, {"scale", &scale}, {"shift", &shift}});
+void affine_update__inplace(at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     ops::affine_update_(x, scale, shift);
@@ -843,9 +1106,8 @@ void affine_update__autograd(at::Tensor& x, const at::Tensor& scale, const at::T
   torch::autograd::impl::bump_version(x);
 }
 
-at::Tensor affine_inverse__autograd(at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
-                                    bool check_finite) {
-  check_no_grad("affine_inverse_", {{"y", &y}, {"scale", &scale}, {"shift", &shift}});
+at::Tensor affine_inverse__inplace(at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
+                                   bool check_finite) {
   at::Tensor flag;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -853,6 +1115,14 @@ at::Tensor affine_inverse__autograd(at::Tensor& y, const at::Tensor& scale, cons
   }
   torch::autograd::impl::bump_version(y);
   return flag;
+}
+
+void fixed_update__inplace(at::Tensor& acc, const at::Tensor& inc, int64_t frac_bits, int64_t sign) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ops::fixed_update_(acc, inc, frac_bits, sign);
+  }
+  torch::autograd::impl::bump_version(acc);
 }
 
 at::Tensor fixed_quantize_autograd(const at::Tensor& x, int64_t frac_bits) {
@@ -865,15 +1135,6 @@ at::Tensor fixed_dequantize_autograd(const at::Tensor& q, int64_t frac_bits, at:
   // q is int64 and cannot require grad; the output is a constant for autograd.
   at::AutoDispatchBelowADInplaceOrView guard;
   return ops::fixed_dequantize(q, frac_bits, dtype);
-}
-
-void fixed_update__autograd(at::Tensor& acc, const at::Tensor& inc, int64_t frac_bits, int64_t sign) {
-  check_no_grad("fixed_update_", {{"inc", &inc}});
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    ops::fixed_update_(acc, inc, frac_bits, sign);
-  }
-  torch::autograd::impl::bump_version(acc);
 }
 
 at::Tensor all_finite_autograd(const at::Tensor& x) {
@@ -998,4 +1259,13 @@ TORCH_LIBRARY_IMPL(revengine, Autograd, m) {
   m.impl("fixed_dequantize", TORCH_FN(fixed_dequantize_autograd));
   m.impl("fixed_update_", TORCH_FN(fixed_update__autograd));
   m.impl("all_finite", TORCH_FN(all_finite_autograd));
+}
+
+TORCH_LIBRARY_IMPL(revengine, ADInplaceOrView, m) {
+  using namespace revengine;
+  m.impl("coupling_update_", TORCH_FN(coupling_update__inplace));
+  m.impl("coupling_inverse_", TORCH_FN(coupling_inverse__inplace));
+  m.impl("affine_update_", TORCH_FN(affine_update__inplace));
+  m.impl("affine_inverse_", TORCH_FN(affine_inverse__inplace));
+  m.impl("fixed_update_", TORCH_FN(fixed_update__inplace));
 }

@@ -588,6 +588,17 @@ def test_non_differentiable_ops_refuse_grad(device):
         R.fixed_quantize(x, 8)
     # all_finite is fine on tensors that require grad (checking parameters)
     assert bool(R.all_finite(x))
+    # inference_mode: normal tensors still get their version bumped (as with aten in-place ops),
+    # inference tensors work
+    x2 = torch.randn(8, device=device)
+    v, v_aten = x2._version, torch.randn(8)._version
+    with torch.inference_mode():
+        R.coupling_update_(x2, f, 0.5)
+        t = torch.randn(8, device=device)
+        R.coupling_update_(t, f, 0.5)
+        R.affine_inverse_(t, f.abs() + 1, f, True)
+        R.fixed_update_(torch.zeros(8, dtype=torch.int64, device=device), t, 8, 1)
+    assert x2._version > v and v_aten == 0
 
 
 # ------------------------------------------------------------------------------------------
