@@ -3,6 +3,7 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <functional>
 #include <utility>
 
 #include "executor.h"
@@ -13,15 +14,19 @@ namespace revengine {
 // not passed (C++ modules take one argument); use a custom Fn for context-dependent blocks.
 class ModuleFn : public Fn {
  public:
+  // Any module holder (Linear, Sequential, your own) whose forward takes and returns a Tensor.
   template <typename ModuleHolder>
   explicit ModuleFn(ModuleHolder module, std::string label = "module")
-      : module_(torch::nn::AnyModule(module)), label_(std::move(label)) {}
-  at::Tensor call(const at::Tensor& x, const Ctx& /*ctx*/) override { return module_.forward(x); }
-  std::vector<at::Tensor> parameters() override { return module_.ptr()->parameters(); }
+      : module_(module.ptr()),
+        forward_([module](const at::Tensor& x) mutable { return module->forward(x); }),
+        label_(std::move(label)) {}
+  at::Tensor call(const at::Tensor& x, const Ctx& /*ctx*/) override { return forward_(x); }
+  std::vector<at::Tensor> parameters() override { return module_->parameters(); }
   std::string name() const override { return label_; }
 
  private:
-  torch::nn::AnyModule module_;
+  std::shared_ptr<torch::nn::Module> module_;
+  std::function<at::Tensor(const at::Tensor&)> forward_;
   std::string label_;
 };
 
