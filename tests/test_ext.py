@@ -1,16 +1,24 @@
 """Loading the C++ extension: a missing or stale build is a clear ImportError, never a fallback."""
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+
+import revengine
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+    # Import the same revengine the tests use (installed, or the in-place build), not whatever
+    # the current directory holds.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(revengine.__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=120, cwd=tempfile.gettempdir(), env=env)
 
 
 def test_extension_loads_and_registers_ops():
     import torch
-    import revengine
 
     assert revengine._ext._C.SOURCE_HASH.startswith("h")
     assert hasattr(torch.ops.revengine, "coupling_update_")
