@@ -2,6 +2,8 @@
 
 Install with `pip install --no-build-isolation .` after `pip install torch==2.13.0`
 (see README): build isolation would pull a multi-GB CUDA torch into the build environment.
+With a CUDA torch and the CUDA toolkit (CUDA_HOME), the CUDA kernels in csrc/cuda/ are built in
+too (architectures from TORCH_CUDA_ARCH_LIST); otherwise the extension is CPU-only.
 """
 import glob
 import hashlib
@@ -10,7 +12,8 @@ import os
 from setuptools import setup
 
 try:
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as exc:  # pragma: no cover - only hit on a broken build environment
     raise SystemExit(
         "revengine builds a C++ extension against torch: install torch first "
@@ -19,13 +22,23 @@ except ImportError as exc:  # pragma: no cover - only hit on a broken build envi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+# The CUDA kernels (torch-free .cu) and their torch glue (.cpp): built only with a CUDA torch and nvcc.
+CUDA_SOURCES = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+WITH_CUDA = bool(torch.version.cuda) and CUDA_HOME is not None
+# torch guesses CUDA_HOME from nvcc's folder; a wrapper script (e.g. /usr/local/bin/nvcc) gives a
+# folder without the toolkit: then CUDA_HOME must be set to the toolkit root.
+CUDA_HOME_BAD = WITH_CUDA and not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h"))
 
 
 def source_hash() -> str:
-    """Hash of every C++ source and header: baked into the extension so that a stale build is caught."""
+    """Hash of every C++/CUDA source and header: baked into the extension so that a stale build is caught.
+
+    Must stay identical to revengine/_ext.py's _source_hash (csrc/*.* then csrc/cuda/*.*, each
+    named by its path relative to csrc/)."""
+    csrc = os.path.join(HERE, "csrc")
     h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(HERE, "csrc", "*.*"))):
-        h.update(os.path.basename(path).encode())
+    for path in sorted(glob.glob(os.path.join(csrc, "*.*"))) + sorted(glob.glob(os.path.join(csrc, "cuda", "*.*"))):
+        h.update(os.path.relpath(path, csrc).replace(os.sep, "/").encode())
         with open(path, "rb") as fh:
             h.update(fh.read())
     return "h" + h.hexdigest()[:16]
@@ -63,15 +76,31 @@ generated = write_hash_header(digest)
 # -g0: no debug info (it triples compile time and the size of the module).
 extra_cflags = ["-O3", "-g0", "-fopenmp", "-DREVENGINE_HAVE_HASH_HEADER"]
 
+if WITH_CUDA and not CUDA_HOME_BAD:
+    # Architectures: TORCH_CUDA_ARCH_LIST (e.g. "9.0"), else torch's default for the build machine.
+    # No -ftz / --use_fast_math: the kernels must round like the CPU ones (see coupling_kernels.cu).
+    extension = CUDAExtension(
+        "revengine._C",
+        SOURCES + CUDA_SOURCES,
+        include_dirs=[os.path.join(HERE, "csrc"), generated],
+        extra_compile_args={"cxx": extra_cflags, "nvcc": ["-O3"]},
+        extra_link_args=["-fopenmp"],
+    )
+else:
+    if CUDA_HOME_BAD:
+        print(f"revengine: building without CUDA kernels (CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h: "
+              "set CUDA_HOME to the CUDA toolkit root)")
+    else:
+        print("revengine: building without CUDA kernels (no CUDA torch / nvcc found)")
+    extension = CppExtension(
+        "revengine._C",
+        SOURCES,
+        include_dirs=[os.path.join(HERE, "csrc"), generated],
+        extra_compile_args={"cxx": extra_cflags},
+        extra_link_args=["-fopenmp"],
+    )
+
 setup(
-    ext_modules=[
-        CppExtension(
-            "revengine._C",
-            SOURCES,
-            include_dirs=[os.path.join(HERE, "csrc"), generated],
-            extra_compile_args={"cxx": extra_cflags},
-            extra_link_args=["-fopenmp"],
-        )
-    ],
+    ext_modules=[extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

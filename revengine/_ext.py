@@ -22,9 +22,10 @@ except ImportError as exc:
 
 
 def _source_hash(csrc: str) -> str:
+    """Same as setup.py's source_hash: csrc/*.* then csrc/cuda/*.*, each named relative to csrc/."""
     h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(csrc, "*.*"))):
-        h.update(os.path.basename(path).encode())
+    for path in sorted(glob.glob(os.path.join(csrc, "*.*"))) + sorted(glob.glob(os.path.join(csrc, "cuda", "*.*"))):
+        h.update(os.path.relpath(path, csrc).replace(os.sep, "/").encode())
         with open(path, "rb") as fh:
             h.update(fh.read())
     return "h" + h.hexdigest()[:16]

@@ -691,3 +691,259 @@ def test_meta_under_compile_dynamic_shapes():
         got = compiled(*[a.clone() for a in args])
         for a, b in zip(ref, got):
             assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA kernels against the CPU kernels (the same arithmetic contract: see csrc/ops.cpp)
+# ------------------------------------------------------------------------------------------
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: the CUDA kernels are compared with the CPU ones only on a GPU"
+)
+ODD = BIG + 3  # not a multiple of the kernels' 4-element vectors: exercises the scalar tail
+
+
+def mixed(n, dtype, seed, scale=1.0):
+    """Values over much of dtype's range: normal ones, huge ones (overflow on update), subnormals,
+    signed zeros, values near the float16/bfloat16 rounding boundaries."""
+    g = torch.Generator().manual_seed(seed)
+    fi = torch.finfo(dtype)
+    v = torch.randn(n, generator=g, dtype=torch.float64) * scale
+    v = v * torch.exp2(torch.randint(-20, 21, (n,), generator=g).double())
+    k = n // 16
+    idx = torch.randperm(n, generator=g)
+    v[idx[:k]] = (torch.rand(k, generator=g, dtype=torch.float64) * 2 - 1) * fi.max  # near overflow
+    v[idx[k:2 * k]] = torch.randn(k, generator=g, dtype=torch.float64) * fi.smallest_normal  # subnormals
+    v[idx[2 * k:2 * k + 8]] = 0.0
+    v[idx[2 * k + 8:2 * k + 16]] = -0.0
+    return v.to(dtype)
+
+
+def assert_same_within_ulp(got, ref, n=1):
+    """got (from CUDA) equals the CPU kernels' ref, or is within n ulp of it (both nan counts as equal)."""
+    got = got.cpu()
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    g, r = got.double(), ref.double()
+    same = (g == r) | (g.isnan() & r.isnan())
+    fin = torch.isfinite(r) & torch.isfinite(g)
+    close = fin & ((g - r).abs() <= n * ulp(torch.where(fin, ref, torch.zeros_like(ref))))
+    bad = ~(same | close)
+    assert not bad.any(), (
+        f"{int(bad.sum())} of {bad.numel()} elements differ from the CPU kernels by more than {n} ulp; "
+        f"e.g. cuda={g[bad][:5].tolist()} cpu={r[bad][:5].tolist()}"
+    )
+
+
+def both(fn, *tensors):
+    """fn on CPU clones of `tensors` and on CUDA clones; returns (cpu_args, cpu_out, cuda_args, cuda_out)."""
+    cpu = [t.clone() for t in tensors]
+    dev = [t.clone().cuda() for t in tensors]
+    return cpu, fn(*cpu), dev, fn(*dev)
+
+
+def error_text(fn):
+    with pytest.raises(RuntimeError) as ei:
+        fn()
+    return str(ei.value).splitlines()[0]
+
+
+@needs_cuda
+@pytest.mark.parametrize("xdt,fdt", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("layout", ["contiguous", "misaligned", "strided"])
+def test_cuda_float_ops_match_cpu(xdt, fdt, layout):
+    def view(t):  # the layouts the glue must handle: vector path, scalar path, copy written back
+        if layout == "misaligned":
+            return t[1:]
+        if layout == "strided":
+            return t[::2]
+        return t
+
+    x0 = mixed(ODD + 1, xdt, 40)
+    f0 = mixed(ODD + 1, fdt, 41)
+    s0 = (rand_positive((ODD + 1,), torch.float64, "cpu", 42) * torch.exp2(torch.randint(-8, 9, (ODD + 1,)).double())).to(fdt)
+    h0 = mixed(ODD + 1, fdt, 43, scale=1e-3)
+    for lam in (0.75, -1.3):
+        cpu, out_c, dev, out_d = both(lambda x, f: R.coupling_update(view(x), view(f), lam), x0, f0)
+        assert out_d.device.type == "cuda" and out_d.dtype == xdt
+        assert_same_within_ulp(out_d, out_c)
+
+        def upd_(x, f):
+            R.coupling_update_(view(x), view(f), lam)
+            return x
+
+        _, xc, _, xd = both(upd_, x0, f0)
+        assert_same_within_ulp(xd, xc)
+
+        def inv_(y, f):
+            flag = R.coupling_inverse_(view(y), view(f), lam, True)
+            return y, flag
+
+        _, (yc, flag_c), _, (yd, flag_d) = both(inv_, x0, f0)
+        assert_same_within_ulp(yd, yc)
+        assert flag_d.device.type == "cuda" and flag_d.dtype == torch.bool and flag_d.dim() == 0
+        assert bool(flag_d) == bool(flag_c)
+        y = x0.clone().cuda()
+        assert bool(R.coupling_inverse_(view(y), view(f0.cuda()), lam, False))
+
+    def aff(x, s, h):
+        R.affine_update_(view(x), view(s), view(h))
+        return x
+
+    _, xc, _, xd = both(aff, x0, s0, h0)
+    assert_same_within_ulp(xd, xc)
+
+    def aff_inv(y, s, h):
+        flag = R.affine_inverse_(view(y), view(s), view(h), True)
+        return y, flag
+
+    _, (yc, flag_c), _, (yd, flag_d) = both(aff_inv, x0, s0, h0)
+    assert_same_within_ulp(yd, yc)
+    assert bool(flag_d) == bool(flag_c)
+
+
+@needs_cuda
+@pytest.mark.parametrize("xdt", FLOATS, ids=DTYPE_IDS)
+def test_cuda_finite_flags_match_cpu(xdt):
+    x = randn((ODD,), xdt, "cpu", 44)
+    f = randn((ODD,), xdt, "cpu", 45)
+    for pos in (0, 1, GRAIN + 5, ODD - 2, ODD - 1):  # vector groups and the scalar tail
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            fb = f.clone()
+            fb[pos] = bad
+            for call in (lambda y, g: R.coupling_inverse_(y, g, 0.5, True),
+                         lambda y, g: R.affine_inverse_(y, torch.ones_like(y), g, True)):
+                _, flag_c, _, flag_d = both(call, x, fb)
+                assert not bool(flag_c) and not bool(flag_d)
+            xb = x.clone()
+            xb[pos] = bad
+            assert not bool(R.all_finite(xb.cuda())) and not bool(R.all_finite(xb.cuda()[pos:]))
+    assert bool(R.all_finite(x.cuda()))
+    # overflow of the final rounding is reported as on the CPU
+    y = torch.full((10,), 60000.0 if xdt == torch.float16 else float(torch.finfo(xdt).max) / 2, dtype=xdt)
+    _, flag_c, _, flag_d = both(lambda a, b: R.coupling_inverse_(a, b, 0.25, True), y, torch.zeros_like(y))
+    assert bool(flag_c) == bool(flag_d) == False  # noqa: E712
+
+
+@needs_cuda
+@pytest.mark.parametrize("xdt", FLOATS, ids=DTYPE_IDS)
+@pytest.mark.parametrize("frac_bits", [0, 20, 52])
+def test_cuda_fixed_point_matches_cpu_bit_for_bit(xdt, frac_bits):
+    x = mixed(ODD, xdt, 46)
+    x = torch.where(x.double().abs() * 2.0**frac_bits < 2.0**61, x, torch.zeros_like(x))  # in range
+    q_c, q_d = R.fixed_quantize(x, frac_bits), R.fixed_quantize(x.cuda(), frac_bits)
+    assert q_d.device.type == "cuda" and torch.equal(q_d.cpu(), q_c)
+    assert torch.equal(R.fixed_quantize(x.cuda()[1:], frac_bits).cpu(), q_c[1:])  # scalar path
+    g = torch.Generator().manual_seed(47)
+    q = torch.cat([torch.randint(-(2**62), 2**62, (ODD,), generator=g, dtype=torch.int64),
+                   torch.tensor([0, 1, -1, 2**53 + 1, -(2**53) - 1, 2**63 - 1, -(2**63)], dtype=torch.int64)])
+    for odt in FLOATS:
+        for fb in (frac_bits, 1023):
+            d_c = R.fixed_dequantize(q, fb, odt)
+            d_d = R.fixed_dequantize(q.cuda(), fb, odt)
+            assert torch.equal(bits(d_d.cpu()), bits(d_c))
+    acc0 = torch.randint(-(2**62), 2**62, (ODD,), generator=g, dtype=torch.int64)
+    for sign in (1, -1):
+        a_c, a_d = acc0.clone(), acc0.clone().cuda()
+        R.fixed_update_(a_c, x, frac_bits, sign)
+        R.fixed_update_(a_d, x.cuda(), frac_bits, sign)
+        assert torch.equal(a_d.cpu(), a_c)
+        a_t = torch.empty((ODD, 2), dtype=torch.int64, device="cuda")[:, 0]  # non-contiguous acc
+        a_t.copy_(acc0)
+        R.fixed_update_(a_t, x.cuda(), frac_bits, sign)
+        assert torch.equal(a_t.cpu(), a_c)
+
+
+@needs_cuda
+@pytest.mark.parametrize("xdt", FLOATS, ids=DTYPE_IDS)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_cuda_fixed_point_errors_match_cpu(xdt, contiguous):
+    base = randn((600, 500), xdt, "cpu", 48)
+    x = base if contiguous else base.t()
+    for bads in ([(3, 7)], [(0, 0), (599 if contiguous else 499, 499 if contiguous else 599)], [(10, 3), (2, 100)]):
+        xb = x.clone()
+        for i, j in bads:
+            xb[i, j] = float("nan")
+        xb[5, 5] = 2.0**45  # out of range with frac_bits = 20
+        msg_c = error_text(lambda: R.fixed_quantize(xb, 20))
+        msg_d = error_text(lambda: R.fixed_quantize(xb.cuda(), 20))
+        assert msg_d == msg_c
+        acc0 = torch.arange(xb.numel(), dtype=torch.int64).reshape(xb.shape)
+        acc_c = acc0.clone() if contiguous else acc0.clone().t().contiguous().t()
+        acc_d = acc_c.cuda() if contiguous else acc_c.t().contiguous().cuda().t()
+        msg_c = error_text(lambda: R.fixed_update_(acc_c, xb, 20, 1))
+        msg_d = error_text(lambda: R.fixed_update_(acc_d, xb.cuda(), 20, 1))
+        assert msg_d == msg_c and "(acc was left unchanged)" in msg_d
+        assert torch.equal(acc_d.cpu(), acc0) and torch.equal(acc_c, acc0)
+
+
+@needs_cuda
+def test_cuda_ops_follow_the_current_stream_and_device_checks():
+    x = torch.randn(1000, device="cuda")
+    f = torch.randn(1000, device="cuda")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        y = R.coupling_update(x, f, 0.5)
+        flag = R.coupling_inverse_(y, f, 0.5, True)
+    s.synchronize()
+    torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+    assert bool(flag)
+    with pytest.raises(RuntimeError, match="same device"):
+        R.coupling_update(x, f.cpu(), 0.5)
+    with pytest.raises(RuntimeError, match="same device"):
+        R.fixed_update_(torch.zeros(1000, dtype=torch.int64, device="cuda"), f.cpu(), 8, 1)
+    # empty tensors
+    e = torch.empty(0, device="cuda")
+    assert R.coupling_update(e, e, 0.5).shape == (0,)
+    assert bool(R.coupling_inverse_(e, e, 0.5, True)) and bool(R.all_finite(e))
+    assert R.fixed_quantize(e, 8).shape == (0,)
+
+
+# ------------------------------------------------------------------------------------------
+# The CUDA sources compile (nvcc + the CPU torch's headers), so that CI catches CUDA build
+# breaks without a GPU or a CUDA torch.
+# ------------------------------------------------------------------------------------------
+def _nvcc_available():
+    import shutil
+
+    cuda_home = os.environ.get("CUDA_HOME", "")
+    return bool(shutil.which("nvcc") or (cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")))
+                or os.path.exists("/usr/local/cuda/bin/nvcc"))
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CHECK_SCRIPT = os.path.join(_ROOT, "scripts", "check_cuda_compile.sh")
+needs_nvcc = pytest.mark.skipif(not _nvcc_available(), reason="nvcc not installed")
+needs_script = pytest.mark.skipif(not os.path.exists(_CHECK_SCRIPT), reason="not a source checkout")
+
+
+def _run_check(root, **env):
+    import subprocess
+    import sys
+
+    return subprocess.run(["bash", os.path.join(root, "scripts", "check_cuda_compile.sh")], capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+@pytest.mark.slow  # 15-40 s on a 2-core machine
+@needs_nvcc
+@needs_script
+def test_cuda_sources_compile():
+    proc = _run_check(_ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "check_cuda_compile: OK" in proc.stdout
+    assert "coupling_kernels.cu" in proc.stdout and "ops_cuda.cpp" in proc.stdout
+
+
+@pytest.mark.slow
+@needs_nvcc
+@needs_script
+def test_cuda_compile_check_fails_on_a_compile_error(tmp_path):
+    import shutil
+
+    for d in ("csrc", "scripts"):
+        shutil.copytree(os.path.join(_ROOT, d), tmp_path / d)
+    with open(tmp_path / "csrc" / "cuda" / "coupling_kernels.cu", "a") as fh:
+        fh.write("\nthis is not C++;\n")
+    proc = _run_check(str(tmp_path), REVENGINE_CHECK_GENCODES="-gencode=arch=compute_90,code=sm_90")
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "FAILED nvcc -c csrc/cuda/coupling_kernels.cu" in proc.stdout
+    assert "check_cuda_compile: ok     g++" in proc.stdout  # the glue still compiles
