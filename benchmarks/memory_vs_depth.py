@@ -51,10 +51,15 @@ def make_input(rows: int, width: int, device, seed: int = 1) -> torch.Tensor:
     return torch.randn(rows, 2 * width, generator=g).to(device)
 
 
-def make_step(model, x):
+def clear_grads(model) -> None:
+    for p in model.parameters():
+        p.grad = None  # as optimizer.zero_grad() does: the next step allocates the grads
+
+
+def make_step(model, x, zero_grad: bool = True):
     def step():
-        for p in model.parameters():
-            p.grad = None  # as optimizer.zero_grad() does: the step allocates the grads
+        if zero_grad:
+            clear_grads(model)
         loss = model(x).square().mean()
         loss.backward()
         return loss.item()
@@ -72,16 +77,21 @@ def param_grad_mb(depth: int, width: int) -> float:
 
 
 def measure_config(depth: int, width: int, rows: int, mode: str, device: str = "cpu") -> dict:
-    """Runs in a fresh subprocess: one warm-up step, then the measured step."""
+    """Runs in a fresh subprocess: one warm-up step, grads set to None, then the measured step.
+
+    The grads are cleared before the measured call (not inside it), so the figure holds the grads
+    the step allocates, as in a training step after optimizer.zero_grad()."""
     torch.manual_seed(0)
     model = build(depth, width, mode).to(device)
     x = make_input(rows, width, device)
-    step = make_step(model, x)
-    fig = measure_step(step, warmup=1, device=device)
+    step = make_step(model, x, zero_grad=False)
+    step()  # warm-up: lazy allocations, thread pools
+    clear_grads(model)
+    fig = measure_step(step, device=device)
     return {"depth": depth, "mode": mode, "figure": fig.as_dict(), "loss": fig.result}
 
 
-def time_modes(depth: int, width: int, rows: int, device: str, rounds: int, warmup: int = 2) -> dict:
+def time_modes(depth: int, width: int, rows: int, device: str, rounds: int, warmup: int = 1) -> dict:
     """Median step time per mode, measured in this process, alternating the modes."""
     models = {m: build(depth, width, m).to(device) for m in MODES}
     x = make_input(rows, width, device)
@@ -101,6 +111,13 @@ def time_modes(depth: int, width: int, rows: int, device: str, rounds: int, warm
             times[m].append(time.perf_counter() - t0)
     med = {m: statistics.median(ts) for m, ts in times.items()}
     return {"depth": depth, "rounds": rounds, "times": times, "median_s": med}
+
+
+def _loadavg():
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def allocator_setting() -> str:
@@ -139,7 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int, default=None, help="w: stream width (input is [N, 2w]; default 64)")
     ap.add_argument("--rows", type=int, default=None, help="N: rows of the input (default 16384)")
     ap.add_argument("--time-depth", type=int, default=None, help="depth of the timing run (default 16)")
-    ap.add_argument("--rounds", type=int, default=None, help="timed steps per mode (default 9)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed steps per mode (default 7)")
     ap.add_argument("--jobs", type=int, default=None, help="memory subprocesses run side by side (default 1; --quick: 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads, here and in the subprocesses (default: torch's; --quick: 1)")
     ap.add_argument("--quick", action="store_true", help="a tiny version (seconds)")
@@ -151,7 +168,7 @@ def main(argv=None) -> int:
     if args.quick:
         defaults = dict(depths=[2, 4], width=16, rows=4096, time_depth=4, rounds=3, jobs=3, threads=1)
     else:
-        defaults = dict(depths=[4, 8, 16, 32], width=64, rows=16384, time_depth=16, rounds=9, jobs=1, threads=None)
+        defaults = dict(depths=[4, 8, 16, 32], width=64, rows=16384, time_depth=16, rounds=7, jobs=1, threads=None)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -226,10 +243,22 @@ def main(argv=None) -> int:
         f"step time at depth {args.time_depth}, one process, modes alternating, median of {args.rounds} steps "
         f"after warm-up; allocator: {allocator_setting()}, torch threads {torch.get_num_threads()}"
     )
+    load_before = _loadavg()
     timing = time_modes(args.time_depth, args.width, args.rows, args.device, args.rounds)
+    load_after = _loadavg()
     med = timing["median_s"]
     for m in MODES:
-        print(f"  {m:<10} {med[m] * 1e3:9.1f} ms   (x{med[m] / med['plain']:.3f} vs plain)")
+        lo_t, hi_t = min(timing["times"][m]), max(timing["times"][m])
+        print(
+            f"  {m:<10} median {med[m] * 1e3:9.1f} ms   (x{med[m] / med['plain']:.3f} vs plain)   "
+            f"min {lo_t * 1e3:9.1f} ms, max {hi_t * 1e3:9.1f} ms"
+        )
+    if load_before is not None:
+        cores = os.cpu_count() or 1
+        print(f"  load average (1 min) before/after timing: {load_before:.2f}/{load_after:.2f} on {cores} cores")
+        if max(load_before, load_after) > cores + 0.5:
+            print("  note: other processes competed for the cores; the timing ratios are noisy (DESIGN.md §5)")
+    timing["loadavg"] = [load_before, load_after]
     r_ck = med["reversible"] / med["checkpoint"]
     r_pl = med["reversible"] / med["plain"]
     ok_ck, ok_pl = r_ck <= 1.05, r_pl <= 1.40

@@ -81,8 +81,9 @@ class AdditiveCoupling(Coupling):
         return f"lam={self.lam}, beta={self.beta}"
 
     def forward(self, x1, x2, **ctx):
-        y1 = self.lam * x1 + self.f(x2, **ctx)
-        y2 = self.beta * x2 + self.g(y1, **ctx)
+        # Unit scales skip the multiply: the plain/checkpoint baselines do no extra work.
+        y1 = (x1 if self.lam == 1.0 else self.lam * x1) + self.f(x2, **ctx)
+        y2 = (x2 if self.beta == 1.0 else self.beta * x2) + self.g(y1, **ctx)
         return y1, y2
 
     def forward_exact(self, x1, x2, bits, **ctx):

@@ -229,9 +229,7 @@ def _default(o):
         return o.as_dict()
     if dataclasses.is_dataclass(o):
         return dataclasses.asdict(o)
-    if hasattr(o, "item") and getattr(o, "numel", lambda: 1)() == 1:
-        return o.item()
-    if hasattr(o, "tolist"):
+    if hasattr(o, "tolist"):  # tensors, numpy arrays and scalars
         return o.tolist()
     return str(o)
 sys.stdout.flush()
