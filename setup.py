@@ -6,7 +6,7 @@ With a CUDA torch and the CUDA toolkit (CUDA_HOME), the CUDA kernels in csrc/cud
 too (architectures from TORCH_CUDA_ARCH_LIST); otherwise the extension is CPU-only.
 """
 import glob
-import hashlib
+import importlib.util
 import os
 
 from setuptools import setup
@@ -31,17 +31,11 @@ CUDA_HOME_BAD = WITH_CUDA and not os.path.exists(os.path.join(CUDA_HOME, "includ
 
 
 def source_hash() -> str:
-    """Hash of every C++/CUDA source and header: baked into the extension so that a stale build is caught.
-
-    Must stay identical to revengine/_ext.py's _source_hash (csrc/*.* then csrc/cuda/*.*, each
-    named by its path relative to csrc/)."""
-    csrc = os.path.join(HERE, "csrc")
-    h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(csrc, "*.*"))) + sorted(glob.glob(os.path.join(csrc, "cuda", "*.*"))):
-        h.update(os.path.relpath(path, csrc).replace(os.sep, "/").encode())
-        with open(path, "rb") as fh:
-            h.update(fh.read())
-    return "h" + h.hexdigest()[:16]
+    """Hash of every C++/CUDA source and header: baked into the extension so that a stale build is caught."""
+    spec = importlib.util.spec_from_file_location("_revengine_source_hash", os.path.join(HERE, "revengine", "_source_hash.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # by path: revengine itself cannot be imported before it is built
+    return module.source_hash(os.path.join(HERE, "csrc"))
 
 
 def write_build_info(digest: str) -> None:

@@ -142,43 +142,33 @@ BackwardResult AdditiveCoupling::backward(Streams& s, const at::Tensor& dya, con
   Ctx lctx = leaf_context(ctx, needs.ctx);
   const size_t nctx = ctx.tensors.size();
 
-  // g half: y2 = beta*x2 + g(y1). Recompute g(y1) with grad; it also gives x2 back.
-  at::Tensor y1 = grad_leaf(s, s.a);
-  at::Tensor gy;
-  {
-    if (s.preserve_rng) restore_rng(rec.rng.at(1));
-    RecomputeGuard rg;
-    gy = g_->call(y1, lctx);
-  }
-  {
-    at::NoGradGuard ng;
-    r.finite &= remove_increment(s, s.b, gy.detach(), beta_);
-  }
-  auto gp = g_->parameters();
-  auto grads = vjp({gy}, {dyb}, concat({{y1}, gp, lctx.tensors}), wanted_for(true, index_.slots[1], needs, 1));
-  gy.reset();
-  at::Tensor dy1 = grads[0].defined() ? dya + grads[0] : dya;
-  scatter_grads(r, grads, 1, index_.slots[1], nctx);
-  y1.reset();
-
-  // f half: y1 = lam*x1 + f(x2).
-  at::Tensor x2 = grad_leaf(s, s.b);
-  at::Tensor fx;
-  {
-    if (s.preserve_rng) restore_rng(rec.rng.at(0));
-    RecomputeGuard rg;
-    fx = f_->call(x2, lctx);
-  }
-  {
-    at::NoGradGuard ng;
-    r.finite &= remove_increment(s, s.a, fx.detach(), lam_);
-  }
-  auto fp = f_->parameters();
-  grads = vjp({fx}, {dy1}, concat({{x2}, fp, lctx.tensors}), wanted_for(true, index_.slots[0], needs, 1));
-  scatter_grads(r, grads, 1, index_.slots[0], nctx);
+  // One half step: upd = scale*x + fn(src). Recomputes fn(src) with grad, which also gives x
+  // back (in place in upd), then returns the vjp of fn's output wrt src (params and ctx go into r).
+  auto half = [&](at::Tensor& upd, const at::Tensor& src_buf, Fn& fn, size_t k, double scale,
+                  const at::Tensor& dy) {
+    at::Tensor src = grad_leaf(s, src_buf);
+    at::Tensor inc;
+    {
+      if (s.preserve_rng) restore_rng(rec.rng.at(k));
+      RecomputeGuard rg;
+      inc = fn.call(src, lctx);
+    }
+    {
+      at::NoGradGuard ng;
+      r.finite &= remove_increment(s, upd, inc.detach(), scale);
+    }
+    auto grads = vjp({inc}, {dy}, concat({{src}, fn.parameters(), lctx.tensors}),
+                     wanted_for(true, index_.slots[k], needs, 1));
+    scatter_grads(r, grads, 1, index_.slots[k], nctx);
+    return grads[0];
+  };
+  // g half first (y2 = beta*x2 + g(y1)), then f half (y1 = lam*x1 + f(x2)).
+  at::Tensor dsrc_g = half(s.b, s.a, *g_, 1, beta_, dyb);
+  at::Tensor dy1 = dsrc_g.defined() ? dya + dsrc_g : dya;
+  at::Tensor dsrc_f = half(s.a, s.b, *f_, 0, lam_, dy1);
   r.da = lam_ == 1.0 ? dy1 : dy1 * lam_;
   at::Tensor db = beta_ == 1.0 ? dyb : dyb * beta_;
-  r.db = grads[0].defined() ? db + grads[0] : db;
+  r.db = dsrc_f.defined() ? db + dsrc_f : db;
   return r;
 }
 

@@ -1,9 +1,9 @@
 """Loads the C++ extension, failing loudly when it is missing or stale (never a Python fallback)."""
-import glob
-import hashlib
 import os
 
 import torch
+
+from ._source_hash import source_hash
 
 _REBUILD = (
     "Rebuild it from the source tree: `pip install torch==2.13.0 && "
@@ -21,16 +21,6 @@ except ImportError as exc:
     raise ImportError(f"revengine/_build_info.py is missing: the package was not built by setup.py. {_REBUILD}") from exc
 
 
-def _source_hash(csrc: str) -> str:
-    """Same as setup.py's source_hash: csrc/*.* then csrc/cuda/*.*, each named relative to csrc/."""
-    h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(csrc, "*.*"))) + sorted(glob.glob(os.path.join(csrc, "cuda", "*.*"))):
-        h.update(os.path.relpath(path, csrc).replace(os.sep, "/").encode())
-        with open(path, "rb") as fh:
-            h.update(fh.read())
-    return "h" + h.hexdigest()[:16]
-
-
 def _check() -> None:
     if _C.SOURCE_HASH != _build_info.SOURCE_HASH:
         raise ImportError(
@@ -46,7 +36,7 @@ def _check() -> None:
     # In a source checkout, csrc/ sits beside the package: catch edits that were not rebuilt.
     csrc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
     if os.path.isdir(csrc) and os.path.exists(os.path.join(os.path.dirname(csrc), "setup.py")):
-        current = _source_hash(csrc)
+        current = source_hash(csrc)
         if current != _C.SOURCE_HASH:
             raise ImportError(
                 f"revengine's C++ extension is stale: csrc/ changed since it was built "
