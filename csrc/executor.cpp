@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <sstream>
+#include <unordered_map>
 
 #include "ops.h"
 
@@ -26,6 +27,73 @@ thread_local int recompute_depth = 0;
 bool is_recomputing() { return recompute_depth > 0; }
 RecomputeGuard::RecomputeGuard() { ++recompute_depth; }
 RecomputeGuard::~RecomputeGuard() { --recompute_depth; }
+
+// ---------------------------------------------------------------------------------------------
+// Side channel (records to replay, side outputs)
+
+namespace {
+thread_local LayerRecord* side_rec = nullptr;
+thread_local SideMode side_mode_ = SideMode::kNone;
+thread_local std::string side_label;
+thread_local std::unordered_map<std::string, int> side_counts;
+}  // namespace
+
+SideMode side_mode() { return side_rec ? side_mode_ : SideMode::kNone; }
+
+std::string side_tag(const std::string& base) {
+  int n = side_counts[base]++;
+  return side_label + ":" + base + "#" + std::to_string(n);
+}
+
+void side_begin_call(const std::string& fn_label) {
+  side_label = fn_label;
+  side_counts.clear();
+}
+
+void side_save(const std::string& tag, const at::Tensor& t) {
+  if (side_mode() != SideMode::kRecord) return;
+  for (const auto& existing : side_rec->saved_tags)
+    TORCH_CHECK(existing != tag, "revengine: record '", tag, "' saved twice in one layer call");
+  side_rec->saved_tags.push_back(tag);
+  side_rec->saved.push_back(t.detach());
+}
+
+at::Tensor side_load(const std::string& tag) {
+  if (side_mode() != SideMode::kReplay) return at::Tensor();
+  for (size_t i = 0; i < side_rec->saved_tags.size(); ++i)
+    if (side_rec->saved_tags[i] == tag) return side_rec->saved[i];
+  return at::Tensor();
+}
+
+void side_emit(const std::string& tag, const at::Tensor& value) {
+  if (side_mode() != SideMode::kRecord) return;
+  for (const auto& existing : side_rec->side_tags)
+    TORCH_CHECK(existing != tag, "revengine: side output '", tag, "' emitted twice in one layer call");
+  side_rec->side_tags.push_back(tag);
+  side_rec->side_values.push_back(value.detach());
+}
+
+at::Tensor side_grad(const std::string& tag) {
+  if (side_mode() != SideMode::kReplay) return at::Tensor();
+  for (size_t i = 0; i < side_rec->side_tags.size() && i < side_rec->side_grads.size(); ++i)
+    if (side_rec->side_tags[i] == tag) return side_rec->side_grads[i];
+  return at::Tensor();
+}
+
+SideScope::SideScope(LayerRecord* rec, SideMode mode)
+    : prev_rec(side_rec), prev_mode(side_mode_), prev_label(side_label) {
+  side_rec = rec;
+  side_mode_ = mode;
+  side_label.clear();
+  side_counts.clear();
+}
+
+SideScope::~SideScope() {
+  side_rec = prev_rec;
+  side_mode_ = prev_mode;
+  side_label = prev_label;
+  side_counts.clear();
+}
 
 RngSnapshot capture_rng(c10::Device device) {
   RngSnapshot s;
@@ -241,13 +309,20 @@ variable_list RevNode::apply(variable_list&& grads) {
   for (size_t j = 0; j < np; ++j) needs.params[j] = should_compute_output(2 + j);
   for (size_t k = 0; k < nc; ++k) needs.ctx[k] = should_compute_output(2 + np + k);
 
+  LayerRecord& rec_mut = st.records[index_];
+  rec_mut.side_grads.assign(rec_mut.side_tags.size(), at::Tensor());
+  for (size_t k = 0; k < rec_mut.side_tags.size() && 2 + k < grads.size(); ++k)
+    rec_mut.side_grads[k] = grads[2 + k];
+
   BackwardResult r;
   {
     RngRestore rng_guard(st.opts.preserve_rng, st.device);
     AutocastReplay autocast_guard(st.autocast);
     at::AutoGradMode grad_on(true);
-    r = layers[index_]->backward(s, dya, dyb, st.ctx, st.records[index_], needs);
+    SideScope side(&rec_mut, SideMode::kReplay);
+    r = layers[index_]->backward(s, dya, dyb, st.ctx, rec_mut, needs);
   }
+  rec_mut.side_grads.clear();
   TORCH_CHECK(r.finite, "revengine: non-finite value (NaN or Inf) in the input of ", label,
               " reconstructed during backward. The forward may have overflowed, or the layer's "
               "inverse amplifies error (e.g. a small lam/beta). Sequential(..., debug=True) compares "
@@ -379,15 +454,23 @@ ForwardResult reversible_forward(const std::vector<LayerPtr>& layers, const at::
     }
     {
       at::NoGradGuard ng;
+      SideScope side(&rec, SideMode::kRecord);
       layers[i]->forward(s, ctx, rec);
     }
+    std::vector<at::Tensor> side_values = std::move(rec.side_values);
+    rec.side_values.clear();
+    result.side_tags.insert(result.side_tags.end(), rec.side_tags.begin(), rec.side_tags.end());
     const auto want = opts.exact ? at::kLong : s.dtype;
     TORCH_CHECK(s.a.defined() && s.b.defined() && s.a.sizes() == at::IntArrayRef(shape) &&
                     s.b.sizes() == at::IntArrayRef(shape) && s.a.scalar_type() == want &&
                     s.b.scalar_type() == want && s.a.device() == xa.device() && s.b.device() == xa.device(),
                 "revengine: ", layer_label(layers, i), " changed its streams: expected ", describe(xa),
                 " for both, got ", describe(s.a), " and ", describe(s.b));
-    if (!record) continue;
+    if (!record) {
+      rec.saved.clear();
+      result.side.insert(result.side.end(), side_values.begin(), side_values.end());
+      continue;
+    }
 
     c10::intrusive_ptr<Node> node = c10::make_intrusive<RevNode>(st, i);
     variable_list inputs{prev_a, prev_b};
@@ -415,6 +498,12 @@ ForwardResult reversible_forward(const std::vector<LayerPtr>& layers, const at::
     }
     torch::autograd::set_history(out_a, node);
     torch::autograd::set_history(out_b, node);
+    for (auto& v : side_values) {
+      // Side outputs are fresh tensors (the node's outputs 2, 3, ...), not views of anything.
+      at::Tensor out = v.clone();
+      torch::autograd::set_history(out, node);
+      result.side.push_back(out);
+    }
     if (i + 1 == L && !opts.exact) {
       // Detached aliases share storage and version counter (no reference cycle to the node).
       st->final_a = out_a.detach();

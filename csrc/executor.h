@@ -48,8 +48,36 @@ void restore_rng(const RngSnapshot& s);
 // What a layer's forward recorded for its recompute.
 struct LayerRecord {
   std::vector<RngSnapshot> rng;    // one per stream-function call, in forward order
-  std::vector<at::Tensor> saved;   // layer-specific small records (e.g. routing indices)
-  at::Tensor debug_a, debug_b;     // true inputs, kept only in debug mode
+  // Small records the layer's functions asked to replay (e.g. MoE top-k indices), by tag.
+  std::vector<std::string> saved_tags;
+  std::vector<at::Tensor> saved;
+  // Side outputs (e.g. MoE aux losses): scalars the layer's functions emitted in forward. They
+  // become extra outputs of the layer's autograd node; backward hands their grads back by tag.
+  std::vector<std::string> side_tags;
+  std::vector<at::Tensor> side_values;  // forward only (moved into the node's outputs)
+  std::vector<at::Tensor> side_grads;   // backward only (aligned with side_tags)
+  at::Tensor debug_a, debug_b;          // true inputs, kept only in debug mode
+};
+
+// The side channel between the executor and the stream functions it runs. While a layer runs
+// (forward or backward), its record is current; functions save/replay records and emit side
+// outputs through it, keyed by tags that repeat identically in the recompute.
+enum class SideMode { kNone = 0, kRecord = 1, kReplay = 2 };
+SideMode side_mode();
+// Makes a tag unique within the current stream-function call: base#n for the n-th use of base.
+std::string side_tag(const std::string& base);
+// Called at the start of every stream-function call (resets the per-call tag counters).
+void side_begin_call(const std::string& fn_label);
+void side_save(const std::string& tag, const at::Tensor& t);   // kRecord
+at::Tensor side_load(const std::string& tag);                  // kReplay (undefined if absent)
+void side_emit(const std::string& tag, const at::Tensor& value);  // kRecord
+at::Tensor side_grad(const std::string& tag);                  // kReplay (undefined: no grad)
+struct SideScope {  // makes rec current for the scope
+  SideScope(LayerRecord* rec, SideMode mode);
+  ~SideScope();
+  LayerRecord* prev_rec;
+  SideMode prev_mode;
+  std::string prev_label;
 };
 
 // The two stream buffers and how they are stored (float, or fixed point when exact).
@@ -112,6 +140,8 @@ struct StackReport {
 
 struct ForwardResult {
   at::Tensor a, b;
+  std::vector<std::string> side_tags;  // side outputs of every layer, in layer order
+  std::vector<at::Tensor> side;        // (outputs of the layers' autograd nodes when recording)
   std::shared_ptr<StackReport> report;
 };
 

@@ -262,4 +262,103 @@ bool AffineCoupling::inverse(Streams& s, const Ctx& ctx) {
   return finite;
 }
 
+// ---------------------------------------------------------------------------------------------
+
+LinearMultistep::LinearMultistep(FnPtr f, double c_prev, double c_cur, double c_f, bool swap, std::string name)
+    : f_(std::move(f)), c_prev_(c_prev), c_cur_(c_cur), c_f_(c_f), swap_(swap), name_(std::move(name)) {
+  TORCH_CHECK(f_, "revengine: ", name_, " needs a stream function f");
+  TORCH_CHECK(c_prev_ != 0.0 && std::isfinite(c_prev_) && std::isfinite(c_cur_) && std::isfinite(c_f_),
+              "revengine: ", name_, ": coefficients must be finite and the one of the previous state "
+              "non-zero (the inverse divides by it), got c_prev=", c_prev_, ", c_cur=", c_cur_, ", c_f=", c_f_);
+}
+
+bool LinearMultistep::supports_exact() const {
+  return (c_prev_ == 1.0 || c_prev_ == -1.0) && c_cur_ == std::round(c_cur_) && std::abs(c_cur_) < 1e6;
+}
+
+// u <- c_prev*u + c_cur*src + c_f*inc. Exact: integer arithmetic on the fixed-point buffers plus
+// the rounded increment, so the inverse below undoes it bit for bit.
+void LinearMultistep::step(Streams& s, at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, int) {
+  at::NoGradGuard ng;
+  if (s.exact) {
+    if (c_prev_ == -1.0) u.neg_();
+    if (c_cur_ != 0.0) u.add_(src, static_cast<int64_t>(c_cur_));
+    ops::fixed_update_(u, c_f_ == 1.0 ? inc : inc * c_f_, s.frac_bits, +1);
+    return;
+  }
+  if (c_prev_ != 1.0) u.mul_(c_prev_);
+  if (c_cur_ != 0.0) u.add_(src, c_cur_);
+  u.add_(inc.to(u.scalar_type()), c_f_);
+}
+
+// u <- (u - c_cur*src - c_f*inc)/c_prev. Returns the finite flag.
+bool LinearMultistep::solve(Streams& s, at::Tensor& u, const at::Tensor& src, const at::Tensor& inc) {
+  at::NoGradGuard ng;
+  if (s.exact) {
+    ops::fixed_update_(u, c_f_ == 1.0 ? inc : inc * c_f_, s.frac_bits, -1);
+    if (c_cur_ != 0.0) u.sub_(src, static_cast<int64_t>(c_cur_));
+    if (c_prev_ == -1.0) u.neg_();
+    return true;
+  }
+  u.sub_(inc.to(u.scalar_type()), c_f_);
+  if (c_cur_ != 0.0) u.sub_(src, c_cur_);
+  if (c_prev_ != 1.0) u.div_(c_prev_);
+  return !s.check_finite || ops::all_finite(u).item<bool>();
+}
+
+void LinearMultistep::forward(Streams& s, const Ctx& ctx, LayerRecord& rec) {
+  if (s.preserve_rng) rec.rng.push_back(capture_rng(s.a.device()));
+  at::Tensor& u = swap_ ? s.a : s.b;
+  const at::Tensor& src = swap_ ? s.b : s.a;
+  at::Tensor inc = f_->call(s.value(src), ctx);
+  check_increment(inc, src, "f", name());
+  step(s, u, src, inc, +1);
+  if (swap_) std::swap(s.a, s.b);
+}
+
+BackwardResult LinearMultistep::backward(Streams& s, const at::Tensor& dya, const at::Tensor& dyb,
+                                         const Ctx& ctx, const LayerRecord& rec, const Needs& needs) {
+  if (swap_) std::swap(s.a, s.b);  // back to the input layout: (a, b) = (U', S)
+  at::Tensor& u = swap_ ? s.a : s.b;
+  const at::Tensor& src_buf = swap_ ? s.b : s.a;
+  // Either way the outputs are (a', b') = (S, U').
+  const at::Tensor& dy_src = dya;
+  const at::Tensor& dy_u = dyb;
+  BackwardResult r;
+  Ctx lctx = leaf_context(ctx, needs.ctx);
+  at::Tensor src = grad_leaf(s, src_buf);
+  at::Tensor inc;
+  {
+    if (s.preserve_rng) restore_rng(rec.rng.at(0));
+    RecomputeGuard rg;
+    inc = f_->call(src, lctx);
+  }
+  r.finite = solve(s, u, s.exact ? src_buf : src.detach(), inc.detach());
+  auto params = f_->parameters();
+  std::vector<at::Tensor> inputs{src};
+  inputs.insert(inputs.end(), params.begin(), params.end());
+  inputs.insert(inputs.end(), lctx.tensors.begin(), lctx.tensors.end());
+  std::vector<bool> wanted{true};
+  wanted.insert(wanted.end(), needs.params.begin(), needs.params.end());
+  wanted.insert(wanted.end(), needs.ctx.begin(), needs.ctx.end());
+  auto grads = vjp({inc}, {c_f_ == 1.0 ? dy_u : dy_u * c_f_}, inputs, wanted);
+  at::Tensor dsrc = dy_src;
+  if (c_cur_ != 0.0) dsrc = dsrc + dy_u * c_cur_;
+  if (grads[0].defined()) dsrc = dsrc + grads[0];
+  at::Tensor du = c_prev_ == 1.0 ? dy_u : dy_u * c_prev_;
+  r.dparams.assign(grads.begin() + 1, grads.begin() + 1 + params.size());
+  r.dctx.assign(grads.begin() + 1 + params.size(), grads.end());
+  // Input streams: with swap (a, b) = (U, S), without swap (a, b) = (S, U).
+  r.da = swap_ ? du : dsrc;
+  r.db = swap_ ? dsrc : du;
+  return r;
+}
+
+bool LinearMultistep::inverse(Streams& s, const Ctx& ctx) {
+  if (swap_) std::swap(s.a, s.b);
+  at::Tensor& u = swap_ ? s.a : s.b;
+  const at::Tensor& src = swap_ ? s.b : s.a;
+  return solve(s, u, src, f_->call(s.value(src), ctx));
+}
+
 }  // namespace revengine

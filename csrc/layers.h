@@ -50,6 +50,32 @@ class AffineCoupling : public Layer {
   ParamIndex index_;
 };
 
+// Two-step integrators (Gal et al.) as one layer family. The layer updates buffer U from source S:
+//   U' = c_prev*U + c_cur*S + c_f*f(S)
+// With swap (midpoint, leapfrog, stochastic midpoint) the streams (p_prev, p) become (p, p_next):
+// U = a, S = b, then the buffers swap. Without swap (the Euler start) U = b, S = a: (p0, p0) ->
+// (p0, p0 + h f(p0)). The inverse solves for U, so c_prev must be non-zero; it is bit-exact in
+// fixed point when c_prev = +-1 and c_cur is an integer (midpoint, leapfrog, Euler).
+class LinearMultistep : public Layer {
+ public:
+  LinearMultistep(FnPtr f, double c_prev, double c_cur, double c_f, bool swap, std::string name);
+  std::string name() const override { return name_; }
+  std::vector<at::Tensor> parameters() override { return f_->parameters(); }
+  bool supports_exact() const override;
+  void forward(Streams& s, const Ctx& ctx, LayerRecord& rec) override;
+  BackwardResult backward(Streams& s, const at::Tensor& dya, const at::Tensor& dyb, const Ctx& ctx,
+                          const LayerRecord& rec, const Needs& needs) override;
+  bool inverse(Streams& s, const Ctx& ctx) override;
+
+ private:
+  void step(Streams& s, at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, int dir);
+  bool solve(Streams& s, at::Tensor& u, const at::Tensor& src, const at::Tensor& inc);
+  FnPtr f_;
+  double c_prev_, c_cur_, c_f_;
+  bool swap_;
+  std::string name_;
+};
+
 // Helpers shared by layers (and by Python-defined layers in python.cpp).
 at::Tensor grad_leaf(const Streams& s, const at::Tensor& buf);
 // Leaves standing in for the context tensors during a recompute (grad wanted where needs say so).

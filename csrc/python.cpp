@@ -84,6 +84,7 @@ class PyFn : public Fn {
   PyFn(py::object fn, std::string label) : fn_(std::move(fn)), label_(std::move(label)) {}
   at::Tensor call(const at::Tensor& x, const Ctx& ctx) override {
     py::gil_scoped_acquire gil;
+    side_begin_call(label_);
     return guarded([&] {
       py::dict kw = build_kwargs(ctx);
       py::object out;
@@ -177,6 +178,7 @@ class PyCoupling : public Layer {
   std::pair<at::Tensor, at::Tensor> call2(const at::Tensor& a, const at::Tensor& b, const Ctx& ctx,
                                           const char* what) {
     py::gil_scoped_acquire gil;
+    side_begin_call(label_);
     return guarded([&] {
       py::object fn = std::string(what) == "inverse" ? mod_.obj.attr("inverse") : mod_.obj;
       py::dict kw = build_kwargs(ctx);
@@ -246,6 +248,11 @@ PYBIND11_MODULE(_C, m) {
              return std::make_shared<PyCoupling>(std::move(module), std::move(label));
            }),
            py::arg("module"), py::arg("name"));
+  py::class_<LinearMultistep, Layer, std::shared_ptr<LinearMultistep>>(m, "LinearMultistep")
+      .def(py::init([](py::object f, double c_prev, double c_cur, double c_f, bool swap, std::string name) {
+             return std::make_shared<LinearMultistep>(make_fn(f, "f"), c_prev, c_cur, c_f, swap, name);
+           }),
+           py::arg("f"), py::arg("c_prev"), py::arg("c_cur"), py::arg("c_f"), py::arg("swap"), py::arg("name"));
   py::class_<StackReport, std::shared_ptr<StackReport>>(m, "StackReport")
       .def_readonly("reconstruction_errors", &StackReport::reconstruction_errors);
 
@@ -256,7 +263,7 @@ PYBIND11_MODULE(_C, m) {
          bool check_finite, bool preserve_rng, bool debug, double debug_tol) {
         auto res = reversible_forward(layers, xa, xb, make_ctx(std::move(ctx_tensors), std::move(ctx_builder)),
                                       make_options(exact, frac_bits, check_finite, preserve_rng, debug, debug_tol));
-        return py::make_tuple(res.a, res.b, res.report);
+        return py::make_tuple(res.a, res.b, res.report, res.side_tags, res.side);
       },
       py::arg("layers"), py::arg("xa"), py::arg("xb"), py::arg("ctx_tensors"), py::arg("ctx_builder"),
       py::arg("exact") = false, py::arg("frac_bits") = 16, py::arg("check_finite") = true,
@@ -272,5 +279,18 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("layers"), py::arg("ya"), py::arg("yb"), py::arg("ctx_tensors"), py::arg("ctx_builder"),
       py::arg("exact") = false, py::arg("frac_bits") = 16, py::arg("check_finite") = true);
+  m.def("side_mode", [] { return static_cast<int>(side_mode()); },
+        "0: no layer running, 1: a layer's forward (recording), 2: its backward (replaying)");
+  m.def("side_tag", &side_tag, py::arg("base"));
+  m.def("side_save", &side_save, py::arg("tag"), py::arg("tensor"));
+  m.def("side_load", [](const std::string& tag) -> py::object {
+    at::Tensor t = side_load(tag);
+    return t.defined() ? py::cast(t) : py::none();
+  }, py::arg("tag"));
+  m.def("side_emit", &side_emit, py::arg("tag"), py::arg("value"));
+  m.def("side_grad", [](const std::string& tag) -> py::object {
+    at::Tensor t = side_grad(tag);
+    return t.defined() ? py::cast(t) : py::none();
+  }, py::arg("tag"));
   m.def("is_recomputing", &is_recomputing, "True while revengine re-runs a layer during backward");
 }

@@ -8,9 +8,10 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _ext  # noqa: F401  (loads and checks the C++ extension)
 from .couplings import AdditiveCoupling, AffineCoupling, Coupling
+from .integrators import EulerStart, Hamiltonian, Leapfrog, Midpoint, StochasticMidpoint
 from .recompute import is_recomputing
 from .sequential import Sequential
-from . import memory, testing  # noqa: E402
+from . import memory, side, testing  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -18,8 +19,14 @@ __all__ = [
     "AdditiveCoupling",
     "AffineCoupling",
     "Coupling",
+    "EulerStart",
+    "Hamiltonian",
+    "Leapfrog",
+    "Midpoint",
+    "StochasticMidpoint",
     "Sequential",
     "is_recomputing",
     "memory",
+    "side",
     "testing",
 ]

@@ -9,6 +9,7 @@ from . import _ext
 from ._runtime import flatten_context, recompute_call
 from .couplings import Coupling
 from .recompute import recomputing
+from .side import _collect
 
 Tensor = torch.Tensor
 
@@ -142,13 +143,14 @@ class Sequential(nn.Module):
     def _forward_reversible(self, x1, x2, ctx):
         tensors, builder = flatten_context(ctx)
         layers = [layer._executor_layer() for layer in self.layers]
-        y1, y2, report = _ext._C.reversible_forward(
+        y1, y2, report, _tags, side = _ext._C.reversible_forward(
             layers, x1, x2, tensors, builder,
             exact=self.exact, frac_bits=self.exact_bits, check_finite=self.check_finite,
             preserve_rng=self.preserve_rng_state, debug=self.debug,
             debug_tol=-1.0 if self.debug_tol is None else float(self.debug_tol),
         )
         self.last_report = report if self.debug else None
+        _collect(side)
         return y1, y2
 
     def _forward_stored(self, x1, x2, ctx):
