@@ -1,0 +1,143 @@
+"""RevMoEConfig: the configuration of a reversible MoE causal language model.
+
+Field names follow Hugging Face's (Qwen2-MoE / Mixtral / OLMoE) so that converted checkpoints
+keep their numbers; the reversible fields (block_type, reversible_mode, exact, ...) are ours.
+"""
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+BLOCK_TYPES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian")
+REVERSIBLE_MODES = ("reversible", "checkpoint", "plain")
+EXACT_BLOCK_TYPES = ("additive", "midpoint", "leapfrog", "hamiltonian")
+
+
+@dataclass
+class RevMoEConfig:
+    vocab_size: int = 16384
+    hidden_size: int = 256
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    num_experts: int = 16
+    num_experts_per_tok: int = 4
+    moe_intermediate_size: int = 176
+    shared_expert_intermediate_size: int = 704  # 0 = no shared expert
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    attention_bias: bool = False
+    qk_norm: bool = False  # Qwen3-MoE style RMSNorm on queries and keys
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    # -- reversible architecture ------------------------------------------------------------
+    block_type: str = "revffn"
+    reversible_mode: str = "reversible"
+    exact: bool = False
+    exact_bits: int = 16
+    step_size: Optional[float] = None  # integrators' h; None: 0.5 for midpoint, 1.0 otherwise
+    boundary: str = "duplicate"  # integrators' p_-1: "duplicate" (= p_0) or "euler" (bootstrap)
+    stochastic_gamma: Optional[float] = None  # midpoint only: < 1 makes it the stochastic midpoint
+    fixed_point_iters: int = 30  # revffn: iterations of the attention branch's inverse
+    fixed_point_tol: Optional[float] = None  # revffn: relative residual that counts as converged
+    # (None: by the stream dtype, 1e-13 for float64, 1e-6 for float32, 1e-3 below)
+    fixed_point_fallback: str = "error"  # revffn: "error" or "warn" when it does not converge
+    replay_routing: bool = True
+    loss_chunk_size: int = 1024  # tokens per chunk of the LM-head cross-entropy
+    pad_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    model_type: str = field(default="revmoe", init=False)
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def h(self) -> float:
+        if self.step_size is not None:
+            return float(self.step_size)
+        return 0.5 if self.block_type == "midpoint" else 1.0
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ValueError(f"RevMoEConfig: {msg}")
+
+        need(self.block_type in BLOCK_TYPES, f"block_type must be one of {BLOCK_TYPES}, got {self.block_type!r}")
+        need(self.reversible_mode in REVERSIBLE_MODES,
+             f"reversible_mode must be one of {REVERSIBLE_MODES}, got {self.reversible_mode!r}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            need(int(getattr(self, name)) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.num_experts_per_tok <= self.num_experts,
+             f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts ({self.num_experts})")
+        need(self.num_attention_heads % self.num_key_value_heads == 0,
+             f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+             f"({self.num_key_value_heads})")
+        need(self.head_dim is not None or self.hidden_size % self.num_attention_heads == 0,
+             f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads}) "
+             "or head_dim given")
+        need(self.head_size % 2 == 0, f"the head dimension must be even for RoPE, got {self.head_size}")
+        if self.block_type == "revffn":
+            need(self.hidden_size % 2 == 0, f"block_type='revffn' splits the hidden state in halves: hidden_size must be "
+                 f"even, got {self.hidden_size}")
+        need(self.boundary in ("duplicate", "euler"), f"boundary must be 'duplicate' or 'euler', got {self.boundary!r}")
+        need(self.fixed_point_fallback in ("error", "warn"),
+             f"fixed_point_fallback must be 'error' or 'warn', got {self.fixed_point_fallback!r}")
+        need(self.fixed_point_iters >= 1, "fixed_point_iters must be >= 1")
+        if self.exact:
+            need(self.block_type in EXACT_BLOCK_TYPES and self.stochastic_gamma in (None, 1.0),
+                 f"exact=True needs a block type that only adds and subtracts increments {EXACT_BLOCK_TYPES}; "
+                 f"{self.block_type!r} does not")
+        if self.stochastic_gamma is not None:
+            need(self.block_type == "midpoint", "stochastic_gamma applies to block_type='midpoint' only")
+            need(self.stochastic_gamma != 0.0, "stochastic_gamma = 0 is forward Euler, which is not invertible")
+        need(self.loss_chunk_size > 0, "loss_chunk_size must be positive")
+
+    # -- serialisation ------------------------------------------------------------------------
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], **overrides) -> "RevMoEConfig":
+        d = {**d, **overrides}
+        if d.get("model_type", "revmoe") != "revmoe":
+            raise ValueError(f"RevMoEConfig: not a revmoe config (model_type={d.get('model_type')!r})")
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(d) - names - {"model_type"})
+        if unknown:
+            raise ValueError(f"RevMoEConfig: unknown fields {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save(self, directory: str) -> None:
+        with open(os.path.join(directory, "config.json"), "w") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, directory: str, **overrides) -> "RevMoEConfig":
+        path = os.path.join(directory, "config.json") if os.path.isdir(directory) else directory
+        with open(path) as fh:
+            return cls.from_dict(json.load(fh), **overrides)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "RevMoEConfig":
+        """Named shapes: "qwen-moe-mini" (DESIGN section 5, 76M parameters) and "tiny" (tests)."""
+        presets = {
+            "qwen-moe-mini": dict(),
+            "tiny": dict(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                         shared_expert_intermediate_size=32, max_position_embeddings=256),
+        }
+        if name not in presets:
+            raise ValueError(f"RevMoEConfig.preset: unknown preset {name!r}; known: {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})

@@ -1,0 +1,241 @@
+"""Building blocks of the reversible MoE transformer: RMSNorm, RoPE attention (GQA, causal and
+padding masks, KV cache), SwiGLU experts with a top-k router, a shared expert, and the aux losses.
+
+Every module takes (x, **ctx) where ctx carries `position_embeddings=(cos, sin)`,
+`attention_mask` (boolean [B, 1, S_q, S_k], True = attend), `token_mask` ([B, S] float, 1 for real
+tokens; used by the aux losses) and, during generation, `cache` (a KVCache). The same modules run
+inside revengine.Sequential in every mode.
+"""
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import revengine as rev
+
+from .config import RevMoEConfig
+
+Tensor = torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_tables(config: RevMoEConfig, position_ids: Tensor, dtype=torch.float32) -> Tuple[Tensor, Tensor]:
+    """(cos, sin), each [B, S, head_dim], for integer positions [B, S] (HF's rotate_half layout)."""
+    d = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=position_ids.device) / d))
+    freqs = position_ids.to(torch.float64)[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor]:
+    cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def attention_mask_4d(token_mask: Optional[Tensor], batch: int, q_len: int, past_len: int, device) -> Tensor:
+    """Boolean [B, 1, q_len, past_len + q_len]: causal, padded keys masked. A query always sees
+    itself, so rows of padding never become all -inf (no NaN)."""
+    k_len = past_len + q_len
+    q_pos = torch.arange(past_len, k_len, device=device)[:, None]
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None].expand(batch, 1, q_len, k_len)
+    if token_mask is not None:
+        if token_mask.shape != (batch, k_len):
+            raise ValueError(f"attention_mask must have shape {(batch, k_len)} (batch, past + new tokens), "
+                             f"got {tuple(token_mask.shape)}")
+        mask = mask & token_mask.bool()[:, None, None, :]
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask
+
+
+class KVCache:
+    """Keys and values per layer, appended as generation goes (inference needs no reconstruction)."""
+
+    def __init__(self):
+        self.layers: Dict[int, Tuple[Tensor, Tensor]] = {}
+
+    def length(self) -> int:
+        return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        if layer in self.layers:
+            pk, pv = self.layers[layer]
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+class Attention(nn.Module):
+    """RoPE multi-head attention with GQA. Queries from `x`, keys and values from `kv` (the same
+    tensor except in RevFFN's cross-branch attention)."""
+
+    def __init__(self, config: RevMoEConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_size
+        d, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: Tensor, kv: Optional[Tensor] = None, position_embeddings=None, attention_mask=None,
+                cache: Optional[KVCache] = None, **_) -> Tensor:
+        kv = x if kv is None else kv
+        B, S, _d = x.shape
+        q = self.q_proj(x).view(B, S, self.n_heads, self.hd)
+        k = self.k_proj(kv).view(B, S, self.n_kv, self.hd)
+        v = self.v_proj(kv).view(B, S, self.n_kv, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if attention_mask is None:
+            attention_mask = attention_mask_4d(None, B, S, k.shape[2] - S, x.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask,
+                                             enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, inner, bias=False)
+        self.up_proj = nn.Linear(d, inner, bias=False)
+        self.down_proj = nn.Linear(inner, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts in HF's fused layout: gate_up_proj [E, 2I, d] (gate rows first), down_proj [E, d, I]."""
+
+    def __init__(self, config: RevMoEConfig):
+        super().__init__()
+        E, d, inner = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * inner, d))
+        self.down_proj = nn.Parameter(torch.empty(E, d, inner))
+
+    def forward(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
+        try:
+            from revengine import moe
+        except ImportError:
+            moe = None
+        if moe is not None:
+            return moe.moe_forward(x, topk_ids, topk_weights, self.gate_up_proj, self.down_proj)
+        out = torch.zeros_like(x)
+        inner = self.down_proj.shape[-1]
+        for e in range(self.gate_up_proj.shape[0]):
+            tok, slot = (topk_ids == e).nonzero(as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            gu = x[tok] @ self.gate_up_proj[e].t()
+            h = F.silu(gu[:, :inner]) * gu[:, inner:]
+            out = out.index_add(0, tok, (h @ self.down_proj[e].t()) * topk_weights[tok, slot, None])
+        return out
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed SwiGLU experts (softmax router, optional renormalisation) plus an optional
+    shared expert behind a sigmoid gate. Emits [load-balancing loss, z-loss] as a side output.
+
+    Routing replay: the top-k indices are recorded in forward and replayed when backward re-runs
+    the block from a reconstructed input (config.replay_routing)."""
+
+    def __init__(self, config: RevMoEConfig):
+        super().__init__()
+        self.config = config
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = Experts(config)
+        if config.shared_expert_intermediate_size > 0:
+            self.shared_expert = SwiGLU(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
+
+    def route(self, flat: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Router logits (fp32), top-k ids and top-k weights for flat tokens [T, d]."""
+        cfg = self.config
+        logits = self.gate(flat).float()
+        probs = logits.softmax(-1)
+        pick = lambda: self.choose(probs.detach())  # noqa: E731
+        ids = rev.side.replay(self, pick) if cfg.replay_routing else pick()
+        weights = probs.gather(-1, ids)
+        if cfg.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return logits, ids, weights
+
+    def choose(self, probs: Tensor) -> Tensor:
+        """The discrete routing decision: top-k expert ids per token."""
+        return probs.topk(self.config.num_experts_per_tok, dim=-1).indices
+
+    def aux_losses(self, logits: Tensor, ids: Tensor, token_mask: Optional[Tensor]) -> Tensor:
+        """[load-balancing loss (Switch / HF: E * sum_e f_e P_e), z-loss (mean logsumexp^2)] over real tokens."""
+        E = self.config.num_experts
+        probs = logits.softmax(-1)
+        counts = torch.zeros(ids.shape[0], E, dtype=probs.dtype, device=probs.device)
+        counts.scatter_(1, ids, 1.0)  # tokens routed to each expert (summed over the k slots)
+        z = logits.logsumexp(-1) ** 2
+        if token_mask is None:
+            f, p, zl = counts.mean(0), probs.mean(0), z.mean()
+        else:
+            m = token_mask.reshape(-1, 1).to(probs.dtype)
+            n = m.sum().clamp_min(1.0)
+            f, p, zl = (counts * m).sum(0) / n, (probs * m).sum(0) / n, (z * m[:, 0]).sum() / n
+        return torch.stack([E * (f * p).sum(), zl])
+
+    def forward(self, x: Tensor, token_mask: Optional[Tensor] = None, **_) -> Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        logits, ids, weights = self.route(flat)
+        out = self.experts(flat, ids, weights.to(flat.dtype))
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return rev.side.attach_aux(out.reshape(shape), self.aux_losses(logits, ids, token_mask), self)
+
+
+def init_weights(module: nn.Module, config: RevMoEConfig) -> None:
+    """Normal(0, initializer_range) everywhere; output projections scaled by 1/sqrt(2L) so the
+    residual streams stay O(1) at depth; norms at 1."""
+    std = config.initializer_range
+    out_std = std / math.sqrt(2 * config.num_hidden_layers)
+    for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1] if "." in name else name
+        if p.dim() == 1:
+            if "norm" in name:
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+        elif leaf == "weight" and any(s in name for s in ("o_proj", "down_proj", "down")) or leaf == "down_proj":
+            nn.init.normal_(p, 0.0, out_std)
+        else:
+            nn.init.normal_(p, 0.0, std)

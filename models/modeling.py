@@ -1,0 +1,431 @@
+"""RevMoEForCausalLM: a reversible Mixture-of-Experts causal language model.
+
+    embedding -> revengine.Sequential of reversible decoder layers -> RMSNorm -> LM head
+
+block_type picks the reversible layer (config.py): RevFFN's split-stream cross-branch layer,
+the Reformer/RevViT additive coupling, or Gal et al.'s midpoint / leapfrog / Hamiltonian
+integrators around the unchanged pre-norm block. reversible_mode picks how backward gets the
+activations ("reversible": reconstructed by the C++ executor; "checkpoint"; "plain"). The
+cross-entropy of the LM head runs in chunks, so a whole sequence's logits never exist at once.
+"""
+import math
+import os
+import tempfile
+import warnings
+from collections import OrderedDict
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+import revengine as rev
+
+from .config import RevMoEConfig
+from .layers import (Attention, KVCache, RMSNorm, SparseMoE, attention_mask_4d, init_weights, rope_tables)
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Branches and reversible layers
+
+
+class AttnBranch(nn.Module):
+    """A(x) = attention(RMSNorm(x)): the pre-norm attention increment."""
+
+    def __init__(self, config: RevMoEConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+
+    def forward(self, x: Tensor, **ctx) -> Tensor:
+        return self.self_attn(self.input_layernorm(x), **ctx)
+
+
+class MoEBranch(nn.Module):
+    """M(x) = MoE(RMSNorm(x)): the pre-norm MoE increment."""
+
+    def __init__(self, config: RevMoEConfig):
+        super().__init__()
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SparseMoE(config)
+
+    def forward(self, x: Tensor, **ctx) -> Tensor:
+        return self.mlp(self.post_attention_layernorm(x), **ctx)
+
+
+class BlockIncrement(nn.Module):
+    """f(p) = A(p) + M(p + A(p)): the unchanged pre-norm block, as an increment (Gal et al.)."""
+
+    def __init__(self, config: RevMoEConfig, layer_idx: int):
+        super().__init__()
+        self.attn = AttnBranch(config, layer_idx)
+        self.moe = MoEBranch(config)
+
+    def forward(self, p: Tensor, **ctx) -> Tensor:
+        a = self.attn(p, **ctx)
+        return a + self.moe(p + a, **ctx)
+
+
+class RevFFNLayer(rev.Coupling):
+    """RevFFN's layer on two d/2 streams:
+
+        y1 = x1 + D_a(Attn(norm(U_q x1), kv = norm(U_kv x2)))   queries from x1, keys/values from x2
+        y2 = x2 + D_m(MoE(norm(U_m y1)))
+
+    U_* (d/2 -> d) and D_* (d -> d/2) are the projection adapters that let full-width (pretrained)
+    attention and MoE weights run on half-width streams. The attention branch reads the stream
+    it updates, so its inverse solves x1 = y1 - F(x1, x2) by fixed-point iteration; it converges
+    when F is a contraction in x1 (small adapters). Each inverse records its iteration count and
+    relative residual in `fixed_point_stats`; one that does not reach the tolerance raises (or
+    warns, with fixed_point_fallback="warn").
+    """
+
+    def __init__(self, config: RevMoEConfig, layer_idx: int):
+        super().__init__()
+        d, half = config.hidden_size, config.hidden_size // 2
+        self.layer_idx = layer_idx
+        self.attn = AttnBranch(config, layer_idx)
+        self.moe = MoEBranch(config)
+        self.up_q = nn.Linear(half, d, bias=False)
+        self.up_kv = nn.Linear(half, d, bias=False)
+        self.down_attn = nn.Linear(d, half, bias=False)
+        self.up_moe = nn.Linear(half, d, bias=False)
+        self.down_moe = nn.Linear(d, half, bias=False)
+        self.iters, self.tol, self.fallback = config.fixed_point_iters, config.fixed_point_tol, config.fixed_point_fallback
+        self.fixed_point_stats = {"iterations": 0, "residual": 0.0, "calls": 0}
+
+    def attn_increment(self, x1: Tensor, x2: Tensor, **ctx) -> Tensor:
+        norm = self.attn.input_layernorm
+        return self.down_attn(self.attn.self_attn(norm(self.up_q(x1)), kv=norm(self.up_kv(x2)), **ctx))
+
+    def moe_increment(self, y1: Tensor, **ctx) -> Tensor:
+        return self.down_moe(self.moe(self.up_moe(y1), **ctx))
+
+    def forward(self, x1, x2, **ctx):
+        y1 = x1 + self.attn_increment(x1, x2, **ctx)
+        return y1, x2 + self.moe_increment(y1, **ctx)
+
+    def _tolerance(self, dtype) -> float:
+        if self.tol is not None:
+            return float(self.tol)
+        return {torch.float64: 1e-13, torch.float32: 1e-6}.get(dtype, 1e-3)
+
+    def inverse(self, y1, y2, **ctx):
+        x2 = y2 - self.moe_increment(y1, **ctx)
+        tol = self._tolerance(y1.dtype)
+        scale = y1.abs().max().clamp_min(1.0)
+        x1, residual, n = y1, float("inf"), 0
+        for n in range(1, self.iters + 1):
+            nxt = y1 - self.attn_increment(x1, x2, **ctx)
+            residual = float((nxt - x1).abs().max() / scale)
+            x1 = nxt
+            if residual <= tol or not math.isfinite(residual):
+                break
+        st = self.fixed_point_stats
+        st["iterations"], st["residual"], st["calls"] = n, residual, st["calls"] + 1
+        if not residual <= tol:
+            msg = (f"revengine: RevFFN layer {self.layer_idx}: the fixed-point inverse of the attention branch did not "
+                   f"converge: relative residual {residual:.3g} after {n} iterations (tolerance {tol:.3g}). The "
+                   "branch is not a contraction in the stream it updates: keep the adapters small, raise "
+                   "fixed_point_iters, or use block_type='additive' or reversible_mode='checkpoint'")
+            if self.fallback == "error":
+                raise RuntimeError(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return x1, x2
+
+
+def build_layer(config: RevMoEConfig, i: int) -> rev.Coupling:
+    bt, h = config.block_type, config.h
+    if bt == "revffn":
+        return RevFFNLayer(config, i)
+    if bt == "additive":
+        return rev.AdditiveCoupling(AttnBranch(config, i), MoEBranch(config))
+    if bt == "hamiltonian":
+        return rev.Hamiltonian(AttnBranch(config, i), MoEBranch(config), h=h)
+    f = BlockIncrement(config, i)
+    if i == 0 and config.boundary == "euler":
+        return rev.EulerStart(f, h=h)
+    if bt == "leapfrog":
+        return rev.Leapfrog(f, h=h)
+    if config.stochastic_gamma not in (None, 1.0):
+        return rev.StochasticMidpoint(f, h=h, gamma=config.stochastic_gamma)
+    return rev.Midpoint(f, h=h)
+
+
+STACK_LAYOUT = {  # block_type -> (split, merge)
+    "revffn": ("halves", "cat"),
+    "additive": ("duplicate", "mean"),
+    "midpoint": ("duplicate", "last"),
+    "leapfrog": ("duplicate", "last"),
+    "hamiltonian": ("duplicate", "last"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The LM-head cross-entropy, in chunks
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """mean CE of (h @ w.T) against labels (ignore_index -100), a chunk of rows at a time.
+
+    The grads are computed chunk by chunk in forward (Liger-style), so neither the logits nor
+    their softmax outlive one chunk; backward only scales them by the incoming grad."""
+
+    @staticmethod
+    def forward(ctx, h, w, labels, chunk):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        valid = labels != -100
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        n = valid.sum().clamp_min(1).to(acc)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        gh = torch.empty_like(h) if want_h else None
+        gw = torch.zeros_like(w) if want_w else None
+        for s in range(0, h.shape[0], chunk):
+            hc, lc, vc = h[s:s + chunk], labels[s:s + chunk], valid[s:s + chunk]
+            logits = hc @ w.t()
+            lf = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+            lse = lf.logsumexp(-1)
+            tgt = lf.gather(-1, lc.clamp_min(0)[:, None])[:, 0]
+            total = total + ((lse - tgt) * vc).sum().to(total.dtype)
+            if want_h or want_w:
+                g = (lf - lse[:, None]).exp_()
+                g[torch.arange(g.shape[0], device=g.device), lc.clamp_min(0)] -= 1.0
+                g = (g * (vc[:, None].to(g.dtype) / n.to(g.dtype))).to(hc.dtype)
+                if want_h:
+                    gh[s:s + chunk] = g @ w
+                if want_w:
+                    gw += (g.t() @ hc).to(gw.dtype)
+            del logits, lf
+        ctx.save_for_backward(gh, gw)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        gh, gw = ctx.saved_tensors
+        return (gh * grad.to(gh.dtype) if gh is not None else None,
+                gw * grad.to(gw.dtype) if gw is not None else None, None, None)
+
+
+def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int = 1024) -> Tensor:
+    """Mean token cross-entropy of the logits hidden @ weight.T, never materialising them whole."""
+    return _ChunkedLinearCE.apply(hidden, weight, labels, int(chunk))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class RevMoEOutput(OrderedDict):
+    """HF-style output: attribute or key access; integer indexing skips the None fields."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __getitem__(self, k):
+        if isinstance(k, int):
+            return [v for v in self.values() if v is not None][k]
+        return super().__getitem__(k)
+
+    def to_tuple(self):
+        return tuple(v for v in self.values() if v is not None)
+
+
+class RevMoEModel(nn.Module):
+    def __init__(self, config: RevMoEConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        split, merge = STACK_LAYOUT[config.block_type]
+        self.layers = rev.Sequential(
+            *[build_layer(config, i) for i in range(config.num_hidden_layers)],
+            split=split, merge=merge, mode=config.reversible_mode, exact=config.exact, exact_bits=config.exact_bits,
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def prepare(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, cache: Optional[KVCache] = None):
+        """Checks the inputs; returns the embeddings and the context every layer receives."""
+        cfg = self.config
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {tuple(input_ids.shape)} {input_ids.dtype}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+            raise ValueError(f"input_ids hold ids outside the vocabulary [0, {cfg.vocab_size}): "
+                             f"min {int(input_ids.min())}, max {int(input_ids.max())}")
+        B, S = input_ids.shape
+        past = cache.length() if cache is not None else 0
+        if attention_mask is not None and attention_mask.shape != (B, past + S):
+            raise ValueError(f"attention_mask must have shape {(B, past + S)} (batch, past + new tokens), got "
+                             f"{tuple(attention_mask.shape)}")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -S:]
+            else:
+                position_ids = torch.arange(past, past + S, device=input_ids.device)[None].expand(B, S)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_tables(cfg, position_ids, dtype=x.dtype)
+        ctx = dict(
+            position_embeddings=(cos, sin),
+            attention_mask=attention_mask_4d(attention_mask, B, S, past, x.device),
+            token_mask=None if attention_mask is None else attention_mask[:, -S:].to(x.dtype),
+        )
+        if cache is not None:
+            ctx["cache"] = cache
+        return x, ctx
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                cache: Optional[KVCache] = None):
+        """Final hidden states [B, S, d] and the layers' side outputs [L, 2] (aux loss, z-loss)."""
+        x, ctx = self.prepare(input_ids, attention_mask, position_ids, cache)
+        with rev.side.collect_aux() as aux:
+            h = self.layers(x, **ctx)
+        stats = torch.stack(list(aux)) if len(aux) else x.new_zeros(0, 2)
+        return self.norm(h), stats
+
+
+class RevMoEForCausalLM(nn.Module):
+    """Reversible MoE causal LM with a Hugging Face-like interface.
+
+    forward(input_ids, attention_mask=None, labels=None) -> RevMoEOutput(loss, logits, lm_loss,
+    aux_loss, z_loss, past_key_values). loss = lm_loss + router_aux_loss_coef * aux_loss +
+    router_z_loss_coef * z_loss; the aux terms are side outputs of every layer, so their grads
+    are exact through the reversible backward.
+    """
+
+    def __init__(self, config: RevMoEConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.model = RevMoEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        init_weights(self, config)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, past_key_values: Optional[KVCache] = None,
+                use_cache: bool = False, return_logits: Optional[bool] = None, logits_to_keep: int = 0,
+                **unused) -> RevMoEOutput:
+        cfg = self.config
+        if use_cache and past_key_values is None:
+            past_key_values = KVCache()
+        hidden, stats = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        lm_loss = aux_loss = z_loss = loss = logits = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+            h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+            lm_loss = chunked_cross_entropy(h, self.lm_head.weight, labels[:, 1:].reshape(-1), cfg.loss_chunk_size)
+            aux_loss, z_loss = stats[:, 0].mean(), stats[:, 1].mean()
+            loss = lm_loss + cfg.router_aux_loss_coef * aux_loss.to(lm_loss.dtype) + \
+                cfg.router_z_loss_coef * z_loss.to(lm_loss.dtype)
+        if return_logits or (return_logits is None and labels is None):
+            keep = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+            logits = self.lm_head(keep)
+        return RevMoEOutput(loss=loss, logits=logits, lm_loss=lm_loss, aux_loss=aux_loss, z_loss=z_loss,
+                            past_key_values=past_key_values if use_cache or past_key_values is not None else None)
+
+    # -- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 20, attention_mask: Optional[Tensor] = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
+                 eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None, use_cache: bool = True,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """Greedy or sampled continuation. With use_cache the keys/values of past tokens are kept
+        (inference needs no reconstruction), so each new token costs one position."""
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        pad = (self.config.pad_token_id if pad_token_id is None else pad_token_id)
+        pad = eos if pad is None else pad
+        ids = input_ids
+        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.dtype)
+        cache = KVCache() if use_cache else None
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        step_in = ids
+        for _ in range(max_new_tokens):
+            out = self(step_in, attention_mask=mask, past_key_values=cache, return_logits=True, logits_to_keep=1)
+            logits = out.logits[:, -1].float()
+            if do_sample:
+                logits = logits / max(temperature, 1e-6)
+                if top_k:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+            else:
+                nxt = logits.argmax(-1)
+            if eos is not None:
+                nxt = torch.where(done, torch.full_like(nxt, pad if pad is not None else 0), nxt)
+                done = done | (nxt == eos)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            step_in = nxt[:, None] if use_cache else ids
+            if eos is not None and bool(done.all()):
+                break
+        return ids
+
+    # -- reports ------------------------------------------------------------------------------
+
+    def fixed_point_report(self) -> List[dict]:
+        """Per RevFFN layer: iterations and relative residual of its last fixed-point inverse."""
+        return [dict(layer=m.layer_idx, **m.fixed_point_stats) for m in self.modules() if isinstance(m, RevFFNLayer)]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    # -- save / load --------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str) -> None:
+        """config.json + model.safetensors, written to temporary names first and renamed, so an
+        interrupted save never leaves something that looks like a finished model."""
+        from safetensors.torch import save_model
+
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".safetensors.tmp")
+        os.close(fd)
+        try:
+            save_model(self, tmp, metadata={"format": "pt", "model_type": "revmoe"})
+            cfg_tmp = os.path.join(directory, "config.json.tmp")
+            import json
+
+            with open(cfg_tmp, "w") as fh:
+                json.dump(self.config.to_dict(), fh, indent=2, sort_keys=True)
+            os.replace(tmp, os.path.join(directory, "model.safetensors"))
+            os.replace(cfg_tmp, os.path.join(directory, "config.json"))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, **overrides) -> "RevMoEForCausalLM":
+        """Loads save_pretrained's output. Overrides change config fields (e.g. reversible_mode);
+        a checkpoint whose tensors do not fit the resulting shapes is a clear error."""
+        from safetensors import safe_open
+        from safetensors.torch import load_model
+
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            raise FileNotFoundError(f"{directory}: no config.json (not a save_pretrained directory)")
+        weights = os.path.join(directory, "model.safetensors")
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"{directory}: no model.safetensors")
+        config = RevMoEConfig.load(directory, **overrides)
+        model = cls(config)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        with safe_open(weights, framework="pt") as fh:
+            found = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        problems = [f"{k}: checkpoint {found[k]} vs model {expected[k]}" for k in found
+                    if k in expected and found[k] != expected[k]]
+        problems += [f"unexpected tensor {k}" for k in found if k not in expected]
+        if problems:
+            raise ValueError(f"{directory}: checkpoint does not fit a RevMoEForCausalLM of this config "
+                             f"({len(problems)} problems): " + "; ".join(problems[:6]))
+        missing, unexpected = load_model(model, weights, strict=False)
+        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        missing = [k for k in missing if k not in tied]
+        if missing:
+            raise ValueError(f"{directory}: checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")
+        return model

@@ -1,0 +1,241 @@
+"""revengine.models: the reversible MoE transformer family against reversible_mode="plain"."""
+import json
+import os
+
+import pytest
+import torch
+
+import revengine as rev
+from revengine.models import BLOCK_TYPES, RevMoEConfig, RevMoEForCausalLM, chunked_cross_entropy
+
+MODES = ["reversible", "checkpoint"]
+
+
+def tiny(block_type, mode="reversible", layers=8, **kw):
+    base = dict(block_type=block_type, reversible_mode=mode, num_hidden_layers=layers, router_aux_loss_coef=0.1,
+                router_z_loss_coef=0.01, norm_topk_prob=True)
+    return RevMoEConfig.preset("tiny", **{**base, **kw})
+
+
+def build(cfg, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    return RevMoEForCausalLM(cfg).to(dtype)
+
+
+def batch(cfg, B=2, S=12, seed=1, pad=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    if pad:
+        mask[0, :3] = 0  # left padding in the first row
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def grads(model, ids, mask, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, attention_mask=mask, labels=labels)
+    (0.5 * out.loss).backward()  # a scaled loss: the aux grads must follow the scale
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def rel(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("block_type", BLOCK_TYPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_every_parameter_grad_equals_plain_float64(block_type, mode):
+    ref = build(tiny(block_type, "plain"))
+    model = build(tiny(block_type, mode))
+    model.load_state_dict(ref.state_dict())
+    ids, mask, labels = batch(ref.config)
+    o0, g0 = grads(ref, ids, mask, labels)
+    o1, g1 = grads(model, ids, mask, labels)
+    for k in ("loss", "lm_loss", "aux_loss", "z_loss"):
+        assert rel(o1[k], o0[k]) < 1e-12, k
+    assert g0.keys() == g1.keys()
+    names = set(g0)
+    assert any(".gate.weight" in n for n in names)  # the router gets grads (through the aux loss too)
+    if block_type == "revffn":
+        assert any("up_q" in n for n in names) and any("down_moe" in n for n in names)
+    worst = max((rel(g1[n], g0[n]), n) for n in g0)
+    assert worst[0] <= 1e-9, worst
+
+
+def test_aux_losses_reach_the_router():
+    cfg = tiny("additive", "reversible", layers=2)
+    model = build(cfg)
+    ids, mask, labels = batch(cfg)
+    _, with_aux = grads(model, ids, mask, labels)
+    model.config.router_aux_loss_coef = model.config.router_z_loss_coef = 0.0
+    _, without = grads(model, ids, mask, labels)
+    name = next(n for n in with_aux if n.endswith("mlp.gate.weight"))
+    assert rel(with_aux[name], without[name]) > 1e-3
+
+
+def test_routing_replay_prevents_diverging_grads():
+    """A reconstruction a little off can flip a top-k choice. Simulated by nudging the routing
+    decision's input in the recompute: without replay the grads diverge from plain; with replay
+    the recompute takes the forward's choice and they agree to 1e-9."""
+    errs = {}
+    for replay in (True, False):
+        ref = build(tiny("additive", "plain", layers=2))
+        model = build(tiny("additive", "reversible", layers=2, replay_routing=replay))
+        model.load_state_dict(ref.state_dict())
+        for m in model.modules():
+            if hasattr(m, "choose"):
+                choose = m.choose
+                offset = 0.05 * torch.arange(m.config.num_experts, dtype=torch.float64)
+                m.choose = lambda p, choose=choose: choose(p + offset if rev.is_recomputing() else p)
+        ids, mask, labels = batch(ref.config, S=24)
+        _, g0 = grads(ref, ids, mask, labels)
+        _, g1 = grads(model, ids, mask, labels)
+        errs[replay] = max(rel(g1[n], g0[n]) for n in g0)
+    assert errs[True] <= 1e-9 and errs[False] > 1e-2, errs
+
+
+def test_chunked_cross_entropy_equals_full_logits():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    labels[::5] = -100
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), labels, ignore_index=-100)
+    gh, gw = torch.autograd.grad(3 * ref, (h, w))
+    for chunk in (1, 8, 37, 100):
+        out = chunked_cross_entropy(h, w, labels, chunk)
+        ch, cw = torch.autograd.grad(3 * out, (h, w))
+        assert rel(out, ref) < 1e-14 and rel(ch, gh) < 1e-13 and rel(cw, gw) < 1e-13
+
+
+@pytest.mark.parametrize("block_type", BLOCK_TYPES)
+def test_generate_with_kv_cache_equals_recomputing(block_type):
+    model = build(tiny(block_type, layers=3), dtype=torch.float32)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    with_cache = model.generate(ids, max_new_tokens=6, attention_mask=mask)
+    without = model.generate(ids, max_new_tokens=6, attention_mask=mask, use_cache=False)
+    assert torch.equal(with_cache, without)
+    # Logits of the incremental path equal the full forward's.
+    full = model(with_cache, attention_mask=torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], 1)).logits
+    out = model(ids, attention_mask=mask, use_cache=True)
+    cache = out.past_key_values
+    nxt = model(with_cache[:, 5:6], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+                past_key_values=cache).logits
+    assert rel(nxt[:, 0], full[:, 5]) < 1e-4
+
+
+def test_left_padding_does_not_change_the_real_tokens():
+    model = build(tiny("revffn", layers=3))
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(4))
+    alone = model(ids).logits
+    padded = torch.cat([torch.zeros(1, 3, dtype=ids.dtype), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 7)], 1).long()
+    out = model(padded, attention_mask=mask).logits
+    assert rel(out[:, 3:], alone) < 1e-12
+
+
+@pytest.mark.parametrize("block_type", BLOCK_TYPES)
+def test_save_and_from_pretrained_round_trip(block_type, tmp_path):
+    model = build(tiny(block_type, layers=2, tie_word_embeddings=block_type == "additive"), dtype=torch.float32)
+    model.save_pretrained(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    loaded = RevMoEForCausalLM.from_pretrained(str(tmp_path))
+    assert loaded.config == model.config
+    ids = torch.randint(0, 128, (2, 6))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    other = RevMoEForCausalLM.from_pretrained(str(tmp_path), reversible_mode="plain")
+    assert other.config.reversible_mode == "plain" and torch.equal(other(ids).logits, model(ids).logits)
+
+
+def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
+    build(tiny("additive", layers=2), dtype=torch.float32).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="does not fit"):
+        RevMoEForCausalLM.from_pretrained(str(tmp_path), moe_intermediate_size=16)
+    with pytest.raises(ValueError, match="does not fit"):
+        RevMoEForCausalLM.from_pretrained(str(tmp_path), block_type="revffn")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        RevMoEForCausalLM.from_pretrained(str(tmp_path / "nowhere"))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "mixtral"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="not a revmoe config"):
+        RevMoEForCausalLM.from_pretrained(str(tmp_path))
+
+
+def test_bad_config_and_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="block_type"):
+        RevMoEConfig.preset("tiny", block_type="cnn")
+    with pytest.raises(ValueError, match="exact=True"):
+        RevMoEConfig.preset("tiny", block_type="revffn", exact=True)
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        RevMoEConfig.preset("tiny", num_key_value_heads=3)
+    with pytest.raises(ValueError, match="even"):
+        RevMoEConfig.preset("tiny", block_type="revffn", hidden_size=33, num_attention_heads=3, num_key_value_heads=3,
+                            head_dim=10)
+    model = build(tiny("additive", layers=1), dtype=torch.float32)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[1, 500]]))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        model(torch.tensor([[1, 2]]), attention_mask=torch.ones(1, 3))
+
+
+def test_revffn_fixed_point_reports_and_fails_clearly():
+    cfg = tiny("revffn", layers=2)
+    model = build(cfg)
+    ids, mask, labels = batch(cfg)
+    grads(model, ids, mask, labels)
+    report = model.fixed_point_report()
+    assert len(report) == 2 and all(r["residual"] <= 1e-13 and 1 <= r["iterations"] <= 30 for r in report)
+    # Adapters too large for a contraction: a clear error naming the layer, or a warning.
+    for m in model.modules():
+        if hasattr(m, "up_q"):
+            with torch.no_grad():
+                m.attn.self_attn.q_proj.weight.normal_(0, 3.0)
+                m.down_attn.weight.normal_(0, 3.0)
+    with pytest.raises(RuntimeError, match="RevFFN layer 1: the fixed-point inverse .* did not converge"):
+        grads(model, ids, mask, labels)
+    for m in model.modules():
+        if hasattr(m, "fallback"):
+            m.fallback = "warn"
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        grads(model, ids, mask, labels)
+
+
+@pytest.mark.parametrize("block_type", ["additive", "leapfrog"])
+def test_exact_reconstruction_bit_exact_48_layers_bf16(block_type):
+    cfg = tiny(block_type, layers=48, exact=True, num_experts=2, num_experts_per_tok=1, shared_expert_intermediate_size=0)
+    model = build(cfg, dtype=torch.float32)
+    ids, mask, labels = batch(cfg, B=1, S=6, pad=False)
+    seq = model.model.layers
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x, ctx = model.model.prepare(ids, mask)
+        seq.merge = None
+        with torch.no_grad():
+            y = seq(x, **ctx)
+            x1, x2 = seq.inverse(y, **ctx)
+        xq = rev.couplings.quantize_ste(x.detach(), cfg.exact_bits)
+        assert torch.equal(x1, xq) and torch.equal(x2, xq)
+        # And inside backward: every layer's reconstruction equals its true input bit for bit.
+        seq.debug = True
+        seq(x, **ctx)[1].sum().backward()
+    assert seq.last_report.reconstruction_errors == [0.0] * 48
+
+
+@pytest.mark.parametrize("block_type", BLOCK_TYPES)
+def test_a_few_adamw_steps_lower_the_loss(block_type):
+    cfg = tiny(block_type, layers=2)
+    model = build(cfg, dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 16, (4, 16), generator=torch.Generator().manual_seed(5))  # a small vocabulary to learn
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.lm_loss))
+    assert losses[-1] < losses[0] - 1.0, losses
