@@ -49,7 +49,11 @@ class RevMoEConfig:
     # (None: by the stream dtype, 1e-13 for float64, 1e-6 for float32, 1e-3 below)
     fixed_point_fallback: str = "error"  # revffn: "error" or "warn" when it does not converge
     replay_routing: bool = True
-    loss_chunk_size: int = 1024  # tokens per chunk of the LM-head cross-entropy
+    loss_chunk_size: int = 256  # tokens per chunk of the LM-head cross-entropy
+    # Tokens per chunk in which the experts (and the shared expert) run with grad, each chunk keeping
+    # only its input and recomputed in backward (0: off). Caps a layer's working set in backward at
+    # one chunk's, for one extra expert forward per layer.
+    moe_chunk_size: int = 0
     pad_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
     model_type: str = field(default="revmoe", init=False)
@@ -102,6 +106,7 @@ class RevMoEConfig:
             need(self.block_type == "midpoint", "stochastic_gamma applies to block_type='midpoint' only")
             need(self.stochastic_gamma != 0.0, "stochastic_gamma = 0 is forward Euler, which is not invertible")
         need(self.loss_chunk_size > 0, "loss_chunk_size must be positive")
+        need(self.moe_chunk_size >= 0, "moe_chunk_size must be >= 0 (0 = off)")
 
     # -- serialisation ------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import revengine as rev
 
@@ -146,22 +147,8 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, d, inner))
 
     def forward(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
-        try:
-            from revengine import moe
-        except ImportError:
-            moe = None
-        if moe is not None:
-            return moe.moe_forward(x, topk_ids, topk_weights, self.gate_up_proj, self.down_proj)
-        out = torch.zeros_like(x)
-        inner = self.down_proj.shape[-1]
-        for e in range(self.gate_up_proj.shape[0]):
-            tok, slot = (topk_ids == e).nonzero(as_tuple=True)
-            if tok.numel() == 0:
-                continue
-            gu = x[tok] @ self.gate_up_proj[e].t()
-            h = F.silu(gu[:, :inner]) * gu[:, inner:]
-            out = out.index_add(0, tok, (h @ self.down_proj[e].t()) * topk_weights[tok, slot, None])
-        return out
+        # permute -> gather -> grouped matmul -> SwiGLU -> grouped matmul -> weighted scatter-combine
+        return rev.moe.moe_forward(x, topk_ids, topk_weights, self.gate_up_proj, self.down_proj)
 
 
 class SparseMoE(nn.Module):
@@ -213,13 +200,26 @@ class SparseMoE(nn.Module):
             f, p, zl = (counts * m).sum(0) / n, (probs * m).sum(0) / n, (z * m[:, 0]).sum() / n
         return torch.stack([E * (f * p).sum(), zl])
 
+    def expert_outputs(self, flat: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        out = self.experts(flat, ids, weights)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return out
+
     def forward(self, x: Tensor, token_mask: Optional[Tensor] = None, **_) -> Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         logits, ids, weights = self.route(flat)
-        out = self.experts(flat, ids, weights.to(flat.dtype))
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        weights = weights.to(flat.dtype)
+        chunk = self.config.moe_chunk_size
+        if chunk and torch.is_grad_enabled() and flat.shape[0] > chunk:
+            # Each chunk keeps only its inputs; backward recomputes it (see RevMoEConfig.moe_chunk_size).
+            out = torch.cat([
+                checkpoint(self.expert_outputs, flat[s:s + chunk], ids[s:s + chunk], weights[s:s + chunk],
+                           use_reentrant=False, preserve_rng_state=False)
+                for s in range(0, flat.shape[0], chunk)])
+        else:
+            out = self.expert_outputs(flat, ids, weights)
         return rev.side.attach_aux(out.reshape(shape), self.aux_losses(logits, ids, token_mask), self)
 
 

@@ -185,13 +185,15 @@ class _ChunkedLinearCE(torch.autograd.Function):
             hc, lc, vc = h[s:s + chunk], labels[s:s + chunk], valid[s:s + chunk]
             logits = hc @ w.t()
             lf = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-            lse = lf.logsumexp(-1)
+            lse = torch.logsumexp(lf, -1)
             tgt = lf.gather(-1, lc.clamp_min(0)[:, None])[:, 0]
             total = total + ((lse - tgt) * vc).sum().to(total.dtype)
             if want_h or want_w:
-                g = (lf - lse[:, None]).exp_()
+                # softmax - onehot, in place in the chunk's logits: one [chunk, V] buffer at a time.
+                g = lf.sub_(lse[:, None]).exp_()
                 g[torch.arange(g.shape[0], device=g.device), lc.clamp_min(0)] -= 1.0
-                g = (g * (vc[:, None].to(g.dtype) / n.to(g.dtype))).to(hc.dtype)
+                g.mul_((vc.to(g.dtype) / n.to(g.dtype))[:, None])
+                g = g.to(hc.dtype)
                 if want_h:
                     gh[s:s + chunk] = g @ w
                 if want_w:

@@ -27,3 +27,32 @@ def test_memory_vs_depth_quick(tmp_path):
     res = json.loads(out_json.read_text())
     assert set(res["peak_mb"]) == {"plain", "checkpoint", "reversible"}
     assert all(v >= 0 for m in res["peak_mb"].values() for v in m.values())
+
+
+def _run_bench(name, *args, timeout=300):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([PKG_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_moe_memory_quick(tmp_path):
+    out_json = tmp_path / "m.json"
+    out = _run_bench("moe_memory.py", "--quick", "--json", str(out_json))
+    for name in ("plain", "checkpoint", "rev-revffn", "rev-additive"):
+        assert f"| {name} |" in out, out
+    assert "activations (MB) by depth" in out
+    res = json.loads(out_json.read_text())["main"]
+    assert res["rev-revffn"]["fixed_point"]["max_iterations"] >= 1
+    assert all(r["grads_mb"] > 0 and r["optimizer_mb"] > 0 for r in res.values())
+
+
+def test_train_curves_quick():
+    out = _run_bench("train_curves.py", "--quick", "--steps", "8")
+    for name in ("plain", "rev-revffn", "rev-additive", "rev-midpoint", "rev-leapfrog", "rev-hamiltonian"):
+        assert name in out
+    diff = float(out.split("max |rev-additive - plain| over the curve:")[1].split()[0])
+    assert diff < 1e-4, out  # the same function, reversible or stored
+    assert "held-out (end)" in out
