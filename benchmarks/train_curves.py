@@ -68,7 +68,7 @@ def train(name: str, block_type: str, mode: str, args, train_ids, test_ids) -> d
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        curve.append(float(out.lm_loss))
+        curve.append(out.lm_loss.item())
     return {"name": name, "curve": curve, "held_out_start": start, "held_out": held_out_loss(model, test_ids, args.seq),
             "seconds": time.perf_counter() - t0, "fixed_point": model.fixed_point_report()}
 
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     contenders = [("plain", "additive", "plain")] + [(f"rev-{b}", b, "reversible") for b in BLOCK_TYPES]
     results = [train(n, b, m, args, train_ids, test_ids) for n, b, m in contenders]
     width = max(1, args.steps // 20)
-    marks = sorted(set([0] + [int(args.steps * f) - 1 for f in (0.1, 0.25, 0.5, 0.75, 1.0)]))
+    marks = sorted(set([0] + [max(0, int(args.steps * f) - 1) for f in (0.1, 0.25, 0.5, 0.75, 1.0)]))
     print()
     print(f"train loss (mean of the last {width} steps) by step:")
     print("| step | " + " | ".join(r["name"] for r in results) + " |")

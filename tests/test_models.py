@@ -237,5 +237,5 @@ def test_a_few_adamw_steps_lower_the_loss(block_type):
         out = model(ids, labels=ids)
         out.loss.backward()
         opt.step()
-        losses.append(float(out.lm_loss))
+        losses.append(out.lm_loss.item())
     assert losses[-1] < losses[0] - 1.0, losses
