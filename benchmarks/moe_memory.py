@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=None, help="depth of the main table (default 24)")
     ap.add_argument("--sweep", type=int, nargs="*", default=None, help="depths of the flatness sweep (default 12 24 48)")
+    ap.add_argument("--sweep-batch", type=int, default=None, help="batch of the sweep (default: --batch)")
     ap.add_argument("--sweep-contenders", nargs="*", default=None,
                     help="contenders of the sweep (default checkpoint and every reversible block type)")
     ap.add_argument("--contenders", nargs="*", default=None, help=f"contenders of the main table (default all: {list(CONTENDERS)})")
@@ -124,8 +125,8 @@ def main(argv=None) -> int:
           f"(forward + backward + optimizer.step), fresh subprocess per figure, MALLOC_MMAP_THRESHOLD_=65536, "
           f"config overrides {overrides}")
 
-    def run(name, layers):
-        r = measure_in_subprocess(target, dict(name=name, layers=layers, batch=args.batch, seq=args.seq, quick=args.quick,
+    def run(name, layers, batch=None):
+        r = measure_in_subprocess(target, dict(name=name, layers=layers, batch=batch or args.batch, seq=args.seq, quick=args.quick,
                                                         overrides=overrides),
                                   env=env, timeout=3600)
         r["delta_mb"] = r["figure"]["peak_delta_mb"]
@@ -137,39 +138,41 @@ def main(argv=None) -> int:
     for name in args.contenders:
         main_rows[name] = run(name, args.layers)
         print(f"  measured {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    base_t = main_rows.get("checkpoint", next(iter(main_rows.values())))["figure"]["seconds"]
-    ckpt_act = main_rows["checkpoint"]["activations_mb"] if "checkpoint" in main_rows else None
-    print()
-    print("| contender | weights | optimizer | grads | activations | steady-state peak | act / ckpt | time / ckpt | fixed point (iters, residual) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, r in main_rows.items():
-        ratio = f"{r['activations_mb'] / ckpt_act:.3f}" if ckpt_act else "-"
-        fp = r["fixed_point"]
-        fps = f"{fp['max_iterations']}, {fp['max_residual']:.1e}" if fp else "-"
-        print(f"| {name} | {r['weights_mb']:.0f} | {r['optimizer_mb']:.0f} | {r['grads_mb']:.0f} | {r['activations_mb']:.1f} | "
-              f"{r['peak_mb']:.0f} | {ratio} | {r['figure']['seconds'] / base_t:.2f} | {fps} |")
-    print("(MB = MiB; activations = peak delta of forward + backward with grads pre-allocated; peak = weights + "
-          "optimizer + full-step delta; time from one measured step per subprocess)")
     verdicts = []
-    if ckpt_act:
+    if main_rows:
+        base_t = main_rows.get("checkpoint", next(iter(main_rows.values())))["figure"]["seconds"]
+        ckpt_act = main_rows["checkpoint"]["activations_mb"] if "checkpoint" in main_rows else None
+        print()
+        print("| contender | weights | optimizer | grads | activations | steady-state peak | act / ckpt | time / ckpt | fixed point (iters, residual) |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for name, r in main_rows.items():
-            if name.startswith("rev-"):
-                ok = r["activations_mb"] <= 0.5 * ckpt_act
-                verdicts.append(ok)
-                print(f"{'PASS' if ok else 'FAIL'}: {name} activations {r['activations_mb']:.1f} MB <= 0.5 x checkpoint "
-                      f"({0.5 * ckpt_act:.1f} MB)")
+            ratio = f"{r['activations_mb'] / ckpt_act:.3f}" if ckpt_act else "-"
+            fp = r["fixed_point"]
+            fps = f"{fp['max_iterations']}, {fp['max_residual']:.1e}" if fp else "-"
+            print(f"| {name} | {r['weights_mb']:.0f} | {r['optimizer_mb']:.0f} | {r['grads_mb']:.0f} | {r['activations_mb']:.1f} | "
+                  f"{r['peak_mb']:.0f} | {ratio} | {r['figure']['seconds'] / base_t:.2f} | {fps} |")
+        print("(MB = MiB; activations = peak delta of forward + backward with grads pre-allocated; peak = weights + "
+              "optimizer + full-step delta; time from one measured step per subprocess)")
+        if ckpt_act:
+            for name, r in main_rows.items():
+                if name.startswith("rev-"):
+                    ok = r["activations_mb"] <= 0.5 * ckpt_act
+                    verdicts.append(ok)
+                    print(f"{'PASS' if ok else 'FAIL'}: {name} activations {r['activations_mb']:.1f} MB <= 0.5 x checkpoint "
+                          f"({0.5 * ckpt_act:.1f} MB)")
 
     if args.sweep:
+        sweep_batch = args.sweep_batch or args.batch
         sweep = {name: {} for name in args.sweep_contenders}
         for layers in args.sweep:
             for name in args.sweep_contenders:
-                if layers == args.layers and name in main_rows:
+                if layers == args.layers and name in main_rows and sweep_batch == args.batch:
                     sweep[name][layers] = main_rows[name]
                 else:
-                    sweep[name][layers] = run(name, layers)
+                    sweep[name][layers] = run(name, layers, sweep_batch)
                     print(f"  measured {name} at {layers} layers ({time.perf_counter() - t0:.0f} s)", flush=True)
         print()
-        print("activations (MB) by depth:")
+        print(f"activations (MB) by depth, batch {sweep_batch} x seq {args.seq}:")
         print("| contender | " + " | ".join(f"{d} layers" for d in args.sweep) + " |")
         print("|---|" + "---|" * len(args.sweep))
         for name, rows in sweep.items():

@@ -33,7 +33,9 @@ class RevMoEConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
     attention_bias: bool = False
-    qk_norm: bool = False  # Qwen3-MoE style RMSNorm on queries and keys
+    # RMSNorm on queries and keys: False (none), True or "head" (per head, over head_dim: Qwen3-MoE),
+    # "full" (over the whole projection width before the head split: OLMoE)
+    qk_norm: Any = False
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     # -- reversible architecture ------------------------------------------------------------
@@ -105,6 +107,8 @@ class RevMoEConfig:
         if self.stochastic_gamma is not None:
             need(self.block_type == "midpoint", "stochastic_gamma applies to block_type='midpoint' only")
             need(self.stochastic_gamma != 0.0, "stochastic_gamma = 0 is forward Euler, which is not invertible")
+        need(self.qk_norm in (False, True, "head", "full"),
+             f"qk_norm must be False, True/'head' (per head) or 'full' (whole projection), got {self.qk_norm!r}")
         need(self.loss_chunk_size > 0, "loss_chunk_size must be positive")
         need(self.moe_chunk_size >= 0, "moe_chunk_size must be >= 0 (0 = off)")
 

@@ -99,7 +99,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
         self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=False)
-        if config.qk_norm:
+        # qk_norm: per head over head_dim (True / "head", Qwen3-MoE) or over the whole projection
+        # width before the head split ("full", OLMoE).
+        self.qk_norm_full = config.qk_norm == "full"
+        if self.qk_norm_full:
+            self.q_norm = RMSNorm(self.n_heads * self.hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.n_kv * self.hd, config.rms_norm_eps)
+        elif config.qk_norm:
             self.q_norm = RMSNorm(self.hd, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, config.rms_norm_eps)
         else:
@@ -109,10 +115,13 @@ class Attention(nn.Module):
                 cache: Optional[KVCache] = None, **_) -> Tensor:
         kv = x if kv is None else kv
         B, S, _d = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.hd)
-        k = self.k_proj(kv).view(B, S, self.n_kv, self.hd)
+        q, k = self.q_proj(x), self.k_proj(kv)
+        if self.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.hd)
+        k = k.view(B, S, self.n_kv, self.hd)
         v = self.v_proj(kv).view(B, S, self.n_kv, self.hd)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = position_embeddings
@@ -170,9 +179,10 @@ class SparseMoE(nn.Module):
             self.shared_expert = self.shared_expert_gate = None
 
     def route(self, flat: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """Router logits (fp32), top-k ids and top-k weights for flat tokens [T, d]."""
+        """Router logits (fp32, or fp64 for a float64 model), top-k ids and top-k weights for flat tokens [T, d]."""
         cfg = self.config
-        logits = self.gate(flat).float()
+        logits = self.gate(flat)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
         probs = logits.softmax(-1)
         pick = lambda: self.choose(probs.detach())  # noqa: E731
         ids = rev.side.replay(self, pick) if cfg.replay_routing else pick()

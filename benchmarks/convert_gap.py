@@ -1,0 +1,133 @@
+"""The step-0 gap of revengine.convert.from_hf: loss and KL of the converted reversible model
+against the original HF model on held-out text, for every scheme and HF MoE family.
+
+A tiny HF MoE model of each family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; byte vocabulary, hidden 64,
+4 layers, 8 experts top-2) is first trained briefly on the embedded corpus (revengine.models.corpus,
+90%), so that its layers carry structure; a random-weight model's logits are near uniform and
+every gap would look small. Then each scheme is converted and compared on the held-out 10%:
+
+    loss_hf / loss_rev : next-token cross-entropy (nats/byte) of the original / converted model
+    KL                 : mean per-token KL(p_hf || p_rev)
+    skip-layers        : the same numbers for embed -> final norm -> LM head (every layer removed),
+                         the gap a conversion that threw the layers away would have.
+
+Only a one-layer midpoint/leapfrog stack is the HF function (tests/test_convert.py); everything
+else needs fine-tuning / distillation. RevFFN is shown with both adapter inits.
+
+    python benchmarks/convert_gap.py            # 4 families, 300 training steps each
+    python benchmarks/convert_gap.py --quick    # 1 family, 20 steps (seconds)
+
+Prints a table; never asserts.
+"""
+import argparse
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.append(ROOT)
+
+import torch  # noqa: E402
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def make_hf(family: str, layers: int):
+    import transformers as tf
+
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, num_experts_per_tok=2, pad_token_id=None, eos_token_id=None,
+                  bos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "mixtral":
+        return tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=8, intermediate_size=64, **common))
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(num_experts=8, moe_intermediate_size=64,
+                                                        shared_expert_intermediate_size=128, intermediate_size=128,
+                                                        qkv_bias=True, **common))
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(num_experts=8, moe_intermediate_size=64, norm_topk_prob=True,
+                                                        **common))
+    return tf.OlmoeForCausalLM(tf.OlmoeConfig(num_experts=8, intermediate_size=64, **common))
+
+
+def batches(ids: torch.Tensor, batch: int, seq: int, gen: torch.Generator):
+    while True:
+        starts = torch.randint(0, ids.numel() - seq - 1, (batch,), generator=gen)
+        yield torch.stack([ids[s:s + seq] for s in starts.tolist()])
+
+
+def train(model, data, steps: int, batch: int, seq: int, lr: float = 3e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    it = batches(data, batch, seq, gen)
+    model.train()
+    loss = None
+    for step in range(steps):
+        x = next(it)
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss.detach()) if loss is not None else float("nan")
+
+
+@torch.no_grad()
+def skip_layers_gap(hf, ids):
+    """Loss / KL of embed -> final norm -> LM head (no layers) against the full model."""
+    h = hf.model.norm(hf.model.embed_tokens(ids))
+    lp0 = hf.lm_head(h).double().log_softmax(-1)
+    lp = hf(input_ids=ids, use_cache=False).logits.double().log_softmax(-1)
+    kl = (lp.exp() * (lp - lp0)).sum(-1).mean()
+    nll = float(-lp0[:, :-1].gather(-1, ids[:, 1:, None]).mean())
+    return nll, float(kl)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one family, a few training steps")
+    ap.add_argument("--steps", type=int, default=None, help="training steps of the original (default 300)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--families", nargs="*", default=None, choices=FAMILIES)
+    args = ap.parse_args(argv)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("convert_gap: transformers is not installed (pip install 'revengine[hf]'); nothing to measure")
+        return 0
+    from revengine.convert import conversion_gap, from_hf
+    from revengine.models.corpus import splits
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
+    steps = args.steps if args.steps is not None else (20 if args.quick else 300)
+    families = args.families or (("qwen2_moe",) if args.quick else FAMILIES)
+    train_ids, held = splits()
+    seq = 64 if args.quick else 128
+    held_ids = torch.stack([held[s:s + seq] for s in range(0, held.numel() - seq, seq)][:8])
+    variants = [("revffn", dict(adapter_init="coordinate")), ("revffn", dict(adapter_init="zero")),
+                ("additive", {}), ("midpoint", {}), ("leapfrog", {}), ("hamiltonian", {})]
+    print(f"held-out: {held_ids.shape[0]} x {held_ids.shape[1]} bytes; originals trained {steps} steps "
+          f"(AdamW 3e-3, batch 16 x {seq}) on the other 90%; {args.layers} layers, hidden 64, 8 experts top-2")
+    print("| family | scheme | loss_hf | loss_rev | gap (nats) | KL |")
+    print("|---|---|---|---|---|---|")
+    for fam in families:
+        torch.manual_seed(0)
+        hf = make_hf(fam, args.layers)
+        t0 = time.time()
+        final = train(hf, train_ids, steps, 16, seq)
+        for scheme, kw in variants:
+            model = from_hf(hf, scheme=scheme, reversible_mode="plain", **kw).eval()
+            g = conversion_gap(hf, model, held_ids)
+            name = scheme + (f" ({kw['adapter_init']})" if kw else "")
+            print(f"| {fam} | {name} | {g['loss_hf']:.4f} | {g['loss_rev']:.4f} | {g['loss_rev'] - g['loss_hf']:+.4f} "
+                  f"| {g['kl']:.4f} |")
+        nll0, kl0 = skip_layers_gap(hf, held_ids)
+        print(f"| {fam} | skip-layers | {g['loss_hf']:.4f} | {nll0:.4f} | {nll0 - g['loss_hf']:+.4f} | {kl0:.4f} |")
+        print(f"<!-- {fam}: train loss at the end {final:.3f}, {time.time() - t0:.1f} s -->")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,541 @@
+"""Conversion between Hugging Face transformers MoE models and RevMoEForCausalLM.
+
+    from_hf(model_or_path, scheme="revffn", reversible_mode="reversible", **config_overrides)
+        MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM or OlmoeForCausalLM ->
+        RevMoEForCausalLM. Every pretrained tensor is copied (the user's model is never modified):
+        embeddings, per-layer norms, q/k/v/o (with q/k/v biases), q/k norms, router, fused experts,
+        shared expert and its sigmoid gate, final norm, LM head (or the tied embedding).
+    to_hf(model, hf_config=None, allow_function_change=False)
+        RevMoEForCausalLM -> the HF class, where that is the same function (see below).
+    upcycle(dense_model, num_experts, top_k)
+        a dense LlamaForCausalLM (SmolLM2, TinyLlama, ...) -> a MixtralForCausalLM with the same loss:
+        the MLP is copied into every expert and the top-k weights are renormalised, so they sum to
+        one and the MoE output is the dense MLP's output whatever the (random) router picks.
+
+transformers is an optional dependency (`pip install revengine[hf]`); it is imported lazily.
+
+What is preserved (measured by tests/test_convert.py and benchmarks/convert_gap.py):
+
+* Every scheme keeps the pretrained sub-blocks unchanged: the attention branch
+  A(x) = attn(input_layernorm(x)) and the MoE branch M(x) = moe(post_attention_layernorm(x)) equal
+  the HF layer's (float64, ~1e-15). What differs is how the layers are chained:
+    - midpoint (h = 1/2) / leapfrog (h = 1): f(p) = A(p) + M(p + A(p)) is the unchanged pre-norm
+      block; with split="duplicate" the first layer equals HF's x + f(x) exactly, later layers use
+      the integrator's two-step update instead of the residual x + f(x);
+    - hamiltonian: q += A(p); p += M(q) -- the MoE reads the attention update of the other stream;
+    - additive: y1 = x + A(x), y2 = x + M(y1), outputs averaged;
+    - revffn: half-width streams with projection adapters (see `init_revffn_adapters`).
+  None of them is the HF function for more than one layer: converted models are meant to be
+  fine-tuned / distilled (Gal et al. distil with KL for 1-2 epochs; RevFFN warms up the adapters).
+  benchmarks/convert_gap.py prints the loss and KL gap against the original at step 0.
+
+* to_hf: an HF model computes the residual chain x_{l+1} = x_l + f_l(x_l). A reversible model
+  computes that same function only for one layer with block_type midpoint (h = 1/2, p_-1 = p_0),
+  leapfrog (h = 1, p_-1 = p_0) or either with the Euler start at h = 1; everything else raises a
+  ValueError naming why. allow_function_change=True exports the pretrained-shaped weights anyway
+  for the full-width schemes (additive, midpoint, leapfrog, hamiltonian: their A and M are HF's
+  sub-blocks, so the weights fit, but the HF model then computes a different function). revffn
+  cannot be exported at all: its adapters and half-width streams have no HF counterpart.
+"""
+import warnings
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["from_hf", "to_hf", "upcycle", "init_revffn_adapters", "conversion_gap", "hf_family", "revmoe_config_from_hf",
+           "SUPPORTED_ARCHITECTURES"]
+
+# model_type -> the HF causal-LM class name
+SUPPORTED_ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+}
+SCHEMES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian")
+ADAPTER_INITS = ("coordinate", "zero")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("revengine.convert needs transformers: pip install 'revengine[hf]'") from e
+    return transformers
+
+
+def _unsupported(family: str, what: str):
+    raise ValueError(f"revengine.convert: this {family} model cannot be represented by RevMoEForCausalLM: {what}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config mapping
+
+
+def hf_family(model) -> str:
+    """The supported model_type of an HF model (or config); ValueError for anything else."""
+    cfg = getattr(model, "config", model)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED_ARCHITECTURES:
+        name = type(model).__name__
+        raise ValueError(
+            f"revengine.convert: unsupported architecture {name} (model_type={mt!r}); from_hf converts "
+            f"{', '.join(SUPPORTED_ARCHITECTURES.values())}. A dense LlamaForCausalLM can be upcycled to Mixtral "
+            "first with revengine.convert.upcycle")
+    if isinstance(model, nn.Module) and not hasattr(model, "lm_head"):
+        raise ValueError(f"revengine.convert: {type(model).__name__} has no lm_head; pass the *ForCausalLM model "
+                         f"({SUPPORTED_ARCHITECTURES[mt]})")
+    return mt
+
+
+def _rope_theta(cfg, family: str) -> float:
+    rp = getattr(cfg, "rope_parameters", None)
+    if isinstance(rp, dict) and rp:
+        if any(isinstance(v, dict) for v in rp.values()):  # per-layer-type parameters
+            _unsupported(family, f"per-layer-type rope parameters {rp}")
+        rtype = rp.get("rope_type", rp.get("type", "default"))
+        if rtype != "default":
+            _unsupported(family, f"rope_type={rtype!r} (only the default RoPE is implemented)")
+        if float(rp.get("partial_rotary_factor", 1.0)) != 1.0:
+            _unsupported(family, f"partial_rotary_factor={rp['partial_rotary_factor']}")
+        if "rope_theta" in rp:
+            return float(rp["rope_theta"])
+    scaling = getattr(cfg, "rope_scaling", None)
+    if scaling:
+        _unsupported(family, f"rope_scaling={scaling}")
+    return float(getattr(cfg, "rope_theta", 10000.0))
+
+
+def revmoe_config_from_hf(hf_config, scheme: str = "revffn", reversible_mode: str = "reversible", **overrides):
+    """The RevMoEConfig of an HF MoE config (ValueError when a feature has no counterpart)."""
+    from revengine.models import RevMoEConfig
+
+    fam = hf_family(hf_config)
+    c = hf_config
+    if getattr(c, "hidden_act", "silu") != "silu":
+        _unsupported(fam, f"hidden_act={c.hidden_act!r} (the experts are SwiGLU: silu only)")
+    if getattr(c, "use_sliding_window", False) or (fam == "mixtral" and getattr(c, "sliding_window", None)):
+        _unsupported(fam, f"sliding-window attention (sliding_window={c.sliding_window})")
+    if getattr(c, "mlp_only_layers", None):
+        _unsupported(fam, f"dense layers mlp_only_layers={c.mlp_only_layers} (every layer must be MoE)")
+    if getattr(c, "decoder_sparse_step", 1) != 1:
+        _unsupported(fam, f"decoder_sparse_step={c.decoder_sparse_step} (every layer must be MoE)")
+    if getattr(c, "clip_qkv", None) is not None:
+        _unsupported(fam, f"clip_qkv={c.clip_qkv}")
+    if getattr(c, "pretraining_tp", 1) != 1:
+        _unsupported(fam, f"pretraining_tp={c.pretraining_tp}")
+    if fam in ("qwen3_moe", "olmoe") and getattr(c, "attention_bias", False):
+        _unsupported(fam, "attention_bias=True puts a bias on o_proj, which RevMoE's attention does not have")
+    for name in ("attention_dropout",):
+        if float(getattr(c, name, 0.0) or 0.0) != 0.0:
+            warnings.warn(f"revengine.convert: {name}={getattr(c, name)} is dropped (RevMoE has no attention dropout)",
+                          stacklevel=3)
+    if float(getattr(c, "router_jitter_noise", 0.0) or 0.0) != 0.0:
+        warnings.warn(f"revengine.convert: router_jitter_noise={c.router_jitter_noise} (a training-time "
+                      "regulariser) is dropped", stacklevel=3)
+
+    n_heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
+    if fam == "olmoe" and head_dim * n_heads != c.hidden_size:
+        _unsupported(fam, "OLMoE's q_norm spans hidden_size, so head_dim * num_attention_heads must equal it")
+    eos = getattr(c, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    fields = dict(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=getattr(c, "num_key_value_heads", None) or n_heads,
+        head_dim=None if head_dim * n_heads == c.hidden_size else head_dim,
+        num_experts=c.num_local_experts if fam == "mixtral" else c.num_experts,
+        num_experts_per_tok=c.num_experts_per_tok,
+        moe_intermediate_size=c.intermediate_size if fam in ("mixtral", "olmoe") else c.moe_intermediate_size,
+        shared_expert_intermediate_size=c.shared_expert_intermediate_size if fam == "qwen2_moe" else 0,
+        norm_topk_prob=True if fam == "mixtral" else bool(c.norm_topk_prob),
+        router_aux_loss_coef=float(getattr(c, "router_aux_loss_coef", 0.0) or 0.0),
+        router_z_loss_coef=0.0,
+        rms_norm_eps=float(c.rms_norm_eps),
+        rope_theta=_rope_theta(c, fam),
+        max_position_embeddings=c.max_position_embeddings,
+        attention_bias=bool(getattr(c, "qkv_bias", False)) if fam == "qwen2_moe" else False,
+        qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(fam, False),
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        initializer_range=float(getattr(c, "initializer_range", 0.02)),
+        pad_token_id=getattr(c, "pad_token_id", None),
+        eos_token_id=eos,
+        block_type=scheme,
+        reversible_mode=reversible_mode,
+    )
+    if scheme in ("midpoint", "leapfrog"):
+        fields["step_size"] = 0.5 if scheme == "midpoint" else 1.0  # layer 0 = HF's x + f(x)
+    fields.update(overrides)
+    return RevMoEConfig(**fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def _branches(layer) -> Tuple[nn.Module, nn.Module]:
+    """The (AttnBranch, MoEBranch) of one reversible layer, whatever the scheme's wrapping."""
+    from revengine.models.modeling import AttnBranch, MoEBranch
+
+    attn = [m for m in layer.modules() if isinstance(m, AttnBranch)]
+    moe = [m for m in layer.modules() if isinstance(m, MoEBranch)]
+    if len(attn) != 1 or len(moe) != 1:
+        raise ValueError(f"revengine.convert: layer {type(layer).__name__} holds {len(attn)} attention and "
+                         f"{len(moe)} MoE branches; expected one of each")
+    return attn[0], moe[0]
+
+
+def _layer_targets(attn, moe) -> Dict[str, nn.Parameter]:
+    """HF parameter name inside one decoder layer -> our parameter."""
+    t = {"input_layernorm.weight": attn.input_layernorm.weight,
+         "post_attention_layernorm.weight": moe.post_attention_layernorm.weight}
+    sa = attn.self_attn
+    for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        lin = getattr(sa, p)
+        t[f"self_attn.{p}.weight"] = lin.weight
+        if lin.bias is not None:
+            t[f"self_attn.{p}.bias"] = lin.bias
+    if sa.q_norm is not None:
+        t["self_attn.q_norm.weight"], t["self_attn.k_norm.weight"] = sa.q_norm.weight, sa.k_norm.weight
+    mlp = moe.mlp
+    t["mlp.gate.weight"] = mlp.gate.weight
+    t["mlp.experts.gate_up_proj"] = mlp.experts.gate_up_proj
+    t["mlp.experts.down_proj"] = mlp.experts.down_proj
+    if mlp.shared_expert is not None:
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            t[f"mlp.shared_expert.{p}.weight"] = getattr(mlp.shared_expert, p).weight
+        t["mlp.shared_expert_gate.weight"] = mlp.shared_expert_gate.weight
+    return t
+
+
+def _targets(model) -> Dict[str, nn.Parameter]:
+    """HF state-dict name -> our parameter, for a RevMoEForCausalLM."""
+    t = {"model.embed_tokens.weight": model.model.embed_tokens.weight, "model.norm.weight": model.model.norm.weight}
+    if not model.config.tie_word_embeddings:
+        t["lm_head.weight"] = model.lm_head.weight
+    for i, layer in enumerate(model.model.layers.layers):
+        for k, v in _layer_targets(*_branches(layer)).items():
+            t[f"model.layers.{i}.{k}"] = v
+    return t
+
+
+def _hf_state(hf_model) -> Dict[str, torch.Tensor]:
+    sd = dict(hf_model.state_dict())
+    if getattr(hf_model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)
+    return {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq") and "original_inv_freq" not in k}
+
+
+@torch.no_grad()
+def init_revffn_adapters(model, method: str = "coordinate", scale: float = 1.0) -> None:
+    """Initialises the RevFFN projection adapters of every layer.
+
+    "coordinate" (default): the two d/2 streams are the two halves of the pretrained d-wide hidden
+        state h = [x1, x2] (Sequential's split="halves" of the embedding). The up-projections put a
+        half back at its coordinates (U_q x1 = [x1, 0], U_kv x2 = [0, x2], U_m y1 = [y1, 0]); the
+        down-projections keep the half of the branch output that belongs to the stream it updates
+        (D_a = [I 0] -> x1, D_m = [0 I] -> x2), times `scale`. RMSNorm is scale-invariant, so the
+        pretrained norms see the half-zero input at the usual scale. Each branch sees half of the
+        state the original layer saw, which is the closest a d/2 stream gets without training.
+    "zero": D_* = 0 (every layer starts as the identity: the model is embed -> norm -> head), U_*
+        as above. Trivially invertible; the pretrained layers enter as the adapters train.
+    Measured gaps: benchmarks/convert_gap.py.
+    """
+    from revengine.models.modeling import RevFFNLayer
+
+    if method not in ADAPTER_INITS:
+        raise ValueError(f"init_revffn_adapters: method must be one of {ADAPTER_INITS}, got {method!r}")
+    for layer in model.modules():
+        if not isinstance(layer, RevFFNLayer):
+            continue
+        half = layer.up_q.in_features
+        eye = torch.eye(half, dtype=layer.up_q.weight.dtype, device=layer.up_q.weight.device)
+        zero = torch.zeros_like(eye)
+        top, bottom = torch.cat([eye, zero], 0), torch.cat([zero, eye], 0)  # [d, d/2]
+        layer.up_q.weight.copy_(top)
+        layer.up_kv.weight.copy_(bottom)
+        layer.up_moe.weight.copy_(top)
+        s = 0.0 if method == "zero" else float(scale)
+        layer.down_attn.weight.copy_(s * top.t())
+        layer.down_moe.weight.copy_(s * bottom.t())
+
+
+def _build_dtype(dtype):
+    """The dtype to construct in (float64 stays float64; half types build in float32, then cast)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _load_hf(path, **kw):
+    tf = _transformers()
+    return tf.AutoModelForCausalLM.from_pretrained(path, **kw)
+
+
+@torch.no_grad()
+def from_hf(model_or_path, scheme: str = "revffn", reversible_mode: str = "reversible",
+            adapter_init: str = "coordinate", adapter_scale: float = 1.0, **config_overrides):
+    """A RevMoEForCausalLM holding copies of an HF MoE causal LM's weights.
+
+    model_or_path: a MixtralForCausalLM / Qwen2MoeForCausalLM / Qwen3MoeForCausalLM / OlmoeForCausalLM
+    instance, or a path / hub id that AutoModelForCausalLM loads. scheme: the reversible layer
+    (RevMoEConfig.block_type). config_overrides: further RevMoEConfig fields (e.g. exact=True,
+    moe_chunk_size); overriding a shape field makes the copy fail with a ValueError naming the tensor.
+    The result has the source's dtype and device. The source model is not modified.
+    """
+    from revengine.models import RevMoEForCausalLM
+
+    if scheme not in SCHEMES:
+        raise ValueError(f"from_hf: scheme must be one of {SCHEMES}, got {scheme!r}")
+    hf = _load_hf(model_or_path) if isinstance(model_or_path, str) else model_or_path
+    if not isinstance(hf, nn.Module):
+        raise TypeError(f"from_hf: expected an HF model or a path, got {type(hf).__name__}")
+    fam = hf_family(hf)
+    config = revmoe_config_from_hf(hf.config, scheme, reversible_mode, **config_overrides)
+    src = _hf_state(hf)
+    emb = src["model.embed_tokens.weight"]
+    # Build on the source's device and dtype (init then overwritten: its cost is one init pass).
+    prev = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(_build_dtype(emb.dtype))
+        with torch.device(emb.device):
+            model = RevMoEForCausalLM(config)
+    finally:
+        torch.set_default_dtype(prev)
+    model.to(dtype=emb.dtype)
+    targets = _targets(model)
+    problems, missing = [], []
+    for name, dst in targets.items():
+        if name not in src:
+            missing.append(name)
+        elif tuple(src[name].shape) != tuple(dst.shape):
+            problems.append(f"{name}: HF {tuple(src[name].shape)} vs RevMoE {tuple(dst.shape)}")
+    unused = sorted(set(src) - set(targets))
+    if missing or unused:
+        _unsupported(fam, f"parameters without a counterpart: HF-only {unused[:6]}, RevMoE-only {missing[:6]}")
+    if problems:
+        raise ValueError(f"revengine.convert: {len(problems)} tensors do not fit the RevMoE config "
+                         f"(check the config overrides): " + "; ".join(problems[:6]))
+    for name, dst in targets.items():
+        dst.copy_(src[name])  # a copy: training the result never touches the source
+    if scheme == "revffn":
+        init_revffn_adapters(model, adapter_init, adapter_scale)
+    model.hf_model_type = fam  # remembered for to_hf
+    model.train(hf.training)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def _exact_export(cfg) -> Optional[str]:
+    """None when the reversible stack computes HF's residual chain exactly, else why not."""
+    bt = cfg.block_type
+    if bt == "revffn":
+        return ("block_type='revffn' runs half-width streams through projection adapters, which have no "
+                "counterpart in the HF architecture")
+    if cfg.exact:
+        return "exact=True rounds every increment to a fixed-point grid, which the HF model does not"
+    why = (f"block_type={bt!r} chains the layers differently from the HF residual x + f(x) "
+           f"({'the MoE branch reads the other stream' if bt in ('additive', 'hamiltonian') else 'a two-step update'})")
+    if bt in ("additive", "hamiltonian"):
+        return why
+    if cfg.num_hidden_layers != 1:
+        return why + f"; only a single layer matches it, this model has {cfg.num_hidden_layers}"
+    if cfg.stochastic_gamma not in (None, 1.0):
+        return "the stochastic midpoint mixes p_prev and p"
+    h = cfg.h
+    if cfg.boundary == "euler":
+        return None if h == 1.0 else f"the Euler start adds h*f(x) with h={h}, not f(x)"
+    want = 0.5 if bt == "midpoint" else 1.0
+    return None if h == want else f"{bt} with p_-1 = p_0 adds {'2h' if bt == 'midpoint' else 'h^2'} f(x) with h={h}"
+
+
+def _guess_family(cfg) -> str:
+    if cfg.qk_norm == "full":
+        return "olmoe"
+    if cfg.qk_norm:
+        return "qwen3_moe"
+    if cfg.shared_expert_intermediate_size > 0 or cfg.attention_bias:
+        return "qwen2_moe"
+    return "mixtral" if cfg.norm_topk_prob else "qwen3_moe"
+
+
+def _hf_config_from_revmoe(cfg, family: str, **hf_kwargs):
+    tf = _transformers()
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                  num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                  num_experts_per_tok=cfg.num_experts_per_tok, rms_norm_eps=cfg.rms_norm_eps,
+                  max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
+                  initializer_range=cfg.initializer_range, router_aux_loss_coef=cfg.router_aux_loss_coef,
+                  pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id,
+                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, **hf_kwargs)
+    hd = cfg.head_size
+    problems = []
+    if family == "mixtral":
+        if not cfg.norm_topk_prob:
+            problems.append("Mixtral always renormalises the top-k weights (norm_topk_prob=False)")
+        if cfg.shared_expert_intermediate_size or cfg.attention_bias or cfg.qk_norm:
+            problems.append("Mixtral has no shared expert, q/k/v bias or q/k norm")
+        hfc = tf.MixtralConfig(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_intermediate_size,
+                               head_dim=hd, **common)
+    elif family == "qwen2_moe":
+        if cfg.shared_expert_intermediate_size == 0 or cfg.qk_norm:
+            problems.append("Qwen2-MoE has a shared expert and no q/k norm")
+        hfc = tf.Qwen2MoeConfig(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_intermediate_size,
+                                shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+                                intermediate_size=cfg.shared_expert_intermediate_size,
+                                norm_topk_prob=cfg.norm_topk_prob, qkv_bias=cfg.attention_bias, **common)
+        if hd * cfg.num_attention_heads != cfg.hidden_size:
+            problems.append("Qwen2-MoE derives head_dim from hidden_size")
+    elif family == "qwen3_moe":
+        if cfg.shared_expert_intermediate_size or cfg.attention_bias or cfg.qk_norm not in (True, "head"):
+            problems.append("Qwen3-MoE has per-head q/k norms, no shared expert and no q/k/v-only bias")
+        hfc = tf.Qwen3MoeConfig(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_intermediate_size,
+                                norm_topk_prob=cfg.norm_topk_prob, head_dim=hd, **common)
+    elif family == "olmoe":
+        if cfg.shared_expert_intermediate_size or cfg.attention_bias or cfg.qk_norm != "full":
+            problems.append("OLMoE has full-width q/k norms, no shared expert and no q/k/v-only bias")
+        if hd * cfg.num_attention_heads != cfg.hidden_size:
+            problems.append("OLMoE derives head_dim from hidden_size")
+        hfc = tf.OlmoeConfig(num_experts=cfg.num_experts, intermediate_size=cfg.moe_intermediate_size,
+                             norm_topk_prob=cfg.norm_topk_prob, **common)
+    else:
+        raise ValueError(f"to_hf: unknown family {family!r}; one of {sorted(SUPPORTED_ARCHITECTURES)}")
+    if problems:
+        raise ValueError(f"to_hf: the model does not fit {SUPPORTED_ARCHITECTURES[family]}: " + "; ".join(problems))
+    return hfc
+
+
+@torch.no_grad()
+def to_hf(model, family: Optional[str] = None, allow_function_change: bool = False, **hf_config_kwargs):
+    """The HF causal LM (Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE) holding copies of `model`'s weights.
+
+    Raises ValueError when the HF model would compute a different function (see the module
+    docstring: exact only for a one-layer midpoint/leapfrog stack) unless allow_function_change=True,
+    which exports the full-width schemes' pretrained-shaped weights anyway; revffn never exports.
+    family: the HF model_type; default the one from_hf converted from, else inferred from the config.
+    hf_config_kwargs: passed to the HF config (e.g. experts_implementation="eager" for float64 on CPU).
+    """
+    tf = _transformers()
+    cfg = model.config
+    why = _exact_export(cfg)
+    if why is not None and (cfg.block_type == "revffn" or not allow_function_change):
+        raise ValueError(f"to_hf: cannot export exactly: {why}. "
+                         + ("" if cfg.block_type == "revffn" else
+                            "Pass allow_function_change=True to export the weights into the HF residual architecture "
+                            "anyway (a different function)."))
+    family = family or getattr(model, "hf_model_type", None) or _guess_family(cfg)
+    hfc = _hf_config_from_revmoe(cfg, family, **hf_config_kwargs)
+    p0 = model.model.embed_tokens.weight
+    prev = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(_build_dtype(p0.dtype))
+        with torch.device(p0.device):
+            hf = getattr(tf, SUPPORTED_ARCHITECTURES[family])(hfc)
+    finally:
+        torch.set_default_dtype(prev)
+    hf.to(dtype=p0.dtype)
+    dst = _hf_state(hf)
+    src = _targets(model)
+    if set(dst) != set(src):
+        raise ValueError(f"to_hf: parameter names differ: HF-only {sorted(set(dst) - set(src))[:6]}, "
+                         f"RevMoE-only {sorted(set(src) - set(dst))[:6]}")
+    for name, t in dst.items():
+        if t.shape != src[name].shape:
+            raise ValueError(f"to_hf: {name}: RevMoE {tuple(src[name].shape)} vs HF {tuple(t.shape)}")
+        t.copy_(src[name])
+    hf.train(model.training)
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# Upcycling a dense model
+
+
+@torch.no_grad()
+def upcycle(dense_model, num_experts: int, top_k: int, router_std: Optional[float] = None,
+            generator: Optional[torch.Generator] = None, **mixtral_config_kwargs):
+    """A MixtralForCausalLM whose every expert is a copy of the dense LlamaForCausalLM's MLP.
+
+    The router is random (normal, std `router_std`, default the config's initializer_range); Mixtral
+    renormalises the top-k weights to sum to one, so each MoE layer outputs the dense MLP's output
+    and the loss equals the dense model's (up to rounding). The dense model is not modified.
+    mixtral_config_kwargs: passed to MixtralConfig (e.g. experts_implementation="eager": HF's default
+    grouped-GEMM experts do not run in float64 on CPU).
+    """
+    tf = _transformers()
+    c = dense_model.config
+    if getattr(c, "model_type", None) != "llama" or not hasattr(dense_model, "lm_head"):
+        raise ValueError(f"upcycle: expected a dense LlamaForCausalLM, got {type(dense_model).__name__} "
+                         f"(model_type={getattr(c, 'model_type', None)!r})")
+    if not (1 <= top_k <= num_experts):
+        raise ValueError(f"upcycle: need 1 <= top_k <= num_experts, got top_k={top_k}, num_experts={num_experts}")
+    for name, bad in (("attention_bias", getattr(c, "attention_bias", False)), ("mlp_bias", getattr(c, "mlp_bias", False)),
+                      ("pretraining_tp != 1", getattr(c, "pretraining_tp", 1) != 1),
+                      (f"hidden_act={getattr(c, 'hidden_act', 'silu')!r}", getattr(c, "hidden_act", "silu") != "silu")):
+        if bad:
+            raise ValueError(f"upcycle: Mixtral has no counterpart for the Llama model's {name}")
+    d = c.to_dict()
+    for k in ("architectures", "model_type", "transformers_version", "attention_bias", "mlp_bias", "pretraining_tp",
+              "_name_or_path", "dtype", "torch_dtype"):
+        d.pop(k, None)
+    d["head_dim"] = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    d.update(num_local_experts=num_experts, num_experts_per_tok=top_k, sliding_window=None, router_jitter_noise=0.0)
+    d.update(mixtral_config_kwargs)
+    mc = tf.MixtralConfig(**d)
+    p0 = dense_model.model.embed_tokens.weight
+    prev = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(_build_dtype(p0.dtype))
+        with torch.device(p0.device):
+            moe = tf.MixtralForCausalLM(mc)
+    finally:
+        torch.set_default_dtype(prev)
+    moe.to(dtype=p0.dtype)
+    src = dense_model.state_dict()
+    dst = moe.state_dict()
+    std = float(router_std if router_std is not None else getattr(c, "initializer_range", 0.02))
+    for name, t in dst.items():
+        if "rotary_emb" in name:
+            continue
+        if ".mlp." not in name:
+            if name not in src or src[name].shape != t.shape:
+                raise ValueError(f"upcycle: {name} has no counterpart of shape {tuple(t.shape)} in the dense model")
+            t.copy_(src[name])
+            continue
+        prefix = name.split(".mlp.")[0] + ".mlp."
+        if name.endswith("mlp.gate.weight"):
+            r = torch.randn(t.shape, generator=generator, dtype=torch.float64) * std
+            t.copy_(r.to(t.dtype))
+        elif name.endswith("experts.gate_up_proj"):
+            gu = torch.cat([src[prefix + "gate_proj.weight"], src[prefix + "up_proj.weight"]], 0)  # gate rows first
+            t.copy_(gu[None].expand_as(t))
+        elif name.endswith("experts.down_proj"):
+            t.copy_(src[prefix + "down_proj.weight"][None].expand_as(t))
+        else:
+            raise ValueError(f"upcycle: unexpected Mixtral parameter {name}")
+    if mc.tie_word_embeddings:
+        moe.tie_weights()
+    moe.train(dense_model.training)
+    return moe
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring the gap
+
+
+@torch.no_grad()
+def conversion_gap(hf_model, model, input_ids: torch.Tensor) -> Dict[str, float]:
+    """Next-token loss of the HF model and of the converted model on `input_ids`, and the mean
+    per-token KL(p_hf || p_rev) of their next-token distributions (nats)."""
+    lp_hf = hf_model(input_ids=input_ids, use_cache=False).logits.double().log_softmax(-1)
+    lp = model(input_ids, return_logits=True).logits.double().log_softmax(-1)
+    kl = (lp_hf.exp() * (lp_hf - lp)).sum(-1).mean()
+    tgt = input_ids[:, 1:, None]
+    nll = lambda logp: float(-logp[:, :-1].gather(-1, tgt).mean())  # noqa: E731  (HF's loss is float32)
+    return {"loss_hf": nll(lp_hf), "loss_rev": nll(lp), "kl": float(kl)}
