@@ -50,12 +50,19 @@ void side_begin_call(const std::string& fn_label) {
   side_counts.clear();
 }
 
+namespace {
+// Appends (tag, t) to a layer record's tagged list; a tag may appear once per layer call.
+void add_tagged(std::vector<std::string>& tags, std::vector<at::Tensor>& values, const std::string& tag,
+                const at::Tensor& t, const char* what) {
+  for (const auto& existing : tags)
+    TORCH_CHECK(existing != tag, "revengine: ", what, " '", tag, "' recorded twice in one layer call");
+  tags.push_back(tag);
+  values.push_back(t.detach());
+}
+}  // namespace
+
 void side_save(const std::string& tag, const at::Tensor& t) {
-  if (side_mode() != SideMode::kRecord) return;
-  for (const auto& existing : side_rec->saved_tags)
-    TORCH_CHECK(existing != tag, "revengine: record '", tag, "' saved twice in one layer call");
-  side_rec->saved_tags.push_back(tag);
-  side_rec->saved.push_back(t.detach());
+  if (side_mode() == SideMode::kRecord) add_tagged(side_rec->saved_tags, side_rec->saved, tag, t, "record");
 }
 
 at::Tensor side_load(const std::string& tag) {
@@ -66,11 +73,7 @@ at::Tensor side_load(const std::string& tag) {
 }
 
 void side_emit(const std::string& tag, const at::Tensor& value) {
-  if (side_mode() != SideMode::kRecord) return;
-  for (const auto& existing : side_rec->side_tags)
-    TORCH_CHECK(existing != tag, "revengine: side output '", tag, "' emitted twice in one layer call");
-  side_rec->side_tags.push_back(tag);
-  side_rec->side_values.push_back(value.detach());
+  if (side_mode() == SideMode::kRecord) add_tagged(side_rec->side_tags, side_rec->side_values, tag, value, "side output");
 }
 
 at::Tensor side_grad(const std::string& tag) {
