@@ -47,7 +47,8 @@ def make_config(block_type, mode, layers, quick=False, overrides=None):
     return RevMoEConfig.preset("tiny" if quick else "qwen-moe-mini", **kw)
 
 
-def measure_config(name: str, layers: int, batch: int, seq: int, quick: bool = False, overrides=None) -> dict:
+def measure_config(name: str, layers: int, batch: int, seq: int, quick: bool = False, overrides=None,
+                   activations_only: bool = False) -> dict:
     """Runs in a fresh subprocess; returns the step's figure and the static breakdown."""
     from revengine.models import RevMoEForCausalLM
 
@@ -76,7 +77,7 @@ def measure_config(name: str, layers: int, batch: int, seq: int, quick: bool = F
     b = breakdown(model, opt)
     # The full step as a training loop runs it (grads freed by zero_grad, allocated by backward).
     opt.zero_grad(set_to_none=True)
-    fig = measure_step(step)
+    fig = fig_act if activations_only else measure_step(step)
     fp = model.fixed_point_report()
     return {
         "name": name, "layers": layers, "figure": fig.as_dict(), "figure_activations": fig_act.as_dict(),
@@ -125,9 +126,9 @@ def main(argv=None) -> int:
           f"(forward + backward + optimizer.step), fresh subprocess per figure, MALLOC_MMAP_THRESHOLD_=65536, "
           f"config overrides {overrides}")
 
-    def run(name, layers, batch=None):
+    def run(name, layers, batch=None, activations_only=False):
         r = measure_in_subprocess(target, dict(name=name, layers=layers, batch=batch or args.batch, seq=args.seq, quick=args.quick,
-                                                        overrides=overrides),
+                                                        overrides=overrides, activations_only=activations_only),
                                   env=env, timeout=3600)
         r["delta_mb"] = r["figure"]["peak_delta_mb"]
         r["activations_mb"] = r["figure_activations"]["peak_delta_mb"]
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
                 if layers == args.layers and name in main_rows and sweep_batch == args.batch:
                     sweep[name][layers] = main_rows[name]
                 else:
-                    sweep[name][layers] = run(name, layers, sweep_batch)
+                    sweep[name][layers] = run(name, layers, sweep_batch, activations_only=True)
                     print(f"  measured {name} at {layers} layers ({time.perf_counter() - t0:.0f} s)", flush=True)
         print()
         print(f"activations (MB) by depth, batch {sweep_batch} x seq {args.seq}:")

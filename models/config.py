@@ -48,7 +48,7 @@ class RevMoEConfig:
     stochastic_gamma: Optional[float] = None  # midpoint only: < 1 makes it the stochastic midpoint
     fixed_point_iters: int = 30  # revffn: iterations of the attention branch's inverse
     fixed_point_tol: Optional[float] = None  # revffn: relative residual that counts as converged
-    # (None: by the stream dtype, 1e-13 for float64, 1e-6 for float32, 1e-3 below)
+    # (None: by the stream dtype, 1e-12 for float64, 1e-5 for float32, 1e-2 below)
     fixed_point_fallback: str = "error"  # revffn: "error" or "warn" when it does not converge
     replay_routing: bool = True
     loss_chunk_size: int = 256  # tokens per chunk of the LM-head cross-entropy
