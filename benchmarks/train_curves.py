@@ -61,15 +61,22 @@ def train(name: str, block_type: str, mode: str, args, train_ids, test_ids) -> d
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
     curve, t0 = [], time.perf_counter()
     start = held_out_loss(model, test_ids, args.seq)
+    failed = None
     for step, x in enumerate(batches(train_ids, args.steps, args.batch, args.seq, seed=1)):
         out = model(x, labels=x)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        try:
+            out.loss.backward()
+        except RuntimeError as exc:  # RevFFN: the fixed-point inverse stopped converging
+            if "did not converge" not in str(exc):
+                raise
+            failed = (step, str(exc).split("revengine: ")[-1].split(". The branch")[0])
+            break
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         curve.append(out.lm_loss.item())
-    return {"name": name, "curve": curve, "held_out_start": start, "held_out": held_out_loss(model, test_ids, args.seq),
+    return {"name": name, "curve": curve, "failed": failed, "held_out_start": start, "held_out": held_out_loss(model, test_ids, args.seq),
             "seconds": time.perf_counter() - t0, "fixed_point": model.fixed_point_report()}
 
 
@@ -86,6 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--quick", action="store_true", help="20 steps, 2 layers")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these contenders (plain is always run)")
     ap.add_argument("--png", default=None, help="write a plot (needs matplotlib)")
     args = ap.parse_args(argv)
     if args.steps is None:
@@ -97,6 +105,8 @@ def main(argv=None) -> int:
           f"{args.layers} layers, hidden 64, 8 experts top-2, batch {args.batch} x {args.seq}, AdamW lr {args.lr}, "
           f"{args.steps} steps")
     contenders = [("plain", "additive", "plain")] + [(f"rev-{b}", b, "reversible") for b in BLOCK_TYPES]
+    if args.only:
+        contenders = [c for c in contenders if c[0] == "plain" or c[0] in args.only or c[1] in args.only]
     results = [train(n, b, m, args, train_ids, test_ids) for n, b, m in contenders]
     width = max(1, args.steps // 20)
     marks = sorted(set([0] + [max(0, int(args.steps * f) - 1) for f in (0.1, 0.25, 0.5, 0.75, 1.0)]))
@@ -105,14 +115,19 @@ def main(argv=None) -> int:
     print("| step | " + " | ".join(r["name"] for r in results) + " |")
     print("|---|" + "---|" * len(results))
     for s in marks:
-        print(f"| {s + 1} | " + " | ".join(f"{smooth(r['curve'], s, width):.3f}" for r in results) + " |")
+        print(f"| {s + 1} | " + " | ".join(f"{smooth(r['curve'], s, width):.3f}" if s < len(r["curve"]) else "stopped"
+                                          for r in results) + " |")
     print("| held-out (start) | " + " | ".join(f"{r['held_out_start']:.3f}" for r in results) + " |")
     print("| held-out (end) | " + " | ".join(f"{r['held_out']:.3f}" for r in results) + " |")
     print("| seconds | " + " | ".join(f"{r['seconds']:.1f}" for r in results) + " |")
     plain = results[0]["curve"]
-    add = next(r for r in results if r["name"] == "rev-additive")["curve"]
-    print(f"max |rev-additive - plain| over the curve: {max(abs(a - b) for a, b in zip(add, plain)):.2e}")
+    add = next((r for r in results if r["name"] == "rev-additive"), None)
+    if add is not None:
+        print(f"max |rev-additive - plain| over the curve: {max(abs(a - b) for a, b in zip(add['curve'], plain)):.2e}")
     for r in results:
+        if r["failed"]:
+            print(f"FAIL: {r['name']} stopped at step {r['failed'][0] + 1}: {r['failed'][1]}")
+            continue
         verdict = "PASS" if r["held_out"] < r["held_out_start"] - 0.5 else "FAIL"
         print(f"{verdict}: {r['name']} held-out loss {r['held_out_start']:.3f} -> {r['held_out']:.3f}")
     fp = [x for r in results for x in r["fixed_point"]]

@@ -46,7 +46,7 @@ class RevMoEConfig:
     step_size: Optional[float] = None  # integrators' h; None: 0.5 for midpoint, 1.0 otherwise
     boundary: str = "duplicate"  # integrators' p_-1: "duplicate" (= p_0) or "euler" (bootstrap)
     stochastic_gamma: Optional[float] = None  # midpoint only: < 1 makes it the stochastic midpoint
-    fixed_point_iters: int = 30  # revffn: iterations of the attention branch's inverse
+    fixed_point_iters: int = 50  # revffn: iterations of the attention branch's inverse
     fixed_point_tol: Optional[float] = None  # revffn: relative residual that counts as converged
     # (None: by the stream dtype, 1e-12 for float64, 1e-5 for float32, 1e-2 below)
     fixed_point_fallback: str = "error"  # revffn: "error" or "warn" when it does not converge

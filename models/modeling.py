@@ -116,12 +116,20 @@ class RevFFNLayer(rev.Coupling):
         x2 = y2 - self.moe_increment(y1, **ctx)
         tol = self._tolerance(y1.dtype)
         scale = y1.abs().max().clamp_min(1.0)
-        x1, residual, n = y1, float("inf"), 0
+        # Damped fixed-point iteration x <- x + w (y1 - F(x, x2) - x). w = 1 is the plain iteration;
+        # w halves whenever the residual grows, which turns an oscillating divergence (dF/dx1 with
+        # eigenvalues beyond 1) into a convergent one.
+        x1, residual, prev, w, n = y1, float("inf"), float("inf"), 1.0, 0
         for n in range(1, self.iters + 1):
-            nxt = y1 - self.attn_increment(x1, x2, **ctx)
-            residual = float((nxt - x1).abs().max() / scale)
-            x1 = nxt
-            if residual <= tol or not math.isfinite(residual):
+            step = y1 - self.attn_increment(x1, x2, **ctx) - x1
+            residual = float(step.abs().max() / scale)
+            if not math.isfinite(residual):
+                break
+            if residual > prev:
+                w = max(w * 0.5, 1.0 / 64)
+            prev = residual
+            x1 = x1 + step if w == 1.0 else x1 + w * step
+            if residual <= tol:
                 break
         st = self.fixed_point_stats
         st["iterations"], st["residual"], st["calls"] = n, residual, st["calls"] + 1
