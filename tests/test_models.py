@@ -189,7 +189,7 @@ def test_revffn_fixed_point_reports_and_fails_clearly():
     ids, mask, labels = batch(cfg)
     grads(model, ids, mask, labels)
     report = model.fixed_point_report()
-    assert len(report) == 2 and all(r["residual"] <= 1e-12 and 1 <= r["iterations"] <= 30 for r in report)
+    assert len(report) == 2 and all(r["residual"] <= 1e-12 and 1 <= r["iterations"] <= 50 for r in report)
     # Adapters too large for a contraction: a clear error naming the layer, or a warning.
     for m in model.modules():
         if hasattr(m, "up_q"):

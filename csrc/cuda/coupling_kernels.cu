@@ -27,6 +27,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "dtype_dispatch.cuh"
+
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -454,27 +456,8 @@ int init_status(int64_t* status, cudaStream_t stream) {
   return static_cast<int>(e);
 }
 
-// dtype code -> compile-time constant
-template <int D>
-struct DT {
-  static constexpr int value = D;
-};
-
-template <typename Fn>
-int dispatch1(int dt, Fn&& fn) {
-  switch (dt) {
-    case REVENGINE_CUDA_FLOAT32:
-      return fn(DT<REVENGINE_CUDA_FLOAT32>{});
-    case REVENGINE_CUDA_FLOAT64:
-      return fn(DT<REVENGINE_CUDA_FLOAT64>{});
-    case REVENGINE_CUDA_BFLOAT16:
-      return fn(DT<REVENGINE_CUDA_BFLOAT16>{});
-    case REVENGINE_CUDA_FLOAT16:
-      return fn(DT<REVENGINE_CUDA_FLOAT16>{});
-    default:
-      return static_cast<int>(cudaErrorInvalidValue);
-  }
-}
+using revengine_cuda::dispatch1;
+using revengine_cuda::DT;
 
 // The (x, operand) dtype pairs with a kernel, as on the CPU (ops.cpp's has_pair_kernel): the same
 // dtype, float32 x with a bfloat16/float16 operand, bfloat16/float16 x with a float32 operand.

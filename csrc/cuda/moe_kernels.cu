@@ -39,6 +39,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "dtype_dispatch.cuh"
+
 #include <atomic>
 #include <cstdint>
 
@@ -397,27 +399,8 @@ inline cudaStream_t as_stream(void* s) { return static_cast<cudaStream_t>(s); }
 
 inline int invalid() { return static_cast<int>(cudaErrorInvalidValue); }
 
-// dtype code -> compile-time constant
-template <int D>
-struct DT {
-  static constexpr int value = D;
-};
-
-template <typename Fn>
-int dispatch1(int dt, Fn&& fn) {
-  switch (dt) {
-    case REVENGINE_CUDA_FLOAT32:
-      return fn(DT<REVENGINE_CUDA_FLOAT32>{});
-    case REVENGINE_CUDA_FLOAT64:
-      return fn(DT<REVENGINE_CUDA_FLOAT64>{});
-    case REVENGINE_CUDA_BFLOAT16:
-      return fn(DT<REVENGINE_CUDA_BFLOAT16>{});
-    case REVENGINE_CUDA_FLOAT16:
-      return fn(DT<REVENGINE_CUDA_FLOAT16>{});
-    default:
-      return invalid();
-  }
-}
+using revengine_cuda::dispatch1;
+using revengine_cuda::DT;
 
 template <typename T>
 struct IdType {

@@ -30,28 +30,14 @@
 #include <vector>
 
 #include "../moe_checks.h"
+#include "cuda_glue.h"
 #include "moe_kernels.h"
 
 namespace revengine {
 namespace {
 
 using namespace ::revengine::detail;
-
-int float_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return REVENGINE_CUDA_FLOAT32;
-    case at::kDouble:
-      return REVENGINE_CUDA_FLOAT64;
-    case at::kBFloat16:
-      return REVENGINE_CUDA_BFLOAT16;
-    case at::kHalf:
-      return REVENGINE_CUDA_FLOAT16;
-    default:
-      TORCH_INTERNAL_ASSERT(false, "revengine: no CUDA MoE kernel for dtype ", t);
-  }
-  return -1;
-}
+using namespace ::revengine::cuda_glue;
 
 int index_code(at::ScalarType t) {
   switch (t) {
@@ -65,14 +51,6 @@ int index_code(at::ScalarType t) {
       TORCH_INTERNAL_ASSERT(false, "revengine: no CUDA MoE kernel for index dtype ", t);
   }
   return -1;
-}
-
-void* current_stream(const at::Tensor& t) {
-  return static_cast<void*>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
-}
-
-void check_launch(const char* op, int err) {
-  TORCH_CHECK(err == 0, "revengine::", op, ": CUDA kernel launch failed: ", revengine_cuda_error_string(err));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -105,7 +83,7 @@ at::Tensor moe_gather_cuda(const at::Tensor& x, const at::Tensor& sorted_slots, 
   const int64_t N = sc.numel(), H = xc.size(1);
   at::Tensor out = at::empty({N, H}, xc.options());
   if (N == 0 || H == 0) return out;
-  check_launch("moe_gather", revengine_cuda_moe_gather(xc.const_data_ptr(), float_code(xc.scalar_type()),
+  check_launch("moe_gather", revengine_cuda_moe_gather(xc.const_data_ptr(), dtype_code(xc.scalar_type()),
                                                        sc.const_data_ptr<int64_t>(), N, k, H, out.data_ptr(),
                                                        current_stream(xc)));
   return out;
@@ -121,7 +99,7 @@ at::Tensor moe_gather_backward_cuda(const at::Tensor& grad_out, const at::Tensor
   if (T == 0 || H == 0) return dx;
   at::Tensor pos = at::empty({N}, sc.options());
   check_launch("moe_gather_backward",
-               revengine_cuda_moe_gather_backward(g.const_data_ptr(), float_code(g.scalar_type()),
+               revengine_cuda_moe_gather_backward(g.const_data_ptr(), dtype_code(g.scalar_type()),
                                                   sc.const_data_ptr<int64_t>(), N, k, H, dx.data_ptr(),
                                                   pos.data_ptr<int64_t>(), current_stream(g)));
   return dx;
@@ -178,7 +156,7 @@ at::Tensor moe_scatter_combine_cuda(const at::Tensor& y, const at::Tensor& weigh
   if (k == 0) return out.zero_();
   at::Tensor pos = at::empty({T * k}, sc.options());
   check_launch("moe_scatter_combine",
-               revengine_cuda_moe_scatter_combine(yc.const_data_ptr(), float_code(yc.scalar_type()),
+               revengine_cuda_moe_scatter_combine(yc.const_data_ptr(), dtype_code(yc.scalar_type()),
                                                   wc.const_data_ptr(), sc.const_data_ptr<int64_t>(), T, k, H,
                                                   out.data_ptr(), pos.data_ptr<int64_t>(), current_stream(yc)));
   return out;
@@ -199,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> moe_scatter_combine_backward_cuda(const at::T
   if (T * k > 0) {
     check_launch("moe_scatter_combine_backward",
                  revengine_cuda_moe_scatter_combine_backward(
-                     gc.const_data_ptr(), yc.const_data_ptr(), float_code(yc.scalar_type()), wc.const_data_ptr(),
+                     gc.const_data_ptr(), yc.const_data_ptr(), dtype_code(yc.scalar_type()), wc.const_data_ptr(),
                      sc.const_data_ptr<int64_t>(), T, k, H, dy.data_ptr(), dw.data_ptr(), current_stream(yc)));
   }
   return {dy, dw.to(weights.scalar_type())};

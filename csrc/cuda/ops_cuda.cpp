@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <functional>
 
+#include "cuda_glue.h"
 #include "../ops_checks.h"
 #include "coupling_kernels.h"
 
@@ -23,30 +24,7 @@ namespace revengine {
 namespace {
 
 using namespace ::revengine::detail;
-
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return REVENGINE_CUDA_FLOAT32;
-    case at::kDouble:
-      return REVENGINE_CUDA_FLOAT64;
-    case at::kBFloat16:
-      return REVENGINE_CUDA_BFLOAT16;
-    case at::kHalf:
-      return REVENGINE_CUDA_FLOAT16;
-    default:
-      TORCH_INTERNAL_ASSERT(false, "revengine: no CUDA kernel for dtype ", t);
-  }
-  return -1;
-}
-
-void* current_stream(const at::Tensor& t) {
-  return static_cast<void*>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
-}
-
-void check_launch(const char* op, int err) {
-  TORCH_CHECK(err == 0, "revengine::", op, ": CUDA kernel launch failed: ", revengine_cuda_error_string(err));
-}
+using namespace ::revengine::cuda_glue;
 
 uint8_t* flag_ptr(at::Tensor& flag) { return static_cast<uint8_t*>(flag.data_ptr()); }
 
