@@ -36,7 +36,7 @@ def model_config(block_type: str, mode: str, layers: int) -> RevMoEConfig:
                         num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
                         shared_expert_intermediate_size=128, norm_topk_prob=True, router_aux_loss_coef=0.01,
                         router_z_loss_coef=1e-3, max_position_embeddings=512, block_type=block_type,
-                        reversible_mode=mode)
+                        reversible_mode=mode, fixed_point_fallback="store")
 
 
 def batches(ids: torch.Tensor, steps: int, batch: int, seq: int, seed: int):
@@ -133,7 +133,8 @@ def main(argv=None) -> int:
     fp = [x for r in results for x in r["fixed_point"]]
     if fp:
         print(f"revffn fixed point: max iterations {max(x['iterations'] for x in fp)}, "
-              f"max residual {max(x['residual'] for x in fp):.1e}")
+              f"max residual {max(x['residual'] for x in fp):.1e}; layers keeping their input at the last step "
+              f"(fixed_point_fallback='store'): {sum(bool(x.get('stored')) for x in fp)} of {len(fp)}")
     if args.png:
         try:
             import matplotlib

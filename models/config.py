@@ -49,7 +49,8 @@ class RevMoEConfig:
     fixed_point_iters: int = 50  # revffn: iterations of the attention branch's inverse
     fixed_point_tol: Optional[float] = None  # revffn: relative residual that counts as converged
     # (None: by the stream dtype, 1e-12 for float64, 1e-5 for float32, 1e-2 below)
-    fixed_point_fallback: str = "error"  # revffn: "error" or "warn" when it does not converge
+    fixed_point_fallback: str = "error"  # revffn, when the inverse does not converge: "error", "warn", or
+    # "store" (checked in forward; such layers keep their left input: exact, costs memory and F evaluations)
     replay_routing: bool = True
     loss_chunk_size: int = 256  # tokens per chunk of the LM-head cross-entropy
     # Tokens per chunk in which the experts (and the shared expert) run with grad, each chunk keeping
@@ -97,8 +98,8 @@ class RevMoEConfig:
             need(self.hidden_size % 2 == 0, f"block_type='revffn' splits the hidden state in halves: hidden_size must be "
                  f"even, got {self.hidden_size}")
         need(self.boundary in ("duplicate", "euler"), f"boundary must be 'duplicate' or 'euler', got {self.boundary!r}")
-        need(self.fixed_point_fallback in ("error", "warn"),
-             f"fixed_point_fallback must be 'error' or 'warn', got {self.fixed_point_fallback!r}")
+        need(self.fixed_point_fallback in ("error", "warn", "store"),
+             f"fixed_point_fallback must be 'error', 'warn' or 'store', got {self.fixed_point_fallback!r}")
         need(self.fixed_point_iters >= 1, "fixed_point_iters must be >= 1")
         if self.exact:
             need(self.block_type in EXACT_BLOCK_TYPES and self.stochastic_gamma in (None, 1.0),

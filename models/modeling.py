@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import revengine as rev
+from revengine._ext import _C
 
 from .config import RevMoEConfig
 from .layers import (Attention, KVCache, RMSNorm, SparseMoE, attention_mask_4d, init_weights, rope_tables)
@@ -78,7 +79,9 @@ class RevFFNLayer(rev.Coupling):
     it updates, so its inverse solves x1 = y1 - F(x1, x2) by fixed-point iteration; it converges
     when F is a contraction in x1 (small adapters). Each inverse records its iteration count and
     relative residual in `fixed_point_stats`; one that does not reach the tolerance raises (or
-    warns, with fixed_point_fallback="warn").
+    warns, with fixed_point_fallback="warn"). With fixed_point_fallback="store" the forward checks
+    the inverse right away and a layer whose inverse would not converge keeps its left input x1
+    (half a checkpoint for that layer; `fixed_point_stats["stored"]`), so training goes on exact.
     """
 
     def __init__(self, config: RevMoEConfig, layer_idx: int):
@@ -102,18 +105,14 @@ class RevFFNLayer(rev.Coupling):
     def moe_increment(self, y1: Tensor, **ctx) -> Tensor:
         return self.down_moe(self.moe(self.up_moe(y1), **ctx))
 
-    def forward(self, x1, x2, **ctx):
-        y1 = x1 + self.attn_increment(x1, x2, **ctx)
-        return y1, x2 + self.moe_increment(y1, **ctx)
-
     def _tolerance(self, dtype) -> float:
         if self.tol is not None:
             return float(self.tol)
         # A few hundred ulps of the stream's scale: below that the iteration only stirs rounding noise.
         return {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
 
-    def inverse(self, y1, y2, **ctx):
-        x2 = y2 - self.moe_increment(y1, **ctx)
+    def solve_x1(self, y1, x2, **ctx):
+        """x1 with x1 + F(x1, x2) = y1: (x1, relative residual, iterations)."""
         tol = self._tolerance(y1.dtype)
         scale = y1.abs().max().clamp_min(1.0)
         # Damped fixed-point iteration x <- x + w (y1 - F(x, x2) - x). w = 1 is the plain iteration;
@@ -131,13 +130,42 @@ class RevFFNLayer(rev.Coupling):
             x1 = x1 + step if w == 1.0 else x1 + w * step
             if residual <= tol:
                 break
+        return x1, residual, n
+
+    def _stored_tag(self):
+        return _C.side_tag(f"RevFFNLayer-x1@{id(self):x}")
+
+    def forward(self, x1, x2, **ctx):
+        y1 = x1 + self.attn_increment(x1, x2, **ctx)
+        if self.fallback == "store" and _C.side_mode() == 1:
+            # Recording for a reversible backward: check now that the inverse will converge; a
+            # layer whose branch is not a contraction keeps its left input instead.
+            tol = self._tolerance(y1.dtype)
+            with torch.no_grad():
+                x1_solved, residual, _ = self.solve_x1(y1, x2, **ctx)
+                error = float((x1_solved - x1).abs().max() / y1.abs().max().clamp_min(1.0))
+            # A margin: backward solves from a reconstructed y1, a few ulps off this one.
+            self.fixed_point_stats["stored"] = not (residual <= tol / 4 and error <= tol)
+            if self.fixed_point_stats["stored"]:
+                _C.side_save(self._stored_tag(), x1)
+        return y1, x2 + self.moe_increment(y1, **ctx)
+
+    def inverse(self, y1, y2, **ctx):
+        x2 = y2 - self.moe_increment(y1, **ctx)
+        if self.fallback == "store" and _C.side_mode() == 2:
+            stored = _C.side_load(self._stored_tag())
+            if stored is not None:
+                return stored.clone(), x2
+        tol = self._tolerance(y1.dtype)
+        x1, residual, n = self.solve_x1(y1, x2, **ctx)
         st = self.fixed_point_stats
         st["iterations"], st["residual"], st["calls"] = n, residual, st["calls"] + 1
         if not residual <= tol:
             msg = (f"revengine: RevFFN layer {self.layer_idx}: the fixed-point inverse of the attention branch did not "
                    f"converge: relative residual {residual:.3g} after {n} iterations (tolerance {tol:.3g}). The "
                    "branch is not a contraction in the stream it updates: keep the adapters small, raise "
-                   "fixed_point_iters, or use block_type='additive' or reversible_mode='checkpoint'")
+                   "fixed_point_iters, use fixed_point_fallback='store', block_type='additive' or "
+                   "reversible_mode='checkpoint'")
             if self.fallback == "error":
                 raise RuntimeError(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)

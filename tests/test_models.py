@@ -203,6 +203,16 @@ def test_revffn_fixed_point_reports_and_fails_clearly():
             m.fallback = "warn"
     with pytest.warns(RuntimeWarning, match="did not converge"):
         grads(model, ids, mask, labels)
+    # "store": the forward finds out and keeps those layers' inputs: grads exact again.
+    ref = build(tiny("revffn", "plain", layers=2))
+    ref.load_state_dict(model.state_dict())
+    for m in model.modules():
+        if hasattr(m, "fallback"):
+            m.fallback = "store"
+    _, g0 = grads(ref, ids, mask, labels)
+    _, g1 = grads(model, ids, mask, labels)
+    assert any(r.get("stored") for r in model.fixed_point_report())
+    assert max(rel(g1[n], g0[n]) for n in g0) <= 1e-9
 
 
 @pytest.mark.parametrize("block_type", ["additive", "leapfrog"])
