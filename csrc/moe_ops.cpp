@@ -190,7 +190,11 @@ at::Tensor moe_gather_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
   return dx;
 }
 
-at::Tensor moe_grouped_mm_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_offsets) {
+}  // namespace
+
+namespace ops {
+
+at::Tensor grouped_mm_per_expert(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_offsets) {
   check_grouped_mm_args(x, weight, expert_offsets);
   const int64_t N = x.size(0), M = weight.size(1), E = weight.size(0);
   const std::vector<int64_t> off = checked_offsets("moe_grouped_mm", expert_offsets, N);
@@ -206,8 +210,8 @@ at::Tensor moe_grouped_mm_cpu(const at::Tensor& x, const at::Tensor& weight, con
   return out;
 }
 
-at::Tensor moe_grouped_mm_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& x,
-                                          const at::Tensor& expert_offsets) {
+at::Tensor grouped_mm_weight_grad_per_expert(const at::Tensor& grad_out, const at::Tensor& x,
+                                            const at::Tensor& expert_offsets) {
   check_weight_grad_args(grad_out, x, expert_offsets);
   const int64_t N = x.size(0), K = x.size(1), M = grad_out.size(1), E = expert_offsets.size(0) - 1;
   const std::vector<int64_t> off = checked_offsets("moe_grouped_mm_weight_grad", expert_offsets, N);
@@ -224,6 +228,10 @@ at::Tensor moe_grouped_mm_weight_grad_cpu(const at::Tensor& grad_out, const at::
   }
   return dw;
 }
+
+}  // namespace ops
+
+namespace {
 
 at::Tensor moe_scatter_combine_cpu(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& sorted_slots,
                                    int64_t num_tokens) {
@@ -589,8 +597,8 @@ TORCH_LIBRARY_IMPL(revengine, CPU, m) {
   m.impl("moe_permute", TORCH_FN(moe_permute_cpu));
   m.impl("moe_gather", TORCH_FN(moe_gather_cpu));
   m.impl("moe_gather_backward", TORCH_FN(moe_gather_backward_cpu));
-  m.impl("moe_grouped_mm", TORCH_FN(moe_grouped_mm_cpu));
-  m.impl("moe_grouped_mm_weight_grad", TORCH_FN(moe_grouped_mm_weight_grad_cpu));
+  m.impl("moe_grouped_mm", TORCH_FN(ops::grouped_mm_per_expert));
+  m.impl("moe_grouped_mm_weight_grad", TORCH_FN(ops::grouped_mm_weight_grad_per_expert));
   m.impl("moe_scatter_combine", TORCH_FN(moe_scatter_combine_cpu));
   m.impl("moe_scatter_combine_backward", TORCH_FN(moe_scatter_combine_backward_cpu));
 }

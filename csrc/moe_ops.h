@@ -33,6 +33,12 @@ at::Tensor moe_grouped_mm(const at::Tensor& x, const at::Tensor& weight, const a
 at::Tensor moe_grouped_mm_weight_grad(const at::Tensor& grad_out, const at::Tensor& x,
                                       const at::Tensor& expert_offsets);
 
+// The kernels of moe_grouped_mm / moe_grouped_mm_weight_grad on any device: one at::mm_out per
+// expert on narrowed slices (the offsets are read on the host once).
+at::Tensor grouped_mm_per_expert(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_offsets);
+at::Tensor grouped_mm_weight_grad_per_expert(const at::Tensor& grad_out, const at::Tensor& x,
+                                             const at::Tensor& expert_offsets);
+
 // y [T*k, H] (sorted order), weights [T, k] -> out [T, H], out[t] = sum_j weights[t, j] * y[pos(t*k + j)].
 // Differentiable in y and weights.
 at::Tensor moe_scatter_combine(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& sorted_slots,

@@ -35,7 +35,7 @@
 
 namespace {
 
-constexpr int kThreads = 256;
+using revengine_cuda::kThreads;
 constexpr int kVec = 4;
 
 // ---------------------------------------------------------------------------------------------
@@ -397,27 +397,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // Launch helpers
 // ---------------------------------------------------------------------------------------------
-// Blocks for `items` work items: at most one full wave of resident blocks (the loop is
-// grid-stride). The device attributes are cached per device (SM count << 32 | threads per SM).
-int grid_size(int64_t items) {
-  static std::atomic<int64_t> cache[64];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) dev = 0;
-  int64_t info = dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
-  if (info == 0) {
-    int sms = 0, tps = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) sms = 132;
-    if (cudaDeviceGetAttribute(&tps, cudaDevAttrMaxThreadsPerMultiProcessor, dev) != cudaSuccess || tps <= 0) {
-      tps = 2048;
-    }
-    info = (static_cast<int64_t>(sms) << 32) | tps;
-    if (dev < 64) cache[dev].store(info, std::memory_order_relaxed);
-  }
-  const int64_t sms = info >> 32, blocks_per_sm = (info & 0xffffffff) / kThreads;
-  const int64_t wave = sms * (blocks_per_sm > 0 ? blocks_per_sm : 1);
-  const int64_t need = (items + kThreads - 1) / kThreads;
-  return static_cast<int>(need < wave ? need : wave);
-}
+using revengine_cuda::grid_size;
 
 inline bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 

@@ -46,7 +46,7 @@
 
 namespace {
 
-constexpr int kThreads = 256;
+using revengine_cuda::kThreads;
 constexpr int kScanThreads = 1024;
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -359,29 +359,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // Launch helpers
 // ---------------------------------------------------------------------------------------------
-// Blocks of kThreads for `threads` threads of work: at most one full wave of resident blocks (the
-// loops are grid-stride). The device attributes are cached per device (SM count << 32 | threads
-// per SM).
-int grid_size(int64_t threads) {
-  static std::atomic<int64_t> cache[64];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) dev = 0;
-  int64_t info = dev < 64 ? cache[dev].load(std::memory_order_relaxed) : 0;
-  if (info == 0) {
-    int sms = 0, tps = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) sms = 132;
-    if (cudaDeviceGetAttribute(&tps, cudaDevAttrMaxThreadsPerMultiProcessor, dev) != cudaSuccess || tps <= 0) {
-      tps = 2048;
-    }
-    info = (static_cast<int64_t>(sms) << 32) | tps;
-    if (dev < 64) cache[dev].store(info, std::memory_order_relaxed);
-  }
-  const int64_t sms = info >> 32, blocks_per_sm = (info & 0xffffffff) / kThreads;
-  const int64_t wave = sms * (blocks_per_sm > 0 ? blocks_per_sm : 1);
-  int64_t need = (threads + kThreads - 1) / kThreads;
-  if (need < 1) need = 1;
-  return static_cast<int>(need < wave ? need : wave);
-}
+using revengine_cuda::grid_size;
 
 // log2 of the threads per row: the smallest power of two >= min(width, cap), cap a power of two.
 int tpr_log2_for(int64_t width, int cap) {

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "../moe_checks.h"
+#include "../moe_ops.h"
 #include "cuda_glue.h"
 #include "moe_kernels.h"
 
@@ -105,42 +106,16 @@ at::Tensor moe_gather_backward_cuda(const at::Tensor& grad_out, const at::Tensor
   return dx;
 }
 
+// cuBLAS through at::mm_out per expert: the device-agnostic implementation, under a device guard.
 at::Tensor moe_grouped_mm_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_offsets) {
-  check_grouped_mm_args(x, weight, expert_offsets);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t N = x.size(0), M = weight.size(1), E = weight.size(0);
-  // The one host synchronisation: the row ranges are needed on the host to slice.
-  const std::vector<int64_t> off = checked_offsets("moe_grouped_mm", expert_offsets, N);
-  at::Tensor out = at::empty({N, M}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (N == 0 || M == 0) return out;
-  if (x.size(1) == 0) return out.zero_();
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = off[e + 1] - off[e];
-    if (n == 0) continue;
-    at::Tensor o = out.narrow(0, off[e], n);  // contiguous rows of out: mm writes in place
-    at::mm_out(o, x.narrow(0, off[e], n), weight.select(0, e).t());
-  }
-  return out;
+  return ops::grouped_mm_per_expert(x, weight, expert_offsets);
 }
 
 at::Tensor moe_grouped_mm_weight_grad_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                                            const at::Tensor& expert_offsets) {
-  check_weight_grad_args(grad_out, x, expert_offsets);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t N = x.size(0), K = x.size(1), M = grad_out.size(1), E = expert_offsets.size(0) - 1;
-  const std::vector<int64_t> off = checked_offsets("moe_grouped_mm_weight_grad", expert_offsets, N);
-  at::Tensor dw = at::empty({E, M, K}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (dw.numel() == 0) return dw;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = off[e + 1] - off[e];
-    at::Tensor o = dw.select(0, e);
-    if (n == 0) {
-      o.zero_();
-      continue;
-    }
-    at::mm_out(o, grad_out.narrow(0, off[e], n).t(), x.narrow(0, off[e], n));
-  }
-  return dw;
+  return ops::grouped_mm_weight_grad_per_expert(grad_out, x, expert_offsets);
 }
 
 at::Tensor moe_scatter_combine_cuda(const at::Tensor& y, const at::Tensor& weights, const at::Tensor& sorted_slots,
