@@ -105,15 +105,19 @@ class RevFFNLayer(rev.Coupling):
     def moe_increment(self, y1: Tensor, **ctx) -> Tensor:
         return self.down_moe(self.moe(self.up_moe(y1), **ctx))
 
-    def _tolerance(self, dtype) -> float:
+    def _tolerance(self, x: Tensor) -> float:
         if self.tol is not None:
             return float(self.tol)
-        # A few hundred ulps of the stream's scale: below that the iteration only stirs rounding noise.
+        # A few hundred ulps of the precision F is computed in (the autocast dtype under autocast):
+        # below that the iteration only stirs rounding noise.
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
         return {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
 
     def solve_x1(self, y1, x2, **ctx):
         """x1 with x1 + F(x1, x2) = y1: (x1, relative residual, iterations)."""
-        tol = self._tolerance(y1.dtype)
+        tol = self._tolerance(y1)
         scale = y1.abs().max().clamp_min(1.0)
         # Damped fixed-point iteration x <- x + w (y1 - F(x, x2) - x). w = 1 is the plain iteration;
         # w halves whenever the residual grows, which turns an oscillating divergence (dF/dx1 with
@@ -140,7 +144,7 @@ class RevFFNLayer(rev.Coupling):
         if self.fallback == "store" and _C.side_mode() == 1:
             # Recording for a reversible backward: check now that the inverse will converge; a
             # layer whose branch is not a contraction keeps its left input instead.
-            tol = self._tolerance(y1.dtype)
+            tol = self._tolerance(y1)
             with torch.no_grad():
                 x1_solved, residual, _ = self.solve_x1(y1, x2, **ctx)
                 error = float((x1_solved - x1).abs().max() / y1.abs().max().clamp_min(1.0))
@@ -156,7 +160,7 @@ class RevFFNLayer(rev.Coupling):
             stored = _C.side_load(self._stored_tag())
             if stored is not None:
                 return stored.clone(), x2
-        tol = self._tolerance(y1.dtype)
+        tol = self._tolerance(y1)
         x1, residual, n = self.solve_x1(y1, x2, **ctx)
         st = self.fixed_point_stats
         st["iterations"], st["residual"], st["calls"] = n, residual, st["calls"] + 1
@@ -413,8 +417,11 @@ class RevMoEForCausalLM(nn.Module):
         """Per RevFFN layer: iterations and relative residual of its last fixed-point inverse."""
         return [dict(layer=m.layer_idx, **m.fixed_point_stats) for m in self.modules() if isinstance(m, RevFFNLayer)]
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count (HF's signature: Trainer calls it for its FLOP estimate)."""
+        skip = {id(self.model.embed_tokens.weight), id(self.lm_head.weight)} if exclude_embeddings else set()
+        params = {id(p): p for p in self.parameters() if id(p) not in skip and (p.requires_grad or not only_trainable)}
+        return sum(p.numel() for p in params.values())
 
     # -- save / load --------------------------------------------------------------------------
 
@@ -426,6 +433,9 @@ class RevMoEForCausalLM(nn.Module):
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, suffix=".safetensors.tmp")
         os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what a saved model should have
         try:
             save_model(self, tmp, metadata={"format": "pt", "model_type": "revmoe"})
             cfg_tmp = os.path.join(directory, "config.json.tmp")

@@ -221,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; --quick: 1)")
     demo.add_argument("--quick", action="store_true", help="a tiny run (seconds), for tests")
     demo.set_defaults(func=cmd_demo)
+
+    from . import finetune
+
+    ft = sub.add_parser(
+        "finetune",
+        help="convert an HF MoE checkpoint to a reversible model and fine-tune it in two stages",
+        description=finetune.__doc__.split("\n\n")[0] + " Stage 1 trains the parameters the conversion added "
+        "(distilling against the original's logits), stage 2 trains all of them. Checkpoints, --resume and "
+        "Ctrl-C are safe: a resumed run ends bit-identical to an uninterrupted one.",
+    )
+    finetune.add_arguments(ft)
+    ft.set_defaults(func=finetune.cmd_finetune)
     return parser
 
 

@@ -1,0 +1,384 @@
+"""revengine.finetune (`revengine finetune`): two-stage fine-tuning of converted HF MoE checkpoints,
+checkpoints and bit-identical --resume (also after Ctrl-C), eval loss and exact match, bad input,
+and a converted model under HF Trainer. Tiny random models saved to tmp dirs; no download."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+tf = pytest.importorskip("transformers")
+
+from revengine import finetune as ft  # noqa: E402
+from revengine.finetune import FinetuneArgs, FinetuneError  # noqa: E402
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SCHEMES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(family, vocab=260, layers=2):
+    common = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, num_experts_per_tok=2, rms_norm_eps=1e-6,
+                  pad_token_id=None, eos_token_id=None, bos_token_id=None, experts_implementation="eager")
+    if family == "mixtral":
+        return tf.MixtralConfig(num_local_experts=4, intermediate_size=24, **common)
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeConfig(num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                 intermediate_size=40, qkv_bias=True, **common)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(num_experts=4, moe_intermediate_size=24, norm_topk_prob=True, head_dim=12, **common)
+    if family == "llama":
+        return tf.LlamaConfig(intermediate_size=48, **{k: v for k, v in common.items()
+                                                       if k not in ("num_experts_per_tok", "experts_implementation")})
+    return tf.OlmoeConfig(num_experts=4, intermediate_size=24, **common)
+
+
+def save_tiny(path, family="mixtral", seed=0, **kw):
+    torch.manual_seed(seed)
+    cls = {"mixtral": tf.MixtralForCausalLM, "qwen2_moe": tf.Qwen2MoeForCausalLM, "qwen3_moe": tf.Qwen3MoeForCausalLM,
+           "olmoe": tf.OlmoeForCausalLM, "llama": tf.LlamaForCausalLM}[family]
+    cls(tiny_config(family, **kw)).save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    ft.write_jsonl(ft.arithmetic_records(300, digits=2, seed=1), str(d / "train.jsonl"))
+    return str(d / "train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("mixtral") / "m")
+
+
+def args(model, data, out, **kw):
+    base = dict(model=model, data=data, out=str(out), stage1_steps=4, steps=8, lr=3e-3, stage1_lr=1e-2,
+                batch_size=8, progress=False, save_every=0, eval_max_examples=8, threads=1)
+    base.update(kw)
+    return FinetuneArgs(**base)
+
+
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every family, every scheme: a two-stage run lowers the held-out loss
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_stage_run_lowers_heldout_loss(tmp_path, data, family, scheme):
+    model = save_tiny(tmp_path / "hf", family)
+    s = ft.run(args(model, data, tmp_path / "out", scheme=scheme, stage1_steps=10, steps=20))
+    ev = s["evals"]
+    assert s["status"] == "finished" and s["step"] == 30
+    assert set(ev) >= {"original", "start", "stage1", "final"}
+    # converted models start at the original's loss (up to the scheme's function change)
+    assert abs(ev["start"]["loss"] - ev["original"]["loss"]) < 0.5
+    assert ev["final"]["loss"] < ev["start"]["loss"] - 0.5, ev
+    assert 0.0 <= ev["final"]["exact_match"] <= 1.0 and ev["final"]["exact_match_n"] == 8
+    # the finished model reloads and reproduces the final eval
+    from revengine.models import RevMoEForCausalLM
+    m = RevMoEForCausalLM.from_pretrained(str(tmp_path / "out"))
+    tok = ft.load_tokenizer(str(tmp_path / "out"))
+    assert isinstance(tok, ft.ByteTokenizer)
+    recs = json.load(open(tmp_path / "out" / "eval.json"))
+    assert recs["evals"]["final"]["loss"] == pytest.approx(ev["final"]["loss"])
+    assert sum(p.numel() for p in m.parameters()) > 0
+
+
+def test_stage1_trains_only_the_new_parameters(tmp_path, data, mixtral):
+    from revengine import convert
+    out = tmp_path / "out"
+    s = ft.run(args(mixtral, data, out, scheme="revffn", stage1_steps=5, steps=0, distill="stage1"))
+    assert s["status"] == "finished"
+    src = tf.MixtralForCausalLM.from_pretrained(mixtral)
+    start = convert.from_hf(src, scheme="revffn")
+    after = weights(str(out))
+    pretrained = {k for k, p in start.state_dict().items()
+                  if any(p is q for q in convert._targets(start).values())}
+    sd = start.state_dict()
+    changed = {k for k in sd if not torch.equal(sd[k], after[k])} if set(after) == set(sd) else None
+    assert changed, "stage 1 changed nothing"
+    assert not (changed & pretrained), f"stage 1 touched pretrained weights: {sorted(changed & pretrained)[:4]}"
+    assert all("adapter" in k or "up_" in k or "down_" in k for k in changed), sorted(changed)
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert all("kl" in r for r in log if "stage" in r)  # distilled against the original
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and resume
+
+
+@pytest.mark.parametrize("stops", [(3,), (4,), (2, 5, 3)], ids=["mid-stage1", "stage-boundary", "three-stops"])
+def test_resume_is_bit_identical(tmp_path, data, mixtral, stops):
+    kw = dict(scheme="revffn", grad_accum=2, bf16=True, save_every=3)
+    ref = ft.run(args(mixtral, data, tmp_path / "ref", **kw))
+    out = tmp_path / "run"
+    for i, k in enumerate(stops):
+        s = ft.run(args(mixtral, data, out, resume=i > 0, stop_after=k, **kw))
+        assert s["status"] == "interrupted"
+    s = ft.run(args(mixtral, data, out, resume=True, **kw))
+    assert s["status"] == "finished" and ref["status"] == "finished"
+    assert same_weights(str(tmp_path / "ref"), str(out))
+
+    def strip(p):
+        return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in open(p / "log.jsonl")]
+    assert strip(tmp_path / "ref") == strip(out)  # same losses, evals and data order
+
+
+def test_resume_refuses_changed_settings_and_other_shapes(tmp_path, data, mixtral):
+    out = tmp_path / "out"
+    ft.run(args(mixtral, data, out, stop_after=2))
+    with pytest.raises(FinetuneError, match="differ from the checkpoint"):
+        ft.run(args(mixtral, data, out, resume=True, lr=1e-3))
+    other = save_tiny(tmp_path / "other", vocab=300)  # same path names, another shape
+    ckpt = ft.checkpoint_dirs(str(out))[-1]
+    state = json.load(open(os.path.join(ckpt, ft.STATE_FILE)))
+    state["args"]["model"] = other
+    json.dump(state, open(os.path.join(ckpt, ft.STATE_FILE), "w"))
+    with pytest.raises(FinetuneError, match="checkpoint of another shape"):
+        ft.run(args(other, data, out, resume=True))
+    with pytest.raises(FinetuneError, match="no checkpoint"):
+        ft.run(args(mixtral, data, tmp_path / "empty", resume=True))
+
+
+def test_sigint_saves_a_checkpoint_and_resume_matches(tmp_path, data, mixtral):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "revengine", "finetune", "--model", mixtral, "--data", data, "--out", str(out),
+           "--scheme", "additive", "--stage1-steps", "0", "--steps", "400", "--lr", "1e-3", "--save-every", "0",
+           "--no-progress", "--eval-max-examples", "4", "--threads", "1", "--batch-size", "4"]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if log.exists() and sum(1 for line in open(log) if '"stage"' in line) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, text
+    assert "continue with --resume" in text
+    assert not (out / "config.json").exists()  # nothing that looks finished
+    ckpts = ft.checkpoint_dirs(str(out))
+    assert len(ckpts) == 1
+    stopped = json.load(open(os.path.join(ckpts[0], ft.STATE_FILE)))["step"]
+    assert 3 <= stopped < 400
+    kw = dict(scheme="additive", stage1_steps=0, steps=400, lr=1e-3, stage1_lr=None, save_every=0, eval_max_examples=4,
+              batch_size=4)
+    ft.run(args(mixtral, data, out, resume=True, **kw))
+    ft.run(args(mixtral, data, tmp_path / "ref", **kw))
+    assert same_weights(str(tmp_path / "ref"), str(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Baselines and other inputs
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "hf-gradient-checkpointing"])
+def test_scheme_none_finetunes_the_hf_model(tmp_path, data, mixtral, ckpt):
+    s = ft.run(args(mixtral, data, tmp_path / "out", scheme="none", stage1_steps=0, steps=12, gradient_checkpointing=ckpt))
+    ev = s["evals"]
+    assert "original" not in ev and ev["final"]["loss"] < ev["start"]["loss"] - 0.3
+    assert s["timings"]["stage2_peak_rss_mb"] > 0 and s["timings"]["stage2_median_step_s"] > 0
+    m = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert type(m).__name__ == "MixtralForCausalLM"
+
+
+def test_upcycled_dense_llama_and_continued_finetuning(tmp_path, data):
+    llama = save_tiny(tmp_path / "llama", "llama")
+    s = ft.run(args(llama, data, tmp_path / "a", scheme="leapfrog", upcycle_experts=4, upcycle_top_k=2))
+    ev = s["evals"]
+    assert ev["final"]["loss"] < ev["start"]["loss"]
+    assert ev["start"]["loss"] == pytest.approx(ev["original"]["loss"], abs=0.2)
+    # a finished revengine model is itself a valid --model (stage 2 only)
+    s2 = ft.run(args(str(tmp_path / "a"), data, tmp_path / "b", scheme="leapfrog", stage1_steps=0, steps=6))
+    assert s2["evals"]["start"]["loss"] == pytest.approx(ev["final"]["loss"], rel=1e-5)
+    assert s2["evals"]["final"]["loss"] < s2["evals"]["start"]["loss"]
+
+
+def test_text_records_and_explicit_eval_split(tmp_path, mixtral):
+    from revengine.models import corpus
+    text = corpus.TEXT.split("\n")
+    ft.write_jsonl([{"text": t} for t in text[:-8] if t], str(tmp_path / "tr.jsonl"))
+    ft.write_jsonl([{"text": t} for t in text[-8:] if t], str(tmp_path / "ev.jsonl"))
+    s = ft.run(args(mixtral, str(tmp_path / "tr.jsonl"), tmp_path / "out", eval_data=str(tmp_path / "ev.jsonl"),
+                    scheme="midpoint", max_length=64))
+    ev = s["evals"]
+    assert "exact_match" not in ev["final"] and ev["final"]["loss"] < ev["start"]["loss"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: a clear error, and nothing in --out
+
+
+def _refused(tmp_path, a, match):
+    with pytest.raises(FinetuneError, match=match):
+        ft.run(a)
+    out = a.out
+    assert not os.path.exists(out) or not os.listdir(out), os.listdir(out)
+
+
+def test_unsupported_architectures(tmp_path, data):
+    llama = save_tiny(tmp_path / "llama", "llama")
+    _refused(tmp_path, args(llama, data, tmp_path / "o1"), r"model_type='llama'.*--upcycle-experts")
+    tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=260)).save_pretrained(str(tmp_path / "gpt2"))
+    _refused(tmp_path, args(str(tmp_path / "gpt2"), data, tmp_path / "o2"), r"unsupported architecture model_type='gpt2'")
+    _refused(tmp_path, args(str(tmp_path), data, tmp_path / "o3"), "no config.json")
+
+
+def test_checkpoint_of_another_shape(tmp_path, data):
+    m = save_tiny(tmp_path / "m")
+    cfg = json.load(open(os.path.join(m, "config.json")))
+    cfg["intermediate_size"] = 40
+    json.dump(cfg, open(os.path.join(m, "config.json"), "w"))
+    _refused(tmp_path, args(m, data, tmp_path / "out"), r"does not fit its config.*experts")
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n{"prompt": "3+3=" "answer": "6"}\n',
+     r"train.jsonl:3: not valid JSON"),
+    ('{"text": "ok"}\n\n{"question": "no"}\n', r"train.jsonl:3: expected an object"),
+    ('["a list"]\n', r"train.jsonl:1: expected an object"),
+    ("", r"no examples \(the file is empty\)"),
+    ("\n  \n", r"no examples"),
+], ids=["bad-json", "wrong-keys", "not-object", "empty", "blank"])
+def test_malformed_data(tmp_path, mixtral, content, match):
+    p = tmp_path / "train.jsonl"
+    p.write_text(content)
+    _refused(tmp_path, args(mixtral, str(p), tmp_path / "out"), match)
+
+
+def test_vocabulary_mismatch(tmp_path, data):
+    small = save_tiny(tmp_path / "small", vocab=200)
+    _refused(tmp_path, args(small, data, tmp_path / "out"), r"vocabulary mismatch.*257")
+
+
+def test_out_dir_and_argument_checks(tmp_path, data, mixtral):
+    out = tmp_path / "out"
+    ft.run(args(mixtral, data, out, steps=2, stage1_steps=0))
+    with pytest.raises(FinetuneError, match="already holds a finished model"):
+        ft.run(args(mixtral, data, out))
+    with pytest.raises(FinetuneError, match="--scheme none"):
+        ft.run(args(mixtral, data, tmp_path / "x", scheme="none", stage1_steps=3))
+    with pytest.raises(FinetuneError, match="--batch-size"):
+        ft.run(args(mixtral, data, tmp_path / "y", batch_size=0))
+    with pytest.raises(FinetuneError, match="fewer than --batch-size"):
+        ft.run(args(mixtral, data, tmp_path / "z", batch_size=1000))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_cli_reports_errors_with_status_2(tmp_path, mixtral):
+    from revengine.cli import main
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a"}\n{oops\n')
+    assert main(["finetune", "--model", mixtral, "--data", str(p), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_arithmetic_records():
+    recs = ft.arithmetic_records(50, digits=3, seed=4)
+    assert recs == ft.arithmetic_records(50, digits=3, seed=4) and len(recs) == 50
+    for r in recs:
+        expr = r["prompt"][3:-1]
+        assert eval(expr) == int(r["answer"])  # noqa: S307  (our own generated digits)
+    assert len({r["prompt"] for r in recs}) == 50
+
+
+class _Oracle(torch.nn.Module):
+    """A 'model' whose next token is the byte after the longest known prompt, then the answer's bytes."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+        self.training = False
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, labels=None, **kw):
+        tok = ft.ByteTokenizer()
+        out = torch.full((input_ids.shape[0], 1, 257), -1e9)
+        for i, row in enumerate(input_ids.tolist()):
+            text = tok.decode([t for t, m in zip(row, attention_mask[i].tolist()) if m])
+            nxt = 256
+            for prompt, answer in self.table.items():
+                if text.startswith(prompt):
+                    done = text[len(prompt):]
+                    nxt = ord(answer[len(done)]) if len(done) < len(answer) else 256
+            out[i, 0, nxt] = 0.0
+        return tf.modeling_outputs.CausalLMOutput(logits=out, loss=torch.tensor(0.0) if labels is not None else None)
+
+
+def test_exact_match_counts_greedy_answers():
+    tok = ft.ByteTokenizer()
+    recs = [{"prompt": "Q: 1+1=", "answer": "2"}, {"prompt": "Q: 10+5=", "answer": "15"},
+            {"prompt": "Q: 7-9=", "answer": "-2"}, {"prompt": "Q: 3+3=", "answer": "6"}]
+    exs = ft.encode_records(recs, tok, 64, 257, "t")
+    oracle = _Oracle({"Q: 1+1=": "2", "Q: 10+5=": "15", "Q: 7-9=": "-3", "Q: 3+3=": "66"})
+    res = ft.evaluate(oracle, exs, tok, batch_size=3)
+    assert res["exact_match"] == pytest.approx(0.5) and res["exact_match_n"] == 4
+
+
+def test_collate_masks_prompts_and_padding():
+    tok = ft.ByteTokenizer()
+    exs = ft.encode_records([{"prompt": "ab", "answer": "c"}, {"text": "hello"}], tok, 64, 257, "t")
+    b = ft.collate(exs, tok.pad_token_id)
+    assert b["labels"][0].tolist() == [-100, -100, ord("c"), 256, -100, -100]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
+    assert b["labels"][1].tolist() == list(b"hello") + [256]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face Trainer
+
+
+def test_converted_model_trains_under_hf_trainer(tmp_path, mixtral):
+    pytest.importorskip("accelerate")
+    from revengine.convert import from_hf
+    torch.manual_seed(0)
+    model = from_hf(tf.MixtralForCausalLM.from_pretrained(mixtral), scheme="revffn")
+    tok = ft.ByteTokenizer()
+    exs = ft.encode_records(ft.arithmetic_records(64, seed=2), tok, 32, 257, "t")
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(exs)
+
+        def __getitem__(self, i):
+            return exs[i]
+
+    grads = []
+
+    class GradProbe(tf.TrainerCallback):
+        def on_pre_optimizer_step(self, a, state, control, **kw):
+            g = [p.grad for p in model.parameters() if p.grad is not None]
+            grads.append((len(g), all(bool(torch.isfinite(t).all()) for t in g)))
+
+    targs = tf.TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4,
+                                 gradient_accumulation_steps=2, max_steps=25, learning_rate=3e-3, logging_steps=1,
+                                 report_to=[], save_strategy="no", use_cpu=True, dataloader_num_workers=0,
+                                 remove_unused_columns=False, seed=0)
+    trainer = tf.Trainer(model=model, args=targs, train_dataset=DS(),
+                         data_collator=lambda b: ft.collate(b, tok.pad_token_id), callbacks=[GradProbe()])
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses) == 25
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
+    assert len(grads) == 25 and all(n == len(list(model.parameters())) and ok for n, ok in grads)
