@@ -33,7 +33,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import revengine  # noqa: E402,F401
-from revengine.memory import breakdown, measure_in_subprocess, measure_step  # noqa: E402
+from revengine.memory import measure_in_subprocess, training_step_figures  # noqa: E402
 
 SCHEMES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian")
 CONTENDERS = ("hf-plain", "hf-ckpt") + tuple(f"rev-{s}" for s in SCHEMES)
@@ -67,28 +67,10 @@ def measure(name: str, quick: bool, layers: int, batch: int, seq: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
 
-    def fwd_bwd():
-        out = model(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward()
-        return float(out.loss)
-
-    def step():
-        loss = fwd_bwd()
-        opt.step()
-        return loss
-
-    step()
-    opt.zero_grad(set_to_none=False)
-    act = measure_step(fwd_bwd)
-    b = breakdown(model, opt)
-    opt.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
-    full = measure_step(step)
-    dt = time.perf_counter() - t0
-    return {"name": name, "weights_mb": b["weights_mb"], "optimizer_mb": b["optimizer_state_mb"],
-            "grads_mb": b["grads_mb"], "activations_mb": act.peak_delta_mb, "delta_mb": full.peak_delta_mb,
-            "peak_mb": b["weights_mb"] + b["optimizer_state_mb"] + full.peak_delta_mb, "seconds": dt,
-            "params": b["params"]}
+    r = training_step_figures(model, opt, lambda: model(input_ids=ids, labels=ids, use_cache=False).loss)
+    return {"name": name, "weights_mb": r["weights_mb"], "optimizer_mb": r["optimizer_state_mb"],
+            "grads_mb": r["grads_mb"], "activations_mb": r["activations_mb"], "delta_mb": r["step_delta_mb"],
+            "peak_mb": r["steady_peak_mb"], "seconds": r["figure_step"].seconds, "params": r["params"]}
 
 
 def main(argv=None) -> int:
@@ -113,7 +95,10 @@ def main(argv=None) -> int:
         rows[name] = measure_in_subprocess(os.path.abspath(__file__) + ":measure",
                                            dict(name=name, quick=args.quick, layers=layers, batch=batch, seq=seq),
                                            env=env, timeout=3600)
-        print(f"  measured {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        r = rows[name]
+        print(f"  measured {name} ({time.perf_counter() - t0:.0f} s): weights {r['weights_mb']:.0f}, AdamW "
+              f"{r['optimizer_mb']:.0f}, grads {r['grads_mb']:.0f}, activations {r['activations_mb']:.0f}, "
+              f"steady-state peak {r['peak_mb']:.0f} MiB", flush=True)
     base = rows.get("hf-ckpt")
     print()
     print("| contender | weights | AdamW | grads | activations | steady-state peak | peak / hf-ckpt |")

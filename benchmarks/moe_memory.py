@@ -31,7 +31,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import revengine  # noqa: E402,F401
-from revengine.memory import breakdown, measure_in_subprocess, measure_step  # noqa: E402
+from revengine.memory import measure_in_subprocess, training_step_figures  # noqa: E402
 
 MB = float(2**20)
 BLOCK_TYPES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian")
@@ -59,32 +59,16 @@ def measure_config(name: str, layers: int, batch: int, seq: int, quick: bool = F
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
 
-    def fwd_bwd():
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        return float(out.loss)
-
-    def step():
-        loss = fwd_bwd()
-        opt.step()
-        return loss
-
-    step()  # warm-up: optimizer state, lazy allocations
-    # Activations: forward + backward with the grads already allocated (zeroed, not freed), so the
-    # delta holds only what the step adds on top of weights, grads and optimizer state.
-    opt.zero_grad(set_to_none=False)
-    fig_act = measure_step(fwd_bwd)
-    b = breakdown(model, opt)
-    # The full step as a training loop runs it (grads freed by zero_grad, allocated by backward).
-    opt.zero_grad(set_to_none=True)
-    fig = fig_act if activations_only else measure_step(step)
+    r = training_step_figures(model, opt, lambda: model(ids, labels=ids).loss, full_step=not activations_only)
+    fig_act = r["figure_activations"]
+    fig = r.get("figure_step", fig_act)
     fp = model.fixed_point_report()
     return {
         "name": name, "layers": layers, "figure": fig.as_dict(), "figure_activations": fig_act.as_dict(),
-        "params": b["params"],
-        "weights_mb": b["weights_mb"], "grads_mb": b["grads_mb"], "optimizer_mb": b["optimizer_state_mb"],
-        "fixed_point": {"max_iterations": max((r["iterations"] for r in fp), default=0),
-                        "max_residual": max((r["residual"] for r in fp), default=0.0)} if fp else None,
+        "params": r["params"],
+        "weights_mb": r["weights_mb"], "grads_mb": r["grads_mb"], "optimizer_mb": r["optimizer_state_mb"],
+        "fixed_point": {"max_iterations": max((f["iterations"] for f in fp), default=0),
+                        "max_residual": max((f["residual"] for f in fp), default=0.0)} if fp else None,
     }
 
 

@@ -353,3 +353,46 @@ def breakdown(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]
         out[f"{k}_bytes"] = v
         out[f"{k}_mb"] = v / _MB
     return out
+
+
+def training_step_figures(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor],
+                          *, full_step: bool = True, device="cpu") -> Dict[str, Any]:
+    """The steady-state memory of one training step, broken down.
+
+    Runs one warm-up step (forward + backward + `optimizer.step()`: the optimizer state exists
+    afterwards), then measures (a) forward + backward with the grads already allocated (zeroed,
+    not freed): its peak delta is what the step adds on top of weights, grads and optimizer state
+    (activations, logits, temporaries), and (b) unless `full_step=False`, the step as a training
+    loop runs it (grads set to None first, so backward allocates them). `loss_fn()` returns the
+    loss of one forward.
+
+    Returns `breakdown(model, optimizer)` plus activations_mb, step_delta_mb, steady_peak_mb
+    (weights + optimizer state + the full step's delta; with full_step=False, + grads + (a)),
+    and the two MemoryFigures (`figure_activations`, `figure_step`). Meaningful on CPU only in a
+    fresh process (see `measure_in_subprocess`).
+    """
+    def fwd_bwd():
+        loss = loss_fn()
+        loss.backward()
+        return float(loss)
+
+    def step():
+        loss = fwd_bwd()
+        optimizer.step()
+        return loss
+
+    step()
+    optimizer.zero_grad(set_to_none=False)
+    act = measure_step(fwd_bwd, device=device)
+    out = breakdown(model, optimizer)
+    out["activations_mb"] = act.peak_delta_mb
+    out["figure_activations"] = act
+    if full_step:
+        optimizer.zero_grad(set_to_none=True)
+        full = measure_step(step, device=device)
+        out["step_delta_mb"] = full.peak_delta_mb
+        out["figure_step"] = full
+        out["steady_peak_mb"] = out["weights_mb"] + out["optimizer_state_mb"] + full.peak_delta_mb
+    else:
+        out["steady_peak_mb"] = out["weights_mb"] + out["optimizer_state_mb"] + out["grads_mb"] + act.peak_delta_mb
+    return out

@@ -103,3 +103,29 @@ def test_breakdown_counts_weights_grads_and_optimizer_state():
     assert b["optimizer_state_bytes"] == 2 * weights + 4 * n_tensors
     assert b["total_bytes"] == weights + weights + buffers + 2 * weights + 4 * n_tensors
     assert b["total_mb"] == pytest.approx(b["total_bytes"] / 2**20)
+
+
+def child_training_step(hidden, full_step):
+    """Runs in a fresh process: a model whose forward keeps a known activation alive."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(2048, 256)
+    r = memory.training_step_figures(model, opt, lambda: model(x).square().mean(), full_step=full_step)
+    return {k: v for k, v in r.items() if not k.startswith("figure")}
+
+
+@pytest.mark.parametrize("full_step", [True, False])
+def test_training_step_figures_break_a_step_down(full_step):
+    r = memory.measure_in_subprocess(f"{THIS}:child_training_step", {"hidden": 2048, "full_step": full_step},
+                                     env={"OMP_NUM_THREADS": "1"})
+    weights = (256 * 2048 + 2048 + 2048 + 1) * 4 / 2**20
+    assert r["weights_mb"] == pytest.approx(weights) and r["optimizer_state_mb"] == pytest.approx(2 * weights, rel=1e-3)
+    assert r["grads_mb"] == pytest.approx(weights)  # allocated (zeroed) when the activations were measured
+    # [2048, 2048] fp32 blocks of 16 MiB: the hidden and its ReLU in forward, their grads in backward
+    assert 32 <= r["activations_mb"] <= 72, r
+    if full_step:
+        assert r["steady_peak_mb"] == pytest.approx(r["weights_mb"] + r["optimizer_state_mb"] + r["step_delta_mb"])
+        assert r["step_delta_mb"] >= r["activations_mb"] - 2  # the full step allocates the grads as well
+    else:
+        assert "step_delta_mb" not in r
