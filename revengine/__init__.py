@@ -11,7 +11,7 @@ from .couplings import AdditiveCoupling, AffineCoupling, Coupling
 from .integrators import EulerStart, Hamiltonian, Leapfrog, Midpoint, StochasticMidpoint
 from .recompute import is_recomputing
 from .sequential import Sequential
-from . import memory, moe, side, testing  # noqa: E402
+from . import memory, moe, optim, side, testing  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "is_recomputing",
     "memory",
     "moe",
+    "optim",
     "side",
     "testing",
 ]

@@ -1,0 +1,168 @@
+"""revengine.optim.InBackwardOptimizer: the optimizer step inside backward (every mode, AdamW and
+SGD, clipping per tensor and two-pass global, checkpoint/resume, refusals)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import revengine as rev
+from revengine.optim import InBackwardOptimizer
+
+MODES = ("reversible", "checkpoint", "plain")
+OPTIMIZERS = {
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))),
+    "sgd": (torch.optim.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.01)),
+}
+
+
+def block(d, p=0.0):
+    return nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(p), nn.Linear(2 * d, d))
+
+
+def stack(mode, depth=4, d=8, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    return rev.Sequential(*[rev.AdditiveCoupling(block(d, dropout), block(d, dropout)) for _ in range(depth)],
+                          mode=mode).double()
+
+
+def data(seed=1, n=16, d=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+
+
+def loss_of(model, x, y):
+    return (model(x) - y).square().mean()
+
+
+def max_diff(a, b):
+    return max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_the_unfused_optimizer(mode, opt_name):
+    cls, kw = OPTIMIZERS[opt_name]
+    fused_model = stack(mode)
+    ref_model = copy.deepcopy(fused_model)
+    fused = InBackwardOptimizer(fused_model.parameters(), cls, **kw)
+    ref = cls(ref_model.parameters(), **kw)
+    for step in range(3):
+        x, y = data(seed=step)
+        loss_of(fused_model, x, y).backward()
+        assert all(p.grad is None for p in fused_model.parameters())
+        loss_of(ref_model, x, y).backward()
+        ref.step()
+        ref.zero_grad(set_to_none=True)
+        assert max_diff(fused_model, ref_model) <= 1e-12
+    assert max_diff(fused_model, stack(mode)) > 1e-4  # it did train
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["in-backward", "control"])
+def test_the_whole_models_grads_never_exist_at_once(fused):
+    model = stack("reversible", depth=8)
+    params = list(model.parameters())
+    live = []
+    opt = InBackwardOptimizer(params, torch.optim.AdamW, lr=1e-3) if fused else None
+    for p in params:  # runs after the optimizer's hook: counts the grads alive at that moment
+        p.register_post_accumulate_grad_hook(lambda _: live.append(sum(q.grad is not None for q in params)))
+    loss_of(model, *data()).backward()
+    assert len(live) == len(params)
+    if fused:
+        assert max(live) == 0  # each grad is freed as soon as its parameter is stepped
+    else:
+        assert live == sorted(live) and live[-1] == len(params)  # without it, they pile up to the whole model
+
+
+def test_global_clipping_two_pass_equals_clip_grad_norm_with_dropout():
+    kw = dict(lr=1e-2, weight_decay=0.05)
+    fused_model = stack("reversible", dropout=0.2)
+    ref_model = copy.deepcopy(fused_model)
+    fused = InBackwardOptimizer(fused_model.parameters(), torch.optim.AdamW, max_grad_norm=0.05, clip="global", **kw)
+    ref = torch.optim.AdamW(ref_model.parameters(), **kw)
+    for step in range(3):
+        x, y = data(seed=step)
+        torch.manual_seed(100 + step)
+        fused.step_two_pass(lambda: loss_of(fused_model, x, y))
+        torch.manual_seed(100 + step)
+        loss_of(ref_model, x, y).backward()
+        norm = torch.nn.utils.clip_grad_norm_(ref_model.parameters(), 0.05)
+        assert fused.last_grad_norm == pytest.approx(float(norm), rel=1e-10)
+        assert float(norm) > 0.05  # clipping was active
+        ref.step()
+        ref.zero_grad(set_to_none=True)
+        assert max_diff(fused_model, ref_model) <= 1e-12
+
+
+def test_per_tensor_clipping():
+    kw = dict(lr=1e-2, momentum=0.0)
+    fused_model = stack("reversible")
+    ref_model = copy.deepcopy(fused_model)
+    fused = InBackwardOptimizer(fused_model.parameters(), torch.optim.SGD, max_grad_norm=1e-3, **kw)
+    ref = torch.optim.SGD(ref_model.parameters(), **kw)
+    x, y = data()
+    loss_of(fused_model, x, y).backward()
+    loss_of(ref_model, x, y).backward()
+    for p in ref_model.parameters():
+        n = float(p.grad.norm())
+        if n > 1e-3:
+            p.grad.mul_(1e-3 / (n + 1e-6))
+    ref.step()
+    assert max_diff(fused_model, ref_model) <= 1e-12
+
+
+def test_state_dict_resume_is_exact():
+    cls, kw = OPTIMIZERS["adamw"]
+    a = stack("reversible")
+    opt_a = InBackwardOptimizer(a.parameters(), cls, **kw)
+    for s in range(2):
+        loss_of(a, *data(seed=s)).backward()
+    saved_w = copy.deepcopy(a.state_dict())
+    saved_opt = copy.deepcopy(opt_a.state_dict())
+    loss_of(a, *data(seed=2)).backward()
+
+    b = stack("reversible", seed=5)
+    b.load_state_dict(saved_w)
+    opt_b = InBackwardOptimizer(b.parameters(), cls, **kw)
+    opt_b.load_state_dict(saved_opt)
+    loss_of(b, *data(seed=2)).backward()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ValueError, match="state for"):
+        InBackwardOptimizer(stack("plain", depth=2).parameters(), cls, **kw).load_state_dict(saved_opt)
+
+
+def test_refusals_and_lr():
+    model = stack("reversible", depth=2)
+    with pytest.raises(ValueError, match="grad_accumulation=4 is not supported"):
+        InBackwardOptimizer(model.parameters(), torch.optim.AdamW, grad_accumulation=4)
+    with pytest.raises(ValueError, match="clip must be one of"):
+        InBackwardOptimizer(model.parameters(), clip="layer")
+    with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+        InBackwardOptimizer(model.parameters(), max_grad_norm=0.0)
+    opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
+    with pytest.raises(RuntimeError, match="step_two_pass is for clip='global'"):
+        opt.step_two_pass(lambda: loss_of(model, *data()))
+    opt.set_lr(5e-4)
+    assert all(g["lr"] == 5e-4 for g in opt.param_groups)
+    opt.remove()
+    loss_of(model, *data()).backward()  # unhooked: grads stay
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="already hold gradients"):
+        InBackwardOptimizer(model.parameters())
+
+
+def test_reversible_moe_model_step_matches_adamw():
+    from revengine.models import RevMoEConfig, RevMoEForCausalLM
+    torch.manual_seed(0)
+    cfg = RevMoEConfig.preset("tiny", block_type="leapfrog", router_aux_loss_coef=0.1)
+    a = RevMoEForCausalLM(cfg).double()
+    b = copy.deepcopy(a)
+    ids = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    fused = InBackwardOptimizer(a.parameters(), torch.optim.AdamW, lr=1e-3, weight_decay=0.1)
+    ref = torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=0.1)
+    for _ in range(2):
+        a(ids, labels=ids).loss.backward()
+        b(ids, labels=ids).loss.backward()
+        ref.step()
+        ref.zero_grad(set_to_none=True)
+    assert max_diff(a, b) <= 1e-12
