@@ -83,3 +83,14 @@ def test_floor_quick():
         assert f"| {name} |" in out, out
     assert "x floor" in out and "x hf-ckpt; target <= 0.42" in out
     assert "by depth" in out and "| 2 |" in out
+
+
+def test_peers_quick(tmp_path):
+    # revlib / memcnn are benchmark-only installs: without them the script runs the other contenders.
+    out = _run_bench("peers.py", "--quick", "--depths", "2", "--threads", "1", "--plot", str(tmp_path / "p.png"))
+    for name in ("plain", "checkpoint", "revengine"):
+        assert f"| {name} " in out, out
+    row = [line for line in out.splitlines() if line.startswith("| revengine |")][0]
+    errs = [float(v) for cell in row.split("|")[2:4] for v in cell.split("/")]
+    assert max(errs) < 1e-12, row  # float64 grads equal plain, with and without dropout
+    assert (tmp_path / "p.png").exists() or "plot skipped" in out
