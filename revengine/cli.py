@@ -194,6 +194,75 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# -- memory breakdown --------------------------------------------------------------------------
+
+
+def _head_fn(model, batch: int, seq: int):
+    """The LM head + cross-entropy alone, on a stand-in hidden state (a detached copy of the head)."""
+    w = model.lm_head.weight.detach().clone().requires_grad_(True)
+    hidden = torch.randn(batch, seq, w.shape[1], requires_grad=True)
+    labels = torch.randint(0, w.shape[0], (batch * (seq - 1),), generator=torch.Generator().manual_seed(2))
+    if type(model).__name__ == "RevMoEForCausalLM":
+        from revengine.models.modeling import chunked_cross_entropy
+
+        return lambda: chunked_cross_entropy(hidden[:, :-1].reshape(-1, w.shape[1]), w, labels, model.config.loss_chunk_size)
+    # HF: full logits, upcast to float32 by the loss
+    return lambda: torch.nn.functional.cross_entropy((hidden[:, :-1] @ w.t()).float().reshape(-1, w.shape[0]), labels)
+
+
+def breakdown_child(model: str, scheme: str, batch: int, seq: int, optimizer: str, gradient_checkpointing: bool,
+                    reversible_mode: str, moe_chunk_size: int) -> dict:
+    """Runs in a fresh process (revengine.memory.measure_in_subprocess): one training step's breakdown."""
+    from . import convert, finetune, memory
+    from .optim import InBackwardOptimizer
+
+    cfg = finetune._read_config(model)
+    if cfg.get("model_type") == "revmoe":
+        from revengine.models import RevMoEForCausalLM
+
+        net = RevMoEForCausalLM.from_pretrained(model, reversible_mode=reversible_mode, moe_chunk_size=moe_chunk_size)
+    else:
+        net = finetune._load_hf_checked(model)
+        if scheme != "none":
+            net = convert.from_hf(net, scheme=scheme, reversible_mode=reversible_mode, moe_chunk_size=moe_chunk_size)
+        elif gradient_checkpointing:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net.train()
+    vocab = net.lm_head.weight.shape[0]
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+    opt = (InBackwardOptimizer(net.parameters(), torch.optim.AdamW, lr=1e-6) if optimizer == "adamw-in-backward"
+           else torch.optim.AdamW(net.parameters(), lr=1e-6))
+    r = memory.training_step_figures(net, opt, lambda: net(input_ids=ids, labels=ids, use_cache=False).loss,
+                                     head_fn=_head_fn(net, batch, seq))
+    return {k: v for k, v in r.items() if not k.startswith("figure")} | {"model_class": type(net).__name__}
+
+
+def cmd_breakdown(args) -> int:
+    from .finetune import FinetuneError
+    from .memory import measure_in_subprocess
+
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+    try:
+        r = measure_in_subprocess("revengine.cli:breakdown_child", dict(
+            model=args.model, scheme=args.scheme, batch=args.batch, seq=args.seq, optimizer=args.optimizer,
+            gradient_checkpointing=args.gradient_checkpointing, reversible_mode=args.reversible_mode,
+            moe_chunk_size=args.moe_chunk_size), env=env, timeout=7200)
+    except (RuntimeError, FinetuneError) as e:
+        print(f"{PROG} breakdown: error: {e}", file=sys.stderr)
+        return 2
+    rows = [("weights", r["weights_mb"]), ("optimizer state", r["optimizer_state_mb"]),
+            ("grads", r["grads_mb"] if args.optimizer == "adamw" else 0.0),
+            ("activations (layers)", r["activations_body_mb"]), ("logits (LM head + loss)", r["logits_mb"])]
+    print(f"{r['model_class']}, {r['params'] / 1e6:.1f}M parameters, batch {args.batch} x seq {args.seq}, "
+          f"{args.optimizer}, one training step in a fresh process (MiB at the peak):")
+    for name, v in rows:
+        print(f"  {name:<26} {v:10.2f}")
+    print(f"  {'steady-state peak':<26} {r['steady_peak_mb']:10.2f}")
+    if args.optimizer == "adamw-in-backward":
+        print("  (optimizer step inside backward: each grad is freed once its parameter is stepped)")
+    return 0
+
+
 # -- argument parsing --------------------------------------------------------------------------
 
 
@@ -233,6 +302,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune.add_arguments(ft)
     ft.set_defaults(func=finetune.cmd_finetune)
+
+    bd = sub.add_parser(
+        "breakdown",
+        help="peak memory of one training step, broken down: weights, grads, optimizer state, activations, logits",
+        description="Builds the model (an HF checkpoint, optionally converted with --scheme, or a revengine model), "
+        "runs one AdamW training step on random tokens in a fresh process and prints what occupies memory at "
+        "the peak.",
+    )
+    bd.add_argument("--model", required=True, help="HF causal-LM checkpoint folder or a revengine model folder")
+    bd.add_argument("--scheme", default="none", choices=finetune.SCHEMES + ("none",),
+                    help="convert an HF MoE checkpoint first (default none: the model as it is)")
+    bd.add_argument("--batch", type=int, default=8)
+    bd.add_argument("--seq", type=int, default=1024)
+    bd.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw-in-backward"))
+    bd.add_argument("--gradient-checkpointing", action="store_true", help="HF gradient checkpointing (scheme none)")
+    bd.add_argument("--reversible-mode", default="reversible", choices=("reversible", "checkpoint", "plain"))
+    bd.add_argument("--moe-chunk-size", type=int, default=0)
+    bd.add_argument("--threads", type=int, default=None)
+    bd.set_defaults(func=cmd_breakdown)
     return parser
 
 

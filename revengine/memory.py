@@ -355,8 +355,9 @@ def breakdown(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]
     return out
 
 
-def training_step_figures(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor],
-                          *, full_step: bool = True, device="cpu") -> Dict[str, Any]:
+def training_step_figures(model: torch.nn.Module, optimizer, loss_fn: Callable[[], torch.Tensor],
+                          *, full_step: bool = True, head_fn: Optional[Callable[[], torch.Tensor]] = None,
+                          device="cpu") -> Dict[str, Any]:
     """The steady-state memory of one training step, broken down.
 
     Runs one warm-up step (forward + backward + `optimizer.step()`: the optimizer state exists
@@ -366,11 +367,20 @@ def training_step_figures(model: torch.nn.Module, optimizer: torch.optim.Optimiz
     loop runs it (grads set to None first, so backward allocates them). `loss_fn()` returns the
     loss of one forward.
 
+    `optimizer` may be a torch.optim.Optimizer or a revengine.optim.InBackwardOptimizer (which
+    steps inside backward: then there is no separate step and no grads survive).
+
+    head_fn: optional; runs the loss head alone (LM head + cross-entropy on a stand-in hidden
+    state, with a detached copy of the head's weight) and returns its loss; its forward + backward peak is reported as logits_mb, and
+    activations_body_mb = activations_mb - logits_mb is what the layers add at the peak.
+
     Returns `breakdown(model, optimizer)` plus activations_mb, step_delta_mb, steady_peak_mb
     (weights + optimizer state + the full step's delta; with full_step=False, + grads + (a)),
     and the two MemoryFigures (`figure_activations`, `figure_step`). Meaningful on CPU only in a
     fresh process (see `measure_in_subprocess`).
     """
+    fused = not isinstance(optimizer, torch.optim.Optimizer)
+
     def fwd_bwd():
         loss = loss_fn()
         loss.backward()
@@ -378,21 +388,30 @@ def training_step_figures(model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
     def step():
         loss = fwd_bwd()
-        optimizer.step()
+        if not fused:
+            optimizer.step()
         return loss
 
     step()
-    optimizer.zero_grad(set_to_none=False)
+    if head_fn is not None:
+        head = measure_step(lambda: head_fn().backward(), device=device)
+    if not fused:
+        optimizer.zero_grad(set_to_none=False)
+    # Fused: each grad lives only until its parameter is stepped, so this delta is the whole step's.
     act = measure_step(fwd_bwd, device=device)
     out = breakdown(model, optimizer)
     out["activations_mb"] = act.peak_delta_mb
     out["figure_activations"] = act
-    if full_step:
+    if head_fn is not None:
+        out["logits_mb"] = head.peak_delta_mb
+        out["activations_body_mb"] = max(act.peak_delta_mb - head.peak_delta_mb, 0.0)
+    if full_step and not fused:
         optimizer.zero_grad(set_to_none=True)
         full = measure_step(step, device=device)
         out["step_delta_mb"] = full.peak_delta_mb
         out["figure_step"] = full
         out["steady_peak_mb"] = out["weights_mb"] + out["optimizer_state_mb"] + full.peak_delta_mb
     else:
+        out["step_delta_mb"] = act.peak_delta_mb if fused else None
         out["steady_peak_mb"] = out["weights_mb"] + out["optimizer_state_mb"] + out["grads_mb"] + act.peak_delta_mb
     return out

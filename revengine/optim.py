@@ -66,7 +66,8 @@ class InBackwardOptimizer:
         self._sq_norm = 0.0
         self._scale = 1.0
         self.steps_taken = 0  # parameter updates in the last backward
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+        self._handles = []
+        self.attach()
         for p in self.params:
             if p.grad is not None:
                 raise ValueError("InBackwardOptimizer: parameters already hold gradients; set them to None first "
@@ -156,7 +157,11 @@ class InBackwardOptimizer:
             p.grad = None
 
     def remove(self) -> None:
-        """Unhooks the parameters (the optimizer state is kept)."""
+        """Unhooks the parameters (the optimizer state is kept); `attach()` hooks them again."""
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def attach(self) -> None:
+        if not self._handles:
+            self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]

@@ -53,3 +53,33 @@ def test_unknown_subcommand(capsys):
 def test_no_subcommand(capsys):
     assert cli.main([]) != 0
     assert "command is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--scheme", "none", "--gradient-checkpointing"], ["--scheme", "leapfrog"],
+                                   ["--scheme", "revffn", "--optimizer", "adamw-in-backward"]],
+                         ids=["hf-ckpt", "converted", "converted-in-backward"])
+def test_breakdown(tmp_path, capsys, extra):
+    tf = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    cfg = tf.MixtralConfig(vocab_size=4000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=24,
+                           experts_implementation="eager")
+    tf.MixtralForCausalLM(cfg).save_pretrained(str(tmp_path / "m"))
+    rc = cli.main(["breakdown", "--model", str(tmp_path / "m"), "--batch", "2", "--seq", "32", "--threads", "1", *extra])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    values = {}
+    for line in out.splitlines()[1:7]:
+        name, value = line.rsplit(None, 1)
+        values[name.strip()] = float(value)
+    assert set(values) == {"weights", "optimizer state", "grads", "activations (layers)", "logits (LM head + loss)",
+                           "steady-state peak"}, out
+    assert values["optimizer state"] == pytest.approx(2 * values["weights"], rel=0.05)
+    assert (values["grads"] == 0.0) == ("adamw-in-backward" in extra)
+    assert values["steady-state peak"] >= values["weights"] + values["optimizer state"]
+
+
+def test_breakdown_bad_model(tmp_path, capsys):
+    assert cli.main(["breakdown", "--model", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
