@@ -64,3 +64,67 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         (torch.nn.functional.mse_loss(model(x[shard]), t[shard]) / 2).backward()
     for a, b in zip(ddp_grads, (p.grad for p in model.parameters())):
         assert float((a - b).abs().max() / b.abs().max()) <= 1e-10
+
+
+def test_grads_become_ready_layer_by_layer_in_reverse():
+    """What DDP's bucketing (and InBackwardOptimizer) rely on: a layer's parameter grads are
+    accumulated before the executor starts re-running the layer below it."""
+    torch.manual_seed(0)
+    events = []
+
+    class Tagged(torch.nn.Module):
+        def __init__(self, i, part):
+            super().__init__()
+            self.i, self.part, self.lin = i, part, torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            if torch.is_grad_enabled():  # the re-run in backward (forward runs without a graph)
+                events.append(("rerun", self.i))
+            return self.lin(x)
+
+    layers = [rev.AdditiveCoupling(Tagged(i, "f"), Tagged(i, "g")) for i in range(5)]
+    stack = rev.Sequential(*layers, mode="reversible").double()
+    for i, layer in enumerate(layers):
+        for p in layer.parameters():
+            p.register_post_accumulate_grad_hook(lambda _, i=i: events.append(("grad", i)))
+    stack(torch.randn(3, 8, dtype=torch.float64, requires_grad=True)).sum().backward()
+    order = []
+    for kind, i in events:  # collapse repeats: ("rerun", 4), ("grad", 4), ("rerun", 3), ...
+        if not order or order[-1] != (kind, i):
+            order.append((kind, i))
+    assert order == [(k, i) for i in reversed(range(5)) for k in ("rerun", "grad")], order
+
+
+def _worker_no_sync(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(build(), find_unused_parameters=False)
+        x, t = data()
+        model.zero_grad()
+        for micro in range(2):  # gradient accumulation: all-reduce only on the last micro-batch
+            rows = slice(rank * 4 + micro * 2, rank * 4 + micro * 2 + 2)
+            torch.manual_seed(200 + 10 * rank + micro)
+            ctx = model.no_sync() if micro == 0 else __import__("contextlib").nullcontext()
+            with ctx:
+                (torch.nn.functional.mse_loss(model(x[rows]), t[rows]) / 2).backward()
+        if rank == 0:
+            torch.save([p.grad for p in model.module.parameters()], out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_no_sync_gradient_accumulation(tmp_path):
+    out = tmp_path / "grads.pt"
+    mp.spawn(_worker_no_sync, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    ddp_grads = torch.load(out, weights_only=True)
+    model = build()
+    x, t = data()
+    model.zero_grad()
+    for rank in range(2):
+        for micro in range(2):
+            rows = slice(rank * 4 + micro * 2, rank * 4 + micro * 2 + 2)
+            torch.manual_seed(200 + 10 * rank + micro)
+            (torch.nn.functional.mse_loss(model(x[rows]), t[rows]) / 4).backward()
+    for a, b in zip(ddp_grads, (p.grad for p in model.parameters())):
+        assert float((a - b).abs().max() / b.abs().max()) <= 1e-10
