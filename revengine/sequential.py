@@ -92,6 +92,18 @@ class Sequential(nn.Module):
     def __len__(self) -> int:
         return len(self.layers)
 
+    def compile_blocks(self, fullgraph: bool = True, **compile_kwargs) -> "Sequential":
+        """Compiles every layer's sub-modules (F and G of a coupling) in place: each one's forward
+        becomes torch.compile(forward, fullgraph=..., **compile_kwargs); the executor then runs
+        compiled code in forward and in the re-run of backward. Parameter names and state_dict keys
+        do not change. Blocks with data-dependent Python (MoE routing replay) need fullgraph=False.
+        Returns self."""
+        for layer in self.layers:
+            for child in layer.children():
+                if "forward" not in vars(child):  # not compiled yet
+                    child.forward = torch.compile(child.forward, fullgraph=fullgraph, **compile_kwargs)
+        return self
+
     # -- split / merge ------------------------------------------------------------------------
 
     def _split(self, x) -> Tuple[Tensor, Tensor]:
@@ -140,6 +152,10 @@ class Sequential(nn.Module):
             y1, y2 = self._forward_stored(x1, x2, ctx)
         return self._merge(y1, y2)
 
+    # torch.compile(model) compiles everything around the executor and runs the executor eagerly:
+    # one deliberate graph break per reversible stack (the executor drives autograd itself). The
+    # layers' own blocks can be compiled inside it: see compile_blocks().
+    @torch.compiler.disable
     def _forward_reversible(self, x1, x2, ctx):
         tensors, builder = flatten_context(ctx)
         layers = [layer._executor_layer() for layer in self.layers]

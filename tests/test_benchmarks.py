@@ -94,3 +94,9 @@ def test_peers_quick(tmp_path):
     errs = [float(v) for cell in row.split("|")[2:4] for v in cell.split("/")]
     assert max(errs) < 1e-12, row  # float64 grads equal plain, with and without dropout
     assert (tmp_path / "p.png").exists() or "plot skipped" in out
+
+
+def test_compile_speed_quick():
+    out = _run_bench("compile_speed.py", "--quick", "--threads", "1", "--modes", "reversible")
+    for variant in ("eager", "compiled blocks", "torch.compile(model)"):
+        assert f"| reversible | {variant} |" in out, out
