@@ -100,3 +100,11 @@ def test_compile_speed_quick():
     out = _run_bench("compile_speed.py", "--quick", "--threads", "1", "--modes", "reversible")
     for variant in ("eager", "compiled blocks", "torch.compile(model)"):
         assert f"| reversible | {variant} |" in out, out
+
+
+def test_drift_quick():
+    out = _run_bench("drift.py", "--quick", "--threads", "1")
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 4 |") or line.startswith("| 8 |")]
+    assert len(rows) == 2, out
+    assert all(float(r[3]) == 0.0 and float(r[2]) < 1e-4 for r in rows), out  # exact=True reconstructs bit-exactly
+    assert "training 8 couplings" in out and out.count("| 0.00e+00 |") >= 5
