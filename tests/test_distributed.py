@@ -55,13 +55,17 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     ddp_grads = torch.load(out, weights_only=True)
 
     # Single process, whole batch: the same per-shard dropout streams, loss averaged like DDP.
+    assert_single_process_grads(ddp_grads, [(slice(r * 4, (r + 1) * 4), 100 + r, 1 / 2) for r in range(2)])
+
+
+def assert_single_process_grads(ddp_grads, pieces):
+    """One process runs every (rows, dropout seed, loss scale) piece; its grads must equal DDP's."""
     model = build()
     x, t = data()
     model.zero_grad()
-    for rank in range(2):
-        shard = slice(rank * 4, (rank + 1) * 4)
-        torch.manual_seed(100 + rank)
-        (torch.nn.functional.mse_loss(model(x[shard]), t[shard]) / 2).backward()
+    for rows, seed, scale in pieces:
+        torch.manual_seed(seed)
+        (torch.nn.functional.mse_loss(model(x[rows]), t[rows]) * scale).backward()
     for a, b in zip(ddp_grads, (p.grad for p in model.parameters())):
         assert float((a - b).abs().max() / b.abs().max()) <= 1e-10
 
@@ -118,13 +122,5 @@ def test_ddp_no_sync_gradient_accumulation(tmp_path):
     out = tmp_path / "grads.pt"
     mp.spawn(_worker_no_sync, args=(2, free_port(), str(out)), nprocs=2, join=True)
     ddp_grads = torch.load(out, weights_only=True)
-    model = build()
-    x, t = data()
-    model.zero_grad()
-    for rank in range(2):
-        for micro in range(2):
-            rows = slice(rank * 4 + micro * 2, rank * 4 + micro * 2 + 2)
-            torch.manual_seed(200 + 10 * rank + micro)
-            (torch.nn.functional.mse_loss(model(x[rows]), t[rows]) / 4).backward()
-    for a, b in zip(ddp_grads, (p.grad for p in model.parameters())):
-        assert float((a - b).abs().max() / b.abs().max()) <= 1e-10
+    assert_single_process_grads(ddp_grads, [(slice(r * 4 + m * 2, r * 4 + m * 2 + 2), 200 + 10 * r + m, 1 / 4)
+                                            for r in range(2) for m in range(2)])
