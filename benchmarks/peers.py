@@ -271,6 +271,7 @@ def main(argv=None) -> int:
                         title="memory of forward + backward")
             axes[1].set(xlabel="depth (couplings)", ylabel="step time / plain", xscale="log", title="step time")
             for ax in axes:
+                ax.minorticks_off()
                 ax.set_xticks(depths, [str(dp) for dp in depths])
                 ax.grid(alpha=0.3)
             axes[0].legend()
