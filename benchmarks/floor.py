@@ -41,7 +41,7 @@ FLOOR_SLACK = 1.10
 TARGET = 0.42
 
 
-def measure(name: str, quick: bool, layers: int, batch: int, seq: int) -> dict:
+def measure(name: str, quick: bool, layers: int, batch: int, seq: int, overrides=None) -> dict:
     """Runs in a fresh subprocess: one contender's steady-state step."""
     from revengine.convert import from_hf
     from revengine.optim import InBackwardOptimizer
@@ -53,7 +53,7 @@ def measure(name: str, quick: bool, layers: int, batch: int, seq: int) -> dict:
     else:
         scheme = name[4:].removesuffix("-fused")
         hf = model
-        model = from_hf(hf, scheme=scheme, **({} if quick else {"moe_chunk_size": 1024}))
+        model = from_hf(hf, scheme=scheme, **{**({} if quick else {"moe_chunk_size": 1024}), **(overrides or {})})
         del hf
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
@@ -93,7 +93,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-batch", type=int, default=None, help="batch of the sweep (default --batch)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip the hf-ckpt contender")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT",
+                    help="RevMoEConfig overrides of the converted models, e.g. moe_chunk_size=512 loss_chunk_size=128")
     a = ap.parse_args(argv)
+    overrides = {k: int(v) for k, _, v in (item.partition("=") for item in a.set)}
     layers = a.layers or (4 if a.quick else 24)
     batch = a.batch or (2 if a.quick else 8)
     seq = a.seq or (32 if a.quick else 1024)
@@ -104,7 +107,8 @@ def main(argv=None) -> int:
 
     def run(name, n_layers, b=None):
         r = measure_in_subprocess(os.path.abspath(__file__) + ":measure",
-                                  dict(name=name, quick=a.quick, layers=n_layers, batch=b or batch, seq=seq),
+                                  dict(name=name, quick=a.quick, layers=n_layers, batch=b or batch, seq=seq,
+                                       overrides=overrides),
                                   env=env, timeout=3600)
         print(f"  measured {name} at {n_layers} layers, batch {b or batch} ({time.perf_counter() - t0:.0f} s): "
               f"peak {r['peak_mb']:.0f} MiB", flush=True)
