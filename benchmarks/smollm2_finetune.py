@@ -95,8 +95,11 @@ def run_contender(name: str, a, dense: str, train: str, held: str) -> dict:
         if os.path.isdir(out):
             import shutil
             shutil.rmtree(out)
+        import revengine  # the child must import the same revengine as this process (installed or in-place)
+
+        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(revengine.__file__)))
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536",
-                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+                   PYTHONPATH=pkg_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
         if a.threads:
             env["OMP_NUM_THREADS"] = str(a.threads)
         print(f"[{name}] {' '.join(cmd[1:])}", flush=True)

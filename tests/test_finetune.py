@@ -18,7 +18,11 @@ from revengine.finetune import FinetuneArgs, FinetuneError  # noqa: E402
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 SCHEMES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where revengine was imported from (the installed package in CI, the source tree in a dev build):
+# a subprocess must import the same one.
+import revengine  # noqa: E402
+
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(revengine.__file__)))
 
 
 def tiny_config(family, vocab=260, layers=2):
@@ -162,7 +166,7 @@ def test_sigint_saves_a_checkpoint_and_resume_matches(tmp_path, data, mixtral):
     cmd = [sys.executable, "-m", "revengine", "finetune", "--model", mixtral, "--data", data, "--out", str(out),
            "--scheme", "additive", "--stage1-steps", "0", "--steps", "400", "--lr", "1e-3", "--save-every", "0",
            "--no-progress", "--eval-max-examples", "4", "--threads", "1", "--batch-size", "4"]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = out / "log.jsonl"
     deadline = time.time() + 120
