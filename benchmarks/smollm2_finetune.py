@@ -104,7 +104,8 @@ def run_contender(name: str, a, dense: str, train: str, held: str) -> dict:
             env["OMP_NUM_THREADS"] = str(a.threads)
         print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # cwd: `python -m` puts the working directory first on sys.path (a checkout would shadow an install)
+        proc = subprocess.run(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=a.work)
         with open(os.path.join(a.work, f"run-{name}.log"), "w") as fh:
             fh.write(proc.stdout)
         if proc.returncode != 0:
@@ -133,6 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--contenders", nargs="*", default=["rev", "plain", "hf-ckpt"], choices=["rev", "plain", "hf-ckpt"])
     ap.add_argument("--rerun", action="store_true", help="run contenders again even if their results exist")
     a = ap.parse_args(argv)
+    a.work = os.path.abspath(a.work)  # the contenders run with it as their working directory
     os.makedirs(a.work, exist_ok=True)
     t0 = time.perf_counter()
     dense = os.path.join(a.work, "smollm2-135m-instruct")

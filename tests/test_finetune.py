@@ -167,7 +167,8 @@ def test_sigint_saves_a_checkpoint_and_resume_matches(tmp_path, data, mixtral):
            "--scheme", "additive", "--stage1-steps", "0", "--steps", "400", "--lr", "1e-3", "--save-every", "0",
            "--no-progress", "--eval-max-examples", "4", "--threads", "1", "--batch-size", "4"]
     env = dict(os.environ, PYTHONPATH=PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # cwd: `python -m` puts the working directory first on sys.path, which must not be a source checkout
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     log = out / "log.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:
