@@ -25,12 +25,12 @@ uninterrupted run. Ctrl-C finishes the current step, saves a checkpoint and exit
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import gc
 import glob
 import json
-import math
 import os
 import random
 import shutil
@@ -38,7 +38,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -684,10 +684,10 @@ def run(args: FinetuneArgs) -> Dict[str, Any]:
         lr = (args.stage1_lr or args.lr) if stage == 1 else args.lr
         return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay), lr
 
-    def run_eval(name):
+    def run_eval(name, model=None):
         if name in state["evals"]:
             return
-        res = evaluate(student, evals, tok, args.eval_batch_size, args.eval_max_examples, args.bf16)
+        res = evaluate(model if model is not None else student, evals, tok, args.eval_batch_size, args.eval_max_examples, args.bf16)
         state["evals"][name] = res
         log({"step": state["step"], "eval": name, **res})
         msg = f"eval [{name}] step {state['step']}: loss {res['loss']:.4f}"
@@ -698,11 +698,7 @@ def run(args: FinetuneArgs) -> Dict[str, Any]:
     step = state["step"]
     if step == 0:
         if teacher is not None:
-            res = evaluate(teacher, evals, tok, args.eval_batch_size, args.eval_max_examples, args.bf16)
-            state["evals"]["original"] = res
-            log({"step": 0, "eval": "original", **res})
-            print(f"eval [original] loss {res['loss']:.4f}" +
-                  (f", exact match {res['exact_match']:.3f}" if "exact_match" in res else ""), flush=True)
+            run_eval("original", teacher)
         run_eval("start")
 
     stage = stage_of(step + 1) if step < total else 2
@@ -798,8 +794,8 @@ def run(args: FinetuneArgs) -> Dict[str, Any]:
               f"{checkpoint_dirs(args.out)[-1]}; continue with --resume", flush=True)
         return summary
     if stage == 2 and step_times:
-        state["timings"] = {"stage2_peak_rss_mb": _memory._proc_status_kb("VmHWM")["VmHWM"] / 1024.0
-                            if _memory._proc_status_kb("VmHWM") else None,
+        hwm = _memory._proc_status_kb("VmHWM")
+        state["timings"] = {"stage2_peak_rss_mb": hwm["VmHWM"] / 1024.0 if hwm else None,
                             "stage2_median_step_s": sorted(step_times)[len(step_times) // 2]}
     run_eval("final")
     if _is_revmoe(student) and student.fixed_point_report():
@@ -890,13 +886,7 @@ def add_arguments(p) -> None:
     a("--keep-checkpoints", type=int, default=2)
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     a("--threads", type=int, default=None, help="torch threads")
-    a("--stop-after", type=int, default=None, help=argparse_suppress())
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
+    a("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def cmd_finetune(ns) -> int:
