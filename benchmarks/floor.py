@@ -57,22 +57,16 @@ def measure(name: str, quick: bool, layers: int, batch: int, seq: int, overrides
         del hf
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
-    if fused:
-        opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5)
+    opt = (InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5) if fused
+           else torch.optim.AdamW(model.parameters(), lr=1e-5))
 
-        def step():
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()  # every parameter is stepped in here
-            return float(loss)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-        def step():
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
+    def step():
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()  # fused: every parameter is stepped in here
+        if not fused:
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return float(loss)
+        return float(loss)
 
     step()  # warm-up: optimizer state
     b = breakdown(model, opt)
