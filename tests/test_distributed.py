@@ -1,4 +1,5 @@
 """DDP over the reversible executor: 2 processes on gloo, no find_unused_parameters."""
+import contextlib
 import os
 import socket
 
@@ -31,28 +32,36 @@ def data():
     return torch.randn(8, 12, generator=g, dtype=torch.float64), torch.randn(8, 1, generator=g, dtype=torch.float64)
 
 
-def _worker(rank, world, port, out_path):
+def _ddp_worker(rank, world, port, out_path, body):
+    """One rank: a DDP-wrapped build(), `body(model, rank, x, t)` runs its backward passes; rank 0 saves the grads."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = torch.nn.parallel.DistributedDataParallel(build(), find_unused_parameters=False)
-        x, t = data()
-        shard = slice(rank * 4, (rank + 1) * 4)
-        for step in range(2):  # two steps: the second exercises DDP's bucket rebuild
-            torch.manual_seed(100 + rank)  # per-rank dropout stream, replayed in the recompute
-            model.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x[shard]), t[shard])
-            loss.backward()
+        body(model, rank, *data())
         if rank == 0:
             torch.save([p.grad for p in model.module.parameters()], out_path)
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_single_process(tmp_path):
+def run_ddp(tmp_path, body):
     out = tmp_path / "grads.pt"
-    mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    ddp_grads = torch.load(out, weights_only=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(out), body), nprocs=2, join=True)
+    return torch.load(out, weights_only=True)
+
+
+def _two_steps(model, rank, x, t):
+    shard = slice(rank * 4, (rank + 1) * 4)
+    for step in range(2):  # two steps: the second exercises DDP's bucket rebuild
+        torch.manual_seed(100 + rank)  # per-rank dropout stream, replayed in the recompute
+        model.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x[shard]), t[shard])
+        loss.backward()
+
+
+def test_ddp_two_processes_match_single_process(tmp_path):
+    ddp_grads = run_ddp(tmp_path, _two_steps)
 
     # Single process, whole batch: the same per-shard dropout streams, loss averaged like DDP.
     assert_single_process_grads(ddp_grads, [(slice(r * 4, (r + 1) * 4), 100 + r, 1 / 2) for r in range(2)])
@@ -99,28 +108,16 @@ def test_grads_become_ready_layer_by_layer_in_reverse():
     assert order == [(k, i) for i in reversed(range(5)) for k in ("rerun", "grad")], order
 
 
-def _worker_no_sync(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = torch.nn.parallel.DistributedDataParallel(build(), find_unused_parameters=False)
-        x, t = data()
-        model.zero_grad()
-        for micro in range(2):  # gradient accumulation: all-reduce only on the last micro-batch
-            rows = slice(rank * 4 + micro * 2, rank * 4 + micro * 2 + 2)
-            torch.manual_seed(200 + 10 * rank + micro)
-            ctx = model.no_sync() if micro == 0 else __import__("contextlib").nullcontext()
-            with ctx:
-                (torch.nn.functional.mse_loss(model(x[rows]), t[rows]) / 2).backward()
-        if rank == 0:
-            torch.save([p.grad for p in model.module.parameters()], out_path)
-    finally:
-        dist.destroy_process_group()
+def _accumulate_with_no_sync(model, rank, x, t):
+    model.zero_grad()
+    for micro in range(2):  # gradient accumulation: all-reduce only on the last micro-batch
+        rows = slice(rank * 4 + micro * 2, rank * 4 + micro * 2 + 2)
+        torch.manual_seed(200 + 10 * rank + micro)
+        with model.no_sync() if micro == 0 else contextlib.nullcontext():
+            (torch.nn.functional.mse_loss(model(x[rows]), t[rows]) / 2).backward()
 
 
 def test_ddp_no_sync_gradient_accumulation(tmp_path):
-    out = tmp_path / "grads.pt"
-    mp.spawn(_worker_no_sync, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    ddp_grads = torch.load(out, weights_only=True)
+    ddp_grads = run_ddp(tmp_path, _accumulate_with_no_sync)
     assert_single_process_grads(ddp_grads, [(slice(r * 4 + m * 2, r * 4 + m * 2 + 2), 200 + 10 * r + m, 1 / 4)
                                             for r in range(2) for m in range(2)])
