@@ -180,12 +180,13 @@ class PyCoupling : public Layer {
     py::gil_scoped_acquire gil;
     side_begin_call(label_);
     return guarded([&] {
-      py::object fn = std::string(what) == "inverse" ? mod_.obj.attr("inverse") : mod_.obj;
+      static py::object* forward_of = new py::object(runtime_attr("coupling_forward"));
+      py::object fn = std::string(what) == "inverse" ? mod_.obj.attr("inverse") : (*forward_of)(mod_.obj);
       py::dict kw = build_kwargs(ctx);
       py::object out;
       if (is_recomputing()) {
         static py::object* recompute_call = new py::object(runtime_attr("recompute_call"));
-        out = (*recompute_call)(fn, py::make_tuple(a, b), kw);
+        out = (*recompute_call)(fn, py::make_tuple(a, b), kw, mod_.obj);
       } else {
         out = fn(a, b, **kw);
       }
@@ -200,6 +201,82 @@ class PyCoupling : public Layer {
   // The module's inverse runs on the same ctx; a PyRef keeps the module alive across threads.
   PyRef mod_;
   std::string label_;
+};
+
+// A layer whose module is managed by FSDP2's fully_shard (or another module-hook wrapper). The
+// executor calls the built-in layer's f and g directly, so the module's own hooks would never
+// run and f would see sharded parameters. Here forward and backward run inside a call of the
+// module (revengine._runtime.hooked_forward / hooked_backward): its pre-forward hook unshards the
+// parameters, and backward hands their grads to autograd to accumulate into the parameters the
+// module holds at that moment (FSDP's unsharded ones), whose post-backward reduce-scatters and
+// reshards them. So the parameters are not inputs of the executor's node (parameters() is empty).
+class PyHookedLayer : public Layer {
+ public:
+  PyHookedLayer(LayerPtr inner, py::object module) : inner_(std::move(inner)), mod_(std::move(module)) {
+    TORCH_CHECK(inner_, "revengine: HookedLayer needs a layer");
+  }
+  std::string name() const override { return inner_->name(); }
+  std::vector<at::Tensor> parameters() override { return {}; }
+  bool supports_exact() const override { return inner_->supports_exact(); }
+  void forward(Streams& s, const Ctx& ctx, LayerRecord& rec) override {
+    py::gil_scoped_acquire gil;
+    guarded([&] {
+      py::cpp_function body([&] {
+        py::gil_scoped_release nogil;  // the layer's functions take it back; autograd must not hold it
+        inner_->forward(s, ctx, rec);
+      });
+      static py::object* fn = new py::object(runtime_attr("hooked_forward"));
+      (*fn)(mod_.obj, body);
+    });
+  }
+  BackwardResult backward(Streams& s, const at::Tensor& dya, const at::Tensor& dyb, const Ctx& ctx,
+                          const LayerRecord& rec, const Needs& needs) override {
+    BackwardResult result;
+    py::gil_scoped_acquire gil;
+    guarded([&] {
+      // Called inside the module call (parameters unsharded): the list the grads line up with.
+      py::cpp_function params_fn([&] { return inner_->parameters(); });
+      // Called from the autograd node of that call: the fused backward of the inner layer.
+      py::cpp_function run([&] {
+        std::vector<at::Tensor> dparams;
+        {
+          py::gil_scoped_release nogil;
+          at::AutoGradMode grad_on(true);
+          auto params = inner_->parameters();
+          Needs n = needs;
+          n.params.assign(params.size(), false);
+          for (size_t j = 0; j < params.size(); ++j) n.params[j] = params[j].requires_grad();
+          result = inner_->backward(s, dya, dyb, ctx, rec, n);
+          dparams = std::move(result.dparams);
+          result.dparams.clear();
+          dparams.resize(params.size());
+        }
+        py::list out;
+        for (const auto& g : dparams) out.append(g.defined() ? py::cast(g) : py::none());
+        return out;
+      });
+      static py::object* fn = new py::object(runtime_attr("hooked_backward"));
+      (*fn)(mod_.obj, params_fn, run);
+    });
+    return result;
+  }
+  bool inverse(Streams& s, const Ctx& ctx) override {
+    bool finite = true;
+    py::gil_scoped_acquire gil;
+    guarded([&] {
+      py::cpp_function body([&] {
+        py::gil_scoped_release nogil;
+        finite = inner_->inverse(s, ctx);
+      });
+      static py::object* fn = new py::object(runtime_attr("hooked_inverse"));
+      (*fn)(mod_.obj, body);
+    });
+    return finite;
+  }
+
+ private:
+  LayerPtr inner_;
+  PyRef mod_;
 };
 
 ExecOptions make_options(bool exact, int64_t frac_bits, bool check_finite, bool preserve_rng, bool debug,
@@ -248,6 +325,11 @@ PYBIND11_MODULE(_C, m) {
              return std::make_shared<PyCoupling>(std::move(module), std::move(label));
            }),
            py::arg("module"), py::arg("name"));
+  py::class_<PyHookedLayer, Layer, std::shared_ptr<PyHookedLayer>>(m, "HookedLayer")
+      .def(py::init([](LayerPtr inner, py::object module) {
+             return std::make_shared<PyHookedLayer>(std::move(inner), std::move(module));
+           }),
+           py::arg("inner"), py::arg("module"));
   py::class_<LinearMultistep, Layer, std::shared_ptr<LinearMultistep>>(m, "LinearMultistep")
       .def(py::init([](py::object f, double c_prev, double c_cur, double c_f, bool swap, std::string name) {
              return std::make_shared<LinearMultistep>(make_fn(f, "f"), c_prev, c_cur, c_f, swap, name);

@@ -158,7 +158,11 @@ class Sequential(nn.Module):
     @torch.compiler.disable
     def _forward_reversible(self, x1, x2, ctx):
         tensors, builder = flatten_context(ctx)
-        layers = [layer._executor_layer() for layer in self.layers]
+        layers, hooked = self._executor_layers()
+        if hooked and torch.is_grad_enabled():
+            # The hooked layers' parameters are not inputs of the executor's nodes: a leaf that
+            # requires grad makes sure the nodes exist (and backward runs) even when nothing else does.
+            tensors = tensors + [torch.empty(0, device=x1.device, requires_grad=True)]
         y1, y2, report, _tags, side = _ext._C.reversible_forward(
             layers, x1, x2, tensors, builder,
             exact=self.exact, frac_bits=self.exact_bits, check_finite=self.check_finite,
@@ -168,6 +172,32 @@ class Sequential(nn.Module):
         self.last_report = report if self.debug else None
         _collect(side)
         return y1, y2
+
+    def _executor_layers(self):
+        """The C++ layers, and whether any is managed by FSDP2.
+
+        A coupling wrapped by `fully_shard` runs inside a call of its module (HookedLayer), so
+        FSDP's hooks unshard its parameters before the executor uses them, reduce-scatter the
+        grads and reshard after its backward. f and g must not be sharded on their own: the
+        fused backward evaluates them inside the layer's step.
+        """
+        fsdp_module = _fsdp_module_class()
+        layers, hooked = [], False
+        for i, layer in enumerate(self.layers):
+            inner = layer._executor_layer()
+            if fsdp_module is not None:
+                inside = [name for name, m in layer.named_modules() if name and isinstance(m, fsdp_module)]
+                if inside:
+                    raise ValueError(
+                        f"revengine.Sequential: layer {i} ({type(layer).__name__}) has submodules wrapped by "
+                        f"fully_shard ({', '.join(inside[:3])}); in mode='reversible' shard each coupling as a "
+                        "whole (fully_shard(layer)), not its stream functions"
+                    )
+                if isinstance(layer, fsdp_module):
+                    inner = _ext._C.HookedLayer(inner, layer)
+                    hooked = True
+            layers.append(inner)
+        return layers, hooked
 
     def _forward_stored(self, x1, x2, ctx):
         if self.exact:
@@ -203,7 +233,7 @@ class Sequential(nn.Module):
                 "output streams as a tuple (build the stack with merge=None to get them)"
             )
         tensors, builder = flatten_context(ctx)
-        layers = [layer._executor_layer() for layer in self.layers]
+        layers, _ = self._executor_layers()
         x1, x2 = _ext._C.reversible_inverse(
             layers, y1, y2, tensors, builder,
             exact=self.exact, frac_bits=self.exact_bits, check_finite=self.check_finite,
@@ -213,6 +243,17 @@ class Sequential(nn.Module):
         if self.split == "duplicate":
             return x1
         return torch.cat([x1, x2], dim=-1)
+
+
+def _fsdp_module_class():
+    """FSDP2's FSDPModule when a process group is up (FSDP needs one), else None."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return None
+    return FSDPModule
 
 
 def _layer_runner(layer: Coupling, exact: bool, bits: int):
