@@ -17,6 +17,7 @@ from typing import List, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import revengine as rev
 from revengine._ext import _C
@@ -38,9 +39,16 @@ class AttnBranch(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
+        self.recompute = bool(config.attention_recompute)
+
+    def attend(self, x: Tensor, **ctx) -> Tensor:
+        return self.self_attn(self.input_layernorm(x), **ctx)
 
     def forward(self, x: Tensor, **ctx) -> Tensor:
-        return self.self_attn(self.input_layernorm(x), **ctx)
+        if self.recompute and torch.is_grad_enabled() and ctx.get("cache") is None:
+            # No randomness inside (no attention dropout): the RNG need not be replayed.
+            return checkpoint(self.attend, x, use_reentrant=False, preserve_rng_state=False, **ctx)
+        return self.attend(x, **ctx)
 
 
 class MoEBranch(nn.Module):
@@ -97,6 +105,7 @@ class RevFFNLayer(rev.Coupling):
         self.down_moe = nn.Linear(d, half, bias=False)
         self.iters, self.tol, self.fallback = config.fixed_point_iters, config.fixed_point_tol, config.fixed_point_fallback
         self.fixed_point_stats = {"iterations": 0, "residual": 0.0, "calls": 0}
+        self.recompute = bool(config.attention_recompute)
 
     def attn_increment(self, x1: Tensor, x2: Tensor, **ctx) -> Tensor:
         norm = self.attn.input_layernorm
@@ -140,7 +149,10 @@ class RevFFNLayer(rev.Coupling):
         return _C.side_tag(f"RevFFNLayer-x1@{id(self):x}")
 
     def forward(self, x1, x2, **ctx):
-        y1 = x1 + self.attn_increment(x1, x2, **ctx)
+        if self.recompute and torch.is_grad_enabled() and ctx.get("cache") is None:  # see AttnBranch
+            y1 = x1 + checkpoint(self.attn_increment, x1, x2, use_reentrant=False, preserve_rng_state=False, **ctx)
+        else:
+            y1 = x1 + self.attn_increment(x1, x2, **ctx)
         if self.fallback == "store" and _C.side_mode() == 1:
             # Recording for a reversible backward: check now that the inverse will converge; a
             # layer whose branch is not a contraction keeps its left input instead.
