@@ -68,12 +68,13 @@ def unsharded_layers(stack):
     return sum(not isinstance(next(layer.parameters()), DTensor) for layer in stack.layers)
 
 
-def run_case(name, build, loss_fn, batch, rank, world, mesh, ref_mode="plain", micro=1, autocast=False):
+def run_case(name, build, loss_fn, batch, rank, world, mesh, ref_mode="plain", micro=1, autocast=False,
+             mode="reversible"):
     """micro > 1: gradient accumulation over `micro` backward passes per step, FSDP's gradient
     sync off for all but the last (set_requires_gradient_sync)."""
     rows = slice(rank * batch // world, (rank + 1) * batch // world)
     amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)  # noqa: E731
-    model = shard(build("reversible"), mesh)
+    model = shard(build(mode), mesh)
     stack = stack_of(model)
     seen = []  # unsharded layers whenever a layer module is called during backward
 
@@ -133,6 +134,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     results = {"toy": run_case("toy", toy, toy_loss, 8, rank, world, mesh)}
+    results["toy-checkpoint"] = run_case("toy", toy, toy_loss, 8, rank, world, mesh, mode="checkpoint")
     results["toy-accumulation"] = run_case("toy", toy, toy_loss, 8, rank, world, mesh, micro=2)
     # bf16 autocast on float32 streams against the single-process reversible run (same recompute)
     results["toy-bf16-autocast"] = run_case("toy", lambda mode: toy(mode).float(), toy_loss_f32, 8, rank, world, mesh,

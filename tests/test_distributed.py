@@ -153,12 +153,13 @@ def fsdp_results(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("case", ["toy", "toy-accumulation", "toy-bf16-autocast", "revmoe-revffn", "revmoe-additive",
+@pytest.mark.parametrize("case", ["toy", "toy-checkpoint", "toy-accumulation", "toy-bf16-autocast", "revmoe-revffn", "revmoe-additive",
                                   "revmoe-leapfrog"])
 def test_fsdp2_grads_match_single_process(fsdp_results, case):
     r = fsdp_results[case]
     # Full (all-gathered) grads of the sharded reversible run against one process running both
     # halves (mode="plain"; the bf16 case against the reversible executor under the same autocast).
+    # "toy-checkpoint" shards a mode="checkpoint" stack (torch.utils.checkpoint per layer) instead.
     assert r["max_rel_err"] <= 1e-10, r
     assert r["grad_types"] == ["DTensor"]  # grads were reduce-scattered into the sharded parameters
     # At most the layer being re-run (plus one prefetched) is unsharded at any point of backward,
