@@ -28,6 +28,13 @@ ParamIndex ParamIndex::build(const std::vector<std::vector<at::Tensor>>& per_fn)
   return idx;
 }
 
+std::vector<at::Tensor> ParamIndex::of(size_t fn) const {
+  std::vector<at::Tensor> out;
+  out.reserve(slots.at(fn).size());
+  for (size_t j : slots.at(fn)) out.push_back(params[j]);
+  return out;
+}
+
 at::Tensor grad_leaf(const Streams& s, const at::Tensor& buf) {
   at::Tensor v = s.exact ? s.value(buf) : buf.detach();
   return v.requires_grad_(true);
@@ -157,7 +164,7 @@ BackwardResult AdditiveCoupling::backward(Streams& s, const at::Tensor& dya, con
       at::NoGradGuard ng;
       r.finite &= remove_increment(s, upd, inc.detach(), scale);
     }
-    auto grads = vjp({inc}, {dy}, concat({{src}, fn.parameters(), lctx.tensors}),
+    auto grads = vjp({inc}, {dy}, concat({{src}, index_.of(k), lctx.tensors}),
                      wanted_for(true, index_.slots[k], needs, 1));
     scatter_grads(r, grads, 1, index_.slots[k], nctx);
     return grads[0];
@@ -235,8 +242,8 @@ BackwardResult AffineCoupling::backward(Streams& s, const at::Tensor& dya, const
       at::NoGradGuard ng;
       r.finite &= ops::affine_inverse_(upd, scale.detach(), shift.detach(), s.check_finite).item<bool>();
     }
-    auto psc = fsc.parameters();
-    auto psh = fsh.parameters();
+    auto psc = index_.of(slot_sc);
+    auto psh = index_.of(slot_sh);
     std::vector<size_t> slots = index_.slots[slot_sc];
     slots.insert(slots.end(), index_.slots[slot_sh].begin(), index_.slots[slot_sh].end());
     at::Tensor dscale = dy * upd;  // upd now holds x
@@ -334,7 +341,7 @@ BackwardResult LinearMultistep::backward(Streams& s, const at::Tensor& dya, cons
     inc = f_->call(src, lctx);
   }
   r.finite = solve(s, u, s.exact ? src_buf : src.detach(), inc.detach());
-  auto params = f_->parameters();
+  const auto& params = params_;
   std::vector<at::Tensor> inputs{src};
   inputs.insert(inputs.end(), params.begin(), params.end());
   inputs.insert(inputs.end(), lctx.tensors.begin(), lctx.tensors.end());

@@ -11,6 +11,8 @@ struct ParamIndex {
   std::vector<at::Tensor> params;
   std::vector<std::vector<size_t>> slots;  // slots[fn][j] = index in params
   static ParamIndex build(const std::vector<std::vector<at::Tensor>>& per_fn);
+  // Function fn's parameters, as captured by build (backward uses these, no call back into Python).
+  std::vector<at::Tensor> of(size_t fn) const;
 };
 
 // y1 = lam*x1 + f(x2); y2 = beta*x2 + g(y1)  (Reformer/RevNet, with MEFT's scales)
@@ -60,7 +62,10 @@ class LinearMultistep : public Layer {
  public:
   LinearMultistep(FnPtr f, double c_prev, double c_cur, double c_f, bool swap, std::string name);
   std::string name() const override { return name_; }
-  std::vector<at::Tensor> parameters() override { return f_->parameters(); }
+  std::vector<at::Tensor> parameters() override {
+    params_ = f_->parameters();
+    return params_;
+  }
   bool supports_exact() const override;
   void forward(Streams& s, const Ctx& ctx, LayerRecord& rec) override;
   BackwardResult backward(Streams& s, const at::Tensor& dya, const at::Tensor& dyb, const Ctx& ctx,
@@ -71,6 +76,7 @@ class LinearMultistep : public Layer {
   void step(Streams& s, at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, int dir);
   bool solve(Streams& s, at::Tensor& u, const at::Tensor& src, const at::Tensor& inc);
   FnPtr f_;
+  std::vector<at::Tensor> params_;  // as of the last parameters() call (the node's inputs)
   double c_prev_, c_cur_, c_f_;
   bool swap_;
   std::string name_;
