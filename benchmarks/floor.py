@@ -35,7 +35,7 @@ import revengine  # noqa: E402,F401
 from revengine.memory import breakdown, measure_in_subprocess, measure_step  # noqa: E402
 
 sys.path.insert(0, HERE)
-from hf_memory import hf_model  # noqa: E402
+from hf_memory import REV_OPTIONS, hf_model, parse_options  # noqa: E402
 
 FLOOR_SLACK = 1.10
 TARGET = 0.42
@@ -53,7 +53,7 @@ def measure(name: str, quick: bool, layers: int, batch: int, seq: int, overrides
     else:
         scheme = name[4:].removesuffix("-fused")
         hf = model
-        model = from_hf(hf, scheme=scheme, **{**({} if quick else {"moe_chunk_size": 1024}), **(overrides or {})})
+        model = from_hf(hf, scheme=scheme, **(overrides or {}))
         del hf
     model.train()
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
@@ -88,9 +88,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-hf", action="store_true", help="skip the hf-ckpt contender")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT",
-                    help="RevMoEConfig overrides of the converted models, e.g. moe_chunk_size=512 loss_chunk_size=128")
+                    help=f"RevMoEConfig options of the converted models (default {REV_OPTIONS}, as in hf_memory.py)")
     a = ap.parse_args(argv)
-    overrides = {k: int(v) for k, _, v in (item.partition("=") for item in a.set)}
+    overrides = parse_options(a.set)
     layers = a.layers or (4 if a.quick else 24)
     batch = a.batch or (2 if a.quick else 8)
     seq = a.seq or (32 if a.quick else 1024)
@@ -110,7 +110,8 @@ def main(argv=None) -> int:
 
     fused = f"rev-{a.scheme}-fused"
     print(f"{'tiny' if a.quick else 'qwen-moe-mini'} (HF Qwen2-MoE, converted with scheme {a.scheme}): {layers} layers, "
-          f"batch {batch} x seq {seq}, fp32 AdamW, steady-state step, fresh subprocess per figure", flush=True)
+          f"batch {batch} x seq {seq}, fp32 AdamW, steady-state step, fresh subprocess per figure; converted models "
+          f"with {overrides}", flush=True)
     names = ([] if a.no_hf else ["hf-ckpt"]) + [f"rev-{a.scheme}", fused]
     rows = {n: run(n, layers) for n in names}
     one = run(fused, 1)

@@ -7,7 +7,10 @@ fp32 weights and AdamW. Contenders:
 
     hf-plain       Qwen2MoeForCausalLM as HF trains it
     hf-ckpt        the same with model.gradient_checkpointing_enable() (non-reentrant)
-    rev-<scheme>   from_hf(hf_model, scheme) (reversible_mode "reversible", moe_chunk_size 1024)
+    rev-<scheme>   from_hf(hf_model, scheme, **REV_OPTIONS): reversible_mode "reversible", experts in
+                   chunks of 256 tokens, LM-head cross-entropy in chunks of 64, attention recomputed
+                   inside each layer's re-run (the options that shrink one layer's working set;
+                   `--set FIELD=VALUE ...` changes them)
 
 Each figure is a fresh subprocess (MALLOC_MMAP_THRESHOLD_=65536): build, one warm-up step (AdamW
 state allocated), then (a) forward + backward with the grads allocated (zeroed): its peak delta is
@@ -38,6 +41,20 @@ from revengine.memory import measure_in_subprocess, training_step_figures  # noq
 SCHEMES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian")
 CONTENDERS = ("hf-plain", "hf-ckpt") + tuple(f"rev-{s}" for s in SCHEMES)
 TARGET = 0.55
+# RevMoEConfig options of the converted models: the smallest working set per layer (each costs a little
+# time: chunked experts and the attention are recomputed once more in backward).
+REV_OPTIONS = dict(moe_chunk_size=256, loss_chunk_size=64, attention_recompute=1)
+
+
+def parse_options(items) -> dict:
+    """`FIELD=INT` strings (the --set arguments) over REV_OPTIONS."""
+    out = dict(REV_OPTIONS)
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects FIELD=INT, got {item!r}")
+        out[key] = int(value)
+    return out
 
 
 def hf_model(quick: bool, layers: int):
@@ -52,7 +69,7 @@ def hf_model(quick: bool, layers: int):
     return tf.Qwen2MoeForCausalLM(hfc)
 
 
-def measure(name: str, quick: bool, layers: int, batch: int, seq: int) -> dict:
+def measure(name: str, quick: bool, layers: int, batch: int, seq: int, options=None) -> dict:
     """Runs in a fresh subprocess."""
     from revengine.convert import from_hf
 
@@ -61,7 +78,7 @@ def measure(name: str, quick: bool, layers: int, batch: int, seq: int) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif name.startswith("rev-"):
         hf = model
-        model = from_hf(hf, scheme=name[4:], **({} if quick else {"moe_chunk_size": 1024}))
+        model = from_hf(hf, scheme=name[4:], **(options or {}))
         del hf
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -81,7 +98,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT",
+                    help=f"RevMoEConfig options of the converted models (default {REV_OPTIONS})")
     args = ap.parse_args(argv)
+    options = parse_options(args.set)
     layers = args.layers or (4 if args.quick else 24)
     batch = args.batch or (2 if args.quick else 8)
     seq = args.seq or (32 if args.quick else 1024)
@@ -89,11 +109,12 @@ def main(argv=None) -> int:
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None
     print(f"{'tiny' if args.quick else 'qwen-moe-mini'} as HF Qwen2MoeForCausalLM: {layers} layers, batch {batch} x "
           f"seq {seq}, fp32 AdamW, one full fine-tuning step, a fresh subprocess per contender, "
-          f"MALLOC_MMAP_THRESHOLD_=65536", flush=True)
+          f"MALLOC_MMAP_THRESHOLD_=65536; converted models with {options}", flush=True)
     rows, t0 = {}, time.perf_counter()
     for name in args.contenders:
         rows[name] = measure_in_subprocess(os.path.abspath(__file__) + ":measure",
-                                           dict(name=name, quick=args.quick, layers=layers, batch=batch, seq=seq),
+                                           dict(name=name, quick=args.quick, layers=layers, batch=batch, seq=seq,
+                                                options=options),
                                            env=env, timeout=3600)
         r = rows[name]
         print(f"  measured {name} ({time.perf_counter() - t0:.0f} s): weights {r['weights_mb']:.0f}, AdamW "
