@@ -11,6 +11,7 @@ relative error (max |x_rec - x| / max |x|) in `last_report`. The table shows the
 
     python benchmarks/drift.py
     python benchmarks/drift.py --quick
+    python benchmarks/drift.py --depths --tokens 256     # only the training table, on fewer tokens
 
 Prints the tables; never asserts. exact=True keeps the streams in fixed point and is bit-exact: its
 column should read 0.
@@ -55,20 +56,23 @@ def main(argv=None) -> int:
     ap.add_argument("--d", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--depths", type=int, nargs="*", default=None, help="depths of the first table (none: skip it)")
+    ap.add_argument("--train-depth", type=int, default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     d, n = a.d or (16 if a.quick else 64), a.tokens or (64 if a.quick else 1024)
-    depths = [4, 8] if a.quick else [8, 16, 32, 64, 128]
+    depths = a.depths if a.depths is not None else ([4, 8] if a.quick else [8, 16, 32, 64, 128])
     steps = [0, 2, 5] if a.quick else [0, 10, 50, 100, 200]
-    train_depth = 8 if a.quick else 32
+    train_depth = a.train_depth or (8 if a.quick else 32)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, 2 * d, generator=g)
     target = torch.randn(n, 2 * d, generator=g)
     print(f"additive couplings, stream width {d}, {n} tokens, fp32 streams, bf16 autocast; worst per-layer relative "
           f"reconstruction error in backward (debug=True)", flush=True)
-    print()
-    print("| depth | exact=False | exact=True |")
-    print("|---|---|---|")
+    if depths:
+        print()
+        print("| depth | exact=False | exact=True |")
+        print("|---|---|---|")
     for depth in depths:
         row = [worst_error(stack(depth, d, exact), x.clone().requires_grad_(True))[0] for exact in (False, True)]
         print(f"| {depth} | {row[0]:.2e} | {row[1]:.2e} |", flush=True)
