@@ -234,15 +234,19 @@ class PyHookedLayer : public Layer {
     BackwardResult result;
     py::gil_scoped_acquire gil;
     guarded([&] {
-      // Called inside the module call (parameters unsharded): the list the grads line up with.
-      py::cpp_function params_fn([&] { return inner_->parameters(); });
+      // Called inside the module call (parameters unsharded): the list the grads line up with. It
+      // also refreshes the inner layer's parameter index, which its backward uses.
+      std::vector<at::Tensor> params;
+      py::cpp_function params_fn([&] {
+        params = inner_->parameters();
+        return params;
+      });
       // Called from the autograd node of that call: the fused backward of the inner layer.
       py::cpp_function run([&] {
         std::vector<at::Tensor> dparams;
         {
           py::gil_scoped_release nogil;
           at::AutoGradMode grad_on(true);
-          auto params = inner_->parameters();
           Needs n = needs;
           n.params.assign(params.size(), false);
           for (size_t j = 0; j < params.size(); ++j) n.params[j] = params[j].requires_grad();
