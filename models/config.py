@@ -57,9 +57,9 @@ class RevMoEConfig:
     # only its input and recomputed in backward (0: off). Caps a layer's working set in backward at
     # one chunk's, for one extra expert forward per layer.
     moe_chunk_size: int = 0
-    # Attention branches (every block type) keep only their inputs when run with grad and recompute the rest in backward, so a layer's re-run holds
-    # the attention's and the MoE's intermediates one after the other instead of together.
-    # Costs one extra attention forward per layer in backward (0/False: off).
+    # Attention branches (every block type) keep only their inputs when run with grad and recompute
+    # the rest in backward, so a layer's re-run holds the attention's and the MoE's intermediates one
+    # after the other instead of together. Costs one extra attention forward per layer in backward.
     attention_recompute: bool = False
     pad_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None

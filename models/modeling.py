@@ -32,6 +32,14 @@ Tensor = torch.Tensor
 # Branches and reversible layers
 
 
+def attention_call(recompute: bool, fn, *args, **ctx) -> Tensor:
+    """fn(*args, **ctx); with RevMoEConfig.attention_recompute and grad on (no KV cache), checkpointed
+    so only its inputs are kept. No randomness inside (no attention dropout): no RNG replay needed."""
+    if recompute and torch.is_grad_enabled() and ctx.get("cache") is None:
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False, **ctx)
+    return fn(*args, **ctx)
+
+
 class AttnBranch(nn.Module):
     """A(x) = attention(RMSNorm(x)): the pre-norm attention increment."""
 
@@ -45,10 +53,7 @@ class AttnBranch(nn.Module):
         return self.self_attn(self.input_layernorm(x), **ctx)
 
     def forward(self, x: Tensor, **ctx) -> Tensor:
-        if self.recompute and torch.is_grad_enabled() and ctx.get("cache") is None:
-            # No randomness inside (no attention dropout): the RNG need not be replayed.
-            return checkpoint(self.attend, x, use_reentrant=False, preserve_rng_state=False, **ctx)
-        return self.attend(x, **ctx)
+        return attention_call(self.recompute, self.attend, x, **ctx)
 
 
 class MoEBranch(nn.Module):
@@ -149,10 +154,7 @@ class RevFFNLayer(rev.Coupling):
         return _C.side_tag(f"RevFFNLayer-x1@{id(self):x}")
 
     def forward(self, x1, x2, **ctx):
-        if self.recompute and torch.is_grad_enabled() and ctx.get("cache") is None:  # see AttnBranch
-            y1 = x1 + checkpoint(self.attn_increment, x1, x2, use_reentrant=False, preserve_rng_state=False, **ctx)
-        else:
-            y1 = x1 + self.attn_increment(x1, x2, **ctx)
+        y1 = x1 + attention_call(self.recompute, self.attn_increment, x1, x2, **ctx)
         if self.fallback == "store" and _C.side_mode() == 1:
             # Recording for a reversible backward: check now that the inverse will converge; a
             # layer whose branch is not a contraction keeps its left input instead.
