@@ -274,7 +274,18 @@ def test_attention_recompute_gives_the_same_grads(block_type, mode):
     (with chunked experts too, the smallest working set)."""
     ref = build(tiny(block_type, "plain", layers=2))
     model = build(tiny(block_type, mode, layers=2, attention_recompute=True, moe_chunk_size=5))
+    without = build(tiny(block_type, mode, layers=2, moe_chunk_size=5))
+    calls = {}
+    for name, m in (("with", model), ("without", without)):
+        for mod in m.modules():
+            if type(mod).__name__ == "Attention":
+                # A pre-hook: the checkpoint's recompute stops early, before the forward would return.
+                mod.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    without.load_state_dict(ref.state_dict())
+    grads(without, *batch(ref.config))
     assert_same_loss_and_grads(ref, model)
+    # The option is in effect: one more attention forward per layer (its recompute in backward).
+    assert calls["with"] == calls["without"] + 2, calls
     ids = batch(ref.config)[0]
     with torch.no_grad():  # generation with a KV cache skips the recompute path
         assert torch.equal(model.generate(ids[:1, :4], max_new_tokens=3), ref.generate(ids[:1, :4], max_new_tokens=3))
