@@ -3,6 +3,7 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/function.h>
 
+#include <cmath>
 #include <unordered_map>
 
 #include "ops.h"
@@ -366,6 +367,141 @@ bool LinearMultistep::inverse(Streams& s, const Ctx& ctx) {
   at::Tensor& u = swap_ ? s.a : s.b;
   const at::Tensor& src = swap_ ? s.b : s.a;
   return solve(s, u, src, f_->call(s.value(src), ctx));
+}
+
+}  // namespace revengine
+
+// ---------------------------------------------------------------------------------------------
+
+namespace revengine {
+namespace {
+
+constexpr const char* kBdiaSign = "bdia.sign";    // int64 [B]: +-1 per sample
+constexpr const char* kBdiaLow = "bdia.low";      // uint8, stream shape: the bits >> k dropped
+constexpr const char* kBdiaInput = "bdia.input";  // eval mode: the kept input p_prev
+
+at::Tensor saved_by_tag(const LayerRecord& rec, const char* tag) {
+  for (size_t i = 0; i < rec.saved_tags.size(); ++i)
+    if (rec.saved_tags[i] == tag) return rec.saved[i];
+  return at::Tensor();
+}
+
+void save_tagged(LayerRecord& rec, const char* tag, at::Tensor t) {
+  rec.saved_tags.emplace_back(tag);
+  rec.saved.push_back(std::move(t));
+}
+
+// sign [B] -> [B, 1, ..., 1] broadcasting against a stream of `ndim` dims, in `dtype`.
+at::Tensor per_sample(const at::Tensor& sign, int64_t ndim, at::ScalarType dtype) {
+  std::vector<int64_t> shape(static_cast<size_t>(std::max<int64_t>(ndim, 1)), 1);
+  shape[0] = sign.size(0);
+  return sign.to(dtype).view(shape);
+}
+
+}  // namespace
+
+BDIA::BDIA(FnPtr f, double gamma, std::string name) : f_(std::move(f)), gamma_(gamma), shift_(0), name_(std::move(name)) {
+  TORCH_CHECK(f_, "revengine: ", name_, " needs a stream function f");
+  TORCH_CHECK(std::isfinite(gamma_) && gamma_ > 0.0 && gamma_ <= 1.0, "revengine: ", name_,
+              ": gamma must be in (0, 1] (g = +-gamma; the inverse divides by it), got ", gamma_);
+  for (int64_t k = 1; k <= 8; ++k)
+    if (gamma_ == std::ldexp(1.0, static_cast<int>(-k))) shift_ = k;
+}
+
+void BDIA::forward(Streams& s, const Ctx& ctx, LayerRecord& rec) {
+  at::Tensor& u = s.a;  // p_prev, becomes p_next
+  const at::Tensor& src = s.b;
+  TORCH_CHECK(src.dim() >= 1 && src.size(0) > 0, "revengine: ", name_,
+              " draws one sign per sample along dim 0; got a stream of shape ", src.sizes());
+  at::Tensor sign;
+  if (training_) {
+    // Drawn before the RNG snapshot: f's recompute replays its own randomness, not the draw.
+    sign = at::randint(0, 2, {src.size(0)}, src.options().dtype(at::kLong)).mul_(2).sub_(1);
+    save_tagged(rec, kBdiaSign, sign);
+  }
+  if (s.preserve_rng) rec.rng.push_back(capture_rng(src.device()));
+  at::Tensor inc = f_->call(s.value(src), ctx);
+  check_increment(inc, src, "f", name());
+  at::NoGradGuard ng;
+  if (!training_) {  // g = 0: p_next = p + f(p); keep p_prev, which cannot be recovered
+    save_tagged(rec, kBdiaInput, u.clone());
+    u.copy_(src);
+    if (s.exact)
+      ops::fixed_update_(u, inc, s.frac_bits, +1);
+    else
+      u.add_(inc.to(u.scalar_type()));
+  } else if (s.exact) {
+    at::Tensor sg = per_sample(sign, u.dim(), at::kLong);
+    save_tagged(rec, kBdiaLow, u.bitwise_and((int64_t{1} << shift_) - 1).to(at::kByte));
+    u.bitwise_right_shift_(shift_).mul_(sg);                      // g*P_prev, rounded down
+    u.add_(src).sub_(at::bitwise_right_shift(src, shift_).mul_(sg));  // + (1-g)*P
+    ops::fixed_update_(u, inc * per_sample(sign, inc.dim(), inc.scalar_type()).mul_(gamma_).add_(1.0), s.frac_bits, +1);
+  } else {
+    at::Tensor g = per_sample(sign, u.dim(), u.scalar_type()).mul_(gamma_);
+    at::Tensor incu = inc.to(u.scalar_type());
+    u.mul_(g).add_(src * (1.0 - g)).add_(incu * (1.0 + g));
+  }
+  std::swap(s.a, s.b);
+}
+
+BackwardResult BDIA::backward(Streams& s, const at::Tensor& dya, const at::Tensor& dyb, const Ctx& ctx,
+                              const LayerRecord& rec, const Needs& needs) {
+  std::swap(s.a, s.b);  // (a, b) = (U', S); the outputs were (S, U')
+  at::Tensor& u = s.a;
+  const at::Tensor& src_buf = s.b;
+  const at::Tensor& dy_src = dya;
+  const at::Tensor& dy_u = dyb;
+  BackwardResult r;
+  Ctx lctx = leaf_context(ctx, needs.ctx);
+  at::Tensor src = grad_leaf(s, src_buf);
+  at::Tensor inc;
+  {
+    if (s.preserve_rng) restore_rng(rec.rng.at(0));
+    RecomputeGuard rg;
+    inc = f_->call(src, lctx);
+  }
+  const at::Tensor kept = saved_by_tag(rec, kBdiaInput);
+  const at::Tensor sign = saved_by_tag(rec, kBdiaSign);
+  TORCH_CHECK(kept.defined() || sign.defined(), "revengine: ", name_, ": backward found no record of its forward");
+  {
+    at::NoGradGuard ng;
+    if (kept.defined()) {
+      u.copy_(kept);
+    } else if (s.exact) {
+      at::Tensor sg = per_sample(sign, u.dim(), at::kLong);
+      at::Tensor d = inc.detach();
+      ops::fixed_update_(u, d * per_sample(sign, d.dim(), d.scalar_type()).mul_(gamma_).add_(1.0), s.frac_bits, -1);
+      u.sub_(src_buf).add_(at::bitwise_right_shift(src_buf, shift_).mul_(sg));
+      u.mul_(sg).bitwise_left_shift_(shift_).bitwise_or_(saved_by_tag(rec, kBdiaLow).to(at::kLong));
+    } else {
+      at::Tensor g = per_sample(sign, u.dim(), u.scalar_type()).mul_(gamma_);
+      u.sub_(inc.detach().to(u.scalar_type()) * (1.0 + g)).sub_(src.detach() * (1.0 - g)).div_(g);
+      r.finite = !s.check_finite || ops::all_finite(u).item<bool>();
+    }
+  }
+  std::vector<at::Tensor> inputs{src};
+  inputs.insert(inputs.end(), params_.begin(), params_.end());
+  inputs.insert(inputs.end(), lctx.tensors.begin(), lctx.tensors.end());
+  std::vector<bool> wanted{true};
+  wanted.insert(wanted.end(), needs.params.begin(), needs.params.end());
+  wanted.insert(wanted.end(), needs.ctx.begin(), needs.ctx.end());
+  at::Tensor g;  // undefined in eval mode (g = 0)
+  if (!kept.defined()) g = per_sample(sign, dy_u.dim(), dy_u.scalar_type()).mul_(gamma_);
+  auto grads = vjp({inc}, {g.defined() ? dy_u * (1.0 + g) : dy_u}, inputs, wanted);
+  at::Tensor dsrc = dy_src + (g.defined() ? dy_u * (1.0 - g) : dy_u);
+  if (grads[0].defined()) dsrc = dsrc + grads[0];
+  r.dparams.assign(grads.begin() + 1, grads.begin() + 1 + params_.size());
+  r.dctx.assign(grads.begin() + 1 + params_.size(), grads.end());
+  r.da = g.defined() ? dy_u * g : at::zeros_like(dy_u);
+  r.db = dsrc;
+  return r;
+}
+
+bool BDIA::inverse(Streams&, const Ctx&) {
+  TORCH_CHECK(false, "revengine: ", name_, " draws its signs (or, in eval mode, drops its input) at each forward: "
+              "its input is reconstructed inside backward from what that forward recorded; Sequential.inverse "
+              "cannot undo it");
+  return false;
 }
 
 }  // namespace revengine

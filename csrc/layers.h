@@ -82,6 +82,39 @@ class LinearMultistep : public Layer {
   std::string name_;
 };
 
+// BDIA (Zhang, Lewis & Kleijn, "exact bit-level reversible transformers"): the streams
+// (p_prev, p) become (p, p_next) with
+//   p_next = g*p_prev + (1-g)*p + (1+g)*f(p),
+// g = +-gamma drawn per sample (dim 0) at every training forward, recorded for backward. In
+// eval mode g = 0: p + f(p), the residual update of the network it was converted from, which
+// is not invertible: the layer then keeps its input p_prev (exact grads, no memory saving).
+// The inverse divides by g; in fixed point (exact=True, gamma = 2^-k) g*p_prev is computed as
+// +-(P_prev >> k) and the k low bits the shift drops are recorded, so the inverse is bit-exact.
+class BDIA : public Layer {
+ public:
+  BDIA(FnPtr f, double gamma, std::string name);
+  std::string name() const override { return name_; }
+  std::vector<at::Tensor> parameters() override {
+    params_ = f_->parameters();
+    return params_;
+  }
+  bool supports_exact() const override { return shift_ > 0; }
+  void set_training(bool training) { training_ = training; }
+  bool training() const { return training_; }
+  void forward(Streams& s, const Ctx& ctx, LayerRecord& rec) override;
+  BackwardResult backward(Streams& s, const at::Tensor& dya, const at::Tensor& dyb, const Ctx& ctx,
+                          const LayerRecord& rec, const Needs& needs) override;
+  bool inverse(Streams& s, const Ctx& ctx) override;
+
+ private:
+  FnPtr f_;
+  std::vector<at::Tensor> params_;
+  double gamma_;
+  int64_t shift_;  // k with gamma = 2^-k (1..8), else 0: no exact mode
+  bool training_ = true;
+  std::string name_;
+};
+
 // Helpers shared by layers (and by Python-defined layers in python.cpp).
 at::Tensor grad_leaf(const Streams& s, const at::Tensor& buf);
 // Leaves standing in for the context tensors during a recompute (grad wanted where needs say so).

@@ -339,6 +339,12 @@ PYBIND11_MODULE(_C, m) {
              return std::make_shared<LinearMultistep>(make_fn(f, "f"), c_prev, c_cur, c_f, swap, name);
            }),
            py::arg("f"), py::arg("c_prev"), py::arg("c_cur"), py::arg("c_f"), py::arg("swap"), py::arg("name"));
+  py::class_<BDIA, Layer, std::shared_ptr<BDIA>>(m, "BDIA")
+      .def(py::init([](py::object f, double gamma, std::string name) {
+             return std::make_shared<BDIA>(make_fn(f, "f"), gamma, name);
+           }),
+           py::arg("f"), py::arg("gamma"), py::arg("name"))
+      .def_property("training", &BDIA::training, &BDIA::set_training);
   py::class_<StackReport, std::shared_ptr<StackReport>>(m, "StackReport")
       .def_readonly("reconstruction_errors", &StackReport::reconstruction_errors);
 

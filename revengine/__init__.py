@@ -8,7 +8,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _ext  # noqa: F401  (loads and checks the C++ extension)
 from .couplings import AdditiveCoupling, AffineCoupling, Coupling
-from .integrators import EulerStart, Hamiltonian, Leapfrog, Midpoint, StochasticMidpoint
+from .integrators import BDIA, EulerStart, Hamiltonian, Leapfrog, Midpoint, StochasticMidpoint
 from .recompute import is_recomputing
 from .sequential import Sequential
 from . import memory, moe, optim, side, testing  # noqa: E402
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdditiveCoupling",
     "AffineCoupling",
+    "BDIA",
     "Coupling",
     "EulerStart",
     "Hamiltonian",

@@ -8,6 +8,9 @@ pre-norm block increment, f(p) = A(p) + M(p + A(p)) for a transformer block):
     StochasticMidpoint  p_next = g p_prev + (1-g) p + (1+g) h f(p)         (one g per layer;
                         g = 1 is the midpoint rule, g = 0 forward Euler, which is not invertible)
     Hamiltonian         q += h A(p); p += h M(q)                           (eqs. 2.8-2.9)
+    BDIA                p_next = g p_prev + (1-g) p + (1+g) f(p), g = +-gamma drawn per sample
+                        and forward in training, g = 0 in eval: the residual p + f(p) itself
+                        (Zhang et al.'s BDIA-transformer; exact=True records the k bits >> k drops)
 
 Boundary: a stack starts from two states. `Sequential(..., split="duplicate")` sets
 p_-1 = p_0; putting `EulerStart(f0, h)` first instead bootstraps p_1 = p_0 + h f0(p_0) from
@@ -121,6 +124,97 @@ class StochasticMidpoint(_Multistep):
 
     def extra_repr(self):
         return f"h={self.h}, gamma={self.gamma}"
+
+
+def _floor_grid_ste(x, gamma: float, bits: int):
+    """gamma*x rounded down to the 2^-bits grid (x on the grid, gamma = 2^-k: the fixed-point
+    executor's arithmetic shift), straight-through grads."""
+    scale = float(2**bits)
+    q = torch.floor(x.detach().double() * scale * gamma) / scale
+    return gamma * x + (q - gamma * x.detach().double()).to(x.dtype)
+
+
+class BDIA(Coupling):
+    """p_next = g p_prev + (1-g) p + (1+g) f(p), g = +-gamma per sample   (BDIA-transformer,
+    Zhang, Lewis & Kleijn 2024: the average of the midpoint step p_prev + 2f(p) and the Euler step
+    p + f(p), weighted by g).
+
+    In training g is drawn per sample (dim 0) at every forward from torch's RNG; E[g] = 0, and in
+    eval mode g = 0: p_next = p + f(p), exactly the residual network the block came from, so a
+    converted pretrained transformer is unchanged at inference. Training with the random signs
+    regularises (an ensemble of integrators).
+
+    The inverse divides by g. In floating point that amplifies rounding error by 1/gamma per
+    layer (2^depth for gamma = 1/2): use exact=True (gamma = 2^-k, k = 1..8), where g*p_prev is
+    rounded down on the fixed-point grid and the k dropped bits are recorded (k bits per element
+    per layer, kept as one uint8), so reconstruction is bit-exact at any depth. In eval mode the
+    layer is not invertible and keeps its input when grad is on. Sequential.inverse cannot undo a
+    BDIA layer (the signs are drawn per forward); backward reconstructs from what forward recorded.
+    Streams: (p_prev, p) -> (p, p_next); build the stack with split="duplicate", merge="last".
+    """
+
+    def __init__(self, f, gamma: float = 0.5):
+        super().__init__()
+        self.f = _module_or_callable(f, "f")
+        gamma = float(gamma)
+        if not (0.0 < gamma <= 1.0):
+            raise ValueError(f"BDIA: gamma must be in (0, 1] (g = +-gamma; the inverse divides by it), got {gamma}")
+        self.gamma = gamma
+        self.last_signs = None  # the signs of the last training forward (for inverse())
+        self._cpp = None
+        self._cpp_key = None
+
+    def extra_repr(self):
+        return f"gamma={self.gamma}"
+
+    def _draw(self, s):
+        if s.dim() < 1 or s.shape[0] == 0:
+            raise ValueError(f"BDIA draws one sign per sample along dim 0; got a stream of shape {tuple(s.shape)}")
+        # the same draw as the C++ layer: int64 {0, 1} -> {-1, +1}, before f runs
+        sign = torch.randint(0, 2, (s.shape[0],), device=s.device).mul_(2).sub_(1)
+        self.last_signs = sign
+        return sign
+
+    @staticmethod
+    def _per_sample(sign, like):
+        return sign.to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
+
+    def forward(self, u, s, **ctx):
+        if not self.training:
+            return s, s + self.f(s, **ctx)
+        sign = self._draw(s)
+        inc = self.f(s, **ctx)
+        g = self._per_sample(sign, u) * self.gamma
+        return s, g * u + (1 - g) * s + (1 + self._per_sample(sign, inc) * self.gamma) * inc
+
+    def forward_exact(self, u, s, bits, **ctx):
+        if not self._executor_layer().supports_exact:
+            raise ValueError(f"BDIA: exact=True needs gamma = 2^-k (k = 1..8), got {self.gamma}")
+        if not self.training:
+            return s, s + quantize_ste(self.f(s, **ctx), bits)
+        sign = self._draw(s)
+        inc = self.f(s, **ctx)
+        sg = self._per_sample(sign, u)
+        out = sg * _floor_grid_ste(u, self.gamma, bits) + s - sg * _floor_grid_ste(s, self.gamma, bits)
+        return s, out + quantize_ste((1 + self._per_sample(sign, inc) * self.gamma) * inc, bits)
+
+    def inverse(self, y1, y2, **ctx):
+        if not self.training:
+            raise ValueError("BDIA in eval mode is p + f(p) (g = 0), which is not invertible")
+        if self.last_signs is None or self.last_signs.shape[0] != y1.shape[0]:
+            raise ValueError("BDIA.inverse needs the signs of the forward it undoes (last_signs); run forward first")
+        s = y1
+        inc = self.f(s, **ctx)
+        g = self._per_sample(self.last_signs, s) * self.gamma
+        return (y2 - (1 - g) * s - (1 + g) * inc) / g, s
+
+    def _executor_layer(self):
+        key = (id(self.f), self.gamma)
+        if self._cpp_key != key:
+            self._cpp = _ext._C.BDIA(self.f, self.gamma, type(self).__name__)
+            self._cpp_key = key
+        self._cpp.training = self.training  # g = 0 in eval mode
+        return self._cpp
 
 
 class EulerStart(_Multistep):

@@ -5,7 +5,7 @@ import torch
 import revengine as rev
 from conftest import max_grad_err, mlp, rel_err, run_step
 
-INTEGRATORS = ["midpoint", "leapfrog", "stochastic", "euler+midpoint", "hamiltonian"]
+INTEGRATORS = ["midpoint", "leapfrog", "stochastic", "euler+midpoint", "hamiltonian", "bdia"]
 
 
 def make_stack(kind, width, depth, mode, dtype=torch.float64, dropout=0.0, exact=False, h=0.5):
@@ -23,6 +23,8 @@ def make_stack(kind, width, depth, mode, dtype=torch.float64, dropout=0.0, exact
             layers.append(rev.StochasticMidpoint(f(), h=h, gamma=0.75 + 0.2 * (i % 2)))
         elif kind == "hamiltonian":
             layers.append(rev.Hamiltonian(f(), f(), h=h))
+        elif kind == "bdia":
+            layers.append(rev.BDIA(f(), gamma=0.5 if exact else 0.75))
     merge = "mean" if kind == "hamiltonian" else "last"
     return rev.Sequential(*layers, split="duplicate", merge=merge, mode=mode, exact=exact)
 
@@ -40,7 +42,7 @@ def test_integrator_grads_equal_plain_float64(kind, mode, dropout):
     assert max_grad_err(r1, r0) < 1e-10
 
 
-@pytest.mark.parametrize("kind", INTEGRATORS)
+@pytest.mark.parametrize("kind", [k for k in INTEGRATORS if k != "bdia"])  # BDIA: inverse only in backward
 def test_integrator_inverse_round_trip(kind):
     seq = make_stack(kind, 8, 6, "reversible")
     seq.merge = None
@@ -93,3 +95,101 @@ def test_stochastic_midpoint_refuses_exact_and_zero_gamma():
         rev.Sequential(rev.StochasticMidpoint(mlp(4), gamma=0.5), split="duplicate", exact=True)
     with pytest.raises(ValueError, match="Euler"):
         rev.StochasticMidpoint(mlp(4), gamma=0.0)
+
+
+# --- BDIA: random signs per sample and forward, g = 0 in eval -----------------------------------
+
+
+@pytest.mark.parametrize("mode", ["reversible", "checkpoint"])
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_bdia_grads_equal_plain(mode, exact, training, dropout):
+    # float64; exact=True at depth 24 (bit-exact reconstruction), floating point at depth 8
+    # (its reconstruction error doubles per layer at gamma = 1/2)
+    depth = 24 if exact else 8
+    x = torch.randn(5, 7, 16, dtype=torch.float64)
+    ref = make_stack("bdia", 16, depth, "plain", dropout=dropout, exact=exact).train(training)
+    seq = make_stack("bdia", 16, depth, mode, dropout=dropout, exact=exact).train(training)
+    seq.load_state_dict(ref.state_dict())
+    r0, r1 = run_step(ref, x), run_step(seq, x)
+    assert rel_err(r1[0], r0[0]) < 1e-12
+    assert max_grad_err(r1, r0) < 1e-10
+
+
+def test_bdia_exact_reconstruction_is_bit_exact_at_depth_64_with_bf16_autocast():
+    seq = make_stack("bdia", 16, 64, "reversible", dtype=torch.float32, exact=True)
+    seq.debug = True
+    x = torch.randn(8, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = seq(x)
+    y.float().sum().backward()
+    errs = seq.last_report.reconstruction_errors
+    assert len(errs) == 64 and max(errs) == 0.0
+    assert torch.isfinite(x.grad).all()
+
+
+def test_bdia_floating_point_reconstruction_error_doubles_per_layer():
+    # the documented reason for exact=True: the inverse divides by g = +-1/2
+    errs = {}
+    for depth in (4, 12):
+        torch.manual_seed(0)
+        seq = rev.Sequential(*[rev.BDIA(mlp(16, dtype=torch.float32, gain=0.5), 0.5) for _ in range(depth)],
+                             split="duplicate", merge="last", debug=True, debug_tol=1e30)
+        x = torch.randn(8, 16, requires_grad=True)
+        seq(x).sum().backward()
+        errs[depth] = seq.last_report.reconstruction_errors[0]  # the first layer: reconstructed last
+    assert errs[12] > 30 * max(errs[4], 1e-9)
+
+
+def test_bdia_eval_is_the_residual_network():
+    seq = make_stack("bdia", 16, 6, "reversible", dtype=torch.float32).eval()
+    x = torch.randn(3, 4, 16)
+    h = x
+    for layer in seq.layers:
+        h = h + layer.f(h)
+    with torch.no_grad():
+        assert torch.equal(seq(x), h)
+    # with grad in eval mode the layers keep their inputs: grads still equal plain
+    ref = make_stack("bdia", 16, 6, "plain", dtype=torch.float64).eval()
+    rv = make_stack("bdia", 16, 6, "reversible", dtype=torch.float64).eval()
+    xd = x.double()
+    assert max_grad_err(run_step(rv, xd), run_step(ref, xd)) < 1e-12
+
+
+def test_bdia_signs_are_per_sample_and_per_forward():
+    torch.manual_seed(0)
+    layer = rev.BDIA(mlp(4, dtype=torch.float64), 0.5)
+    x = torch.randn(64, 4, dtype=torch.float64)
+    seen = []
+    for _ in range(3):
+        with torch.no_grad():
+            _, y = layer(x, x)
+        s = layer.last_signs
+        assert s.shape == (64,) and set(s.tolist()) == {-1, 1}
+        g = 0.5 * s.double()[:, None]
+        with torch.no_grad():
+            assert torch.allclose(y, x + (1 + g) * layer.f(x))  # p_prev = p: g p + (1-g) p = p
+        seen.append(s.clone())
+    assert not torch.equal(seen[0], seen[1])
+    with torch.no_grad():
+        x1, x2 = layer.inverse(x, y)
+        assert torch.allclose(y, x + (1 + 0.5 * seen[-1].double()[:, None]) * layer.f(x))
+    assert rel_err(x1, x) < 1e-12
+
+
+def test_bdia_refuses_bad_gamma_inverse_and_inexact_gamma():
+    with pytest.raises(ValueError, match="gamma must be in"):
+        rev.BDIA(mlp(4), gamma=0.0)
+    with pytest.raises(ValueError, match="gamma must be in"):
+        rev.BDIA(mlp(4), gamma=1.5)
+    with pytest.raises(ValueError, match="exact"):
+        rev.Sequential(rev.BDIA(mlp(4), gamma=0.3), split="duplicate", exact=True)
+    seq = rev.Sequential(rev.BDIA(mlp(4), 0.5), split="duplicate", merge=None)
+    with torch.no_grad():
+        y = seq(torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="Sequential.inverse cannot undo it"):
+        seq.inverse(y)
+    seq.layers[0].eval()
+    with pytest.raises(ValueError, match="not invertible"):
+        seq.layers[0].inverse(*y)
