@@ -9,9 +9,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-BLOCK_TYPES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian")
+BLOCK_TYPES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
 REVERSIBLE_MODES = ("reversible", "checkpoint", "plain")
-EXACT_BLOCK_TYPES = ("additive", "midpoint", "leapfrog", "hamiltonian")
+EXACT_BLOCK_TYPES = ("additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
 
 
 @dataclass
@@ -41,11 +41,15 @@ class RevMoEConfig:
     # -- reversible architecture ------------------------------------------------------------
     block_type: str = "revffn"
     reversible_mode: str = "reversible"
-    exact: bool = False
-    exact_bits: int = 16
+    exact: Optional[bool] = None  # None: True for block_type='bdia' (its reversible mode needs it), else False
+    exact_bits: Optional[int] = None  # None: 24 for bdia (below fp32's resolution of O(1) states), else 16
     step_size: Optional[float] = None  # integrators' h; None: 0.5 for midpoint, 1.0 otherwise
     boundary: str = "duplicate"  # integrators' p_-1: "duplicate" (= p_0) or "euler" (bootstrap)
     stochastic_gamma: Optional[float] = None  # midpoint only: < 1 makes it the stochastic midpoint
+    # bdia: g = +-bdia_gamma per sample in training, 0 in eval (the residual network). 2^-k for
+    # exact=True, which reversible mode needs (the float inverse doubles the error per layer at 1/2).
+    # 1/4 by default: converted pretrained layers see half the perturbation of the paper's 1/2.
+    bdia_gamma: float = 0.25
     fixed_point_iters: int = 50  # revffn: iterations of the attention branch's inverse
     fixed_point_tol: Optional[float] = None  # revffn: relative residual that counts as converged
     # (None: by the stream dtype, 1e-12 for float64, 1e-5 for float32, 1e-2 below)
@@ -66,6 +70,10 @@ class RevMoEConfig:
     model_type: str = field(default="revmoe", init=False)
 
     def __post_init__(self):
+        if self.exact is None:
+            self.exact = self.block_type == "bdia"
+        if self.exact_bits is None:
+            self.exact_bits = 24 if self.block_type == "bdia" else 16
         self.validate()
 
     @property
@@ -109,6 +117,15 @@ class RevMoEConfig:
             need(self.block_type in EXACT_BLOCK_TYPES and self.stochastic_gamma in (None, 1.0),
                  f"exact=True needs a block type that only adds and subtracts increments {EXACT_BLOCK_TYPES}; "
                  f"{self.block_type!r} does not")
+        if self.block_type == "bdia":
+            need(0.0 < self.bdia_gamma <= 1.0, f"bdia_gamma must be in (0, 1], got {self.bdia_gamma}")
+            need(self.step_size is None, "block_type='bdia' has no step size (its eval mode is x + f(x))")
+            need(self.exact or self.reversible_mode != "reversible",
+                 "block_type='bdia' in reversible mode needs exact=True: its floating-point inverse divides by "
+                 f"g = +-{self.bdia_gamma} and multiplies the rounding error by {1 / self.bdia_gamma:g} per layer")
+            if self.exact:
+                need(self.bdia_gamma in [2.0 ** -k for k in range(1, 9)],
+                     f"exact=True needs bdia_gamma = 2^-k (k = 1..8), got {self.bdia_gamma}")
         if self.stochastic_gamma is not None:
             need(self.block_type == "midpoint", "stochastic_gamma applies to block_type='midpoint' only")
             need(self.stochastic_gamma != 0.0, "stochastic_gamma = 0 is forward Euler, which is not invertible")

@@ -199,6 +199,8 @@ def build_layer(config: RevMoEConfig, i: int) -> rev.Coupling:
     if bt == "hamiltonian":
         return rev.Hamiltonian(AttnBranch(config, i), MoEBranch(config), h=h)
     f = BlockIncrement(config, i)
+    if bt == "bdia":
+        return rev.BDIA(f, gamma=config.bdia_gamma)
     if i == 0 and config.boundary == "euler":
         return rev.EulerStart(f, h=h)
     if bt == "leapfrog":
@@ -214,6 +216,7 @@ STACK_LAYOUT = {  # block_type -> (split, merge)
     "midpoint": ("duplicate", "last"),
     "leapfrog": ("duplicate", "last"),
     "hamiltonian": ("duplicate", "last"),
+    "bdia": ("duplicate", "last"),
 }
 
 
@@ -395,7 +398,18 @@ class RevMoEForCausalLM(nn.Module):
                  eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None, use_cache: bool = True,
                  generator: Optional[torch.Generator] = None) -> Tensor:
         """Greedy or sampled continuation. With use_cache the keys/values of past tokens are kept
-        (inference needs no reconstruction), so each new token costs one position."""
+        (inference needs no reconstruction), so each new token costs one position. Runs in eval
+        mode (bdia's random signs off: g = 0), then restores the module's mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k,
+                                  eos_token_id, pad_token_id, use_cache, generator)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, eos_token_id,
+                  pad_token_id, use_cache, generator):
         eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
         pad = (self.config.pad_token_id if pad_token_id is None else pad_token_id)
         pad = eos if pad is None else pad

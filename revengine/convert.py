@@ -53,7 +53,7 @@ SUPPORTED_ARCHITECTURES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
 }
-SCHEMES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian")
+SCHEMES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
 ADAPTER_INITS = ("coordinate", "zero")
 
 
@@ -338,6 +338,8 @@ def _exact_export(cfg) -> Optional[str]:
     if bt == "revffn":
         return ("block_type='revffn' runs half-width streams through projection adapters, which have no "
                 "counterpart in the HF architecture")
+    if bt == "bdia":
+        return None  # eval mode is HF's x + f(x) (exact=True only rounds each increment to 2^-exact_bits)
     if cfg.exact:
         return "exact=True rounds every increment to a fixed-point grid, which the HF model does not"
     why = (f"block_type={bt!r} chains the layers differently from the HF residual x + f(x) "

@@ -45,9 +45,9 @@ import torch
 from torch import nn
 
 from . import memory as _memory
+from .convert import SCHEMES  # one list: the CLI offers every conversion
 
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-SCHEMES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian")
 DISTILL = ("none", "stage1", "all")
 IGNORE = -100
 STATE_FILE = "trainer_state.json"

@@ -13,7 +13,7 @@ from revengine.models import RevMoEForCausalLM  # noqa: E402
 from revengine.models.layers import rope_tables  # noqa: E402
 from revengine.models.modeling import AttnBranch, MoEBranch  # noqa: E402
 
-SCHEMES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian")
+SCHEMES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 CLASSES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
            "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
@@ -160,6 +160,28 @@ def test_one_layer_integrators_are_the_hf_model_and_export_back(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_bdia_is_the_hf_model_in_eval_and_exports_back(family):
+    """BDIA at any depth: eval mode (g = 0) is HF's residual chain, up to the fixed-point rounding of
+    each increment to 2^-24; to_hf exports it without allow_function_change. Training mode draws
+    random signs, so it differs from HF and between forwards."""
+    hf = hf_model(family, layers=4, seed=6)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    model = from_hf(hf, scheme="bdia")
+    assert model.config.exact and model.config.exact_bits == 24 and model.config.reversible_mode == "reversible"
+    model.eval()
+    gap = conversion_gap(hf, model, ids)
+    assert abs(gap["loss_rev"] - gap["loss_hf"]) < 1e-7 and abs(gap["kl"]) < 1e-9, gap  # 2^-24 per increment
+    back = float64_reference(to_hf(model, experts_implementation="eager"))
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, hf.state_dict()[k]), k
+    model.train()
+    with torch.no_grad():
+        a, b = model(ids).logits, model(ids).logits
+        assert not torch.equal(a, b)
+        _assert_close(back(ids).logits, hf(ids).logits, 1e-12, f"{family} bdia round trip")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_conversion_gap_is_finite_and_reported(family, capsys):
     """The step-0 gap vs the original (tiny random models; real numbers: benchmarks/convert_gap.py)."""
     hf = hf_model(family, layers=2, seed=4)
@@ -183,6 +205,7 @@ def test_converted_model_trains_reversibly(scheme):
     grads = {}
     for mode in ("reversible", "plain"):
         model = from_hf(hf, scheme=scheme, reversible_mode=mode)
+        torch.manual_seed(0)  # the same random draws (bdia's signs) in both modes
         model(ids, labels=ids).loss.backward()
         grads[mode] = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
     for k, g in grads["plain"].items():

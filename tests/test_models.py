@@ -32,8 +32,9 @@ def batch(cfg, B=2, S=12, seed=1, pad=True):
     return ids, mask, labels
 
 
-def grads(model, ids, mask, labels):
+def grads(model, ids, mask, labels, seed=0):
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same random draws (bdia's signs) in every mode
     out = model(ids, attention_mask=mask, labels=labels)
     (0.5 * out.loss).backward()  # a scaled loss: the aux grads must follow the scale
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -119,6 +120,8 @@ def test_generate_with_kv_cache_equals_recomputing(block_type):
     with_cache = model.generate(ids, max_new_tokens=6, attention_mask=mask)
     without = model.generate(ids, max_new_tokens=6, attention_mask=mask, use_cache=False)
     assert torch.equal(with_cache, without)
+    assert model.training  # generate ran in eval mode and restored the mode
+    model.eval()  # the forwards below compare as inference (bdia: g = 0)
     # Logits of the incremental path equal the full forward's.
     full = model(with_cache, attention_mask=torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], 1)).logits
     out = model(ids, attention_mask=mask, use_cache=True)
@@ -146,8 +149,9 @@ def test_save_and_from_pretrained_round_trip(block_type, tmp_path):
     loaded = RevMoEForCausalLM.from_pretrained(str(tmp_path))
     assert loaded.config == model.config
     ids = torch.randint(0, 128, (2, 6))
+    model.eval(), loaded.eval()  # bdia draws random signs in training mode
     assert torch.equal(loaded(ids).logits, model(ids).logits)
-    other = RevMoEForCausalLM.from_pretrained(str(tmp_path), reversible_mode="plain")
+    other = RevMoEForCausalLM.from_pretrained(str(tmp_path), reversible_mode="plain").eval()
     assert other.config.reversible_mode == "plain" and torch.equal(other(ids).logits, model(ids).logits)
 
 
