@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import revengine  # noqa: E402,F401
 from revengine.memory import measure_in_subprocess, training_step_figures  # noqa: E402
 
-SCHEMES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian")
+from revengine.convert import SCHEMES  # noqa: E402
 CONTENDERS = ("hf-plain", "hf-ckpt") + tuple(f"rev-{s}" for s in SCHEMES)
 TARGET = 0.55
 # RevMoEConfig options of the converted models: the smallest working set per layer (each costs a little

@@ -34,7 +34,7 @@ import revengine  # noqa: E402,F401
 from revengine.memory import measure_in_subprocess, training_step_figures  # noqa: E402
 
 MB = float(2**20)
-BLOCK_TYPES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian")
+from revengine.models import BLOCK_TYPES  # noqa: E402
 # name -> (block_type, reversible_mode)
 CONTENDERS = {"plain": ("additive", "plain"), "checkpoint": ("additive", "checkpoint")}
 CONTENDERS.update({f"rev-{b}": (b, "reversible") for b in BLOCK_TYPES})

@@ -28,7 +28,7 @@ import revengine  # noqa: E402,F401
 from revengine.models import RevMoEConfig, RevMoEForCausalLM  # noqa: E402
 from revengine.models.corpus import splits  # noqa: E402
 
-BLOCK_TYPES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian")
+from revengine.models import BLOCK_TYPES  # noqa: E402
 
 
 def model_config(block_type: str, mode: str, layers: int) -> RevMoEConfig:

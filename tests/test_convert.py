@@ -8,12 +8,11 @@ import torch
 
 tf = pytest.importorskip("transformers")
 
-from revengine.convert import conversion_gap, from_hf, to_hf, upcycle  # noqa: E402
+from revengine.convert import SCHEMES, conversion_gap, from_hf, to_hf, upcycle  # noqa: E402
 from revengine.models import RevMoEForCausalLM  # noqa: E402
 from revengine.models.layers import rope_tables  # noqa: E402
 from revengine.models.modeling import AttnBranch, MoEBranch  # noqa: E402
 
-SCHEMES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 CLASSES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
            "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}

@@ -17,7 +17,7 @@ from revengine import finetune as ft  # noqa: E402
 from revengine.finetune import FinetuneArgs, FinetuneError  # noqa: E402
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-SCHEMES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
+from revengine.convert import SCHEMES  # noqa: E402
 # Where revengine was imported from (the installed package in CI, the source tree in a dev build):
 # a subprocess must import the same one.
 import revengine  # noqa: E402
