@@ -377,7 +377,7 @@ namespace revengine {
 namespace {
 
 constexpr const char* kBdiaSign = "bdia.sign";    // int64 [B]: +-1 per sample
-constexpr const char* kBdiaLow = "bdia.low";      // uint8, stream shape: the bits >> k dropped
+constexpr const char* kBdiaLow = "bdia.low";      // uint8: the k bits >> k dropped, packed 8/k a byte
 constexpr const char* kBdiaInput = "bdia.input";  // eval mode: the kept input p_prev
 
 at::Tensor saved_by_tag(const LayerRecord& rec, const char* tag) {
@@ -389,6 +389,28 @@ at::Tensor saved_by_tag(const LayerRecord& rec, const char* tag) {
 void save_tagged(LayerRecord& rec, const char* tag, at::Tensor t) {
   rec.saved_tags.emplace_back(tag);
   rec.saved.push_back(std::move(t));
+}
+
+// The k low bits of each int64 element, packed 8/k to a byte (k = 1, 2, 4, 8; else one per byte).
+at::Tensor pack_low_bits(const at::Tensor& buf, int64_t k) {
+  at::Tensor low = buf.bitwise_and((int64_t{1} << k) - 1).to(at::kByte).reshape(-1);
+  if (8 % k != 0 || k == 8) return low;
+  const int64_t per = 8 / k, n = low.numel(), pad = (per - n % per) % per;
+  if (pad) low = at::cat({low, at::zeros({pad}, low.options())});
+  at::Tensor v = low.view({-1, per});
+  at::Tensor packed = v.select(1, 0).clone();
+  for (int64_t j = 1; j < per; ++j) packed.bitwise_or_(v.select(1, j).bitwise_left_shift(j * k));
+  return packed;
+}
+
+// pack_low_bits' inverse: int64 values in [0, 2^k) with the shape of `like`.
+at::Tensor unpack_low_bits(const at::Tensor& packed, int64_t k, const at::Tensor& like) {
+  const int64_t n = like.numel();
+  if (8 % k != 0 || k == 8) return packed.to(at::kLong).view(like.sizes());
+  const int64_t per = 8 / k;
+  std::vector<at::Tensor> parts;
+  for (int64_t j = 0; j < per; ++j) parts.push_back(packed.bitwise_right_shift(j * k).bitwise_and_((1 << k) - 1));
+  return at::stack(parts, 1).reshape(-1).narrow(0, 0, n).to(at::kLong).view(like.sizes());
 }
 
 // sign [B] -> [B, 1, ..., 1] broadcasting against a stream of `ndim` dims, in `dtype`.
@@ -432,7 +454,7 @@ void BDIA::forward(Streams& s, const Ctx& ctx, LayerRecord& rec) {
       u.add_(inc.to(u.scalar_type()));
   } else if (s.exact) {
     at::Tensor sg = per_sample(sign, u.dim(), at::kLong);
-    save_tagged(rec, kBdiaLow, u.bitwise_and((int64_t{1} << shift_) - 1).to(at::kByte));
+    save_tagged(rec, kBdiaLow, pack_low_bits(u, shift_));
     u.bitwise_right_shift_(shift_).mul_(sg);                      // g*P_prev, rounded down
     u.add_(src).sub_(at::bitwise_right_shift(src, shift_).mul_(sg));  // + (1-g)*P
     ops::fixed_update_(u, inc * per_sample(sign, inc.dim(), inc.scalar_type()).mul_(gamma_).add_(1.0), s.frac_bits, +1);
@@ -472,7 +494,7 @@ BackwardResult BDIA::backward(Streams& s, const at::Tensor& dya, const at::Tenso
       at::Tensor d = inc.detach();
       ops::fixed_update_(u, d * per_sample(sign, d.dim(), d.scalar_type()).mul_(gamma_).add_(1.0), s.frac_bits, -1);
       u.sub_(src_buf).add_(at::bitwise_right_shift(src_buf, shift_).mul_(sg));
-      u.mul_(sg).bitwise_left_shift_(shift_).bitwise_or_(saved_by_tag(rec, kBdiaLow).to(at::kLong));
+      u.mul_(sg).bitwise_left_shift_(shift_).bitwise_or_(unpack_low_bits(saved_by_tag(rec, kBdiaLow), shift_, u));
     } else {
       at::Tensor g = per_sample(sign, u.dim(), u.scalar_type()).mul_(gamma_);
       u.sub_(inc.detach().to(u.scalar_type()) * (1.0 + g)).sub_(src.detach() * (1.0 - g)).div_(g);

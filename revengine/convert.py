@@ -24,14 +24,20 @@ What is preserved (measured by tests/test_convert.py and benchmarks/convert_gap.
       the integrator's two-step update instead of the residual x + f(x);
     - hamiltonian: q += A(p); p += M(q) -- the MoE reads the attention update of the other stream;
     - additive: y1 = x + A(x), y2 = x + M(y1), outputs averaged;
-    - revffn: half-width streams with projection adapters (see `init_revffn_adapters`).
-  None of them is the HF function for more than one layer: converted models are meant to be
-  fine-tuned / distilled (Gal et al. distil with KL for 1-2 epochs; RevFFN warms up the adapters).
+    - revffn: half-width streams with projection adapters (see `init_revffn_adapters`);
+    - bdia: p_next = g p_prev + (1-g) p + (1+g) f(p) with g = +-bdia_gamma drawn per sample in
+      training and g = 0 in eval, where it is HF's x + f(x) at any depth (up to the fixed-point
+      rounding of each increment to 2^-24; exact=True is its default, which makes it invertible).
+  Apart from bdia in eval mode, none of them is the HF function for more than one layer: those
+  converted models are meant to be fine-tuned / distilled (Gal et al. distil with KL for 1-2 epochs;
+  RevFFN warms up the adapters); a bdia model needs no stage 1 (it has no new parameters and starts
+  as the original).
   benchmarks/convert_gap.py prints the loss and KL gap against the original at step 0.
 
 * to_hf: an HF model computes the residual chain x_{l+1} = x_l + f_l(x_l). A reversible model
-  computes that same function only for one layer with block_type midpoint (h = 1/2, p_-1 = p_0),
-  leapfrog (h = 1, p_-1 = p_0) or either with the Euler start at h = 1; everything else raises a
+  computes that same function with block_type bdia (in eval mode, any depth), and for one layer
+  with midpoint (h = 1/2, p_-1 = p_0), leapfrog (h = 1, p_-1 = p_0) or either with the Euler start
+  at h = 1; everything else raises a
   ValueError naming why. allow_function_change=True exports the pretrained-shaped weights anyway
   for the full-width schemes (additive, midpoint, leapfrog, hamiltonian: their A and M are HF's
   sub-blocks, so the weights fit, but the HF model then computes a different function). revffn

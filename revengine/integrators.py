@@ -147,7 +147,7 @@ class BDIA(Coupling):
     The inverse divides by g. In floating point that amplifies rounding error by 1/gamma per
     layer (2^depth for gamma = 1/2): use exact=True (gamma = 2^-k, k = 1..8), where g*p_prev is
     rounded down on the fixed-point grid and the k dropped bits are recorded (k bits per element
-    per layer, kept as one uint8), so reconstruction is bit-exact at any depth. In eval mode the
+    per layer, packed 8/k to a byte), so reconstruction is bit-exact at any depth. In eval mode the
     layer is not invertible and keeps its input when grad is on. Sequential.inverse cannot undo a
     BDIA layer (the signs are drawn per forward); backward reconstructs from what forward recorded.
     Streams: (p_prev, p) -> (p, p_next); build the stack with split="duplicate", merge="last".

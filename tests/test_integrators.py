@@ -193,3 +193,15 @@ def test_bdia_refuses_bad_gamma_inverse_and_inexact_gamma():
     seq.layers[0].eval()
     with pytest.raises(ValueError, match="not invertible"):
         seq.layers[0].inverse(*y)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
+def test_bdia_exact_for_every_gamma_power_of_two(k):
+    # the dropped bits are packed 8/k to a byte (k = 1, 2, 4), or one per byte; 105 elements per
+    # stream: not a multiple of any packing
+    torch.manual_seed(0)
+    seq = rev.Sequential(*[rev.BDIA(mlp(7, dtype=torch.float32, gain=0.5), 2.0 ** -k) for _ in range(16)],
+                         split="duplicate", merge="last", exact=True, debug=True)
+    x = torch.randn(3, 5, 7, requires_grad=True)
+    seq(x).sum().backward()
+    assert max(seq.last_report.reconstruction_errors) == 0.0
