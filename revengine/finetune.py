@@ -88,6 +88,7 @@ class FinetuneArgs:
     gradient_checkpointing: bool = False
     moe_chunk_size: int = 0
     fixed_point_fallback: str = "store"
+    bdia_gamma: Optional[float] = None  # None: RevMoEConfig's default
     seed: int = 0
     # bookkeeping (may change between a run and its --resume)
     resume: bool = False
@@ -398,8 +399,10 @@ def load_source(args: FinetuneArgs):
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return None, student, "hf"
     try:
+        extra = {} if args.bdia_gamma is None or args.scheme != "bdia" else {"bdia_gamma": args.bdia_gamma}
         student = convert.from_hf(source, scheme=args.scheme, reversible_mode=args.reversible_mode,
-                                  moe_chunk_size=args.moe_chunk_size, fixed_point_fallback=args.fixed_point_fallback)
+                                  moe_chunk_size=args.moe_chunk_size, fixed_point_fallback=args.fixed_point_fallback,
+                                  **extra)
     except ValueError as e:
         raise FinetuneError(f"{args.model}: cannot convert: {e}") from None
     for p in source.parameters():
@@ -877,6 +880,8 @@ def add_arguments(p) -> None:
     a("--fixed-point-fallback", default="store", choices=("error", "warn", "store"),
       help="revffn: a layer whose attention branch stops being a contraction keeps its input (store, exact grads, "
       "the default), warns, or raises")
+    a("--bdia-gamma", type=float, default=None,
+      help="bdia: |g| of the random signs in training, 2^-k (default 1/16: k = 4 bits kept per element and layer)")
     a("--seed", type=int, default=0)
     a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     a("--save-every", type=int, default=50, help="checkpoint every N steps (also at the end of each stage)")
