@@ -105,6 +105,19 @@ def test_two_stage_run_lowers_heldout_loss(tmp_path, data, family, scheme):
     assert sum(p.numel() for p in m.parameters()) > 0
 
 
+def test_bdia_starts_as_the_original_and_takes_its_gamma(tmp_path, data, mixtral):
+    out = tmp_path / "out"
+    s = ft.run(args(mixtral, data, out, scheme="bdia", bdia_gamma=0.125, stage1_steps=0, steps=3))
+    ev = s["evals"]
+    assert s["status"] == "finished" and abs(ev["start"]["loss"] - ev["original"]["loss"]) < 1e-5, ev
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["block_type"] == "bdia" and cfg["bdia_gamma"] == 0.125 and cfg["exact"]
+    bad = tmp_path / "bad"
+    with pytest.raises(FinetuneError, match="bdia_gamma = 2\\^-k"):
+        ft.run(args(mixtral, data, bad, scheme="bdia", bdia_gamma=0.3, stage1_steps=0, steps=3))
+    assert not os.path.exists(bad / "config.json")
+
+
 def test_stage1_trains_only_the_new_parameters(tmp_path, data, mixtral):
     from revengine import convert
     out = tmp_path / "out"
