@@ -94,6 +94,27 @@ std::vector<bool> wanted_for(bool first, const std::vector<size_t>& slots, const
   return w;
 }
 
+// fn(src) with grad, the RNG replayed as the forward's k-th stream-function call saw it.
+at::Tensor recompute(Fn& fn, const at::Tensor& src, const Ctx& lctx, const Streams& s, const LayerRecord& rec,
+                     size_t k) {
+  if (s.preserve_rng) restore_rng(rec.rng.at(k));
+  RecomputeGuard rg;
+  return fn.call(src, lctx);
+}
+
+// For a one-function layer: the vjp of inc = f(src) for dy; puts the parameter and context grads
+// into r and returns the grad of src.
+at::Tensor single_fn_vjp(BackwardResult& r, const at::Tensor& inc, const at::Tensor& dy, const at::Tensor& src,
+                         const std::vector<at::Tensor>& params, const Ctx& lctx, const Needs& needs) {
+  std::vector<bool> wanted{true};
+  wanted.insert(wanted.end(), needs.params.begin(), needs.params.end());
+  wanted.insert(wanted.end(), needs.ctx.begin(), needs.ctx.end());
+  auto grads = vjp({inc}, {dy}, concat({{src}, params, lctx.tensors}), wanted);
+  r.dparams.assign(grads.begin() + 1, grads.begin() + 1 + params.size());
+  r.dctx.assign(grads.begin() + 1 + params.size(), grads.end());
+  return grads[0];
+}
+
 // In place: buf <- lam*buf + inc (float) or buf += q(inc) (exact).
 void add_increment(Streams& s, at::Tensor& buf, const at::Tensor& inc, double lam) {
   if (s.exact) {
@@ -155,12 +176,7 @@ BackwardResult AdditiveCoupling::backward(Streams& s, const at::Tensor& dya, con
   auto half = [&](at::Tensor& upd, const at::Tensor& src_buf, Fn& fn, size_t k, double scale,
                   const at::Tensor& dy) {
     at::Tensor src = grad_leaf(s, src_buf);
-    at::Tensor inc;
-    {
-      if (s.preserve_rng) restore_rng(rec.rng.at(k));
-      RecomputeGuard rg;
-      inc = fn.call(src, lctx);
-    }
+    at::Tensor inc = recompute(fn, src, lctx, s, rec, k);
     {
       at::NoGradGuard ng;
       r.finite &= remove_increment(s, upd, inc.detach(), scale);
@@ -335,27 +351,13 @@ BackwardResult LinearMultistep::backward(Streams& s, const at::Tensor& dya, cons
   BackwardResult r;
   Ctx lctx = leaf_context(ctx, needs.ctx);
   at::Tensor src = grad_leaf(s, src_buf);
-  at::Tensor inc;
-  {
-    if (s.preserve_rng) restore_rng(rec.rng.at(0));
-    RecomputeGuard rg;
-    inc = f_->call(src, lctx);
-  }
+  at::Tensor inc = recompute(*f_, src, lctx, s, rec, 0);
   r.finite = solve(s, u, s.exact ? src_buf : src.detach(), inc.detach());
-  const auto& params = params_;
-  std::vector<at::Tensor> inputs{src};
-  inputs.insert(inputs.end(), params.begin(), params.end());
-  inputs.insert(inputs.end(), lctx.tensors.begin(), lctx.tensors.end());
-  std::vector<bool> wanted{true};
-  wanted.insert(wanted.end(), needs.params.begin(), needs.params.end());
-  wanted.insert(wanted.end(), needs.ctx.begin(), needs.ctx.end());
-  auto grads = vjp({inc}, {c_f_ == 1.0 ? dy_u : dy_u * c_f_}, inputs, wanted);
+  at::Tensor dsrc_f = single_fn_vjp(r, inc, c_f_ == 1.0 ? dy_u : dy_u * c_f_, src, params_, lctx, needs);
   at::Tensor dsrc = dy_src;
   if (c_cur_ != 0.0) dsrc = dsrc + dy_u * c_cur_;
-  if (grads[0].defined()) dsrc = dsrc + grads[0];
+  if (dsrc_f.defined()) dsrc = dsrc + dsrc_f;
   at::Tensor du = c_prev_ == 1.0 ? dy_u : dy_u * c_prev_;
-  r.dparams.assign(grads.begin() + 1, grads.begin() + 1 + params.size());
-  r.dctx.assign(grads.begin() + 1 + params.size(), grads.end());
   // Input streams: with swap (a, b) = (U, S), without swap (a, b) = (S, U).
   r.da = swap_ ? du : dsrc;
   r.db = swap_ ? dsrc : du;
@@ -476,12 +478,7 @@ BackwardResult BDIA::backward(Streams& s, const at::Tensor& dya, const at::Tenso
   BackwardResult r;
   Ctx lctx = leaf_context(ctx, needs.ctx);
   at::Tensor src = grad_leaf(s, src_buf);
-  at::Tensor inc;
-  {
-    if (s.preserve_rng) restore_rng(rec.rng.at(0));
-    RecomputeGuard rg;
-    inc = f_->call(src, lctx);
-  }
+  at::Tensor inc = recompute(*f_, src, lctx, s, rec, 0);
   const at::Tensor kept = saved_by_tag(rec, kBdiaInput);
   const at::Tensor sign = saved_by_tag(rec, kBdiaSign);
   TORCH_CHECK(kept.defined() || sign.defined(), "revengine: ", name_, ": backward found no record of its forward");
@@ -501,19 +498,11 @@ BackwardResult BDIA::backward(Streams& s, const at::Tensor& dya, const at::Tenso
       r.finite = !s.check_finite || ops::all_finite(u).item<bool>();
     }
   }
-  std::vector<at::Tensor> inputs{src};
-  inputs.insert(inputs.end(), params_.begin(), params_.end());
-  inputs.insert(inputs.end(), lctx.tensors.begin(), lctx.tensors.end());
-  std::vector<bool> wanted{true};
-  wanted.insert(wanted.end(), needs.params.begin(), needs.params.end());
-  wanted.insert(wanted.end(), needs.ctx.begin(), needs.ctx.end());
   at::Tensor g;  // undefined in eval mode (g = 0)
   if (!kept.defined()) g = per_sample(sign, dy_u.dim(), dy_u.scalar_type()).mul_(gamma_);
-  auto grads = vjp({inc}, {g.defined() ? dy_u * (1.0 + g) : dy_u}, inputs, wanted);
+  at::Tensor dsrc_f = single_fn_vjp(r, inc, g.defined() ? dy_u * (1.0 + g) : dy_u, src, params_, lctx, needs);
   at::Tensor dsrc = dy_src + (g.defined() ? dy_u * (1.0 - g) : dy_u);
-  if (grads[0].defined()) dsrc = dsrc + grads[0];
-  r.dparams.assign(grads.begin() + 1, grads.begin() + 1 + params_.size());
-  r.dctx.assign(grads.begin() + 1 + params_.size(), grads.end());
+  if (dsrc_f.defined()) dsrc = dsrc + dsrc_f;
   r.da = g.defined() ? dy_u * g : at::zeros_like(dy_u);
   r.db = dsrc;
   return r;
