@@ -318,5 +318,8 @@ def test_convert_gap_benchmark_quick(capsys):
     spec.loader.exec_module(mod)
     assert mod.main(["--quick", "--steps", "3", "--layers", "2"]) == 0
     out = capsys.readouterr().out
-    for name in ("revffn (coordinate)", "revffn (zero)", "additive", "midpoint", "leapfrog", "hamiltonian", "skip-layers"):
+    for name in ("revffn (coordinate)", "revffn (zero)", "additive", "midpoint", "leapfrog", "hamiltonian", "bdia",
+                 "skip-layers"):
         assert f"| {name} |" in out, out
+    bdia_kl = float(out.split("| bdia |")[1].split("|")[3])
+    assert bdia_kl < 1e-9, out  # the HF model itself in eval mode
