@@ -153,6 +153,8 @@ class BDIA(Coupling):
     Streams: (p_prev, p) -> (p, p_next); build the stack with split="duplicate", merge="last".
     """
 
+    inverse_needs_its_forward = True  # Sequential.inverse cannot undo it; inverse() uses last_signs
+
     def __init__(self, f, gamma: float = 0.5):
         super().__init__()
         self.f = _module_or_callable(f, "f")
@@ -161,6 +163,7 @@ class BDIA(Coupling):
             raise ValueError(f"BDIA: gamma must be in (0, 1] (g = +-gamma; the inverse divides by it), got {gamma}")
         self.gamma = gamma
         self.last_signs = None  # the signs of the last training forward (for inverse())
+        self._last_rng = None
         self._cpp = None
         self._cpp_key = None
 
@@ -173,6 +176,8 @@ class BDIA(Coupling):
         # the same draw as the C++ layer: int64 {0, 1} -> {-1, +1}, before f runs
         sign = torch.randint(0, 2, (s.shape[0],), device=s.device).mul_(2).sub_(1)
         self.last_signs = sign
+        # f's randomness (dropout) as this forward sees it, for inverse() to replay
+        self._last_rng = (torch.get_rng_state(), torch.cuda.get_rng_state(s.device) if s.is_cuda else None)
         return sign
 
     @staticmethod
@@ -204,7 +209,12 @@ class BDIA(Coupling):
         if self.last_signs is None or self.last_signs.shape[0] != y1.shape[0]:
             raise ValueError("BDIA.inverse needs the signs of the forward it undoes (last_signs); run forward first")
         s = y1
-        inc = self.f(s, **ctx)
+        cpu_state, dev_state = self._last_rng
+        with torch.random.fork_rng(devices=[s.device] if s.is_cuda else []):
+            torch.set_rng_state(cpu_state)
+            if dev_state is not None:
+                torch.cuda.set_rng_state(dev_state, s.device)
+            inc = self.f(s, **ctx)
         g = self._per_sample(self.last_signs, s) * self.gamma
         return (y2 - (1 - g) * s - (1 + g) * inc) / g, s
 

@@ -30,6 +30,17 @@ def test_check_layer_float32_reports_rounding():
     assert report.dtype == torch.float32
 
 
+def test_check_layer_runs_bdia_with_its_own_inverse():
+    # BDIA draws signs per forward (Sequential.inverse refuses it): check_layer inverts through the
+    # layer's own inverse, which reads the signs of its last forward
+    x = torch.randn(6, 8, dtype=torch.float64)
+    report = rev.testing.check_layer(rev.BDIA(mlp(8, dropout=0.2), 0.5), x, x)
+    assert report.ok()
+    assert report.reconstruction_error < 1e-12 and report.inverse_error < 1e-12 and report.grad_error < 1e-12
+    exact = rev.testing.check_layer(rev.BDIA(mlp(8, dtype=torch.float32), 0.25), x.float(), x.float(), exact=True)
+    assert exact.reconstruction_error == 0.0
+
+
 def test_check_layer_flags_a_wrong_inverse():
     report = rev.testing.check_layer(NotInvertible(), torch.randn(4, 8, dtype=torch.float64))
     assert report.reconstruction_error > 1e-2 and report.inverse_error > 1e-2

@@ -111,9 +111,12 @@ def check_layer(layer: Coupling, *inputs: Tensor, seed: int = 0, exact: bool = F
         layer.load_state_dict(saved_buffers, strict=False)
         with torch.no_grad():
             torch.manual_seed(seed)
-            seq = Sequential(layer, merge=None, exact=exact)
+            # BDIA draws its signs per forward: Sequential.inverse cannot undo it, its own inverse
+            # reads the signs of its last (Python) forward
+            own = getattr(layer, "inverse_needs_its_forward", False)
+            seq = Sequential(layer, merge=None, exact=exact, mode="plain" if own else "reversible")
             y1, y2 = seq((x1, x2), **ctx)
-            b1, b2 = seq.inverse((y1, y2), **ctx)
+            b1, b2 = layer.inverse(y1, y2, **ctx) if own else seq.inverse((y1, y2), **ctx)
             inverse_error = float(torch.maximum((b1 - x1).abs().max(), (b2 - x2).abs().max()))
     finally:
         for p, g in zip(params, saved_grads):
