@@ -49,8 +49,8 @@ class RevMoEConfig:
     # bdia: g = +-bdia_gamma per sample in training, 0 in eval (the residual network). 2^-k for
     # exact=True, which reversible mode needs (the float inverse multiplies the error by 2^k per
     # layer); exact keeps k bits per element and layer. 1/16 by default: the paper's 1/2 perturbs a
-    # converted pretrained model far more (SmolLM2 upcycled, answer loss in training mode: 13.3 at
-    # 1/2, 7.5 at 1/4, 5.39 at 1/16, 5.26 at 1/256; 5.27 in eval).
+    # converted pretrained model far more (benchmarks/bdia_gamma.py, SmolLM2 upcycled, answer loss in
+    # training mode: 13.3 at 1/2, 7.5 at 1/4, 5.39 at 1/16, 5.26 at 1/256; 5.25 in eval).
     bdia_gamma: float = 0.0625
     fixed_point_iters: int = 50  # revffn: iterations of the attention branch's inverse
     fixed_point_tol: Optional[float] = None  # revffn: relative residual that counts as converged

