@@ -8,6 +8,7 @@ integrators around the unchanged pre-norm block. reversible_mode picks how backw
 activations ("reversible": reconstructed by the C++ executor; "checkpoint"; "plain"). The
 cross-entropy of the LM head runs in chunks, so a whole sequence's logits never exist at once.
 """
+import contextlib
 import math
 import os
 import tempfile
@@ -30,6 +31,17 @@ Tensor = torch.Tensor
 
 # ---------------------------------------------------------------------------------------------
 # Branches and reversible layers
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """module.eval() for the block, then its previous mode back (bdia's signs and dropout off)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def attention_call(recompute: bool, fn, *args, **ctx) -> Tensor:
@@ -400,44 +412,35 @@ class RevMoEForCausalLM(nn.Module):
         """Greedy or sampled continuation. With use_cache the keys/values of past tokens are kept
         (inference needs no reconstruction), so each new token costs one position. Runs in eval
         mode (bdia's random signs off: g = 0), then restores the module's mode."""
-        was_training = self.training
-        self.eval()
-        try:
-            return self._generate(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k,
-                                  eos_token_id, pad_token_id, use_cache, generator)
-        finally:
-            self.train(was_training)
-
-    def _generate(self, input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, eos_token_id,
-                  pad_token_id, use_cache, generator):
-        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-        pad = (self.config.pad_token_id if pad_token_id is None else pad_token_id)
-        pad = eos if pad is None else pad
-        ids = input_ids
-        mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.dtype)
-        cache = KVCache() if use_cache else None
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        step_in = ids
-        for _ in range(max_new_tokens):
-            out = self(step_in, attention_mask=mask, past_key_values=cache, return_logits=True, logits_to_keep=1)
-            logits = out.logits[:, -1].float()
-            if do_sample:
-                logits = logits / max(temperature, 1e-6)
-                if top_k:
-                    kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-            else:
-                nxt = logits.argmax(-1)
-            if eos is not None:
-                nxt = torch.where(done, torch.full_like(nxt, pad if pad is not None else 0), nxt)
-                done = done | (nxt == eos)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            step_in = nxt[:, None] if use_cache else ids
-            if eos is not None and bool(done.all()):
-                break
-        return ids
+        with eval_mode(self):
+            eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+            pad = (self.config.pad_token_id if pad_token_id is None else pad_token_id)
+            pad = eos if pad is None else pad
+            ids = input_ids
+            mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.dtype)
+            cache = KVCache() if use_cache else None
+            done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+            step_in = ids
+            for _ in range(max_new_tokens):
+                out = self(step_in, attention_mask=mask, past_key_values=cache, return_logits=True, logits_to_keep=1)
+                logits = out.logits[:, -1].float()
+                if do_sample:
+                    logits = logits / max(temperature, 1e-6)
+                    if top_k:
+                        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+                else:
+                    nxt = logits.argmax(-1)
+                if eos is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, pad if pad is not None else 0), nxt)
+                    done = done | (nxt == eos)
+                ids = torch.cat([ids, nxt[:, None]], dim=1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                step_in = nxt[:, None] if use_cache else ids
+                if eos is not None and bool(done.all()):
+                    break
+            return ids
 
     # -- reports ------------------------------------------------------------------------------
 

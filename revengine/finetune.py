@@ -490,9 +490,9 @@ def greedy_continue(model, prompts: List[List[int]], max_new: int, pad: int, eos
 def evaluate(model, examples: List[Example], tok, batch_size: int = 16, max_examples: int = 256,
              bf16: bool = False) -> Dict[str, Any]:
     """Held-out token loss (answer tokens for prompt/answer data) and greedy exact-match accuracy."""
-    was_training = model.training
-    model.eval()
-    try:
+    from revengine.models.modeling import eval_mode
+
+    with eval_mode(model):
         total, count = 0.0, 0
         for s in range(0, len(examples), batch_size):
             batch = collate(examples[s:s + batch_size], tok.pad_token_id)
@@ -510,8 +510,6 @@ def evaluate(model, examples: List[Example], tok, batch_size: int = 16, max_exam
             hits = sum(tok.decode(g).strip() == e.answer.strip() for g, e in zip(gen, qa))
             res.update(exact_match=hits / len(qa), exact_match_n=len(qa))
         return res
-    finally:
-        model.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------
