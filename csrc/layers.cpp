@@ -415,11 +415,12 @@ at::Tensor unpack_low_bits(const at::Tensor& packed, int64_t k, const at::Tensor
   return at::stack(parts, 1).reshape(-1).narrow(0, 0, n).to(at::kLong).view(like.sizes());
 }
 
-// sign [B] -> [B, 1, ..., 1] broadcasting against a stream of `ndim` dims, in `dtype`.
-at::Tensor per_sample(const at::Tensor& sign, int64_t ndim, at::ScalarType dtype) {
-  std::vector<int64_t> shape(static_cast<size_t>(std::max<int64_t>(ndim, 1)), 1);
+// sign [B] -> [B, 1, ..., 1] broadcasting against `like`, in its dtype, times `scale`.
+at::Tensor per_sample(const at::Tensor& sign, const at::Tensor& like, double scale = 1.0) {
+  std::vector<int64_t> shape(static_cast<size_t>(std::max<int64_t>(like.dim(), 1)), 1);
   shape[0] = sign.size(0);
-  return sign.to(dtype).view(shape);
+  at::Tensor t = sign.to(like.scalar_type()).view(shape);
+  return scale == 1.0 ? t : t.mul_(scale);
 }
 
 }  // namespace
@@ -455,15 +456,14 @@ void BDIA::forward(Streams& s, const Ctx& ctx, LayerRecord& rec) {
     else
       u.add_(inc.to(u.scalar_type()));
   } else if (s.exact) {
-    at::Tensor sg = per_sample(sign, u.dim(), at::kLong);
+    at::Tensor sg = per_sample(sign, u);  // +-1 in the int64 buffer's dtype
     save_tagged(rec, kBdiaLow, pack_low_bits(u, shift_));
     u.bitwise_right_shift_(shift_).mul_(sg);                      // g*P_prev, rounded down
     u.add_(src).sub_(at::bitwise_right_shift(src, shift_).mul_(sg));  // + (1-g)*P
-    ops::fixed_update_(u, inc * per_sample(sign, inc.dim(), inc.scalar_type()).mul_(gamma_).add_(1.0), s.frac_bits, +1);
+    ops::fixed_update_(u, inc * (1.0 + per_sample(sign, inc, gamma_)), s.frac_bits, +1);
   } else {
-    at::Tensor g = per_sample(sign, u.dim(), u.scalar_type()).mul_(gamma_);
-    at::Tensor incu = inc.to(u.scalar_type());
-    u.mul_(g).add_(src * (1.0 - g)).add_(incu * (1.0 + g));
+    at::Tensor g = per_sample(sign, u, gamma_);
+    u.mul_(g).add_(src * (1.0 - g)).add_(inc.to(u.scalar_type()) * (1.0 + g));
   }
   std::swap(s.a, s.b);
 }
@@ -487,19 +487,18 @@ BackwardResult BDIA::backward(Streams& s, const at::Tensor& dya, const at::Tenso
     if (kept.defined()) {
       u.copy_(kept);
     } else if (s.exact) {
-      at::Tensor sg = per_sample(sign, u.dim(), at::kLong);
-      at::Tensor d = inc.detach();
-      ops::fixed_update_(u, d * per_sample(sign, d.dim(), d.scalar_type()).mul_(gamma_).add_(1.0), s.frac_bits, -1);
+      at::Tensor sg = per_sample(sign, u);
+      ops::fixed_update_(u, inc.detach() * (1.0 + per_sample(sign, inc, gamma_)), s.frac_bits, -1);
       u.sub_(src_buf).add_(at::bitwise_right_shift(src_buf, shift_).mul_(sg));
       u.mul_(sg).bitwise_left_shift_(shift_).bitwise_or_(unpack_low_bits(saved_by_tag(rec, kBdiaLow), shift_, u));
     } else {
-      at::Tensor g = per_sample(sign, u.dim(), u.scalar_type()).mul_(gamma_);
+      at::Tensor g = per_sample(sign, u, gamma_);
       u.sub_(inc.detach().to(u.scalar_type()) * (1.0 + g)).sub_(src.detach() * (1.0 - g)).div_(g);
       r.finite = !s.check_finite || ops::all_finite(u).item<bool>();
     }
   }
   at::Tensor g;  // undefined in eval mode (g = 0)
-  if (!kept.defined()) g = per_sample(sign, dy_u.dim(), dy_u.scalar_type()).mul_(gamma_);
+  if (!kept.defined()) g = per_sample(sign, dy_u, gamma_);
   at::Tensor dsrc_f = single_fn_vjp(r, inc, g.defined() ? dy_u * (1.0 + g) : dy_u, src, params_, lctx, needs);
   at::Tensor dsrc = dy_src + (g.defined() ? dy_u * (1.0 - g) : dy_u);
   if (dsrc_f.defined()) dsrc = dsrc + dsrc_f;
