@@ -9,6 +9,7 @@ variants alternate, several rounds after warm-up, and the table gives the median
 
     python benchmarks/moe_kernels.py              # tokens 2048 and 8192 (about a minute on 2 cores)
     python benchmarks/moe_kernels.py --quick      # tiny shapes (seconds), used by the tests
+    python benchmarks/moe_kernels.py --device cuda  # on a GPU
 
 Prints a table; never asserts.
 """
@@ -31,7 +32,7 @@ from revengine.moe import moe_forward, moe_forward_reference  # noqa: E402
 VARIANTS = {"kernels": moe_forward, "loop": moe_forward_reference}
 
 
-def make_problem(tokens, hidden, experts, top_k, inter, dtype=torch.float32, seed=0):
+def make_problem(tokens, hidden, experts, top_k, inter, dtype=torch.float32, seed=0, device="cpu"):
     """Inputs of one MoE layer: x, softmax-top-k routing (renormalised, as Mixtral), fused expert weights."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, hidden, generator=g, dtype=dtype)
@@ -42,6 +43,8 @@ def make_problem(tokens, hidden, experts, top_k, inter, dtype=torch.float32, see
     gate_up = torch.randn(experts, 2 * inter, hidden, generator=g, dtype=dtype) / hidden**0.5
     down = torch.randn(experts, hidden, inter, generator=g, dtype=dtype) / inter**0.5
     grad_out = torch.randn(tokens, hidden, generator=g, dtype=dtype)
+    x, topk_weights, gate_up, down, topk_ids, grad_out = (
+        t.to(device) for t in (x, topk_weights, gate_up, down, topk_ids, grad_out))
     leaves = [t.requires_grad_() for t in (x, topk_weights, gate_up, down)]
     return leaves, topk_ids, grad_out
 
@@ -62,8 +65,10 @@ def make_step(fn, problem, backward=True):
     return step
 
 
-def time_alternating(steps, rounds, warmup=2):
-    """{name: median seconds} of the steps run in alternation (a, b, a, b, ...), after warm-up."""
+def time_alternating(steps, rounds, warmup=2, sync=None):
+    """{name: median seconds} of the steps run in alternation (a, b, a, b, ...), after warm-up.
+    sync (e.g. torch.cuda.synchronize) runs before each clock read, so queued GPU work is counted."""
+    sync = sync or (lambda: None)
     for _ in range(warmup):
         for fn in steps.values():
             fn()
@@ -71,8 +76,10 @@ def time_alternating(steps, rounds, warmup=2):
     for r in range(rounds):
         order = list(steps.items()) if r % 2 == 0 else list(reversed(steps.items()))
         for name, fn in order:
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in times.items()}
 
@@ -100,6 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="timed steps per variant (default 7; --quick: 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (seconds)")
     ap.add_argument("--json", default=None, help="dump the results as JSON")
     args = ap.parse_args(argv)
@@ -112,12 +120,17 @@ def main(argv=None) -> int:
     inter = args.inter or (16 if q else 176)
     rounds = args.rounds or (3 if q else 7)
     dtype = getattr(torch, args.dtype)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("moe_kernels: --device cuda needs a CUDA device; none is available", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    sync = torch.cuda.synchronize if args.device == "cuda" else None
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
 
     print(
         f"MoE expert MLP (SwiGLU, HF fused layout), hidden {hidden}, {experts} experts top-{top_k}, "
-        f"expert width {inter}, {args.dtype}, {torch.get_num_threads()} threads"
+        f"expert width {inter}, {args.dtype}, {where}"
     )
     print(f"median of {rounds} alternating rounds after warm-up; ratio = loop / kernels (> 1: kernels faster)")
     print()
@@ -127,9 +140,10 @@ def main(argv=None) -> int:
     print("-" * len(hdr))
     results = []
     for T in tokens:
-        problem = make_problem(T, hidden, experts, top_k, inter, dtype)
-        fb = time_alternating({n: make_step(f, problem) for n, f in VARIANTS.items()}, rounds)
-        fw = time_alternating({n: make_step(f, problem, backward=False) for n, f in VARIANTS.items()}, rounds)
+        problem = make_problem(T, hidden, experts, top_k, inter, dtype, device=args.device)
+        fb = time_alternating({n: make_step(f, problem) for n, f in VARIANTS.items()}, rounds, sync=sync)
+        fw = time_alternating({n: make_step(f, problem, backward=False) for n, f in VARIANTS.items()}, rounds,
+                              sync=sync)
         diff = max_diff(problem)
         row = {
             "tokens": T,
@@ -149,6 +163,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"hidden": hidden, "experts": experts, "top_k": top_k, "inter": inter, "dtype": args.dtype,
+                       "device": args.device,
                        "threads": torch.get_num_threads(), "rounds": rounds, "rows": results}, fh, indent=1)
     return 0
 

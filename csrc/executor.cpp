@@ -434,6 +434,7 @@ ForwardResult reversible_forward(const std::vector<LayerPtr>& layers, const at::
 
   auto st = std::make_shared<StackState>();
   Streams s = make_streams(xa, xb, opts);
+  s.recording = record;
   const auto shape = xa.sizes().vec();
   const auto float_opts = xa.options();
   at::Tensor prev_a = xa, prev_b = xb;

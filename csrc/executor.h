@@ -88,6 +88,9 @@ struct Streams {
   at::ScalarType dtype = at::kFloat;  // floating dtype the layers see
   bool check_finite = true;
   bool preserve_rng = true;
+  // False in a forward that records nothing for backward (no_grad, or nothing requires grad):
+  // layers may skip what only their backward would use.
+  bool recording = true;
   // The layers' view of a buffer: the buffer itself, or its dequantised value.
   at::Tensor value(const at::Tensor& buf) const;
   // Which grads the current backward needs.

@@ -393,28 +393,6 @@ void save_tagged(LayerRecord& rec, const char* tag, at::Tensor t) {
   rec.saved.push_back(std::move(t));
 }
 
-// The k low bits of each int64 element, packed 8/k to a byte (k = 1, 2, 4, 8; else one per byte).
-at::Tensor pack_low_bits(const at::Tensor& buf, int64_t k) {
-  at::Tensor low = buf.bitwise_and((int64_t{1} << k) - 1).to(at::kByte).reshape(-1);
-  if (8 % k != 0 || k == 8) return low;
-  const int64_t per = 8 / k, n = low.numel(), pad = (per - n % per) % per;
-  if (pad) low = at::cat({low, at::zeros({pad}, low.options())});
-  at::Tensor v = low.view({-1, per});
-  at::Tensor packed = v.select(1, 0).clone();
-  for (int64_t j = 1; j < per; ++j) packed.bitwise_or_(v.select(1, j).bitwise_left_shift(j * k));
-  return packed;
-}
-
-// pack_low_bits' inverse: int64 values in [0, 2^k) with the shape of `like`.
-at::Tensor unpack_low_bits(const at::Tensor& packed, int64_t k, const at::Tensor& like) {
-  const int64_t n = like.numel();
-  if (8 % k != 0 || k == 8) return packed.to(at::kLong).view(like.sizes());
-  const int64_t per = 8 / k;
-  std::vector<at::Tensor> parts;
-  for (int64_t j = 0; j < per; ++j) parts.push_back(packed.bitwise_right_shift(j * k).bitwise_and_((1 << k) - 1));
-  return at::stack(parts, 1).reshape(-1).narrow(0, 0, n).to(at::kLong).view(like.sizes());
-}
-
 // sign [B] -> [B, 1, ..., 1] broadcasting against `like`, in its dtype, times `scale`.
 at::Tensor per_sample(const at::Tensor& sign, const at::Tensor& like, double scale = 1.0) {
   std::vector<int64_t> shape(static_cast<size_t>(std::max<int64_t>(like.dim(), 1)), 1);
@@ -449,18 +427,16 @@ void BDIA::forward(Streams& s, const Ctx& ctx, LayerRecord& rec) {
   check_increment(inc, src, "f", name());
   at::NoGradGuard ng;
   if (!training_) {  // g = 0: p_next = p + f(p); keep p_prev, which cannot be recovered
-    save_tagged(rec, kBdiaInput, u.clone());
+    if (s.recording) save_tagged(rec, kBdiaInput, u.clone());
     u.copy_(src);
     if (s.exact)
       ops::fixed_update_(u, inc, s.frac_bits, +1);
     else
       u.add_(inc.to(u.scalar_type()));
   } else if (s.exact) {
-    at::Tensor sg = per_sample(sign, u);  // +-1 in the int64 buffer's dtype
-    save_tagged(rec, kBdiaLow, pack_low_bits(u, shift_));
-    u.bitwise_right_shift_(shift_).mul_(sg);                      // g*P_prev, rounded down
-    u.add_(src).sub_(at::bitwise_right_shift(src, shift_).mul_(sg));  // + (1-g)*P
-    ops::fixed_update_(u, inc * (1.0 + per_sample(sign, inc, gamma_)), s.frac_bits, +1);
+    // g*P_prev rounded down + (1-g)*P + (1+g)*inc, one fused pass; keeps the bits g*P_prev dropped
+    at::Tensor low = ops::bdia_step_(u, src, inc, sign, s.frac_bits, shift_);
+    if (s.recording) save_tagged(rec, kBdiaLow, std::move(low));
   } else {
     at::Tensor g = per_sample(sign, u, gamma_);
     u.mul_(g).add_(src * (1.0 - g)).add_(inc.to(u.scalar_type()) * (1.0 + g));
@@ -487,10 +463,7 @@ BackwardResult BDIA::backward(Streams& s, const at::Tensor& dya, const at::Tenso
     if (kept.defined()) {
       u.copy_(kept);
     } else if (s.exact) {
-      at::Tensor sg = per_sample(sign, u);
-      ops::fixed_update_(u, inc.detach() * (1.0 + per_sample(sign, inc, gamma_)), s.frac_bits, -1);
-      u.sub_(src_buf).add_(at::bitwise_right_shift(src_buf, shift_).mul_(sg));
-      u.mul_(sg).bitwise_left_shift_(shift_).bitwise_or_(unpack_low_bits(saved_by_tag(rec, kBdiaLow), shift_, u));
+      ops::bdia_unstep_(u, src_buf, inc.detach(), sign, saved_by_tag(rec, kBdiaLow), s.frac_bits, shift_);
     } else {
       at::Tensor g = per_sample(sign, u, gamma_);
       u.sub_(inc.detach().to(u.scalar_type()) * (1.0 + g)).sub_(src.detach() * (1.0 - g)).div_(g);

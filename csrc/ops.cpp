@@ -10,6 +10,12 @@
 //   fixed_quantize  : q = round_half_even(double(x) * 2^frac_bits)      (exact scaling in double)
 //   fixed_update_   : acc += sign * round_half_even(double(inc) * 2^frac_bits)  (wrap-around int64)
 //   fixed_dequantize: out = dtype(double(q) * 2^-frac_bits)   (double -> float -> bf16/half, as torch)
+//   bdia_step_      : one exact BDIA layer (layers.cpp), per element i of sample b (dim 0), s = +-1
+//                     the sign of sign[b] (negative: -1, else +1), k = shift, g = s 2^-k:
+//                       q    = round_half_even(double(inc) * ((1 + g) 2^frac_bits))   (one rounding)
+//                       low  = u & (2^k - 1), packed 8/k to a byte (k = 1, 2, 4; else one a byte)
+//                       u   <- s (u >> k) + src - s (src >> k) + q                  (wrap-around)
+//   bdia_unstep_    : its inverse, u <- ((s (u - q - src + s (src >> k))) << k) | low
 // The "all finite" flags test the stored (rounded) results, so an overflow of the final
 // rounding (e.g. to float16) is reported too. Operands (f, scale, shift) must have x's shape and
 // device but may have any supported floating dtype (autocast); scale and shift may differ.
@@ -360,6 +366,50 @@ template <typename OT>
 REVENGINE_CLONES void dequantize_chunk(const int64_t* q, storage_t<OT>* out, double scale, int64_t n) {
   REVENGINE_IVDEP
   for (int64_t i = 0; i < n; ++i) out[i] = Elem<OT>::store_from_double(int64_to_double(q[i]) * scale);
+}
+
+// BDIA's exact step (forward) or its inverse over bytes [j0, j1) of `low`, i.e. elements
+// [j0 per, min(j1 per, n)); elements of sample b are [b inner, (b + 1) inner). Returns the number
+// of bad increments (non-finite or out of range), which add 0, so the other direction undoes a
+// call exactly. Every operand of an element is read before u is written (src may be u).
+template <typename XT, bool kForward>
+int64_t bdia_chunk(int64_t* u, const int64_t* src, const storage_t<XT>* inc, const int64_t* sign, uint8_t* low,
+                   const uint8_t* low_in, int64_t inner, const double* scale, int k, int per, int64_t n, int64_t j0,
+                   int64_t j1) {
+  const uint64_t mask = (uint64_t{1} << k) - 1;
+  int64_t bad = 0;
+  int64_t i = j0 * per;
+  const int64_t end = std::min(j1 * per, n);
+  int64_t b = i / inner, next = (b + 1) * inner;
+  for (int64_t j = j0; i < end; ++j) {
+    uint32_t byte = kForward ? 0u : low_in[j];
+    for (int e = 0; e < per && i < end; ++e, ++i) {
+      if (i == next) {
+        ++b;
+        next += inner;
+      }
+      const bool neg = sign[b] < 0;
+      const double v = static_cast<double>(Elem<XT>::load(inc[i])) * scale[neg];
+      const uint32_t bi = out_of_fixed_range(v);
+      bad += bi;
+      const uint64_t q = static_cast<uint64_t>(rne_to_int64(zero_if(bi, v)));
+      const int64_t t = src[i];
+      const uint64_t th = static_cast<uint64_t>(t >> k);  // arithmetic shift: floor(t / 2^k)
+      const uint64_t sth = neg ? 0 - th : th;
+      if constexpr (kForward) {
+        const int64_t p = u[i];
+        byte |= static_cast<uint32_t>(static_cast<uint64_t>(p) & mask) << (e * k);
+        const uint64_t h = static_cast<uint64_t>(p >> k);
+        u[i] = static_cast<int64_t>((neg ? 0 - h : h) + static_cast<uint64_t>(t) - sth + q);
+      } else {
+        const uint64_t sh = static_cast<uint64_t>(u[i]) - q - static_cast<uint64_t>(t) + sth;  // s (p >> k)
+        const uint64_t h = neg ? 0 - sh : sh;
+        u[i] = static_cast<int64_t>((h << k) | ((byte >> (e * k)) & mask));
+      }
+    }
+    if constexpr (kForward) low[j] = static_cast<uint8_t>(byte);
+  }
+  return bad;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -816,6 +866,69 @@ void fixed_update__cpu(at::Tensor& acc, const at::Tensor& inc, int64_t frac_bits
   });
 }
 
+// One direction of BDIA's exact step on the CPU (see bdia_chunk); `low` is written (forward)
+// or read (inverse). A bad increment is an error that leaves u unchanged.
+template <bool kForward>
+void bdia_cpu(const char* op, at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
+              const at::Tensor& low, int64_t frac_bits, int64_t shift) {
+  const int64_t n = u.numel();
+  if (n == 0) return;
+  const int k = static_cast<int>(shift), per = static_cast<int>(bdia_per_byte(shift));
+  const int64_t inner = n / u.size(0), nbytes = (n + per - 1) / per;
+  const double g = std::ldexp(1.0, -k);
+  const double scale[2] = {std::ldexp(1.0 + g, static_cast<int>(frac_bits)),
+                           std::ldexp(1.0 - g, static_cast<int>(frac_bits))};
+  const at::Tensor sg = sign.contiguous();
+  const at::Tensor lowc = low.contiguous();
+  inplace_contiguous(u, [&](at::Tensor& uc) {
+    const at::Tensor sc = operand_for(uc, src);
+    const at::Tensor ic = operand_for(uc, inc);
+    bool ok = true;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ic.scalar_type(), "revengine::bdia_step_", [&] {
+      using XT = scalar_t;
+      int64_t* up = uc.data_ptr<int64_t>();
+      const int64_t* sp = sc.const_data_ptr<int64_t>();
+      const auto* ip = cptr<XT>(ic);
+      const int64_t* gp = sg.const_data_ptr<int64_t>();
+      uint8_t* lp = kForward ? lowc.data_ptr<uint8_t>() : nullptr;
+      const uint8_t* li = lowc.const_data_ptr<uint8_t>();
+      std::atomic<int64_t> nbad{0};
+      at::parallel_for(0, nbytes, std::max<int64_t>(1, kGrain / per), [&](int64_t b, int64_t e) {
+        const int64_t c = bdia_chunk<XT, kForward>(up, sp, ip, gp, lp, li, inner, scale, k, per, n, b, e);
+        if (c) nbad.fetch_add(c, std::memory_order_relaxed);
+      });
+      if (nbad.load() == 0) return;
+      ok = false;
+      // Undo (bad increments added 0, so the other direction is exact). A contiguous copy is
+      // simply dropped instead. Undoing an inverse rewrites the bytes it read: into a scratch copy.
+      if (uc.is_same(u)) {
+        const at::Tensor scratch = kForward ? at::Tensor() : lowc.clone();
+        at::parallel_for(0, nbytes, std::max<int64_t>(1, kGrain / per), [&](int64_t b, int64_t e) {
+          bdia_chunk<XT, !kForward>(up, sp, ip, gp, kForward ? nullptr : scratch.data_ptr<uint8_t>(), li, inner,
+                                    scale, k, per, n, b, e);
+        });
+      }
+      TORCH_CHECK(false, bdia_range_error(op, ic, sg, frac_bits, shift), " (u was left unchanged)");
+    });
+    return ok;
+  });
+}
+
+at::Tensor bdia_step__cpu(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
+                          int64_t frac_bits, int64_t shift) {
+  check_bdia("bdia_step_", u, src, inc, sign, frac_bits, shift);
+  at::Tensor low = at::empty({bdia_low_bytes(u.numel(), shift).expect_int()}, u.options().dtype(at::kByte));
+  bdia_cpu<true>("bdia_step_", u, src, inc, sign, low, frac_bits, shift);
+  return low;
+}
+
+void bdia_unstep__cpu(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
+                      const at::Tensor& low, int64_t frac_bits, int64_t shift) {
+  check_bdia("bdia_unstep_", u, src, inc, sign, frac_bits, shift);
+  check_bdia_low("bdia_unstep_", u, low, shift);
+  bdia_cpu<false>("bdia_unstep_", u, src, inc, sign, low, frac_bits, shift);
+}
+
 at::Tensor all_finite_cpu(const at::Tensor& x_in) {
   TORCH_CHECK(x_in.defined(), "revengine::all_finite: x is an undefined tensor");
   at::Tensor x = x_in;
@@ -877,6 +990,18 @@ at::Tensor fixed_quantize_meta(const at::Tensor& x, int64_t frac_bits) {
 at::Tensor fixed_dequantize_meta(const at::Tensor& q, int64_t frac_bits, at::ScalarType dtype) {
   check_dequantize(q, frac_bits, dtype);
   return at::empty_symint(q.sym_sizes(), q.options().dtype(dtype).memory_format(at::MemoryFormat::Contiguous));
+}
+
+at::Tensor bdia_step__meta(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
+                           int64_t frac_bits, int64_t shift) {
+  check_bdia("bdia_step_", u, src, inc, sign, frac_bits, shift);
+  return at::empty_symint({bdia_low_bytes(u.sym_numel(), shift)}, u.options().dtype(at::kByte));
+}
+
+void bdia_unstep__meta(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
+                       const at::Tensor& low, int64_t frac_bits, int64_t shift) {
+  check_bdia("bdia_unstep_", u, src, inc, sign, frac_bits, shift);
+  check_bdia_low("bdia_unstep_", u, low, shift);
 }
 
 void fixed_update__meta(at::Tensor& acc, const at::Tensor& inc, int64_t frac_bits, int64_t sign) {
@@ -960,6 +1085,40 @@ void fixed_update__autograd(at::Tensor& acc, const at::Tensor& inc, int64_t frac
   check_no_grad("fixed_update_", {{"inc", &inc}});
   at::AutoDispatchBelowAutograd guard;
   ops::fixed_update_(acc, inc, frac_bits, sign);
+}
+
+at::Tensor bdia_step__autograd(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
+                               int64_t frac_bits, int64_t shift) {
+  check_no_grad("bdia_step_", {{"inc", &inc}});
+  at::AutoDispatchBelowAutograd guard;
+  return ops::bdia_step_(u, src, inc, sign, frac_bits, shift);
+}
+
+void bdia_unstep__autograd(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
+                           const at::Tensor& low, int64_t frac_bits, int64_t shift) {
+  check_no_grad("bdia_unstep_", {{"inc", &inc}});
+  at::AutoDispatchBelowAutograd guard;
+  ops::bdia_unstep_(u, src, inc, sign, low, frac_bits, shift);
+}
+
+at::Tensor bdia_step__inplace(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
+                              int64_t frac_bits, int64_t shift) {
+  at::Tensor low;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    low = ops::bdia_step_(u, src, inc, sign, frac_bits, shift);
+  }
+  torch::autograd::impl::bump_version(u);
+  return low;
+}
+
+void bdia_unstep__inplace(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
+                          const at::Tensor& low, int64_t frac_bits, int64_t shift) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ops::bdia_unstep_(u, src, inc, sign, low, frac_bits, shift);
+  }
+  torch::autograd::impl::bump_version(u);
 }
 
 void coupling_update__inplace(at::Tensor& x, const at::Tensor& f, double lam) {
@@ -1077,6 +1236,20 @@ void fixed_update_(at::Tensor& acc, const at::Tensor& inc, int64_t frac_bits, in
   op.call(acc, inc, frac_bits, sign);
 }
 
+at::Tensor bdia_step_(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
+                      int64_t frac_bits, int64_t shift) {
+  REVENGINE_OP_HANDLE("bdia_step_", at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                int64_t, int64_t));
+  return op.call(u, src, inc, sign, frac_bits, shift);
+}
+
+void bdia_unstep_(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
+                  const at::Tensor& low, int64_t frac_bits, int64_t shift) {
+  REVENGINE_OP_HANDLE("bdia_unstep_", void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, int64_t, int64_t));
+  op.call(u, src, inc, sign, low, frac_bits, shift);
+}
+
 at::Tensor all_finite(const at::Tensor& x) {
   REVENGINE_OP_HANDLE("all_finite", at::Tensor(const at::Tensor&));
   return op.call(x);
@@ -1102,6 +1275,9 @@ TORCH_LIBRARY(revengine, m) {
   m.def("fixed_dequantize(Tensor q, int frac_bits, ScalarType dtype) -> Tensor", tags);
   m.def("fixed_update_(Tensor(a!) acc, Tensor inc, int frac_bits, int sign) -> ()", tags);
   m.def("all_finite(Tensor x) -> Tensor", tags);
+  m.def("bdia_step_(Tensor(a!) u, Tensor src, Tensor inc, Tensor sign, int frac_bits, int shift) -> Tensor", tags);
+  m.def("bdia_unstep_(Tensor(a!) u, Tensor src, Tensor inc, Tensor sign, Tensor low, int frac_bits, int shift) -> ()",
+        tags);
 }
 
 TORCH_LIBRARY_IMPL(revengine, CPU, m) {
@@ -1115,6 +1291,8 @@ TORCH_LIBRARY_IMPL(revengine, CPU, m) {
   m.impl("fixed_dequantize", TORCH_FN(fixed_dequantize_cpu));
   m.impl("fixed_update_", TORCH_FN(fixed_update__cpu));
   m.impl("all_finite", TORCH_FN(all_finite_cpu));
+  m.impl("bdia_step_", TORCH_FN(bdia_step__cpu));
+  m.impl("bdia_unstep_", TORCH_FN(bdia_unstep__cpu));
 }
 
 TORCH_LIBRARY_IMPL(revengine, Meta, m) {
@@ -1128,6 +1306,8 @@ TORCH_LIBRARY_IMPL(revengine, Meta, m) {
   m.impl("fixed_dequantize", TORCH_FN(fixed_dequantize_meta));
   m.impl("fixed_update_", TORCH_FN(fixed_update__meta));
   m.impl("all_finite", TORCH_FN(all_finite_meta));
+  m.impl("bdia_step_", TORCH_FN(bdia_step__meta));
+  m.impl("bdia_unstep_", TORCH_FN(bdia_unstep__meta));
 }
 
 TORCH_LIBRARY_IMPL(revengine, Autograd, m) {
@@ -1141,6 +1321,8 @@ TORCH_LIBRARY_IMPL(revengine, Autograd, m) {
   m.impl("fixed_dequantize", TORCH_FN(fixed_dequantize_autograd));
   m.impl("fixed_update_", TORCH_FN(fixed_update__autograd));
   m.impl("all_finite", TORCH_FN(all_finite_autograd));
+  m.impl("bdia_step_", TORCH_FN(bdia_step__autograd));
+  m.impl("bdia_unstep_", TORCH_FN(bdia_unstep__autograd));
 }
 
 TORCH_LIBRARY_IMPL(revengine, ADInplaceOrView, m) {
@@ -1150,4 +1332,6 @@ TORCH_LIBRARY_IMPL(revengine, ADInplaceOrView, m) {
   m.impl("affine_update_", TORCH_FN(affine_update__inplace));
   m.impl("affine_inverse_", TORCH_FN(affine_inverse__inplace));
   m.impl("fixed_update_", TORCH_FN(fixed_update__inplace));
+  m.impl("bdia_step_", TORCH_FN(bdia_step__inplace));
+  m.impl("bdia_unstep_", TORCH_FN(bdia_unstep__inplace));
 }

@@ -25,6 +25,16 @@ at::Tensor fixed_dequantize(const at::Tensor& q, int64_t frac_bits, at::ScalarTy
 // acc <- acc + sign * round(inc * 2^frac_bits), acc int64, inc floating, sign = +1 or -1.
 // Non-finite inc is an error.
 void fixed_update_(at::Tensor& acc, const at::Tensor& inc, int64_t frac_bits, int64_t sign);
+// One exact BDIA layer (layers.cpp), in place on the int64 stream u = p_prev -> p_next, with
+// src = p (int64), inc = f(p) (floating), sign [B] int64 (+-1 per sample along dim 0), g = sign 2^-shift:
+// u <- g u (rounded down) + (1 - g) src + round((1 + g) inc 2^frac_bits); returns the shift bits
+// of each u element that g u dropped, packed 8/shift to a uint8 (shift = 1, 2, 4; else one a byte).
+// A non-finite or out-of-range increment is an error that leaves u unchanged.
+at::Tensor bdia_step_(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
+                      int64_t frac_bits, int64_t shift);
+// bdia_step_'s exact inverse: u = p_next -> p_prev, given the same src, inc, sign and its `low`.
+void bdia_unstep_(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
+                  const at::Tensor& low, int64_t frac_bits, int64_t shift);
 // 0-dim bool tensor: true when every element is finite.
 at::Tensor all_finite(const at::Tensor& x);
 

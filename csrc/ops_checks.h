@@ -95,6 +95,67 @@ inline std::string fixed_range_error(const char* op, const char* name, int64_t n
   return ss.str();
 }
 
+// BDIA's exact step (bdia_step_ / bdia_unstep_, see ops.cpp): how many elements' dropped bits
+// share a byte of `low` (8/shift for shift 1, 2, 4; one a byte otherwise) and its length.
+inline int64_t bdia_per_byte(int64_t shift) { return (shift < 8 && 8 % shift == 0) ? 8 / shift : 1; }
+
+inline c10::SymInt bdia_low_bytes(const c10::SymInt& n, int64_t shift) {
+  const int64_t per = bdia_per_byte(shift);
+  return (n + (per - 1)) / per;
+}
+
+inline void check_bdia(const char* op, const at::Tensor& u, const at::Tensor& src, const at::Tensor& inc,
+                       const at::Tensor& sign, int64_t frac_bits, int64_t shift) {
+  TORCH_CHECK(u.defined() && u.scalar_type() == at::kLong, "revengine::", op,
+              ": u must be an int64 tensor (the fixed-point stream), got ", u.defined() ? u.toString() : "undefined");
+  TORCH_CHECK(src.defined() && src.scalar_type() == at::kLong, "revengine::", op,
+              ": src must be an int64 tensor (the fixed-point stream), got ",
+              src.defined() ? src.toString() : "undefined");
+  TORCH_CHECK(src.device() == u.device() && src.sym_sizes() == u.sym_sizes(), "revengine::", op,
+              ": src must have u's shape and device, got src ", src.sym_sizes(), " on ", src.device(), " and u ",
+              u.sym_sizes(), " on ", u.device());
+  check_like(op, "u", u, "inc", inc);
+  TORCH_CHECK(u.dim() >= 1 && u.sym_size(0) > 0, "revengine::", op,
+              ": u needs a non-empty sample dimension 0 (one sign per sample), got shape ", u.sym_sizes());
+  TORCH_CHECK(sign.defined() && sign.scalar_type() == at::kLong && sign.dim() == 1 &&
+                  sign.sym_size(0) == u.sym_size(0) && sign.device() == u.device(),
+              "revengine::", op, ": sign must be an int64 tensor of shape [", u.sym_size(0),
+              "] (one +-1 per sample) on u's device, got ",
+              sign.defined() ? sign.toString() : "undefined", " of shape ",
+              sign.defined() ? sign.sym_sizes() : c10::SymIntArrayRef());
+  TORCH_CHECK(shift >= 1 && shift <= 8, "revengine::", op, ": shift must be in 1..8 (gamma = 2^-shift), got ", shift);
+  check_frac_bits(op, frac_bits);
+}
+
+inline void check_bdia_low(const char* op, const at::Tensor& u, const at::Tensor& low, int64_t shift) {
+  TORCH_CHECK(low.defined() && low.scalar_type() == at::kByte && low.dim() == 1 && low.device() == u.device() &&
+                  low.sym_size(0) == bdia_low_bytes(u.sym_numel(), shift),
+              "revengine::", op, ": low must be the uint8 tensor of shape [", bdia_low_bytes(u.sym_numel(), shift),
+              "] that bdia_step_ returned for this u and shift, got ", low.defined() ? low.toString() : "undefined",
+              " of shape ", low.defined() ? low.sym_sizes() : c10::SymIntArrayRef());
+}
+
+// Error path only (ATen ops on any device): the message for increments inc * (1 + g) that are
+// non-finite or out of the fixed-point range, computed as the kernels do.
+inline std::string bdia_range_error(const char* op, const at::Tensor& inc, const at::Tensor& sign, int64_t frac_bits,
+                                    int64_t shift) {
+  const double g = std::ldexp(1.0, static_cast<int>(-shift));
+  const auto dopt = sign.options().dtype(at::kDouble);
+  const at::Tensor scale = at::where(sign.lt(0), at::scalar_tensor(std::ldexp(1.0 - g, static_cast<int>(frac_bits)), dopt),
+                                     at::scalar_tensor(std::ldexp(1.0 + g, static_cast<int>(frac_bits)), dopt))
+                               .view({-1, 1});
+  const at::Tensor v = inc.to(at::kDouble).reshape({sign.size(0), -1}) * scale;
+  const at::Tensor bad = v.isfinite().logical_not().logical_or_(v.abs() >= std::ldexp(1.0, 62)).reshape(-1);
+  const int64_t nbad = bad.sum().item<int64_t>();
+  int64_t first = -1;
+  double value = 0.0;
+  if (nbad > 0) {
+    first = bad.nonzero().select(1, 0).select(0, 0).item<int64_t>();
+    value = inc.reshape(-1).select(0, first).item<double>();
+  }
+  return fixed_range_error(op, "inc * (1 + g)", inc.numel(), nbad, frac_bits, first, value);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Layout helpers
 // ---------------------------------------------------------------------------------------------

@@ -17,11 +17,15 @@ from . import _ext
 Tensor = torch.Tensor
 
 
-def quantize_ste(inc: Tensor, bits: int) -> Tensor:
-    """The increment as the fixed-point executor adds it (round to 2^-bits), straight-through grads."""
+def quantize_ste(inc: Tensor, bits: int, factor: Optional[Tensor] = None) -> Tensor:
+    """The increment (times `factor`, a float64 tensor broadcasting against it) as the fixed-point
+    executor adds it: round(inc * factor * 2^bits) / 2^bits, one rounding; straight-through grads."""
     scale = float(2**bits)
-    q = torch.round(inc.detach().double() * scale) / scale  # exact in float64
-    return inc + (q - inc.detach().double()).to(inc.dtype)
+    exact = inc.detach().double() if factor is None else inc.detach().double() * factor
+    q = torch.round(exact * scale) / scale  # exact in float64
+    if factor is None:
+        return inc + (q - exact).to(inc.dtype)
+    return factor.to(inc.dtype) * inc + (q - exact).to(inc.dtype)
 
 
 class Coupling(nn.Module):

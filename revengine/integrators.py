@@ -201,7 +201,9 @@ class BDIA(Coupling):
         inc = self.f(s, **ctx)
         sg = self._per_sample(sign, u)
         out = sg * _floor_grid_ste(u, self.gamma, bits) + s - sg * _floor_grid_ste(s, self.gamma, bits)
-        return s, out + quantize_ste((1 + self._per_sample(sign, inc) * self.gamma) * inc, bits)
+        # (1+g)*inc is rounded once, onto the fixed-point grid (as the fused bdia_step_ kernel does)
+        factor = 1 + self._per_sample(sign, inc).double() * self.gamma
+        return s, out + quantize_ste(inc, bits, factor=factor)
 
     def inverse(self, y1, y2, **ctx):
         if not self.training:

@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 import revengine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,3 +122,28 @@ def test_drift_quick():
     assert len(rows) == 2, out
     assert all(float(r[3]) == 0.0 and float(r[2]) < 1e-4 for r in rows), out  # exact=True reconstructs bit-exactly
     assert "training 8 couplings" in out and out.count("| 0.00e+00 |") >= 5
+
+
+def test_bdia_kernels_quick(tmp_path):
+    out_json = tmp_path / "r.json"
+    out = _run_bench("bdia_kernels.py", "--quick", "--json", str(out_json))
+    assert "fused step ms" in out and "ops unstep ms" in out
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 2 and all(line.rstrip().endswith("yes") for line in rows), out
+    res = json.loads(out_json.read_text())
+    assert [r["shape"] for r in res["results"]] == [[2, 16, 32], [4, 64, 64]]
+    assert all(r["identical"] and r["ratio_step"] > 0 for r in res["results"])
+
+
+@pytest.mark.parametrize("name", ["bdia_kernels.py", "moe_kernels.py", "memory_vs_depth.py"])
+def test_kernel_benchmarks_take_device_cuda(name):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([PKG_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), "--quick", "--device", "cuda"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    if torch.cuda.is_available():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "ratio" in proc.stdout or "MB" in proc.stdout
+    else:  # a clear refusal, not a traceback
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "cuda" in proc.stderr.lower(), proc.stderr

@@ -602,6 +602,139 @@ def test_non_differentiable_ops_refuse_grad(device):
 
 
 # ------------------------------------------------------------------------------------------
+# bdia_step_ / bdia_unstep_: one exact BDIA layer, fused (csrc/ops.cpp's contract)
+# ------------------------------------------------------------------------------------------
+SHIFTS = [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def bdia_reference(u, src, inc, sign, frac_bits, k):
+    """(u after the step, the packed low bytes), in exact torch int64 / float64 arithmetic."""
+    s = sign.view((-1,) + (1,) * (u.dim() - 1))
+    g = 2.0**-k
+    factor = torch.where(s < 0, (1 - g) * 2.0**frac_bits, (1 + g) * 2.0**frac_bits).double()
+    q = torch.round(inc.double() * factor).long()
+    out = s * (u >> k) + src - s * (src >> k) + q
+    low = (u & ((1 << k) - 1)).reshape(-1)
+    per = 8 // k if (k < 8 and 8 % k == 0) else 1
+    low = torch.cat([low, low.new_zeros((-low.numel()) % per)]).view(-1, per)
+    packed = sum(low[:, j] << (j * k) for j in range(per))
+    return out, packed.to(torch.uint8)
+
+
+def bdia_operands(shape, inc_dtype, device, seed, bits=40):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randint(-(2**bits), 2**bits, shape, generator=g, dtype=torch.int64)
+    src = torch.randint(-(2**bits), 2**bits, shape, generator=g, dtype=torch.int64)
+    inc = (torch.randn(shape, generator=g, dtype=torch.float64) * 4).to(inc_dtype)
+    sign = torch.randint(0, 2, (shape[0],), generator=g, dtype=torch.int64) * 2 - 1
+    return [t.to(device) for t in (u, src, inc, sign)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dt", FLOATS, ids=DTYPE_IDS)
+@pytest.mark.parametrize("k", SHIFTS)
+def test_bdia_step_reference_and_exact_inverse(device, dt, k):
+    # an odd element count: the last byte of low is partly used; B = 3 samples of 7*5 elements
+    for shape, frac in (((3, 7, 5), 24), ((2, 1), 0), ((4, BIG // 4 + 1), 16)):
+        u, src, inc, sign = bdia_operands(shape, dt, device, 60 + k)
+        u0 = u.clone()
+        out, low_ref = bdia_reference(u.cpu(), src.cpu(), inc.cpu(), sign.cpu(), frac, k)
+        low = R.bdia_step_(u, src, inc, sign, frac, k)
+        assert low.dtype == torch.uint8 and low.device == u.device
+        assert torch.equal(u.cpu(), out) and torch.equal(low.cpu(), low_ref)
+        R.bdia_unstep_(u, src, inc, sign, low, frac, k)
+        assert torch.equal(u, u0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bdia_step_layouts_and_aliasing(device):
+    u, src, inc, sign = bdia_operands((4, 6, 10), torch.float32, device, 70)
+    out, low_ref = bdia_reference(u.cpu(), src.cpu(), inc.cpu(), sign.cpu(), 24, 2)
+    # non-contiguous u (a copy written back) and operands
+    big = torch.zeros(4, 6, 20, dtype=torch.int64, device=device)
+    ut = big[:, :, ::2]
+    ut.copy_(u)
+    low = R.bdia_step_(ut, src.transpose(1, 2).contiguous().transpose(1, 2), inc.transpose(0, 1).contiguous()
+                       .transpose(0, 1), sign, 24, 2)
+    assert torch.equal(ut.cpu(), out) and torch.equal(low.cpu(), low_ref) and not big[:, :, 1::2].any()
+    R.bdia_unstep_(ut, src, inc, sign, low, 24, 2)
+    assert torch.equal(ut, u)
+    # src may be u itself (element-for-element aliasing)
+    a = u.clone()
+    out, low_ref = bdia_reference(u.cpu(), u.cpu(), inc.cpu(), sign.cpu(), 24, 3)
+    low = R.bdia_step_(a, a, inc, sign, 24, 3)
+    assert torch.equal(a.cpu(), out) and torch.equal(low.cpu(), low_ref)
+    # every sign value below 0 is -1, every other one +1
+    s2 = torch.tensor([-7, 0, 5, -1], dtype=torch.int64, device=device)
+    a = u.clone()
+    out, _ = bdia_reference(u.cpu(), src.cpu(), inc.cpu(), torch.tensor([-1, 1, 1, -1]), 24, 4)
+    R.bdia_step_(a, src, inc, s2, 24, 4)
+    assert torch.equal(a.cpu(), out)
+    # empty samples: nothing to do
+    e = torch.empty(2, 0, dtype=torch.int64, device=device)
+    assert R.bdia_step_(e, e, torch.empty(2, 0, device=device), sign[:2], 24, 4).shape == (0,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("direction", ["step", "unstep"])
+def test_bdia_step_bad_increment_raises_and_leaves_u(device, direction):
+    u, src, inc, sign = bdia_operands((3, BIG // 3 + 2), torch.float32, device, 71)
+    low = R.bdia_step_(u.clone(), src, inc, sign, 24, 4)
+    for value, frac in ((float("nan"), 24), (float("inf"), 24), (2.0**40, 24)):
+        bad = inc.clone()
+        bad[1, 17] = value
+        bad[2, 5] = value
+        u0 = u.clone()
+        call = ((lambda: R.bdia_step_(u, src, bad, sign, frac, 4)) if direction == "step" else
+                (lambda: R.bdia_unstep_(u, src, bad, sign, low, frac, 4)))
+        with pytest.raises(RuntimeError) as ei:
+            call()
+        msg = str(ei.value).splitlines()[0]
+        first = 17 + bad.shape[1]
+        assert (f"revengine::bdia_{direction}_: 2 of {bad.numel()} elements of inc * (1 + g) are non-finite or "
+                f"out of the fixed-point range" in msg), msg
+        assert f"at flat index {first}" in msg and msg.endswith("(u was left unchanged)"), msg
+        assert torch.equal(u, u0)
+    # low was only read by the failed unstep
+    assert torch.equal(low, R.bdia_step_(u.clone(), src, inc, sign, 24, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bdia_step_argument_errors(device):
+    u, src, inc, sign = bdia_operands((3, 4), torch.float32, device, 72)
+    low = R.bdia_step_(u.clone(), src, inc, sign, 24, 2)
+    cases = [
+        (lambda: R.bdia_step_(u.double(), src, inc, sign, 24, 2), "u must be an int64 tensor"),
+        (lambda: R.bdia_step_(u, src.int(), inc, sign, 24, 2), "src must be an int64 tensor"),
+        (lambda: R.bdia_step_(u, src[:2], inc, sign, 24, 2), "src must have u's shape and device"),
+        (lambda: R.bdia_step_(u, src, inc[:, :3], sign, 24, 2), "inc must have the same shape as u"),
+        (lambda: R.bdia_step_(u, src, inc.long(), sign, 24, 2), "inc must be float32, float64"),
+        (lambda: R.bdia_step_(u, src, inc, sign[:2], 24, 2), r"sign must be an int64 tensor of shape \[3\]"),
+        (lambda: R.bdia_step_(u, src, inc, sign.float(), 24, 2), r"sign must be an int64 tensor"),
+        (lambda: R.bdia_step_(u, src, inc, sign, 24, 0), r"shift must be in 1..8 \(gamma = 2\^-shift\), got 0"),
+        (lambda: R.bdia_step_(u, src, inc, sign, 24, 9), "shift must be in 1..8"),
+        (lambda: R.bdia_step_(u, src, inc, sign, -1, 2), "frac_bits must be in"),
+        (lambda: R.bdia_step_(u[0], src[0], inc[0], sign[:4], 24, 2), "sign must be"),
+        (lambda: R.bdia_step_(u.view(-1)[:0].view(0, 4), src[:0], inc[:0], sign[:0], 24, 2),
+         "u needs a non-empty sample dimension 0"),
+        (lambda: R.bdia_unstep_(u, src, inc, sign, low[:-1], 24, 2), r"low must be the uint8 tensor of shape \[3\]"),
+        (lambda: R.bdia_unstep_(u, src, inc, sign, low.long(), 24, 2), "low must be the uint8 tensor"),
+        (lambda: R.bdia_unstep_(u, src, inc, sign, low, 24, 4), r"low must be the uint8 tensor of shape \[6\]"),
+    ]
+    u0 = u.clone()
+    for call, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+    assert torch.equal(u, u0)
+    with pytest.raises(RuntimeError, match="revengine::bdia_step_ is not differentiable"):
+        R.bdia_step_(u, src, inc.clone().requires_grad_(), sign, 24, 2)
+    with torch.no_grad():
+        v = u._version
+        R.bdia_step_(u, src, inc.clone().requires_grad_(), sign, 24, 2)
+        assert u._version > v
+
+
+# ------------------------------------------------------------------------------------------
 # opcheck (schema, autograd registration, fake tensor / Meta, AOT dispatch)
 # ------------------------------------------------------------------------------------------
 def _opcheck_samples(device):
@@ -630,6 +763,12 @@ def _opcheck_samples(device):
         (R.fixed_update_.default, (q.clone(), t((3, 4), torch.float16, 27), 8, -1)),
         (R.all_finite.default, (t((3, 4), seed=28),)),
         (R.all_finite.default, (t((3, 4), seed=29, rg=True),)),
+        (R.bdia_step_.default, (q.clone(), q.flip(0), t((3, 4), seed=30), torch.tensor([1, -1, 1], device=device),
+                                24, 2)),
+        (R.bdia_step_.default, (q.clone(), q.clone(), t((3, 4), torch.bfloat16, 31),
+                                torch.tensor([-1, -1, 1], device=device), 16, 3)),
+        (R.bdia_unstep_.default, (q.clone(), q.flip(0), t((3, 4), seed=32), torch.tensor([1, -1, 1], device=device),
+                                  torch.arange(6, dtype=torch.uint8, device=device), 24, 4)),
     ]
 
 
@@ -642,7 +781,8 @@ def test_opcheck(device):
         seen.add(op.name())
     assert seen == {f"revengine::{n}" for n in ("coupling_update", "coupling_update_", "coupling_inverse_",
                                                 "affine_update_", "affine_inverse_", "fixed_quantize",
-                                                "fixed_dequantize", "fixed_update_", "all_finite")}
+                                                "fixed_dequantize", "fixed_update_", "all_finite", "bdia_step_",
+                                                "bdia_unstep_")}
 
 
 # ------------------------------------------------------------------------------------------
@@ -674,6 +814,15 @@ def test_meta(xdt, fdt):
         R.fixed_update_(q, x, 16, 0)
     with pytest.raises(RuntimeError, match="inc must have the same shape as acc"):
         R.fixed_update_(q, x[0], 16, 1)
+    sign = torch.empty(3, dtype=torch.int64, device=m)
+    low = R.bdia_step_(q, q, x, sign, 16, 2)  # 105 elements, 4 to a byte
+    assert low.device.type == m and low.shape == (27,) and low.dtype == torch.uint8
+    assert R.bdia_step_(q, q, x, sign, 16, 3).shape == (105,)
+    assert R.bdia_unstep_(q, q, x, sign, low, 16, 2) is None
+    with pytest.raises(RuntimeError, match="sign must be an int64 tensor of shape"):
+        R.bdia_step_(q, q, x, sign[:2], 16, 2)
+    with pytest.raises(RuntimeError, match="low must be the uint8 tensor"):
+        R.bdia_unstep_(q, q, x, sign, low[1:], 16, 2)
 
 
 def test_meta_under_compile_dynamic_shapes():
@@ -873,6 +1022,25 @@ def test_cuda_fixed_point_errors_match_cpu(xdt, contiguous):
         msg_d = error_text(lambda: R.fixed_update_(acc_d, xb.cuda(), 20, 1))
         assert msg_d == msg_c and "(acc was left unchanged)" in msg_d
         assert torch.equal(acc_d.cpu(), acc0) and torch.equal(acc_c, acc0)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dt", FLOATS, ids=DTYPE_IDS)
+@pytest.mark.parametrize("k", SHIFTS)
+def test_cuda_bdia_step_matches_cpu_bit_for_bit(dt, k):
+    u, src, inc, sign = bdia_operands((5, ODD // 5 + 1), dt, "cpu", 80 + k, bits=60)
+    inc = torch.where(inc.double().abs() < 2.0**30, inc, torch.zeros_like(inc))  # in range at frac 30
+    (u_c, *_), low_c, (u_d, *_), low_d = both(lambda a, b, c, d: R.bdia_step_(a, b, c, d, 30, k), u, src, inc, sign)
+    assert low_d.device.type == "cuda" and torch.equal(low_d.cpu(), low_c) and torch.equal(u_d.cpu(), u_c)
+    R.bdia_unstep_(u_d, src.cuda(), inc.cuda(), sign.cuda(), low_d, 30, k)
+    assert torch.equal(u_d.cpu(), u)
+    # errors: the same message, u left unchanged
+    bad = inc.clone()
+    bad[2, 9] = float("nan")
+    msg_c = error_text(lambda: R.bdia_step_(u.clone(), src, bad, sign, 30, k))
+    u_d = u.cuda()
+    msg_d = error_text(lambda: R.bdia_step_(u_d, src.cuda(), bad.cuda(), sign.cuda(), 30, k))
+    assert msg_d == msg_c and torch.equal(u_d.cpu(), u)
 
 
 @needs_cuda

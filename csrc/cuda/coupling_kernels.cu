@@ -10,6 +10,9 @@
 //   affine_update   : fma(x, scale, shift)  affine_inverse  : (y - shift) / scale
 //   fixed point     : round_half_even(double(v) * 2^frac_bits) (__double2ll_rn), int64 wrap-around;
 //                     dequantize double(q) * 2^-frac_bits -> float -> bfloat16/float16.
+//   bdia_step_      : q = round_half_even(double(inc) * ((1 + g) 2^frac_bits)), g = s 2^-k;
+//                     u <- s (u >> k) + src - s (src >> k) + q, the k dropped bits packed into low;
+//                     bdia_unstep_ its inverse (one thread a byte of low: 8/k elements, or one).
 // Every operation is an explicitly rounded intrinsic (fmaf/fma, __fsub_rn, __fdiv_rn, __dmul_rn,
 // ...), which nvcc never contracts or approximates whatever -fmad / -prec-div say. Do not build
 // this file with -ftz=true or --use_fast_math: flushing subnormals would break the agreement with
@@ -337,6 +340,60 @@ struct AllFinite {
   }
 };
 
+// BDIA's exact step (kForward) or its inverse, one byte of `low` (8/k elements, or one) at a
+// time: run<V>(j) does bytes [j, j + V) and returns bit w set when byte j + w had a bad increment
+// (non-finite or out of range; it adds 0, so the other direction undoes a launch exactly). Each
+// element's operands are read before u is written (src may be u). Elements of sample b are
+// [b inner, (b + 1) inner); a negative sign[b] is -1, anything else +1.
+template <int XD, bool kForward>
+struct BdiaStep {
+  int64_t* u;
+  const int64_t* src;
+  const st_t<XD>* inc;
+  const int64_t* sign;
+  uint8_t* low;  // written when kForward, else read
+  int64_t n, inner;
+  double scale_pos, scale_neg;  // (1 + 2^-k) 2^frac_bits, (1 - 2^-k) 2^frac_bits
+  int k, per;
+
+  __device__ __forceinline__ uint32_t byte(int64_t j) const {
+    const uint64_t mask = (uint64_t{1} << k) - 1;
+    uint32_t bits = kForward ? 0u : low[j], bad = 0;
+    const int64_t i0 = j * per;
+    for (int e = 0; e < per; ++e) {
+      const int64_t i = i0 + e;
+      if (i >= n) break;
+      const bool neg = sign[i / inner] < 0;
+      uint32_t b;
+      const uint64_t q = static_cast<uint64_t>(quantize_elem<XD>(inc[i], neg ? scale_neg : scale_pos, b));
+      bad |= b;
+      const int64_t t = src[i];
+      const uint64_t th = static_cast<uint64_t>(t >> k);  // arithmetic shift: floor(t / 2^k)
+      const uint64_t sth = neg ? 0 - th : th;
+      if constexpr (kForward) {
+        const int64_t p = u[i];
+        bits |= static_cast<uint32_t>(static_cast<uint64_t>(p) & mask) << (e * k);
+        const uint64_t h = static_cast<uint64_t>(p >> k);
+        u[i] = static_cast<int64_t>((neg ? 0 - h : h) + static_cast<uint64_t>(t) - sth + q);
+      } else {
+        const uint64_t sh = static_cast<uint64_t>(u[i]) - q - static_cast<uint64_t>(t) + sth;  // s (p >> k)
+        const uint64_t h = neg ? 0 - sh : sh;
+        u[i] = static_cast<int64_t>((h << k) | ((bits >> (e * k)) & mask));
+      }
+    }
+    if constexpr (kForward) low[j] = static_cast<uint8_t>(bits);
+    return bad;
+  }
+
+  template <int V>
+  __device__ __forceinline__ uint32_t run(int64_t j) const {
+    uint32_t bad = 0;
+#pragma unroll
+    for (int w = 0; w < V; ++w) bad |= byte(j + w) << w;
+    return bad;
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // The one kernel: a grid-stride loop over groups of kVec elements (when `vec`), the remaining
 // elements one at a time, then the report: R = kFlag clears *flag when some bad bit was seen;
@@ -552,6 +609,30 @@ int revengine_cuda_fixed_update_(int64_t* acc, const void* inc, int inc_dtype, i
     if (e != 0) return e;
     FixedUpdate<XD> fn{acc, static_cast<const st_t<XD>*>(inc), std::ldexp(1.0, frac_bits), sign};
     return launch<kCount>(fn, n, as_stream(stream), nullptr, status, fn.acc, fn.inc);
+  });
+}
+
+int revengine_cuda_bdia_step(int64_t* u, const int64_t* src, const void* inc, int inc_dtype, const int64_t* sign,
+                             uint8_t* low, int64_t n, int64_t inner, int frac_bits, int shift, int forward,
+                             int64_t* status, void* stream) {
+  if (!valid_frac_bits(frac_bits) || shift < 1 || shift > 8 || (n > 0 && inner <= 0)) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return dispatch1(inc_dtype, [&](auto xd) {
+    constexpr int XD = decltype(xd)::value;
+    const int e = init_status(status, as_stream(stream));
+    if (e != 0) return e;
+    const int per = (shift < 8 && 8 % shift == 0) ? 8 / shift : 1;
+    const int64_t nbytes = (n + per - 1) / per;
+    const double g = std::ldexp(1.0, -shift);
+    const double sp = std::ldexp(1.0 + g, frac_bits), sn = std::ldexp(1.0 - g, frac_bits);
+    const auto* ip = static_cast<const st_t<XD>*>(inc);
+    if (forward) {
+      BdiaStep<XD, true> fn{u, src, ip, sign, low, n, inner, sp, sn, shift, per};
+      return launch<kCount>(fn, nbytes, as_stream(stream), nullptr, status, fn.low);
+    }
+    BdiaStep<XD, false> fn{u, src, ip, sign, low, n, inner, sp, sn, shift, per};
+    return launch<kCount>(fn, nbytes, as_stream(stream), nullptr, status, fn.low);
   });
 }
 

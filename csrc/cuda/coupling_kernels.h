@@ -61,6 +61,15 @@ int revengine_cuda_fixed_dequantize(const int64_t* q, void* out, int out_dtype, 
  * counted in status, so calling again with -sign undoes the call exactly. */
 int revengine_cuda_fixed_update_(int64_t* acc, const void* inc, int inc_dtype, int frac_bits, int64_t sign, int64_t n,
                                  int64_t* status, void* stream);
+/* BDIA's exact step (csrc/ops.cpp: bdia_step_ when forward != 0, bdia_unstep_ otherwise) on u, src
+ * (int64, n elements), inc (n elements of inc_dtype) and sign (int64, n / inner: one per sample, whose
+ * elements are the `inner` consecutive ones); low is uint8 [ceil(n / per)], per = 8 / shift for
+ * shift 1, 2, 4, else 1: written by the forward, read by the inverse. status counts the bytes of low
+ * with a bad increment (non-finite or |inc (1 + g) 2^frac_bits| >= 2^62; it adds 0, so running the
+ * other direction undoes a call exactly) and status[1] is the first such byte. */
+int revengine_cuda_bdia_step(int64_t* u, const int64_t* src, const void* inc, int inc_dtype, const int64_t* sign,
+                             uint8_t* low, int64_t n, int64_t inner, int frac_bits, int shift, int forward,
+                             int64_t* status, void* stream);
 /* finite_flag <- 1 when every element of x is finite, else 0. */
 int revengine_cuda_all_finite(const void* x, int x_dtype, int64_t n, uint8_t* finite_flag, void* stream);
 

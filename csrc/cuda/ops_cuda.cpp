@@ -4,7 +4,8 @@
 // back), of aliasing operands (a private copy when the overlap is partial) and of operand dtypes
 // without a kernel of their own (converted to x's opmath type first). Work is queued on the
 // current CUDA stream of the tensors' device. The all-finite flags stay on the device (no
-// synchronisation); fixed_quantize and fixed_update_ synchronise once to raise their errors.
+// synchronisation); fixed_quantize, fixed_update_ and bdia_(un)step_ synchronise once to raise
+// their errors.
 //
 // Built only into a CUDA build of the extension (setup.py with a CUDA torch and nvcc, or CMake
 // with CUDA); compile-checked against the CPU torch headers by scripts/check_cuda_compile.sh.
@@ -173,6 +174,51 @@ void fixed_update__cuda(at::Tensor& acc, const at::Tensor& inc, int64_t frac_bit
   });
 }
 
+// One direction of BDIA's exact step (kernels in coupling_kernels.cu); synchronises once, like
+// fixed_update_, to raise the CPU kernel's error, after undoing the launch (u left unchanged).
+void bdia_cuda(const char* op, bool forward, at::Tensor& u, const at::Tensor& src, const at::Tensor& inc,
+               const at::Tensor& sign, const at::Tensor& low, int64_t frac_bits, int64_t shift) {
+  const int64_t n = u.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(u.device());
+  const int64_t inner = n / u.size(0);
+  const at::Tensor sg = sign.contiguous();
+  inplace_contiguous(u, [&](at::Tensor& uc) {
+    const at::Tensor sc = operand_for(uc, src);
+    const at::Tensor ic = operand_for(uc, inc);
+    at::Tensor status = at::empty({2}, uc.options());
+    auto run = [&](bool fwd, const at::Tensor& lowbuf) {
+      check_launch(op, revengine_cuda_bdia_step(uc.data_ptr<int64_t>(), sc.const_data_ptr<int64_t>(),
+                                                ic.const_data_ptr(), dtype_code(ic.scalar_type()),
+                                                sg.const_data_ptr<int64_t>(), static_cast<uint8_t*>(lowbuf.data_ptr()),
+                                                n, inner, static_cast<int>(frac_bits), static_cast<int>(shift),
+                                                fwd ? 1 : 0, status.data_ptr<int64_t>(), current_stream(uc)));
+    };
+    run(forward, low);
+    if (status.select(0, 0).item<int64_t>() == 0) return true;
+    // Undoing an inverse rewrites the bytes it read: into a scratch copy.
+    if (uc.is_same(u)) run(!forward, forward ? low : low.clone());
+    TORCH_CHECK(false, bdia_range_error(op, ic, sg, frac_bits, shift), " (u was left unchanged)");
+    return false;
+  });
+}
+
+at::Tensor bdia_step__cuda(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
+                           int64_t frac_bits, int64_t shift) {
+  check_bdia("bdia_step_", u, src, inc, sign, frac_bits, shift);
+  at::Tensor low = at::empty({bdia_low_bytes(u.numel(), shift).expect_int()}, u.options().dtype(at::kByte));
+  bdia_cuda("bdia_step_", true, u, src, inc, sign, low, frac_bits, shift);
+  return low;
+}
+
+void bdia_unstep__cuda(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
+                       const at::Tensor& low, int64_t frac_bits, int64_t shift) {
+  check_bdia("bdia_unstep_", u, src, inc, sign, frac_bits, shift);
+  check_bdia_low("bdia_unstep_", u, low, shift);
+  // The kernel only reads low in this direction; a contiguous view of the caller's tensor.
+  bdia_cuda("bdia_unstep_", false, u, src, inc, sign, low.contiguous(), frac_bits, shift);
+}
+
 at::Tensor all_finite_cuda(const at::Tensor& x_in) {
   TORCH_CHECK(x_in.defined(), "revengine::all_finite: x is an undefined tensor");
   at::Tensor x = x_in;
@@ -201,4 +247,6 @@ TORCH_LIBRARY_IMPL(revengine, CUDA, m) {
   m.impl("fixed_dequantize", TORCH_FN(fixed_dequantize_cuda));
   m.impl("fixed_update_", TORCH_FN(fixed_update__cuda));
   m.impl("all_finite", TORCH_FN(all_finite_cuda));
+  m.impl("bdia_step_", TORCH_FN(bdia_step__cuda));
+  m.impl("bdia_unstep_", TORCH_FN(bdia_unstep__cuda));
 }
