@@ -89,6 +89,14 @@ class Sequential(nn.Module):
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, split={self.split!r}, merge={self.merge!r}, exact={self.exact}"
 
+    def __getstate__(self):
+        # last_report (a C++ StackReport of the last debug run) cannot be pickled or deep-copied;
+        # a copy starts without one, as a fresh Sequential does.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["last_report"] = None
+        return state
+
     def __len__(self) -> int:
         return len(self.layers)
 
