@@ -139,7 +139,7 @@ def main():
     # bf16 autocast on float32 streams against the single-process reversible run (same recompute)
     results["toy-bf16-autocast"] = run_case("toy", lambda mode: toy(mode).float(), toy_loss_f32, 8, rank, world, mesh,
                                             ref_mode="reversible", autocast=True)
-    for bt in ("revffn", "additive", "leapfrog"):
+    for bt in ("revffn", "additive", "leapfrog", "bdia"):  # bdia: each rank's signs are drawn from its seed
         build, loss = revmoe(bt)
         results[f"revmoe-{bt}"] = run_case(bt, build, loss, 4, rank, world, mesh)
     results["error"] = sharded_stream_function_error(mesh)

@@ -154,7 +154,7 @@ def fsdp_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["toy", "toy-checkpoint", "toy-accumulation", "toy-bf16-autocast", "revmoe-revffn", "revmoe-additive",
-                                  "revmoe-leapfrog"])
+                                  "revmoe-leapfrog", "revmoe-bdia"])
 def test_fsdp2_grads_match_single_process(fsdp_results, case):
     r = fsdp_results[case]
     # Full (all-gathered) grads of the sharded reversible run against one process running both
