@@ -74,7 +74,7 @@ def run_step(seq, x, seed=0, **ctx):
     x = x.detach().clone().requires_grad_(True)
     torch.manual_seed(seed)
     y = seq(x, **ctx)
-    w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)
+    w = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).reshape(y.shape)
     (y * w).sum().backward()
     return y.detach(), x.grad, [p.grad.clone() if p.grad is not None else None for p in seq.parameters()]
 

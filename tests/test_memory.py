@@ -28,6 +28,25 @@ def test_measure_step_sees_a_big_allocation():
     assert fig.seconds > 0 and fig.device == "cpu" and fig.result == 1.0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_measure_step_on_cuda_sees_the_peak_not_the_kept_result():
+    keep = torch.zeros(8 * 2**20 // 4, device="cuda")  # allocated before: not counted
+
+    def step():
+        t = torch.ones(64 * 2**20 // 4, device="cuda")  # 64 MiB, freed before the end
+        return float(t.sum()) + float(keep.sum())
+
+    fig = memory.measure_step(step, warmup=1, device="cuda")
+    assert fig.device.startswith("cuda") and fig.method == "cuda-max-allocated" and fig.reliable
+    assert 63 <= fig.peak_delta_mb <= 66, fig
+    assert fig.result == 64 * 2**20 // 4
+
+
+def test_measure_step_rejects_other_devices():
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda"):
+        memory.measure_step(lambda: None, device="meta")
+
+
 def test_measure_step_is_zero_without_allocation():
     fig = _quiet_measure(lambda: sum(range(1000)))
     assert 0 <= fig.peak_delta_mb < 2, fig

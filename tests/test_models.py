@@ -65,6 +65,30 @@ def test_every_parameter_grad_equals_plain_float64(block_type, mode):
     assert worst[0] <= 1e-9, worst
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the models' CUDA path runs only on a GPU")
+@pytest.mark.parametrize("block_type", BLOCK_TYPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_grads_equal_plain_and_cpu(block_type, mode):
+    # on the GPU: the executor, the MoE CUDA kernels (permute/gather/grouped mm/combine), bdia_step_
+    ref = build(tiny(block_type, "plain")).cuda()
+    model = build(tiny(block_type, mode)).cuda()
+    model.load_state_dict(ref.state_dict())
+    ids, mask, labels = (t.cuda() for t in batch(ref.config))
+    o0, g0 = grads(ref, ids, mask, labels)
+    o1, g1 = grads(model, ids, mask, labels)
+    assert o1["loss"].device.type == "cuda" and g0.keys() == g1.keys()
+    assert rel(o1["loss"], o0["loss"]) < 1e-12
+    worst = max((rel(g1[n], g0[n]), n) for n in g0)
+    assert worst[0] <= 1e-9, worst
+    if block_type != "bdia":  # the CPU's numbers (bdia's signs are per-device draws)
+        cpu = build(tiny(block_type, mode))
+        cpu.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+        o2, g2 = grads(cpu, *(t.cpu() for t in (ids, mask, labels)))
+        assert rel(o1["loss"].cpu(), o2["loss"]) < 1e-12
+        worst = max((rel(g1[n].cpu(), g2[n]), n) for n in g2)
+        assert worst[0] <= 1e-9, worst
+
+
 def test_aux_losses_reach_the_router():
     cfg = tiny("additive", "reversible", layers=2)
     model = build(cfg)

@@ -1,5 +1,7 @@
 """revengine.Sequential and the C++ executor: exact gradients, the hard cases, bad input."""
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -53,6 +55,40 @@ def test_grads_with_context_kwargs(kind, mode):
         results[m] = out + (scale.grad.clone(),)
     assert max_grad_err(results[mode], results["plain"]) <= 1e-10
     assert rel_err(results[mode][3], results["plain"][3]) <= 1e-10
+
+
+# --- the executor on CUDA (skipped without a GPU) ----------------------------------------------------
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the executor's CUDA path "
+                                                                      "runs only on a GPU")
+# (kind, exact, dropout): every coupling kind; fixed point where it exists; dropout replays CUDA's RNG
+CUDA_CASES = [(k, False, d) for k, d in GRAD_CASES] + [("additive", True, 0.0), ("additive", True, 0.2),
+                                                      ("bdia", False, 0.2), ("bdia", True, 0.0), ("bdia", True, 0.2)]
+
+
+def cuda_case_stack(kind, exact, dropout, mode, depth=8, width=6):
+    if kind == "bdia":  # float: gamma 1/2 keeps the 2^depth drift of its inverse small at depth 8
+        layers = [rev.BDIA(mlp(width, dropout=dropout, gain=0.5), 2.0**-4 if exact else 0.5) for _ in range(depth)]
+        return rev.Sequential(*layers, mode=mode, split="duplicate", merge="last", exact=exact, exact_bits=24)
+    return stack(kind, depth, width, mode=mode, dropout=dropout, exact=exact, exact_bits=24 if exact else 16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind,exact,dropout", CUDA_CASES)
+def test_cuda_grads_equal_plain_and_cpu(kind, exact, dropout, mode):
+    seq = cuda_case_stack(kind, exact, dropout, mode).cuda()
+    seq.debug, seq.debug_tol = mode == "reversible", (0.0 if exact else None)
+    x = torch.randn(5, 3, 6 if kind == "bdia" else 12, dtype=torch.float64)
+    plain = run_step(same_layers(seq, "plain", exact=exact, exact_bits=seq.exact_bits), x.cuda())
+    got = run_step(seq, x.cuda())
+    assert got[0].device.type == "cuda" and got[1].device.type == "cuda"
+    assert rel_err(got[0], plain[0]) <= 1e-10 and max_grad_err(got, plain) <= 1e-10
+    if mode == "reversible" and exact:
+        assert seq.last_report.reconstruction_errors == [0.0] * 8
+    if dropout == 0.0 and kind != "bdia":  # the CPU's numbers (bdia's signs are per-device draws)
+        cpu = run_step(copy.deepcopy(seq).cpu(), x)
+        on_cpu = (got[0].cpu(), got[1].cpu(), [g.cpu() if g is not None else None for g in got[2]])
+        assert rel_err(on_cpu[0], cpu[0]) <= 1e-10 and max_grad_err(on_cpu, cpu) <= 1e-10
 
 
 def test_dropout_replays_rng_and_leaves_caller_rng_alone():
@@ -467,3 +503,15 @@ def test_double_backward_is_refused_clearly():
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(seq(x).sum(), x, create_graph=True)
+
+
+def test_deepcopy_and_pickle_after_a_debug_run():
+    seq = stack("additive", 3, 4, debug=True)
+    run_step(seq, torch.randn(2, 8, dtype=torch.float64))
+    assert seq.last_report is not None
+    for other in (copy.deepcopy(seq), pickle.loads(pickle.dumps(seq))):
+        assert other.last_report is None and seq.last_report is not None
+        for a, b in zip(other.parameters(), seq.parameters()):
+            assert torch.equal(a, b) and a is not b
+        x = torch.randn(2, 8, dtype=torch.float64)
+        assert max_grad_err(run_step(other, x), run_step(seq, x)) == 0.0
