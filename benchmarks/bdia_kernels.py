@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 import revengine  # noqa: E402,F401  (registers torch.ops.revengine)
 from moe_kernels import time_alternating  # noqa: E402
+from revengine.memory import device_arg  # noqa: E402
 
 R = torch.ops.revengine
 
@@ -105,23 +106,20 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32", help="dtype of f(p)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 9; --quick: 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda[:i] (default cpu)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (seconds)")
     ap.add_argument("--json", default=None, help="dump the results as JSON")
     args = ap.parse_args(argv)
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bdia_kernels: --device cuda needs a CUDA device; none is available", file=sys.stderr)
-        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     default = "2,16,32 4,64,64" if args.quick else "16,128,576 8,512,576 8,2048,1024"
     shapes = [tuple(int(v) for v in s.split(",")) for s in (args.shapes or default).split()]
     rounds = args.rounds or (3 if args.quick else 9)
     k, frac, dtype, dev = args.gamma_bits, args.frac_bits, getattr(torch, args.dtype), args.device
-    sync = torch.cuda.synchronize if dev == "cuda" else None
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.startswith("cuda") else None
 
-    where = torch.cuda.get_device_name() if dev == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     print(f"BDIA exact step, gamma 2^-{k}, {frac} fraction bits, f(p) in {args.dtype}, {where}")
     print(f"median of {rounds} alternating rounds after warm-up; ratio = ops / fused (> 1: fused faster)")
     print()

@@ -15,6 +15,7 @@ AdamW) and rev-<scheme>-fused (converted, AdamW inside backward).
 
     python benchmarks/floor.py                       # qwen-moe-mini + a depth sweep (12, 24, 48)
     python benchmarks/floor.py --quick               # tiny config, seconds (tests)
+    python benchmarks/floor.py --device cuda         # peak allocated GPU memory instead of peak RSS
 
 Prints tables and PASS/FAIL lines (peak within 10% of the floor; converted + fused <= 0.42 x
 hf-ckpt); never asserts.
@@ -32,7 +33,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import revengine  # noqa: E402,F401
-from revengine.memory import breakdown, measure_in_subprocess, measure_step  # noqa: E402
+from revengine.memory import breakdown, device_arg, measure_in_subprocess, measure_step  # noqa: E402
 
 sys.path.insert(0, HERE)
 from hf_memory import REV_OPTIONS, hf_model, parse_options  # noqa: E402
@@ -41,7 +42,7 @@ FLOOR_SLACK = 1.10
 TARGET = 0.42
 
 
-def measure(name: str, quick: bool, layers: int, batch: int, seq: int, overrides=None) -> dict:
+def measure(name: str, quick: bool, layers: int, batch: int, seq: int, overrides=None, device: str = "cpu") -> dict:
     """Runs in a fresh subprocess: one contender's steady-state step."""
     from revengine.convert import from_hf
     from revengine.optim import InBackwardOptimizer
@@ -55,8 +56,9 @@ def measure(name: str, quick: bool, layers: int, batch: int, seq: int, overrides
         hf = model
         model = from_hf(hf, scheme=scheme, **(overrides or {}))
         del hf
-    model.train()
+    model.to(device).train()
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
     opt = (InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5) if fused
            else torch.optim.AdamW(model.parameters(), lr=1e-5))
 
@@ -70,7 +72,7 @@ def measure(name: str, quick: bool, layers: int, batch: int, seq: int, overrides
 
     step()  # warm-up: optimizer state
     b = breakdown(model, opt)
-    fig = measure_step(step)
+    fig = measure_step(step, device=device)
     return {"name": name, "layers": layers, "weights_mb": b["weights_mb"], "optimizer_mb": b["optimizer_state_mb"],
             "delta_mb": fig.peak_delta_mb, "peak_mb": b["weights_mb"] + b["optimizer_state_mb"] + fig.peak_delta_mb,
             "seconds": fig.seconds}
@@ -86,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--sweep-batch", type=int, default=None, help="batch of the sweep (default --batch)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", type=device_arg, default="cpu",
+                    help="cpu (peak RSS) or cuda[:i] (peak allocated GPU memory); default cpu")
     ap.add_argument("--no-hf", action="store_true", help="skip the hf-ckpt contender")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT",
                     help=f"RevMoEConfig options of the converted models (default {REV_OPTIONS}, as in hf_memory.py)")
@@ -102,7 +106,7 @@ def main(argv=None) -> int:
     def run(name, n_layers, b=None):
         r = measure_in_subprocess(os.path.abspath(__file__) + ":measure",
                                   dict(name=name, quick=a.quick, layers=n_layers, batch=b or batch, seq=seq,
-                                       overrides=overrides),
+                                       overrides=overrides, device=a.device),
                                   env=env, timeout=3600)
         print(f"  measured {name} at {n_layers} layers, batch {b or batch} ({time.perf_counter() - t0:.0f} s): "
               f"peak {r['peak_mb']:.0f} MiB", flush=True)
@@ -110,7 +114,7 @@ def main(argv=None) -> int:
 
     fused = f"rev-{a.scheme}-fused"
     print(f"{'tiny' if a.quick else 'qwen-moe-mini'} (HF Qwen2-MoE, converted with scheme {a.scheme}): {layers} layers, "
-          f"batch {batch} x seq {seq}, fp32 AdamW, steady-state step, fresh subprocess per figure; converted models "
+          f"batch {batch} x seq {seq}, fp32 AdamW, steady-state step on {a.device}, fresh subprocess per figure; converted models "
           f"with {overrides}", flush=True)
     names = ([] if a.no_hf else ["hf-ckpt"]) + [f"rev-{a.scheme}", fused]
     rows = {n: run(n, layers) for n in names}

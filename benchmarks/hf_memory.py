@@ -19,6 +19,7 @@ forward, backward, optimizer.step()): steady-state peak = weights + optimizer st
 
     python benchmarks/hf_memory.py              # qwen-moe-mini, all contenders
     python benchmarks/hf_memory.py --quick      # a tiny config (seconds), used by the tests
+    python benchmarks/hf_memory.py --device cuda  # peak allocated GPU memory instead of peak RSS
 
 Prints a table with the breakdown and the ratio to hf-ckpt, and PASS/FAIL against the issue's
 0.55 (the RevFFN paper reports 0.51); never asserts.
@@ -36,7 +37,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import revengine  # noqa: E402,F401
-from revengine.memory import measure_in_subprocess, training_step_figures  # noqa: E402
+from revengine.memory import device_arg, measure_in_subprocess, training_step_figures  # noqa: E402
 
 from revengine.convert import SCHEMES  # noqa: E402
 CONTENDERS = ("hf-plain", "hf-ckpt") + tuple(f"rev-{s}" for s in SCHEMES)
@@ -69,7 +70,7 @@ def hf_model(quick: bool, layers: int):
     return tf.Qwen2MoeForCausalLM(hfc)
 
 
-def measure(name: str, quick: bool, layers: int, batch: int, seq: int, options=None) -> dict:
+def measure(name: str, quick: bool, layers: int, batch: int, seq: int, options=None, device: str = "cpu") -> dict:
     """Runs in a fresh subprocess."""
     from revengine.convert import from_hf
 
@@ -80,11 +81,13 @@ def measure(name: str, quick: bool, layers: int, batch: int, seq: int, options=N
         hf = model
         model = from_hf(hf, scheme=name[4:], **(options or {}))
         del hf
-    model.train()
+    model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
 
-    r = training_step_figures(model, opt, lambda: model(input_ids=ids, labels=ids, use_cache=False).loss)
+    r = training_step_figures(model, opt, lambda: model(input_ids=ids, labels=ids, use_cache=False).loss,
+                              device=device)
     return {"name": name, "weights_mb": r["weights_mb"], "optimizer_mb": r["optimizer_state_mb"],
             "grads_mb": r["grads_mb"], "activations_mb": r["activations_mb"], "delta_mb": r["step_delta_mb"],
             "peak_mb": r["steady_peak_mb"], "seconds": r["figure_step"].seconds, "params": r["params"]}
@@ -98,6 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", type=device_arg, default="cpu",
+                    help="cpu (peak RSS) or cuda[:i] (peak allocated GPU memory); default cpu")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT",
                     help=f"RevMoEConfig options of the converted models (default {REV_OPTIONS})")
     args = ap.parse_args(argv)
@@ -108,13 +113,13 @@ def main(argv=None) -> int:
     threads = args.threads or (1 if args.quick else None)
     env = {"OMP_NUM_THREADS": str(threads)} if threads else None
     print(f"{'tiny' if args.quick else 'qwen-moe-mini'} as HF Qwen2MoeForCausalLM: {layers} layers, batch {batch} x "
-          f"seq {seq}, fp32 AdamW, one full fine-tuning step, a fresh subprocess per contender, "
+          f"seq {seq}, fp32 AdamW, one full fine-tuning step on {args.device}, a fresh subprocess per contender, "
           f"MALLOC_MMAP_THRESHOLD_=65536; converted models with {options}", flush=True)
     rows, t0 = {}, time.perf_counter()
     for name in args.contenders:
         rows[name] = measure_in_subprocess(os.path.abspath(__file__) + ":measure",
                                            dict(name=name, quick=args.quick, layers=layers, batch=batch, seq=seq,
-                                                options=options),
+                                                options=options, device=args.device),
                                            env=env, timeout=3600)
         r = rows[name]
         print(f"  measured {name} ({time.perf_counter() - t0:.0f} s): weights {r['weights_mb']:.0f}, AdamW "

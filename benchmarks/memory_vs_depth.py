@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import revengine  # noqa: E402
-from revengine.memory import breakdown, measure_in_subprocess, measure_step  # noqa: E402
+from revengine.memory import breakdown, device_arg, measure_in_subprocess, measure_step  # noqa: E402
 
 MODES = ("plain", "checkpoint", "reversible")
 MB = float(2**20)
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=None, help="memory subprocesses run side by side (default 1; --quick: 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads, here and in the subprocesses (default: torch's; --quick: 1)")
     ap.add_argument("--quick", action="store_true", help="a tiny version (seconds)")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda[:i] (default cpu)")
     ap.add_argument("--png", default=None, help="write a plot (needs matplotlib)")
     ap.add_argument("--json", default=None, help="dump the results as JSON")
     args = ap.parse_args(argv)
@@ -177,9 +177,6 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         child_env = {"OMP_NUM_THREADS": str(args.threads)}
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
 
     print(
         f"memory vs depth: additive couplings, F,G = Linear({args.width},{4 * args.width})-GELU-"
@@ -200,7 +197,7 @@ def main(argv=None) -> int:
 
     # Each figure is read inside its own process, so processes running side by side (--jobs) do not
     # disturb each other's figures (only each other's speed). On CUDA they would share the device.
-    jobs = 1 if args.device == "cuda" else max(1, args.jobs)
+    jobs = 1 if args.device.startswith("cuda") else max(1, args.jobs)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for (d, m), out in zip(configs, pool.map(run, configs)):
             peak[m][str(d)] = out["figure"]["peak_delta_mb"]

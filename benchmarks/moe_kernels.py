@@ -27,6 +27,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from revengine.memory import device_arg  # noqa: E402
 from revengine.moe import moe_forward, moe_forward_reference  # noqa: E402
 
 VARIANTS = {"kernels": moe_forward, "loop": moe_forward_reference}
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="timed steps per variant (default 7; --quick: 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda[:i] (default cpu)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (seconds)")
     ap.add_argument("--json", default=None, help="dump the results as JSON")
     args = ap.parse_args(argv)
@@ -120,13 +121,11 @@ def main(argv=None) -> int:
     inter = args.inter or (16 if q else 176)
     rounds = args.rounds or (3 if q else 7)
     dtype = getattr(torch, args.dtype)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("moe_kernels: --device cuda needs a CUDA device; none is available", file=sys.stderr)
-        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    sync = torch.cuda.synchronize if args.device == "cuda" else None
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    on_gpu = args.device.startswith("cuda")
+    sync = (lambda: torch.cuda.synchronize(args.device)) if on_gpu else None
+    where = torch.cuda.get_device_name(args.device) if on_gpu else f"{torch.get_num_threads()} threads"
 
     print(
         f"MoE expert MLP (SwiGLU, HF fused layout), hidden {hidden}, {experts} experts top-{top_k}, "

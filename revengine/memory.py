@@ -126,6 +126,25 @@ def _cuda_sync(device) -> None:
     torch.cuda.synchronize(device)
 
 
+def device_arg(value: str) -> str:
+    """argparse `type=` of the benchmarks' --device: "cpu" or "cuda[:i]", and a GPU must be there.
+    A clear usage error (exit 2) instead of a traceback deep inside a run."""
+    import argparse
+
+    try:
+        dev = torch.device(value)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected 'cpu' or 'cuda[:i]', got {value!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r} needs a CUDA device, and this torch sees none "
+                                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{value!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return value
+
+
 def _normalize_device(device) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
