@@ -35,6 +35,8 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.append(ROOT)
 
+from revengine.memory import device_arg  # noqa: E402
+
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -82,7 +84,7 @@ def run_contender(name: str, a, dense: str, train: str, held: str) -> dict:
            "--out", out, "--upcycle-experts", str(a.experts), "--upcycle-top-k", str(a.top_k),
            "--steps", str(a.steps), "--lr", str(a.lr), "--batch-size", str(a.batch_size), "--seed", str(a.seed),
            "--eval-max-examples", str(a.n_eval), "--eval-batch-size", "32", "--save-every", "0", "--no-progress",
-           "--max-length", "32"]
+           "--max-length", "32", "--device", a.device]
     if a.bf16:
         cmd.append("--bf16")
     if name == "rev":
@@ -132,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", type=device_arg, default="cpu",
+                    help="cpu (peak RSS) or cuda[:i] (peak allocated GPU memory); default cpu")
     ap.add_argument("--contenders", nargs="*", default=["rev", "plain", "hf-ckpt"], choices=["rev", "plain", "hf-ckpt"])
     ap.add_argument("--rerun", action="store_true", help="run contenders again even if their results exist")
     a = ap.parse_args(argv)
@@ -161,14 +165,16 @@ def main(argv=None) -> int:
               f"{cell(ev['start'], 'x') if name == 'rev' else '-'} | {cell(ev.get('stage1'), 'x')} | {cell(ev['final'], 'x')} |")
     base = res.get("plain")
     print()
-    print("stage 2 (full fine-tuning), per process:")
-    print("| contender | peak RSS MiB | / plain | median step s | / plain |")
+    gpu = a.device.startswith("cuda")
+    peak = "stage2_peak_cuda_mb" if gpu else "stage2_peak_rss_mb"
+    print(f"stage 2 (full fine-tuning), per process, on {a.device}:")
+    print(f"| contender | {'peak GPU memory' if gpu else 'peak RSS'} MiB | / plain | median step s | / plain |")
     print("|---|---|---|---|---|")
     for name, r in res.items():
         t = r["timings"]
-        pr = f"{t['stage2_peak_rss_mb'] / base['timings']['stage2_peak_rss_mb']:.3f}" if base else "-"
+        pr = f"{t[peak] / base['timings'][peak]:.3f}" if base else "-"
         tr = f"{t['stage2_median_step_s'] / base['timings']['stage2_median_step_s']:.2f}" if base else "-"
-        print(f"| {name} | {t['stage2_peak_rss_mb']:.0f} | {pr} | {t['stage2_median_step_s']:.2f} | {tr} |")
+        print(f"| {name} | {t[peak]:.0f} | {pr} | {t['stage2_median_step_s']:.2f} | {tr} |")
     if base and "rev" in res:
         d = 100 * (res["rev"]["evals"]["final"]["exact_match"] - base["evals"]["final"]["exact_match"])
         print(f"\nrev - plain exact match after stage 2: {d:+.1f} points "

@@ -99,11 +99,12 @@ class FinetuneArgs:
     keep_checkpoints: int = 2
     progress: bool = True
     threads: Optional[int] = None
+    device: str = "cpu"
     stop_after: Optional[int] = None  # behave as if interrupted after this many steps of this run (tests)
 
     # Fields a --resume may change; every other field must match the checkpoint's.
     MUTABLE = ("resume", "save_every", "eval_every", "eval_batch_size", "eval_max_examples", "keep_checkpoints",
-               "progress", "threads", "stop_after")
+               "progress", "threads", "device", "stop_after")
 
     def validate(self) -> None:
         if self.scheme not in SCHEMES + ("none",):
@@ -130,6 +131,10 @@ class FinetuneArgs:
         if self.gradient_checkpointing and self.scheme != "none":
             raise FinetuneError("--gradient-checkpointing applies to --scheme none (HF's checkpointing); "
                                 "converted models use --reversible-mode")
+        try:
+            _memory.check_device(self.device)
+        except ValueError as e:
+            raise FinetuneError(f"--device: {e}") from None
         if self.upcycle_experts and not 1 <= self.upcycle_top_k <= self.upcycle_experts:
             raise FinetuneError(f"--upcycle-top-k must be in [1, {self.upcycle_experts}], got {self.upcycle_top_k}")
 
@@ -450,8 +455,20 @@ def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: t
 # Evaluation
 
 
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+def _autocast(enabled: bool, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def _device_of(model) -> torch.device:
+    """Where the model's tensors are (the CPU for a model without any)."""
+    t = next(model.parameters(), None)
+    if t is None:
+        t = next(model.buffers(), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
+def _on(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -459,16 +476,17 @@ def greedy_continue(model, prompts: List[List[int]], max_new: int, pad: int, eos
                     bf16: bool = False) -> List[List[int]]:
     """Greedy continuations of left-padded prompts (no cache, explicit positions: any causal LM)."""
     outs: List[List[int]] = []
+    dev = _device_of(model)
     for s in range(0, len(prompts), batch):
         chunk = prompts[s:s + batch]
         n = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (n - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in chunk])
+        ids = torch.tensor([[pad] * (n - len(p)) + p for p in chunk], device=dev)
+        mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in chunk], device=dev)
         new = [[] for _ in chunk]
         done = [False] * len(chunk)
         for _ in range(max_new):
             pos = (mask.cumsum(-1) - 1).clamp_min(0)
-            with _autocast(bf16):
+            with _autocast(bf16, dev):
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
                                logits_to_keep=1).logits[:, -1]
             nxt = logits.float().argmax(-1)
@@ -492,11 +510,12 @@ def evaluate(model, examples: List[Example], tok, batch_size: int = 16, max_exam
     """Held-out token loss (answer tokens for prompt/answer data) and greedy exact-match accuracy."""
     from revengine.models.modeling import eval_mode
 
+    dev = _device_of(model)
     with eval_mode(model):
         total, count = 0.0, 0
         for s in range(0, len(examples), batch_size):
-            batch = collate(examples[s:s + batch_size], tok.pad_token_id)
-            with _autocast(bf16):
+            batch = _on(collate(examples[s:s + batch_size], tok.pad_token_id), dev)
+            with _autocast(bf16, dev):
                 _, _, loss = _forward(model, batch, want_logits=False)
             n = int((batch["labels"][:, 1:] != IGNORE).sum())
             total += float(loss) * n
@@ -547,7 +566,11 @@ def save_checkpoint(out: str, step: int, student, optimizer, state: Dict[str, An
     with _atomic_dir(final) as tmp:
         save_model(student, os.path.join(tmp, "model.safetensors"))
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-        torch.save({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.pt"))
+        rng = {"torch": torch.get_rng_state()}
+        dev = _device_of(student)
+        if dev.type == "cuda":  # dropout and bdia's signs draw from the GPU's generator
+            rng["cuda"] = torch.cuda.get_rng_state(dev)
+        torch.save(rng, os.path.join(tmp, "rng.pt"))
         with open(os.path.join(tmp, STATE_FILE), "w") as fh:
             json.dump(state, fh, indent=1)  # written last: its presence marks a complete checkpoint
     for old in checkpoint_dirs(out)[:-keep]:
@@ -565,6 +588,15 @@ def load_checkpoint_weights(student, path: str) -> None:
     if bad:
         raise FinetuneError(f"{path}: checkpoint of another shape ({len(bad)} tensors): " + "; ".join(bad[:4]))
     load_model(student, weights, strict=False)
+
+
+def _reset_peaks(device: torch.device) -> None:
+    """Stage 2's peak memory starts here: RSS (and on a GPU, its peak allocated memory)."""
+    _malloc_trim()
+    _memory._reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _malloc_trim() -> None:
@@ -627,6 +659,8 @@ def run(args: FinetuneArgs) -> Dict[str, Any]:
     resume_from = _prepare_out(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
     torch.manual_seed(args.seed)
     # --- everything that can be wrong with the input is checked before --out is written ---
     tok = load_tokenizer(args.model)
@@ -654,6 +688,9 @@ def run(args: FinetuneArgs) -> Dict[str, Any]:
     stage1_what = f"{sum(p.numel() for p in new)} new parameters" if new else "all parameters (no new ones)"
     teacher = source if (source is not None and args.distill != "none") else None
     source = None  # the teacher keeps it alive when distilling
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device)
     total = args.stage1_steps + args.steps
 
     state: Dict[str, Any] = {"step": 0, "args": args.identity(), "evals": {}, "data": stream.state(), "timings": {}}
@@ -705,12 +742,17 @@ def run(args: FinetuneArgs) -> Dict[str, Any]:
     stage = stage_of(step + 1) if step < total else 2
     optimizer, base_lr = make_optimizer(stage)
     if resume_from is not None and step < total and stage_of(step) == stage and step > 0:
-        optimizer.load_state_dict(torch.load(os.path.join(resume_from, "optimizer.pt"), weights_only=True))
+        # loaded to the CPU first: Optimizer.load_state_dict moves the state to its parameters' device
+        optimizer.load_state_dict(torch.load(os.path.join(resume_from, "optimizer.pt"), map_location="cpu",
+                                             weights_only=True))
     if resume_from is not None:
-        torch.set_rng_state(torch.load(os.path.join(resume_from, "rng.pt"), weights_only=True)["torch"])
+        rng = torch.load(os.path.join(resume_from, "rng.pt"), map_location="cpu", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if on_gpu and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
     if stage == 2 and teacher is not None and args.distill != "all":
         teacher = None
-    print(f"revengine finetune: {type(student).__name__} ({kind}, scheme {args.scheme}), "
+    print(f"revengine finetune: {type(student).__name__} ({kind}, scheme {args.scheme}) on {device}, "
           f"{sum(p.numel() for p in student.parameters())} parameters; stage 1 trains {stage1_what}; "
           f"{len(train)} train / {len(evals)} eval examples; steps {step}/{total}", flush=True)
 
@@ -721,8 +763,7 @@ def run(args: FinetuneArgs) -> Dict[str, Any]:
         bar = None
     status, ran, step_times = "finished", 0, []
     if stage == 2:
-        _malloc_trim()
-        _memory._reset_peak_rss()
+        _reset_peaks(device)
     student.train()
     with _Interrupt() as intr:
         while step < total:
@@ -732,8 +773,7 @@ def run(args: FinetuneArgs) -> Dict[str, Any]:
                     teacher = None
                 del optimizer
                 optimizer, base_lr = make_optimizer(2)
-                _malloc_trim()
-                _memory._reset_peak_rss()
+                _reset_peaks(device)
             t0 = time.perf_counter()
             in_stage = step - (0 if stage == 1 else args.stage1_steps)
             lr = base_lr * min(1.0, (in_stage + 1) / args.warmup) if args.warmup else base_lr
@@ -741,8 +781,8 @@ def run(args: FinetuneArgs) -> Dict[str, Any]:
                 g["lr"] = lr
             loss_sum = kl_sum = 0.0
             for _ in range(args.grad_accum):
-                batch = stream.next()
-                with _autocast(args.bf16):
+                batch = _on(stream.next(), device)
+                with _autocast(args.bf16, device):
                     out, objective, ce = _forward(student, batch, want_logits=teacher is not None)
                     if teacher is not None:
                         with torch.no_grad():
@@ -763,6 +803,8 @@ def run(args: FinetuneArgs) -> Dict[str, Any]:
                 gnorm = float("nan")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if on_gpu:
+                torch.cuda.synchronize(device)  # the step's queued GPU work belongs to its time
             step += 1
             ran += 1
             dt = time.perf_counter() - t0
@@ -798,6 +840,8 @@ def run(args: FinetuneArgs) -> Dict[str, Any]:
         hwm = _memory._proc_status_kb("VmHWM")
         state["timings"] = {"stage2_peak_rss_mb": hwm["VmHWM"] / 1024.0 if hwm else None,
                             "stage2_median_step_s": sorted(step_times)[len(step_times) // 2]}
+        if on_gpu:
+            state["timings"]["stage2_peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     run_eval("final")
     if _is_revmoe(student) and student.fixed_point_report():
         rep = student.fixed_point_report()
@@ -889,6 +933,7 @@ def add_arguments(p) -> None:
     a("--keep-checkpoints", type=int, default=2)
     a("--no-progress", dest="progress", action="store_false", help="no progress bar")
     a("--threads", type=int, default=None, help="torch threads")
+    a("--device", default="cpu", help="where to train: cpu (default) or cuda[:i]; a --resume may change it")
     a("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -910,5 +955,7 @@ def cmd_finetune(ns) -> int:
             print(f"  {name:>9}: held-out loss {r['loss']:.4f}" +
                   (f", exact match {r['exact_match']:.3f}" if "exact_match" in r else ""))
     if tm.get("stage2_peak_rss_mb"):
-        print(f"  stage 2: peak RSS {tm['stage2_peak_rss_mb']:.0f} MB, median step {tm['stage2_median_step_s']:.3f} s")
+        gpu = f", peak GPU memory {tm['stage2_peak_cuda_mb']:.0f} MB" if tm.get("stage2_peak_cuda_mb") else ""
+        print(f"  stage 2: peak RSS {tm['stage2_peak_rss_mb']:.0f} MB{gpu}, median step "
+              f"{tm['stage2_median_step_s']:.3f} s")
     return 0

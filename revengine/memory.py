@@ -126,23 +126,31 @@ def _cuda_sync(device) -> None:
     torch.cuda.synchronize(device)
 
 
-def device_arg(value: str) -> str:
-    """argparse `type=` of the benchmarks' --device: "cpu" or "cuda[:i]", and a GPU must be there.
-    A clear usage error (exit 2) instead of a traceback deep inside a run."""
-    import argparse
-
+def check_device(value: str) -> str:
+    """`value` if it names a usable device: "cpu", or "cuda[:i]" with that GPU present; else a
+    ValueError that says what is missing (the --device of the benchmarks and of finetune)."""
     try:
         dev = torch.device(value)
     except RuntimeError:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected 'cpu' or 'cuda[:i]', got {value!r}")
+        raise ValueError(f"expected 'cpu' or 'cuda[:i]', got {value!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{value!r} needs a CUDA device, and this torch sees none "
-                                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+        raise ValueError(f"{value!r} needs a CUDA device, and this torch sees none "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{value!r}: there are {torch.cuda.device_count()} CUDA devices")
+        raise ValueError(f"{value!r}: there are {torch.cuda.device_count()} CUDA devices")
     return value
+
+
+def device_arg(value: str) -> str:
+    """argparse `type=` for --device (check_device): a usage error (exit 2), not a traceback mid-run."""
+    import argparse
+
+    try:
+        return check_device(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _normalize_device(device) -> torch.device:

@@ -301,6 +301,37 @@ def test_out_dir_and_argument_checks(tmp_path, data, mixtral):
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_option_trains_there_and_resumes_across_devices(tmp_path, data, mixtral, device):
+    out = tmp_path / "out"
+    s = ft.run(args(mixtral, data, out, scheme="bdia", stage1_steps=0, steps=6, device=device, bf16=True,
+                    stop_after=3))
+    assert s["status"] == "interrupted"
+    # a --resume may move the run to another device (the checkpoint is device-free)
+    s = ft.run(args(mixtral, data, out, scheme="bdia", stage1_steps=0, steps=6, device="cpu", bf16=True,
+                    resume=True))
+    assert s["status"] == "finished" and s["step"] == 6
+    assert s["evals"]["final"]["loss"] < s["evals"]["start"]["loss"]
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in log if "stage" in r] == list(range(1, 7))
+    if device == "cuda":
+        rng = torch.load(sorted((out / "checkpoints").glob("step-*"))[0] / "rng.pt", weights_only=True)
+        assert "cuda" in rng  # the GPU generator (bdia's signs, dropout) is part of a checkpoint
+        s = ft.run(args(mixtral, data, tmp_path / "gpu", scheme="bdia", stage1_steps=0, steps=2, device="cuda"))
+        assert s["timings"]["stage2_peak_cuda_mb"] > 0
+
+
+def test_bad_device_is_a_clear_error(tmp_path, data, mixtral):
+    for device, match in (("tpu", "--device: expected 'cpu' or 'cuda\\[:i\\]', got 'tpu'"),
+                          ("cuda:99", "--device: 'cuda:99'")):
+        with pytest.raises(FinetuneError, match=match):
+            ft.run(args(mixtral, data, tmp_path / device, device=device))
+        assert not (tmp_path / device).exists()
+
+
 def test_cli_reports_errors_with_status_2(tmp_path, mixtral):
     from revengine.cli import main
     p = tmp_path / "d.jsonl"
