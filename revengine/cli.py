@@ -78,19 +78,24 @@ def _train_step(model, opt, x, y):
     return loss
 
 
-def measure_demo_step(depth: int, width: int, seed: int, mode: str, batch: int) -> dict:
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_demo_step(depth: int, width: int, seed: int, mode: str, batch: int, device: str = "cpu") -> dict:
     """One training step of the demo model in `mode` (run in a fresh subprocess by `demo`)."""
     from .memory import measure_step
 
     torch.manual_seed(seed)
-    model = build_demo(depth, width, seed, mode=mode)
+    model = build_demo(depth, width, seed, mode=mode).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(batch, 32, generator=g)
-    y = torch.randint(0, 8, (batch,), generator=g)
+    x = torch.randn(batch, 32, generator=g).to(device)
+    y = torch.randint(0, 8, (batch,), generator=g).to(device)
     _train_step(model, opt, x, y)  # warm-up: AdamW state, lazy allocations
     opt.zero_grad(set_to_none=True)  # the measured step allocates its grads, as after zero_grad()
-    fig = measure_step(lambda: _train_step(model, opt, x, y).item())
+    fig = measure_step(lambda: _train_step(model, opt, x, y).item(), device=device)
     return {"mode": mode, "figure": fig.as_dict()}
 
 
@@ -104,8 +109,10 @@ def time_modes(models: Dict[str, nn.Module], x, y, rounds: int, warmup: int = 2)
     names = list(models)
     for r in range(rounds):
         for m in names[r % len(names):] + names[: r % len(names)]:
+            _sync(x.device)
             t0 = time.perf_counter()
             _train_step(models[m], opts[m], x, y)
+            _sync(x.device)
             times[m].append(time.perf_counter() - t0)
     return {m: statistics.median(ts) for m, ts in times.items()}
 
@@ -130,14 +137,14 @@ def cmd_demo(args) -> int:
     else:
         mem_batch, time_batch, rounds = args.mem_batch, 1024, 7
     torch.manual_seed(args.seed)
-    (xtr, ytr), (xte, yte) = make_task(args.seed)
-    model = build_demo(args.depth, args.width, args.seed, mode="reversible")
+    (xtr, ytr), (xte, yte) = (tuple(t.to(args.device) for t in split) for split in make_task(args.seed))
+    model = build_demo(args.depth, args.width, args.seed, mode="reversible").to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"revengine demo: Linear(32, {2 * args.width}) -> {args.depth} reversible additive couplings "
         f"(two streams of {args.width}, stream MLPs {args.width}-{2 * args.width}-{args.width}) -> LayerNorm -> "
         f"Linear({2 * args.width}, 8); {n_params:,} parameters; synthetic 8-class task "
-        f"(seed {args.seed}, {len(xtr)} train / {len(xte)} held-out examples)"
+        f"(seed {args.seed}, {len(xtr)} train / {len(xte)} held-out examples) on {args.device}"
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(args.steps, 1), pct_start=0.1)
@@ -146,7 +153,7 @@ def cmd_demo(args) -> int:
     g = torch.Generator().manual_seed(args.seed + 2)
     bar = tqdm(range(args.steps), desc="training (reversible)", dynamic_ncols=True, mininterval=0.5)
     for _ in bar:
-        idx = torch.randint(0, len(xtr), (args.batch,), generator=g)
+        idx = torch.randint(0, len(xtr), (args.batch,), generator=g).to(args.device)
         loss = _train_step(model, opt, xtr[idx], ytr[idx])
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
@@ -160,7 +167,9 @@ def cmd_demo(args) -> int:
     allocator = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     allocator = "default malloc" if allocator is None else f"MALLOC_MMAP_THRESHOLD_={allocator}"
     print("one training step (forward + backward + AdamW) of this model in each mode:")
-    print(f"  peak MB: peak-memory delta, batch {mem_batch}, each from a fresh subprocess with MALLOC_MMAP_THRESHOLD_=65536")
+    where = ("peak allocated GPU memory" if args.device.startswith("cuda")
+             else "peak RSS, MALLOC_MMAP_THRESHOLD_=65536")
+    print(f"  peak MB: peak-memory delta, batch {mem_batch}, each from a fresh subprocess ({where})")
     print(
         f"  step ms: batch {time_batch}, this process, modes alternating, median of {rounds} steps; "
         f"{torch.get_num_threads()} threads, allocator: {allocator}"
@@ -169,7 +178,7 @@ def cmd_demo(args) -> int:
     def measure(m):
         return measure_in_subprocess(
             "revengine.cli:measure_demo_step",
-            dict(depth=args.depth, width=args.width, seed=args.seed, mode=m, batch=mem_batch),
+            dict(depth=args.depth, width=args.width, seed=args.seed, mode=m, batch=mem_batch, device=args.device),
             env=child_env, timeout=300,
         )
 
@@ -179,10 +188,10 @@ def cmd_demo(args) -> int:
     state = model.state_dict()
     models = {}
     for m in MODES:
-        models[m] = build_demo(args.depth, args.width, args.seed, mode=m)
+        models[m] = build_demo(args.depth, args.width, args.seed, mode=m).to(args.device)
         models[m].load_state_dict(state)
     tb = torch.Generator().manual_seed(args.seed + 3)
-    idx = torch.randint(0, len(xtr), (time_batch,), generator=tb)
+    idx = torch.randint(0, len(xtr), (time_batch,), generator=tb).to(args.device)
     med = time_modes(models, xtr[idx], ytr[idx], rounds)
 
     hdr = f"{'mode':<11} | {'peak MB':>8} | {'vs plain':>8} | {'step ms':>8} | {'vs plain':>8}"
@@ -200,8 +209,9 @@ def cmd_demo(args) -> int:
 def _head_fn(model, batch: int, seq: int):
     """The LM head + cross-entropy alone, on a stand-in hidden state (a detached copy of the head)."""
     w = model.lm_head.weight.detach().clone().requires_grad_(True)
-    hidden = torch.randn(batch, seq, w.shape[1], requires_grad=True)
+    hidden = torch.randn(batch, seq, w.shape[1]).to(w.device).requires_grad_(True)
     labels = torch.randint(0, w.shape[0], (batch * (seq - 1),), generator=torch.Generator().manual_seed(2))
+    labels = labels.to(w.device)
     if type(model).__name__ == "RevMoEForCausalLM":
         from revengine.models.modeling import chunked_cross_entropy
 
@@ -211,7 +221,7 @@ def _head_fn(model, batch: int, seq: int):
 
 
 def breakdown_child(model: str, scheme: str, batch: int, seq: int, optimizer: str, gradient_checkpointing: bool,
-                    reversible_mode: str, moe_chunk_size: int) -> dict:
+                    reversible_mode: str, moe_chunk_size: int, device: str = "cpu") -> dict:
     """Runs in a fresh process (revengine.memory.measure_in_subprocess): one training step's breakdown."""
     from . import convert, finetune, memory
     from .optim import InBackwardOptimizer
@@ -227,13 +237,13 @@ def breakdown_child(model: str, scheme: str, batch: int, seq: int, optimizer: st
             net = convert.from_hf(net, scheme=scheme, reversible_mode=reversible_mode, moe_chunk_size=moe_chunk_size)
         elif gradient_checkpointing:
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    net.train()
+    net.to(device).train()
     vocab = net.lm_head.weight.shape[0]
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
     opt = (InBackwardOptimizer(net.parameters(), torch.optim.AdamW, lr=1e-6) if optimizer == "adamw-in-backward"
            else torch.optim.AdamW(net.parameters(), lr=1e-6))
     r = memory.training_step_figures(net, opt, lambda: net(input_ids=ids, labels=ids, use_cache=False).loss,
-                                     head_fn=_head_fn(net, batch, seq))
+                                     head_fn=_head_fn(net, batch, seq), device=device)
     return {k: v for k, v in r.items() if not k.startswith("figure")} | {"model_class": type(net).__name__}
 
 
@@ -246,7 +256,7 @@ def cmd_breakdown(args) -> int:
         r = measure_in_subprocess("revengine.cli:breakdown_child", dict(
             model=args.model, scheme=args.scheme, batch=args.batch, seq=args.seq, optimizer=args.optimizer,
             gradient_checkpointing=args.gradient_checkpointing, reversible_mode=args.reversible_mode,
-            moe_chunk_size=args.moe_chunk_size), env=env, timeout=7200)
+            moe_chunk_size=args.moe_chunk_size, device=args.device), env=env, timeout=7200)
     except (RuntimeError, FinetuneError) as e:
         print(f"{PROG} breakdown: error: {e}", file=sys.stderr)
         return 2
@@ -254,7 +264,7 @@ def cmd_breakdown(args) -> int:
             ("grads", r["grads_mb"] if args.optimizer == "adamw" else 0.0),
             ("activations (layers)", r["activations_body_mb"]), ("logits (LM head + loss)", r["logits_mb"])]
     print(f"{r['model_class']}, {r['params'] / 1e6:.1f}M parameters, batch {args.batch} x seq {args.seq}, "
-          f"{args.optimizer}, one training step in a fresh process (MiB at the peak):")
+          f"{args.optimizer}, one training step on {args.device} in a fresh process (MiB at the peak):")
     for name, v in rows:
         print(f"  {name:<26} {v:10.2f}")
     print(f"  {'steady-state peak':<26} {r['steady_peak_mb']:10.2f}")
@@ -267,6 +277,8 @@ def cmd_breakdown(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .memory import device_arg
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="revengine: a reversible-autograd engine for PyTorch (memory-flat backward for deep networks).",
@@ -288,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mem-batch", type=int, default=8192, help="batch of the memory comparison (default 8192)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the task and the model (default 0)")
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; --quick: 1)")
+    demo.add_argument("--device", type=device_arg, default="cpu", help="cpu (default) or cuda[:i]")
     demo.add_argument("--quick", action="store_true", help="a tiny run (seconds), for tests")
     demo.set_defaults(func=cmd_demo)
 
@@ -320,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--reversible-mode", default="reversible", choices=("reversible", "checkpoint", "plain"))
     bd.add_argument("--moe-chunk-size", type=int, default=0)
     bd.add_argument("--threads", type=int, default=None)
+    bd.add_argument("--device", type=device_arg, default="cpu",
+                    help="cpu (peak RSS) or cuda[:i] (peak allocated GPU memory); default cpu")
     bd.set_defaults(func=cmd_breakdown)
     return parser
 

@@ -31,6 +31,21 @@ def test_demo_quick():
         assert any(line.startswith(mode) and line.count("|") == 4 for line in table.splitlines()), table
 
 
+@pytest.mark.parametrize("command", [["demo", "--quick"], ["breakdown", "--model", "."]], ids=["demo", "breakdown"])
+def test_device_cuda(command):
+    import torch
+
+    proc = run_cli(*command, "--device", "cuda")
+    if torch.cuda.is_available() and command[0] == "demo":
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "on cuda" in proc.stdout and "peak allocated GPU memory" in proc.stdout
+    elif torch.cuda.is_available():  # the device is accepted; "." is no model
+        assert proc.returncode == 2 and "no config.json" in proc.stderr, proc.stderr[-3000:]
+    else:  # a usage error naming the missing GPU, before any work
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "argument --device: 'cuda' needs a CUDA device" in proc.stderr
+
+
 def test_help(capsys):
     # what the `revengine` console script (revengine.cli:main) does with --help
     with pytest.raises(SystemExit) as info:
