@@ -1,8 +1,20 @@
+import os
+
 import pytest
 import torch
 
 import revengine as rev
 from revengine.testing.strategies import MLP
+
+# The folder the tested revengine was imported from (the installed package in CI, the source tree
+# in a dev build): subprocesses must import the same one.
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(rev.__file__)))
+
+
+def child_env(**extra) -> dict:
+    """os.environ for a subprocess that imports the revengine under test (PKG_ROOT first on PYTHONPATH)."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([PKG_ROOT] + paths), **extra}
 
 
 def mlp(width, hidden=None, dropout=0.0, act="gelu", gain=1.0, dtype=torch.float64):

@@ -7,15 +7,13 @@ import sys
 import pytest
 import torch
 
-import revengine
+from conftest import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(revengine.__file__)))
 
 
 def test_memory_vs_depth_quick(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([PKG_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = child_env()
     out_json = tmp_path / "r.json"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "memory_vs_depth.py"), "--quick", "--json", str(out_json)],
@@ -33,8 +31,7 @@ def test_memory_vs_depth_quick(tmp_path):
 
 
 def _run_bench(name, *args, timeout=300):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([PKG_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = child_env()
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), *args],
                           env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -138,8 +135,7 @@ def test_bdia_kernels_quick(tmp_path):
 @pytest.mark.parametrize("name", ["bdia_kernels.py", "moe_kernels.py", "memory_vs_depth.py", "hf_memory.py",
                                   "floor.py"])
 def test_benchmarks_take_device_cuda(name):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([PKG_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env = child_env()
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), "--quick", "--device", "cuda"],
                           env=env, capture_output=True, text=True, timeout=600)
     if torch.cuda.is_available():

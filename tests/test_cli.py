@@ -5,18 +5,13 @@ import sys
 
 import pytest
 
-import revengine
+from conftest import PKG_ROOT, child_env
 from revengine import cli
-
-# The subprocesses import the same revengine as these tests.
-PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(revengine.__file__)))
 
 
 def run_cli(*args, timeout=120):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([PKG_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return subprocess.run(
-        [sys.executable, "-m", "revengine", *args], cwd=PKG_ROOT, env=env,
+        [sys.executable, "-m", "revengine", *args], cwd=PKG_ROOT, env=child_env(),
         capture_output=True, text=True, timeout=timeout,
     )
 

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import revengine as rev
+from conftest import child_env
 
 
 def free_port() -> int:
@@ -142,9 +143,7 @@ def fsdp_results(tmp_path_factory):
     import sys
 
     out = tmp_path_factory.mktemp("fsdp") / "results.json"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(rev.__file__)))  # the revengine these tests import
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env = child_env(OMP_NUM_THREADS="1")  # the revengine these tests import
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", FSDP_WORKER, str(out)],
         cwd=str(out.parent), env=env, capture_output=True, text=True, timeout=300,

@@ -6,13 +6,13 @@ import tempfile
 import textwrap
 
 import revengine
+from conftest import PKG_ROOT
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
-    # Import the same revengine the tests use (installed, or the in-place build), not whatever
-    # the current directory holds.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(revengine.__file__)))
-    env = dict(os.environ, PYTHONPATH=root)
+    # Import the same revengine the tests use (installed, or the in-place build) and nothing else
+    # from PYTHONPATH, not whatever the current directory holds.
+    env = dict(os.environ, PYTHONPATH=PKG_ROOT)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=120, cwd=tempfile.gettempdir(), env=env)
 

@@ -18,11 +18,7 @@ from revengine.finetune import FinetuneArgs, FinetuneError  # noqa: E402
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 from revengine.convert import SCHEMES  # noqa: E402
-# Where revengine was imported from (the installed package in CI, the source tree in a dev build):
-# a subprocess must import the same one.
-import revengine  # noqa: E402
-
-PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(revengine.__file__)))
+from conftest import child_env  # noqa: E402  (a subprocess imports the revengine under test)
 
 
 def tiny_config(family, vocab=260, layers=2):
@@ -179,7 +175,7 @@ def test_sigint_saves_a_checkpoint_and_resume_matches(tmp_path, data, mixtral):
     cmd = [sys.executable, "-m", "revengine", "finetune", "--model", mixtral, "--data", data, "--out", str(out),
            "--scheme", "additive", "--stage1-steps", "0", "--steps", "400", "--lr", "1e-3", "--save-every", "0",
            "--no-progress", "--eval-max-examples", "4", "--threads", "1", "--batch-size", "4"]
-    env = dict(os.environ, PYTHONPATH=PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     # cwd: `python -m` puts the working directory first on sys.path, which must not be a source checkout
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     log = out / "log.jsonl"
