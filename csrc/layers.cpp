@@ -403,12 +403,17 @@ at::Tensor per_sample(const at::Tensor& sign, const at::Tensor& like, double sca
 
 }  // namespace
 
-BDIA::BDIA(FnPtr f, double gamma, std::string name) : f_(std::move(f)), gamma_(gamma), shift_(0), name_(std::move(name)) {
+int64_t BDIA::exact_shift(double gamma) {
+  for (int64_t k = 1; k <= 8; ++k)
+    if (gamma == std::ldexp(1.0, static_cast<int>(-k))) return k;
+  return 0;
+}
+
+BDIA::BDIA(FnPtr f, double gamma, std::string name)
+    : f_(std::move(f)), gamma_(gamma), shift_(exact_shift(gamma)), name_(std::move(name)) {
   TORCH_CHECK(f_, "revengine: ", name_, " needs a stream function f");
   TORCH_CHECK(std::isfinite(gamma_) && gamma_ > 0.0 && gamma_ <= 1.0, "revengine: ", name_,
               ": gamma must be in (0, 1] (g = +-gamma; the inverse divides by it), got ", gamma_);
-  for (int64_t k = 1; k <= 8; ++k)
-    if (gamma_ == std::ldexp(1.0, static_cast<int>(-k))) shift_ = k;
 }
 
 void BDIA::forward(Streams& s, const Ctx& ctx, LayerRecord& rec) {

@@ -93,6 +93,9 @@ class LinearMultistep : public Layer {
 class BDIA : public Layer {
  public:
   BDIA(FnPtr f, double gamma, std::string name);
+  // k with gamma = 2^-k, k = 1..8: the gammas whose g*p_prev is an exact shift on the fixed-point
+  // grid (exact mode); 0 for any other gamma. The one statement of that rule (the config asks it).
+  static int64_t exact_shift(double gamma);
   std::string name() const override { return name_; }
   std::vector<at::Tensor> parameters() override {
     params_ = f_->parameters();

@@ -344,7 +344,9 @@ PYBIND11_MODULE(_C, m) {
              return std::make_shared<BDIA>(make_fn(f, "f"), gamma, name);
            }),
            py::arg("f"), py::arg("gamma"), py::arg("name"))
-      .def_property("training", &BDIA::training, &BDIA::set_training);
+      .def_property("training", &BDIA::training, &BDIA::set_training)
+      .def_static("exact_shift", &BDIA::exact_shift, py::arg("gamma"),
+                  "k with gamma = 2^-k (k = 1..8), the gammas exact mode supports; 0 for any other");
   py::class_<StackReport, std::shared_ptr<StackReport>>(m, "StackReport")
       .def_readonly("reconstruction_errors", &StackReport::reconstruction_errors);
 

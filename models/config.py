@@ -126,7 +126,9 @@ class RevMoEConfig:
                  "block_type='bdia' in reversible mode needs exact=True: its floating-point inverse divides by "
                  f"g = +-{self.bdia_gamma} and multiplies the rounding error by {1 / self.bdia_gamma:g} per layer")
             if self.exact:
-                need(self.bdia_gamma in [2.0 ** -k for k in range(1, 9)],
+                from revengine import _ext  # the executor's own rule (BDIA::exact_shift)
+
+                need(_ext._C.BDIA.exact_shift(float(self.bdia_gamma)) > 0,
                      f"exact=True needs bdia_gamma = 2^-k (k = 1..8), got {self.bdia_gamma}")
         if self.stochastic_gamma is not None:
             need(self.block_type == "midpoint", "stochastic_gamma applies to block_type='midpoint' only")
