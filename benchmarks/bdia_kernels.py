@@ -29,7 +29,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 import revengine  # noqa: E402,F401  (registers torch.ops.revengine)
-from moe_kernels import time_alternating  # noqa: E402
+from moe_kernels import median_times  # noqa: E402
 from revengine.memory import device_arg  # noqa: E402
 
 R = torch.ops.revengine
@@ -117,7 +117,6 @@ def main(argv=None) -> int:
     shapes = [tuple(int(v) for v in s.split(",")) for s in (args.shapes or default).split()]
     rounds = args.rounds or (3 if args.quick else 9)
     k, frac, dtype, dev = args.gamma_bits, args.frac_bits, getattr(torch, args.dtype), args.device
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.startswith("cuda") else None
 
     where = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
     print(f"BDIA exact step, gamma 2^-{k}, {frac} fraction bits, f(p) in {args.dtype}, {where}")
@@ -153,8 +152,8 @@ def main(argv=None) -> int:
             restore()
             unstep_ops(work, src, inc, sign, low, frac, k)
 
-        fwd = time_alternating({"fused": fused_step, "ops": ops_step}, rounds, sync=sync)
-        inv = time_alternating({"fused": fused_unstep, "ops": ops_unstep}, rounds, sync=sync)
+        fwd = median_times({"fused": fused_step, "ops": ops_step}, rounds, dev)
+        inv = median_times({"fused": fused_unstep, "ops": ops_unstep}, rounds, dev)
         same = agree(problem, frac, k)
         row = {"shape": list(shape), "step_ms": {n: 1e3 * v for n, v in fwd.items()},
                "unstep_ms": {n: 1e3 * v for n, v in inv.items()}, "ratio_step": fwd["ops"] / fwd["fused"],

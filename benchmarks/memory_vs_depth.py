@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import revengine  # noqa: E402
-from revengine.memory import breakdown, device_arg, measure_in_subprocess, measure_step  # noqa: E402
+from revengine.memory import breakdown, device_arg, measure_in_subprocess, measure_step, time_alternating  # noqa: E402
 
 MODES = ("plain", "checkpoint", "reversible")
 MB = float(2**20)
@@ -96,19 +96,7 @@ def time_modes(depth: int, width: int, rows: int, device: str, rounds: int, warm
     models = {m: build(depth, width, m).to(device) for m in MODES}
     x = make_input(rows, width, device)
     steps = {m: make_step(models[m], x) for m in MODES}
-    sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
-    for _ in range(warmup):
-        for m in MODES:
-            steps[m]()
-    times = {m: [] for m in MODES}
-    for r in range(rounds):
-        order = MODES[r % 3:] + MODES[:r % 3]  # rotate so that no mode always runs first
-        for m in order:
-            sync()
-            t0 = time.perf_counter()
-            steps[m]()
-            sync()
-            times[m].append(time.perf_counter() - t0)
+    times = time_alternating(steps, rounds, warmup=warmup, device=device)  # modes in rotation
     med = {m: statistics.median(ts) for m, ts in times.items()}
     return {"depth": depth, "rounds": rounds, "times": times, "median_s": med}
 

@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -27,7 +26,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from revengine.memory import device_arg  # noqa: E402
+from revengine.memory import device_arg, time_alternating  # noqa: E402
 from revengine.moe import moe_forward, moe_forward_reference  # noqa: E402
 
 VARIANTS = {"kernels": moe_forward, "loop": moe_forward_reference}
@@ -66,23 +65,9 @@ def make_step(fn, problem, backward=True):
     return step
 
 
-def time_alternating(steps, rounds, warmup=2, sync=None):
-    """{name: median seconds} of the steps run in alternation (a, b, a, b, ...), after warm-up.
-    sync (e.g. torch.cuda.synchronize) runs before each clock read, so queued GPU work is counted."""
-    sync = sync or (lambda: None)
-    for _ in range(warmup):
-        for fn in steps.values():
-            fn()
-    times = {name: [] for name in steps}
-    for r in range(rounds):
-        order = list(steps.items()) if r % 2 == 0 else list(reversed(steps.items()))
-        for name, fn in order:
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in times.items()}
+def median_times(steps, rounds, device):
+    """{name: median seconds} of the steps run in alternation after warm-up (revengine.memory)."""
+    return {name: statistics.median(v) for name, v in time_alternating(steps, rounds, device=device).items()}
 
 
 def max_diff(problem):
@@ -124,7 +109,6 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     on_gpu = args.device.startswith("cuda")
-    sync = (lambda: torch.cuda.synchronize(args.device)) if on_gpu else None
     where = torch.cuda.get_device_name(args.device) if on_gpu else f"{torch.get_num_threads()} threads"
 
     print(
@@ -140,9 +124,9 @@ def main(argv=None) -> int:
     results = []
     for T in tokens:
         problem = make_problem(T, hidden, experts, top_k, inter, dtype, device=args.device)
-        fb = time_alternating({n: make_step(f, problem) for n, f in VARIANTS.items()}, rounds, sync=sync)
-        fw = time_alternating({n: make_step(f, problem, backward=False) for n, f in VARIANTS.items()}, rounds,
-                              sync=sync)
+        fb = median_times({n: make_step(f, problem) for n, f in VARIANTS.items()}, rounds, args.device)
+        fw = median_times({n: make_step(f, problem, backward=False) for n, f in VARIANTS.items()}, rounds,
+                          args.device)
         diff = max_diff(problem)
         row = {
             "tokens": T,

@@ -7,7 +7,6 @@
 import argparse
 import statistics
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
@@ -78,11 +77,6 @@ def _train_step(model, opt, x, y):
     return loss
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_demo_step(depth: int, width: int, seed: int, mode: str, batch: int, device: str = "cpu") -> dict:
     """One training step of the demo model in `mode` (run in a fresh subprocess by `demo`)."""
     from .memory import measure_step
@@ -101,19 +95,11 @@ def measure_demo_step(depth: int, width: int, seed: int, mode: str, batch: int, 
 
 def time_modes(models: Dict[str, nn.Module], x, y, rounds: int, warmup: int = 2) -> Dict[str, float]:
     """Median training-step time per mode, in this process, alternating the modes."""
+    from .memory import time_alternating
+
     opts = {m: torch.optim.AdamW(model.parameters(), lr=1e-4) for m, model in models.items()}
-    for _ in range(warmup):
-        for m in models:
-            _train_step(models[m], opts[m], x, y)
-    times: Dict[str, List[float]] = {m: [] for m in models}
-    names = list(models)
-    for r in range(rounds):
-        for m in names[r % len(names):] + names[: r % len(names)]:
-            _sync(x.device)
-            t0 = time.perf_counter()
-            _train_step(models[m], opts[m], x, y)
-            _sync(x.device)
-            times[m].append(time.perf_counter() - t0)
+    steps = {m: (lambda m=m: _train_step(models[m], opts[m], x, y)) for m in models}
+    times = time_alternating(steps, rounds, warmup=warmup, device=x.device)
     return {m: statistics.median(ts) for m, ts in times.items()}
 
 

@@ -595,7 +595,7 @@ def _reset_peaks(device: torch.device) -> None:
     _malloc_trim()
     _memory._reset_peak_rss()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        _memory.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -803,8 +803,7 @@ def run(args: FinetuneArgs) -> Dict[str, Any]:
                 gnorm = float("nan")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if on_gpu:
-                torch.cuda.synchronize(device)  # the step's queued GPU work belongs to its time
+            _memory.synchronize(device)  # the step's queued GPU work belongs to its time
             step += 1
             ran += 1
             dt = time.perf_counter() - t0

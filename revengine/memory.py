@@ -39,7 +39,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
@@ -122,8 +122,30 @@ def _maxrss_kb() -> int:
     return kb // 1024 if sys.platform == "darwin" else kb  # bytes on macOS, KiB on Linux
 
 
-def _cuda_sync(device) -> None:
-    torch.cuda.synchronize(device)
+def synchronize(device) -> None:
+    """Waits for the work queued on `device` (a CUDA device); nothing to wait for on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternating(steps: Dict[str, Callable[[], Any]], rounds: int, *, warmup: int = 2,
+                     device="cpu") -> Dict[str, List[float]]:
+    """Seconds of each step per round, the steps run in rotation (a, b, c; b, c, a; ...) after
+    `warmup` calls each, so that none always runs first; `device`'s queued work is waited for
+    before and after each call. The benchmarks' and the demo's timings (take the median)."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    names = list(steps)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            synchronize(device)
+            t0 = time.perf_counter()
+            steps[n]()
+            synchronize(device)
+            times[n].append(time.perf_counter() - t0)
+    return times
 
 
 def check_device(value: str) -> str:
@@ -185,12 +207,12 @@ def measure_step(step_fn: Callable[[], Any], *, warmup: int = 0, device="cpu") -
     gc.collect()
 
     if dev.type == "cuda":
-        _cuda_sync(dev)
+        synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
         t0 = time.perf_counter()
         result = step_fn()
-        _cuda_sync(dev)
+        synchronize(dev)
         seconds = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(dev)
         return MemoryFigure(

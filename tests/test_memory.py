@@ -148,3 +148,12 @@ def test_training_step_figures_break_a_step_down(full_step):
         assert r["step_delta_mb"] >= r["activations_mb"] - 2  # the full step allocates the grads as well
     else:
         assert r["step_delta_mb"] is None
+
+
+def test_time_alternating_rotates_the_steps_after_warm_up():
+    calls = []
+    steps = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    times = memory.time_alternating(steps, 3, warmup=1)
+    assert "".join(calls) == "abc" + "abc" + "bca" + "cab"  # warm-up, then no step always runs first
+    assert set(times) == set("abc") and all(len(v) == 3 and min(v) >= 0 for v in times.values())
+    memory.synchronize("cpu")  # nothing to wait for
