@@ -21,11 +21,12 @@ def quantize_ste(inc: Tensor, bits: int, factor: Optional[Tensor] = None) -> Ten
     """The increment (times `factor`, a float64 tensor broadcasting against it) as the fixed-point
     executor adds it: round(inc * factor * 2^bits) / 2^bits, one rounding; straight-through grads."""
     scale = float(2**bits)
-    exact = inc.detach().double() if factor is None else inc.detach().double() * factor
+    exact = inc.detach().double()
+    if factor is not None:
+        exact = exact * factor
+        inc = factor.to(inc.dtype) * inc
     q = torch.round(exact * scale) / scale  # exact in float64
-    if factor is None:
-        return inc + (q - exact).to(inc.dtype)
-    return factor.to(inc.dtype) * inc + (q - exact).to(inc.dtype)
+    return inc + (q - exact).to(inc.dtype)
 
 
 class Coupling(nn.Module):

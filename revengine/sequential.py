@@ -92,10 +92,7 @@ class Sequential(nn.Module):
     def __getstate__(self):
         # last_report (a C++ StackReport of the last debug run) cannot be pickled or deep-copied;
         # a copy starts without one, as a fresh Sequential does.
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state["last_report"] = None
-        return state
+        return {**super().__getstate__(), "last_report": None}
 
     def __len__(self) -> int:
         return len(self.layers)
