@@ -875,9 +875,8 @@ void bdia_cpu(const char* op, at::Tensor& u, const at::Tensor& src, const at::Te
   if (n == 0) return;
   const int k = static_cast<int>(shift), per = static_cast<int>(bdia_per_byte(shift));
   const int64_t inner = n / u.size(0), nbytes = (n + per - 1) / per;
-  const double g = std::ldexp(1.0, -k);
-  const double scale[2] = {std::ldexp(1.0 + g, static_cast<int>(frac_bits)),
-                           std::ldexp(1.0 - g, static_cast<int>(frac_bits))};
+  const auto scales = bdia_scales(frac_bits, shift);
+  const double scale[2] = {scales.first, scales.second};  // indexed by "sign < 0"
   const at::Tensor sg = sign.contiguous();
   const at::Tensor lowc = low.contiguous();
   inplace_contiguous(u, [&](at::Tensor& uc) {
@@ -917,7 +916,7 @@ void bdia_cpu(const char* op, at::Tensor& u, const at::Tensor& src, const at::Te
 at::Tensor bdia_step__cpu(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
                           int64_t frac_bits, int64_t shift) {
   check_bdia("bdia_step_", u, src, inc, sign, frac_bits, shift);
-  at::Tensor low = at::empty({bdia_low_bytes(u.numel(), shift).expect_int()}, u.options().dtype(at::kByte));
+  at::Tensor low = empty_bdia_low(u, shift);
   bdia_cpu<true>("bdia_step_", u, src, inc, sign, low, frac_bits, shift);
   return low;
 }
@@ -995,7 +994,7 @@ at::Tensor fixed_dequantize_meta(const at::Tensor& q, int64_t frac_bits, at::Sca
 at::Tensor bdia_step__meta(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
                            int64_t frac_bits, int64_t shift) {
   check_bdia("bdia_step_", u, src, inc, sign, frac_bits, shift);
-  return at::empty_symint({bdia_low_bytes(u.sym_numel(), shift)}, u.options().dtype(at::kByte));
+  return empty_bdia_low(u, shift);
 }
 
 void bdia_unstep__meta(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,

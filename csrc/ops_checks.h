@@ -104,6 +104,19 @@ inline c10::SymInt bdia_low_bytes(const c10::SymInt& n, int64_t shift) {
   return (n + (per - 1)) / per;
 }
 
+// The uint8 tensor bdia_step_ fills with u's dropped bits.
+inline at::Tensor empty_bdia_low(const at::Tensor& u, int64_t shift) {
+  return at::empty_symint({bdia_low_bytes(u.sym_numel(), shift)}, u.options().dtype(at::kByte));
+}
+
+// The factors of inc in q = round(inc * scale): {(1 + 2^-shift) 2^frac_bits, (1 - 2^-shift) 2^frac_bits}
+// for sign +1 and -1 (both exact in double). The CPU kernel and the error message use these; the
+// torch-free CUDA launcher computes the same two products.
+inline std::pair<double, double> bdia_scales(int64_t frac_bits, int64_t shift) {
+  const double g = std::ldexp(1.0, static_cast<int>(-shift));
+  return {std::ldexp(1.0 + g, static_cast<int>(frac_bits)), std::ldexp(1.0 - g, static_cast<int>(frac_bits))};
+}
+
 inline void check_bdia(const char* op, const at::Tensor& u, const at::Tensor& src, const at::Tensor& inc,
                        const at::Tensor& sign, int64_t frac_bits, int64_t shift) {
   TORCH_CHECK(u.defined() && u.scalar_type() == at::kLong, "revengine::", op,
@@ -139,10 +152,10 @@ inline void check_bdia_low(const char* op, const at::Tensor& u, const at::Tensor
 // non-finite or out of the fixed-point range, computed as the kernels do.
 inline std::string bdia_range_error(const char* op, const at::Tensor& inc, const at::Tensor& sign, int64_t frac_bits,
                                     int64_t shift) {
-  const double g = std::ldexp(1.0, static_cast<int>(-shift));
+  const auto scales = bdia_scales(frac_bits, shift);
   const auto dopt = sign.options().dtype(at::kDouble);
-  const at::Tensor scale = at::where(sign.lt(0), at::scalar_tensor(std::ldexp(1.0 - g, static_cast<int>(frac_bits)), dopt),
-                                     at::scalar_tensor(std::ldexp(1.0 + g, static_cast<int>(frac_bits)), dopt))
+  const at::Tensor scale = at::where(sign.lt(0), at::scalar_tensor(scales.second, dopt),
+                                     at::scalar_tensor(scales.first, dopt))
                                .view({-1, 1});
   const at::Tensor v = inc.to(at::kDouble).reshape({sign.size(0), -1}) * scale;
   const at::Tensor bad = v.isfinite().logical_not().logical_or_(v.abs() >= std::ldexp(1.0, 62)).reshape(-1);

@@ -206,7 +206,7 @@ void bdia_cuda(const char* op, bool forward, at::Tensor& u, const at::Tensor& sr
 at::Tensor bdia_step__cuda(at::Tensor& u, const at::Tensor& src, const at::Tensor& inc, const at::Tensor& sign,
                            int64_t frac_bits, int64_t shift) {
   check_bdia("bdia_step_", u, src, inc, sign, frac_bits, shift);
-  at::Tensor low = at::empty({bdia_low_bytes(u.numel(), shift).expect_int()}, u.options().dtype(at::kByte));
+  at::Tensor low = empty_bdia_low(u, shift);
   bdia_cuda("bdia_step_", true, u, src, inc, sign, low, frac_bits, shift);
   return low;
 }

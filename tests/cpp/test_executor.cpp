@@ -46,15 +46,14 @@ int main() {
   at::Tensor x2 = torch::randn({8, d}, opts).requires_grad_(true);
   at::Tensor w = torch::randn({8, d}, opts);
 
-  std::vector<at::Tensor> params;
-  for (auto& l : layers) {
-    auto p = l->parameters();
-    params.insert(params.end(), p.begin(), p.end());
-  }
-  auto grads_of = [&](const at::Tensor& y1, const at::Tensor& y2) {
+  // Grads of a fixed loss of the outputs w.r.t. the inputs and every parameter of `stack`.
+  auto grads_of = [&](const std::vector<LayerPtr>& stack, const at::Tensor& y1, const at::Tensor& y2) {
     at::Tensor loss = (y1 * w).sum() + (y2 * y2).sum();
     std::vector<at::Tensor> inputs{x1, x2};
-    inputs.insert(inputs.end(), params.begin(), params.end());
+    for (auto& l : stack) {
+      auto p = l->parameters();
+      inputs.insert(inputs.end(), p.begin(), p.end());
+    }
     return torch::autograd::grad({loss}, inputs);
   };
 
@@ -64,12 +63,12 @@ int main() {
     p1 = 0.9 * p1 + fs[i]->forward(p2);
     p2 = 1.1 * p2 + gs[i]->forward(p1);
   }
-  auto plain = grads_of(p1, p2);
+  auto plain = grads_of(layers, p1, p2);
 
   ExecOptions eo;
   auto res = reversible_forward(layers, x1, x2, Ctx{}, eo);
   expect(rel_err(res.a, p1) < 1e-12 && rel_err(res.b, p2) < 1e-12, "forward rel err", rel_err(res.a, p1));
-  auto rev = grads_of(res.a, res.b);
+  auto rev = grads_of(layers, res.a, res.b);
   double worst = 0;
   for (size_t k = 0; k < plain.size(); ++k) worst = std::max(worst, rel_err(rev[k], plain[k]));
   expect(worst <= 1e-10, "max grad rel err vs plain autograd (float64, depth 16)", worst);
@@ -98,17 +97,6 @@ int main() {
       bf.back()->to(torch::kFloat64);
       bl.push_back(std::make_shared<BDIA>(module_fn(bf.back(), "f"), 0.5, "BDIA"));
     }
-    std::vector<at::Tensor> bparams;
-    for (auto& l : bl) {
-      auto p = l->parameters();
-      bparams.insert(bparams.end(), p.begin(), p.end());
-    }
-    auto bgrads = [&](const at::Tensor& y1, const at::Tensor& y2) {
-      at::Tensor loss = (y1 * w).sum() + (y2 * y2).sum();
-      std::vector<at::Tensor> inputs{x1, x2};
-      inputs.insert(inputs.end(), bparams.begin(), bparams.end());
-      return torch::autograd::grad({loss}, inputs);
-    };
     torch::manual_seed(7);
     at::Tensor a = x1, b = x2;
     for (int64_t i = 0; i < bd; ++i) {
@@ -117,10 +105,10 @@ int main() {
       a = b;
       b = next;
     }
-    auto bplain = bgrads(a, b);
+    auto bplain = grads_of(bl, a, b);
     torch::manual_seed(7);
     auto bres = reversible_forward(bl, x1, x2, Ctx{}, eo);
-    auto brev = bgrads(bres.a, bres.b);
+    auto brev = grads_of(bl, bres.a, bres.b);
     double bworst = 0;
     for (size_t k = 0; k < bplain.size(); ++k) bworst = std::max(bworst, rel_err(brev[k], bplain[k]));
     expect(bworst <= 1e-10, "BDIA max grad rel err vs plain autograd (float64, depth 8)", bworst);
@@ -133,7 +121,7 @@ int main() {
     ex.debug = true;
     ex.debug_tol = 0.0;
     auto eres = reversible_forward(exact_layers, x1, x2, Ctx{}, ex);
-    auto egrads = bgrads(eres.a, eres.b);  // backward reconstructs; debug compares with the true inputs
+    auto egrads = grads_of(exact_layers, eres.a, eres.b);  // backward reconstructs; debug compares with the true inputs
     double worst_rec = -1;  // -1 in the report: a layer that was not checked
     int64_t checked = 0;
     for (double e : eres.report->reconstruction_errors) {
