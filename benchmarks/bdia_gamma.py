@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     data = os.path.join(a.work, "bdia-gamma")  # its own split files: smollm2_finetune.py's stay as they are
     os.makedirs(data, exist_ok=True)
     _, held = prepare_data(data, 4000, a.n_eval, 0)
-    src = convert.upcycle(ft._load_hf_checked(dense), 4, 2, generator=torch.Generator().manual_seed(0)).eval()
+    src = convert.upcycle(convert.load_hf(dense, dtype=torch.float32), 4, 2, generator=torch.Generator().manual_seed(0)).eval()
     tok = ft.load_tokenizer(dense)
     ex = ft.encode_records(ft.read_jsonl(held), tok, 32, ft.vocab_size_of(src), held)[:a.n_eval]
     print(f"answer loss on {len(ex)} held-out problems; the upcycled original: {answer_loss(src, ex, tok, ft):.3f}")

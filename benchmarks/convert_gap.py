@@ -97,7 +97,8 @@ def main(argv=None):
     except ImportError:
         print("convert_gap: transformers is not installed (pip install 'revengine[hf]'); nothing to measure")
         return 0
-    from revengine.convert import SCHEMES, conversion_gap, from_hf
+    from revengine.models import BLOCK_TYPES as SCHEMES
+    from revengine.convert import conversion_gap, from_hf
     from revengine.models.corpus import splits
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))

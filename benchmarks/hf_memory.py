@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import revengine  # noqa: E402,F401
 from revengine.memory import device_arg, measure_in_subprocess, training_step_figures  # noqa: E402
 
-from revengine.convert import SCHEMES  # noqa: E402
+from revengine.models import BLOCK_TYPES as SCHEMES  # noqa: E402
 CONTENDERS = ("hf-plain", "hf-ckpt") + tuple(f"rev-{s}" for s in SCHEMES)
 TARGET = 0.55
 # RevMoEConfig options of the converted models: the smallest working set per layer (each costs a little
@@ -61,11 +61,11 @@ def parse_options(items) -> dict:
 def hf_model(quick: bool, layers: int):
     import transformers as tf
 
-    from revengine.convert import _hf_config_from_revmoe
+    from revengine.convert import hf_config_from_revmoe
     from revengine.models import RevMoEConfig
 
     cfg = RevMoEConfig.preset("tiny" if quick else "qwen-moe-mini", num_hidden_layers=layers)
-    hfc = _hf_config_from_revmoe(cfg, "qwen2_moe")
+    hfc = hf_config_from_revmoe(cfg, "qwen2_moe")
     torch.manual_seed(0)
     return tf.Qwen2MoeForCausalLM(hfc)
 

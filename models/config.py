@@ -9,8 +9,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from revengine import BDIA, MODES
+
 BLOCK_TYPES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
-REVERSIBLE_MODES = ("reversible", "checkpoint", "plain")
+FIXED_POINT_FALLBACKS = ("error", "warn", "store")
 EXACT_BLOCK_TYPES = ("additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
 
 
@@ -94,8 +96,8 @@ class RevMoEConfig:
                 raise ValueError(f"RevMoEConfig: {msg}")
 
         need(self.block_type in BLOCK_TYPES, f"block_type must be one of {BLOCK_TYPES}, got {self.block_type!r}")
-        need(self.reversible_mode in REVERSIBLE_MODES,
-             f"reversible_mode must be one of {REVERSIBLE_MODES}, got {self.reversible_mode!r}")
+        need(self.reversible_mode in MODES,
+             f"reversible_mode must be one of {MODES}, got {self.reversible_mode!r}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                      "num_experts", "num_experts_per_tok", "moe_intermediate_size"):
             need(int(getattr(self, name)) > 0, f"{name} must be positive, got {getattr(self, name)}")
@@ -112,8 +114,8 @@ class RevMoEConfig:
             need(self.hidden_size % 2 == 0, f"block_type='revffn' splits the hidden state in halves: hidden_size must be "
                  f"even, got {self.hidden_size}")
         need(self.boundary in ("duplicate", "euler"), f"boundary must be 'duplicate' or 'euler', got {self.boundary!r}")
-        need(self.fixed_point_fallback in ("error", "warn", "store"),
-             f"fixed_point_fallback must be 'error', 'warn' or 'store', got {self.fixed_point_fallback!r}")
+        need(self.fixed_point_fallback in FIXED_POINT_FALLBACKS,
+             f"fixed_point_fallback must be one of {FIXED_POINT_FALLBACKS}, got {self.fixed_point_fallback!r}")
         need(self.fixed_point_iters >= 1, "fixed_point_iters must be >= 1")
         if self.exact:
             need(self.block_type in EXACT_BLOCK_TYPES and self.stochastic_gamma in (None, 1.0),
@@ -126,9 +128,7 @@ class RevMoEConfig:
                  "block_type='bdia' in reversible mode needs exact=True: its floating-point inverse divides by "
                  f"g = +-{self.bdia_gamma} and multiplies the rounding error by {1 / self.bdia_gamma:g} per layer")
             if self.exact:
-                from revengine import _ext  # the executor's own rule (BDIA::exact_shift)
-
-                need(_ext._C.BDIA.exact_shift(float(self.bdia_gamma)) > 0,
+                need(BDIA.exact_shift(self.bdia_gamma) > 0,
                      f"exact=True needs bdia_gamma = 2^-k (k = 1..8), got {self.bdia_gamma}")
         if self.stochastic_gamma is not None:
             need(self.block_type == "midpoint", "stochastic_gamma applies to block_type='midpoint' only")
@@ -166,7 +166,7 @@ class RevMoEConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "RevMoEConfig":
-        """Named shapes: "qwen-moe-mini" (DESIGN section 5, 76M parameters) and "tiny" (tests)."""
+        """Named shapes: "qwen-moe-mini" (Qwen1.5-MoE-A2.7B's proportions scaled down, 76M parameters) and "tiny" (tests)."""
         presets = {
             "qwen-moe-mini": dict(),
             "tiny": dict(vocab_size=128, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,

@@ -21,7 +21,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import revengine as rev
-from revengine._ext import _C
 
 from .config import RevMoEConfig
 from .layers import (Attention, KVCache, RMSNorm, SparseMoE, attention_mask_4d, init_weights, rope_tables)
@@ -162,12 +161,9 @@ class RevFFNLayer(rev.Coupling):
                 break
         return x1, residual, n
 
-    def _stored_tag(self):
-        return _C.side_tag(f"RevFFNLayer-x1@{id(self):x}")
-
     def forward(self, x1, x2, **ctx):
         y1 = x1 + attention_call(self.recompute, self.attn_increment, x1, x2, **ctx)
-        if self.fallback == "store" and _C.side_mode() == 1:
+        if self.fallback == "store" and rev.side.is_recording():
             # Recording for a reversible backward: check now that the inverse will converge; a
             # layer whose branch is not a contraction keeps its left input instead.
             tol = self._tolerance(y1)
@@ -177,13 +173,13 @@ class RevFFNLayer(rev.Coupling):
             # A margin: backward solves from a reconstructed y1, a few ulps off this one.
             self.fixed_point_stats["stored"] = not (residual <= tol / 4 and error <= tol)
             if self.fixed_point_stats["stored"]:
-                _C.side_save(self._stored_tag(), x1)
+                rev.side.save(self, x1, "x1")
         return y1, x2 + self.moe_increment(y1, **ctx)
 
     def inverse(self, y1, y2, **ctx):
         x2 = y2 - self.moe_increment(y1, **ctx)
-        if self.fallback == "store" and _C.side_mode() == 2:
-            stored = _C.side_load(self._stored_tag())
+        if self.fallback == "store" and rev.side.is_replaying():
+            stored = rev.side.load(self, "x1")
             if stored is not None:
                 return stored.clone(), x2
         tol = self._tolerance(y1)

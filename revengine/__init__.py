@@ -10,7 +10,7 @@ from . import _ext  # noqa: F401  (loads and checks the C++ extension)
 from .couplings import AdditiveCoupling, AffineCoupling, Coupling
 from .integrators import BDIA, EulerStart, Hamiltonian, Leapfrog, Midpoint, StochasticMidpoint
 from .recompute import is_recomputing
-from .sequential import Sequential
+from .sequential import MODES, Sequential
 from . import memory, moe, optim, side, testing  # noqa: E402
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __all__ = [
     "Leapfrog",
     "Midpoint",
     "StochasticMidpoint",
+    "MODES",
     "Sequential",
     "is_recomputing",
     "memory",

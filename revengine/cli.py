@@ -13,8 +13,10 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .sequential import MODES
+
 PROG = "revengine"
-MODES = ("plain", "checkpoint", "reversible")
+DEMO_MODES = ("plain", "checkpoint", "reversible")  # the table's order: the baseline first
 
 
 # -- the demo model and task -------------------------------------------------------------------
@@ -169,11 +171,11 @@ def cmd_demo(args) -> int:
         )
 
     # The three processes run side by side: each reads its own peak, so they don't disturb each other's figure.
-    with ThreadPoolExecutor(max_workers=len(MODES)) as pool:
-        mem = {m: out["figure"]["peak_delta_mb"] for m, out in zip(MODES, pool.map(measure, MODES))}
+    with ThreadPoolExecutor(max_workers=len(DEMO_MODES)) as pool:
+        mem = {m: out["figure"]["peak_delta_mb"] for m, out in zip(DEMO_MODES, pool.map(measure, DEMO_MODES))}
     state = model.state_dict()
     models = {}
-    for m in MODES:
+    for m in DEMO_MODES:
         models[m] = build_demo(args.depth, args.width, args.seed, mode=m).to(args.device)
         models[m].load_state_dict(state)
     tb = torch.Generator().manual_seed(args.seed + 3)
@@ -183,7 +185,7 @@ def cmd_demo(args) -> int:
     hdr = f"{'mode':<11} | {'peak MB':>8} | {'vs plain':>8} | {'step ms':>8} | {'vs plain':>8}"
     print(hdr)
     print("-" * len(hdr))
-    for m in MODES:
+    for m in DEMO_MODES:
         mr = f"{mem[m] / mem['plain']:.2f}x" if mem["plain"] > 0 else "n/a"
         print(f"{m:<11} | {mem[m]:>8.1f} | {mr:>8} | {med[m] * 1e3:>8.2f} | {med[m] / med['plain']:>7.2f}x")
     return 0
@@ -198,9 +200,9 @@ def _head_fn(model, batch: int, seq: int):
     hidden = torch.randn(batch, seq, w.shape[1]).to(w.device).requires_grad_(True)
     labels = torch.randint(0, w.shape[0], (batch * (seq - 1),), generator=torch.Generator().manual_seed(2))
     labels = labels.to(w.device)
-    if type(model).__name__ == "RevMoEForCausalLM":
-        from revengine.models.modeling import chunked_cross_entropy
+    from revengine.models import RevMoEForCausalLM, chunked_cross_entropy
 
+    if isinstance(model, RevMoEForCausalLM):
         return lambda: chunked_cross_entropy(hidden[:, :-1].reshape(-1, w.shape[1]), w, labels, model.config.loss_chunk_size)
     # HF: full logits, upcast to float32 by the loss
     return lambda: torch.nn.functional.cross_entropy((hidden[:, :-1] @ w.t()).float().reshape(-1, w.shape[0]), labels)
@@ -209,16 +211,16 @@ def _head_fn(model, batch: int, seq: int):
 def breakdown_child(model: str, scheme: str, batch: int, seq: int, optimizer: str, gradient_checkpointing: bool,
                     reversible_mode: str, moe_chunk_size: int, device: str = "cpu") -> dict:
     """Runs in a fresh process (revengine.memory.measure_in_subprocess): one training step's breakdown."""
-    from . import convert, finetune, memory
+    from revengine.models import RevMoEForCausalLM
+
+    from . import convert, memory
     from .optim import InBackwardOptimizer
 
-    cfg = finetune._read_config(model)
+    cfg = convert.read_model_config(model)
     if cfg.get("model_type") == "revmoe":
-        from revengine.models import RevMoEForCausalLM
-
         net = RevMoEForCausalLM.from_pretrained(model, reversible_mode=reversible_mode, moe_chunk_size=moe_chunk_size)
     else:
-        net = finetune._load_hf_checked(model)
+        net = convert.load_hf(model, dtype=torch.float32)
         if scheme != "none":
             net = convert.from_hf(net, scheme=scheme, reversible_mode=reversible_mode, moe_chunk_size=moe_chunk_size)
         elif gradient_checkpointing:
@@ -234,7 +236,6 @@ def breakdown_child(model: str, scheme: str, batch: int, seq: int, optimizer: st
 
 
 def cmd_breakdown(args) -> int:
-    from .finetune import FinetuneError
     from .memory import measure_in_subprocess
 
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
@@ -243,7 +244,7 @@ def cmd_breakdown(args) -> int:
             model=args.model, scheme=args.scheme, batch=args.batch, seq=args.seq, optimizer=args.optimizer,
             gradient_checkpointing=args.gradient_checkpointing, reversible_mode=args.reversible_mode,
             moe_chunk_size=args.moe_chunk_size, device=args.device), env=env, timeout=7200)
-    except (RuntimeError, FinetuneError) as e:
+    except (RuntimeError, ValueError) as e:
         print(f"{PROG} breakdown: error: {e}", file=sys.stderr)
         return 2
     rows = [("weights", r["weights_mb"]), ("optimizer state", r["optimizer_state_mb"]),
@@ -316,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--seq", type=int, default=1024)
     bd.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw-in-backward"))
     bd.add_argument("--gradient-checkpointing", action="store_true", help="HF gradient checkpointing (scheme none)")
-    bd.add_argument("--reversible-mode", default="reversible", choices=("reversible", "checkpoint", "plain"))
+    bd.add_argument("--reversible-mode", default="reversible", choices=MODES)
     bd.add_argument("--moe-chunk-size", type=int, default=0)
     bd.add_argument("--threads", type=int, default=None)
     bd.add_argument("--device", type=device_arg, default="cpu",

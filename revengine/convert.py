@@ -43,23 +43,56 @@ What is preserved (measured by tests/test_convert.py and benchmarks/convert_gap.
   sub-blocks, so the weights fit, but the HF model then computes a different function). revffn
   cannot be exported at all: its adapters and half-width streams have no HF counterpart.
 """
+import json
+import os
 import warnings
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ["from_hf", "to_hf", "upcycle", "init_revffn_adapters", "conversion_gap", "hf_family", "revmoe_config_from_hf",
-           "SUPPORTED_ARCHITECTURES"]
+from revengine.models import BLOCK_TYPES, RevMoEConfig, RevMoEForCausalLM
+from revengine.models.modeling import AttnBranch, MoEBranch, RevFFNLayer
 
-# model_type -> the HF causal-LM class name
-SUPPORTED_ARCHITECTURES = {
-    "mixtral": "MixtralForCausalLM",
-    "qwen2_moe": "Qwen2MoeForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM",
-    "olmoe": "OlmoeForCausalLM",
+__all__ = ["from_hf", "to_hf", "upcycle", "init_revffn_adapters", "conversion_gap", "hf_family", "revmoe_config_from_hf",
+           "hf_config_from_revmoe", "hf_parameter_map", "new_parameters", "load_hf", "read_model_config", "Family",
+           "FAMILIES"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one supported HF MoE architecture does differently; everything not named here is shared
+    (RoPE attention with GQA, RMSNorm, softmax-then-top-k routing, fused SwiGLU experts)."""
+
+    hf_class: str                   # the transformers *ForCausalLM class
+    config_class: str               # and its config class
+    num_experts: str                # the config field holding the number of routed experts
+    expert_width: str               # the config field holding a routed expert's intermediate size
+    shared_expert: bool = False     # a shared expert behind a sigmoid gate (shared_expert_intermediate_size)
+    qk_norm: Union[bool, str] = False  # RMSNorm on queries and keys: "head" (per head) or "full" (all heads)
+    always_renormalise: bool = False   # top-k weights renormalised whatever norm_topk_prob says
+    qkv_bias: Optional[str] = None  # the config field that adds q/k/v biases, if the family has one
+    head_dim_field: bool = True     # the config has head_dim (else head_dim = hidden_size / heads)
+
+
+# model_type -> Family: the one table every conversion, check and CLI choice reads.
+FAMILIES: Dict[str, Family] = {
+    "mixtral": Family("MixtralForCausalLM", "MixtralConfig", "num_local_experts", "intermediate_size",
+                      always_renormalise=True),
+    "qwen2_moe": Family("Qwen2MoeForCausalLM", "Qwen2MoeConfig", "num_experts", "moe_intermediate_size",
+                        shared_expert=True, qkv_bias="qkv_bias", head_dim_field=False),
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", "Qwen3MoeConfig", "num_experts", "moe_intermediate_size", qk_norm="head"),
+    "olmoe": Family("OlmoeForCausalLM", "OlmoeConfig", "num_experts", "intermediate_size", qk_norm="full",
+                    head_dim_field=False),
 }
-SCHEMES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
+
+# The key map. Tensors outside the decoder layers keep their HF names. Inside decoder layer i, an HF
+# name starts with the sub-block that holds it; a RevMoE layer holds those sub-blocks whole, under the
+# same names, inside its attention branch or its MoE branch, whatever the scheme's wrapping.
+MODEL_KEYS = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+LAYER_KEY_BRANCH = {"input_layernorm": AttnBranch, "self_attn": AttnBranch,
+                    "post_attention_layernorm": MoEBranch, "mlp": MoEBranch}
 ADAPTER_INITS = ("coordinate", "zero")
 
 
@@ -76,6 +109,38 @@ def _unsupported(family: str, what: str):
 
 
 # ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_model_config(model_dir: str) -> dict:
+    """The config.json of a model folder (HF or revengine) as a dict; ValueError naming the file
+    when it is missing or not valid JSON."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{model_dir}: no config.json (expected a Hugging Face or revengine model directory)")
+    with open(path) as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def load_hf(model_dir: str, dtype: Union[torch.dtype, str] = "auto"):
+    """AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype) ("auto": the checkpoint's dtype), refusing a checkpoint whose tensors do not fit
+    its config (another shape, or missing: HF would initialise those at random) with one ValueError."""
+    tf = _transformers()
+    model, info = tf.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, ignore_mismatched_sizes=True, output_loading_info=True)
+    bad = [f"{m[0]}: checkpoint {tuple(m[1])} vs config {tuple(m[2])}" if isinstance(m, (tuple, list)) and len(m) == 3
+           else str(m) for m in info.get("mismatched_keys", [])]
+    missing = [k for k in info.get("missing_keys", []) if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if bad or missing:
+        raise ValueError(f"{model_dir}: the checkpoint does not fit its config.json: "
+                         + "; ".join(bad[:4] + [f"missing {k}" for k in missing[:4]]))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
 # Config mapping
 
 
@@ -83,15 +148,15 @@ def hf_family(model) -> str:
     """The supported model_type of an HF model (or config); ValueError for anything else."""
     cfg = getattr(model, "config", model)
     mt = getattr(cfg, "model_type", None)
-    if mt not in SUPPORTED_ARCHITECTURES:
+    if mt not in FAMILIES:
         name = type(model).__name__
         raise ValueError(
             f"revengine.convert: unsupported architecture {name} (model_type={mt!r}); from_hf converts "
-            f"{', '.join(SUPPORTED_ARCHITECTURES.values())}. A dense LlamaForCausalLM can be upcycled to Mixtral "
-            "first with revengine.convert.upcycle")
+            f"{', '.join(f.hf_class for f in FAMILIES.values())}. A dense LlamaForCausalLM can be upcycled to "
+            "Mixtral first with revengine.convert.upcycle")
     if isinstance(model, nn.Module) and not hasattr(model, "lm_head"):
         raise ValueError(f"revengine.convert: {type(model).__name__} has no lm_head; pass the *ForCausalLM model "
-                         f"({SUPPORTED_ARCHITECTURES[mt]})")
+                         f"({FAMILIES[mt].hf_class})")
     return mt
 
 
@@ -115,9 +180,8 @@ def _rope_theta(cfg, family: str) -> float:
 
 def revmoe_config_from_hf(hf_config, scheme: str = "revffn", reversible_mode: str = "reversible", **overrides):
     """The RevMoEConfig of an HF MoE config (ValueError when a feature has no counterpart)."""
-    from revengine.models import RevMoEConfig
-
     fam = hf_family(hf_config)
+    spec = FAMILIES[fam]
     c = hf_config
     if getattr(c, "hidden_act", "silu") != "silu":
         _unsupported(fam, f"hidden_act={c.hidden_act!r} (the experts are SwiGLU: silu only)")
@@ -131,7 +195,7 @@ def revmoe_config_from_hf(hf_config, scheme: str = "revffn", reversible_mode: st
         _unsupported(fam, f"clip_qkv={c.clip_qkv}")
     if getattr(c, "pretraining_tp", 1) != 1:
         _unsupported(fam, f"pretraining_tp={c.pretraining_tp}")
-    if fam in ("qwen3_moe", "olmoe") and getattr(c, "attention_bias", False):
+    if spec.qkv_bias is None and getattr(c, "attention_bias", False):
         _unsupported(fam, "attention_bias=True puts a bias on o_proj, which RevMoE's attention does not have")
     for name in ("attention_dropout",):
         if float(getattr(c, name, 0.0) or 0.0) != 0.0:
@@ -143,8 +207,8 @@ def revmoe_config_from_hf(hf_config, scheme: str = "revffn", reversible_mode: st
 
     n_heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
-    if fam == "olmoe" and head_dim * n_heads != c.hidden_size:
-        _unsupported(fam, "OLMoE's q_norm spans hidden_size, so head_dim * num_attention_heads must equal it")
+    if spec.qk_norm == "full" and head_dim * n_heads != c.hidden_size:
+        _unsupported(fam, "its q_norm spans hidden_size, so head_dim * num_attention_heads must equal it")
     eos = getattr(c, "eos_token_id", None)
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
@@ -155,18 +219,18 @@ def revmoe_config_from_hf(hf_config, scheme: str = "revffn", reversible_mode: st
         num_attention_heads=n_heads,
         num_key_value_heads=getattr(c, "num_key_value_heads", None) or n_heads,
         head_dim=None if head_dim * n_heads == c.hidden_size else head_dim,
-        num_experts=c.num_local_experts if fam == "mixtral" else c.num_experts,
+        num_experts=getattr(c, spec.num_experts),
         num_experts_per_tok=c.num_experts_per_tok,
-        moe_intermediate_size=c.intermediate_size if fam in ("mixtral", "olmoe") else c.moe_intermediate_size,
-        shared_expert_intermediate_size=c.shared_expert_intermediate_size if fam == "qwen2_moe" else 0,
-        norm_topk_prob=True if fam == "mixtral" else bool(c.norm_topk_prob),
+        moe_intermediate_size=getattr(c, spec.expert_width),
+        shared_expert_intermediate_size=c.shared_expert_intermediate_size if spec.shared_expert else 0,
+        norm_topk_prob=True if spec.always_renormalise else bool(c.norm_topk_prob),
         router_aux_loss_coef=float(getattr(c, "router_aux_loss_coef", 0.0) or 0.0),
         router_z_loss_coef=0.0,
         rms_norm_eps=float(c.rms_norm_eps),
         rope_theta=_rope_theta(c, fam),
         max_position_embeddings=c.max_position_embeddings,
-        attention_bias=bool(getattr(c, "qkv_bias", False)) if fam == "qwen2_moe" else False,
-        qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(fam, False),
+        attention_bias=bool(getattr(c, spec.qkv_bias, False)) if spec.qkv_bias else False,
+        qk_norm=spec.qk_norm,
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         initializer_range=float(getattr(c, "initializer_range", 0.02)),
         pad_token_id=getattr(c, "pad_token_id", None),
@@ -184,50 +248,37 @@ def revmoe_config_from_hf(hf_config, scheme: str = "revffn", reversible_mode: st
 # Weights
 
 
-def _branches(layer) -> Tuple[nn.Module, nn.Module]:
-    """The (AttnBranch, MoEBranch) of one reversible layer, whatever the scheme's wrapping."""
-    from revengine.models.modeling import AttnBranch, MoEBranch
-
-    attn = [m for m in layer.modules() if isinstance(m, AttnBranch)]
-    moe = [m for m in layer.modules() if isinstance(m, MoEBranch)]
-    if len(attn) != 1 or len(moe) != 1:
-        raise ValueError(f"revengine.convert: layer {type(layer).__name__} holds {len(attn)} attention and "
-                         f"{len(moe)} MoE branches; expected one of each")
-    return attn[0], moe[0]
+def _branches(layer) -> Dict[type, nn.Module]:
+    """{AttnBranch: ..., MoEBranch: ...} of one reversible layer, whatever the scheme's wrapping."""
+    found = {kind: [m for m in layer.modules() if isinstance(m, kind)] for kind in (AttnBranch, MoEBranch)}
+    if any(len(v) != 1 for v in found.values()):
+        raise ValueError(f"revengine.convert: layer {type(layer).__name__} holds {len(found[AttnBranch])} attention "
+                         f"and {len(found[MoEBranch])} MoE branches; expected one of each")
+    return {kind: v[0] for kind, v in found.items()}
 
 
-def _layer_targets(attn, moe) -> Dict[str, nn.Parameter]:
-    """HF parameter name inside one decoder layer -> our parameter."""
-    t = {"input_layernorm.weight": attn.input_layernorm.weight,
-         "post_attention_layernorm.weight": moe.post_attention_layernorm.weight}
-    sa = attn.self_attn
-    for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        lin = getattr(sa, p)
-        t[f"self_attn.{p}.weight"] = lin.weight
-        if lin.bias is not None:
-            t[f"self_attn.{p}.bias"] = lin.bias
-    if sa.q_norm is not None:
-        t["self_attn.q_norm.weight"], t["self_attn.k_norm.weight"] = sa.q_norm.weight, sa.k_norm.weight
-    mlp = moe.mlp
-    t["mlp.gate.weight"] = mlp.gate.weight
-    t["mlp.experts.gate_up_proj"] = mlp.experts.gate_up_proj
-    t["mlp.experts.down_proj"] = mlp.experts.down_proj
-    if mlp.shared_expert is not None:
-        for p in ("gate_proj", "up_proj", "down_proj"):
-            t[f"mlp.shared_expert.{p}.weight"] = getattr(mlp.shared_expert, p).weight
-        t["mlp.shared_expert_gate.weight"] = mlp.shared_expert_gate.weight
-    return t
-
-
-def _targets(model) -> Dict[str, nn.Parameter]:
-    """HF state-dict name -> our parameter, for a RevMoEForCausalLM."""
-    t = {"model.embed_tokens.weight": model.model.embed_tokens.weight, "model.norm.weight": model.model.norm.weight}
-    if not model.config.tie_word_embeddings:
-        t["lm_head.weight"] = model.lm_head.weight
+def hf_parameter_map(model) -> Dict[str, nn.Parameter]:
+    """HF state-dict name -> the parameter of the RevMoEForCausalLM `model` that holds that tensor
+    (read by from_hf, to_hf and new_parameters alike)."""
+    t = {}
+    for name in MODEL_KEYS:
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        t[name] = model.get_parameter(name)
     for i, layer in enumerate(model.model.layers.layers):
-        for k, v in _layer_targets(*_branches(layer)).items():
-            t[f"model.layers.{i}.{k}"] = v
+        for kind, branch in _branches(layer).items():
+            for name, p in branch.named_parameters():
+                if LAYER_KEY_BRANCH.get(name.split(".")[0]) is not kind:
+                    raise ValueError(f"revengine.convert: {kind.__name__}.{name} has no place in the HF key map")
+                t[f"model.layers.{i}.{name}"] = p
     return t
+
+
+def new_parameters(model) -> List[nn.Parameter]:
+    """The parameters of a converted model that have no pretrained counterpart (RevFFN's adapters),
+    in module order."""
+    pretrained = {id(p) for p in hf_parameter_map(model).values()}
+    return [p for p in model.parameters() if id(p) not in pretrained]
 
 
 def _hf_state(hf_model) -> Dict[str, torch.Tensor]:
@@ -252,8 +303,6 @@ def init_revffn_adapters(model, method: str = "coordinate", scale: float = 1.0) 
         as above. Trivially invertible; the pretrained layers enter as the adapters train.
     Measured gaps: benchmarks/convert_gap.py.
     """
-    from revengine.models.modeling import RevFFNLayer
-
     if method not in ADAPTER_INITS:
         raise ValueError(f"init_revffn_adapters: method must be one of {ADAPTER_INITS}, got {method!r}")
     for layer in model.modules():
@@ -276,11 +325,6 @@ def _build_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _load_hf(path, **kw):
-    tf = _transformers()
-    return tf.AutoModelForCausalLM.from_pretrained(path, **kw)
-
-
 @torch.no_grad()
 def from_hf(model_or_path, scheme: str = "revffn", reversible_mode: str = "reversible",
             adapter_init: str = "coordinate", adapter_scale: float = 1.0, **config_overrides):
@@ -292,11 +336,9 @@ def from_hf(model_or_path, scheme: str = "revffn", reversible_mode: str = "rever
     moe_chunk_size); overriding a shape field makes the copy fail with a ValueError naming the tensor.
     The result has the source's dtype and device. The source model is not modified.
     """
-    from revengine.models import RevMoEForCausalLM
-
-    if scheme not in SCHEMES:
-        raise ValueError(f"from_hf: scheme must be one of {SCHEMES}, got {scheme!r}")
-    hf = _load_hf(model_or_path) if isinstance(model_or_path, str) else model_or_path
+    if scheme not in BLOCK_TYPES:
+        raise ValueError(f"from_hf: scheme must be one of {BLOCK_TYPES}, got {scheme!r}")
+    hf = load_hf(model_or_path) if isinstance(model_or_path, str) else model_or_path
     if not isinstance(hf, nn.Module):
         raise TypeError(f"from_hf: expected an HF model or a path, got {type(hf).__name__}")
     fam = hf_family(hf)
@@ -312,7 +354,7 @@ def from_hf(model_or_path, scheme: str = "revffn", reversible_mode: str = "rever
     finally:
         torch.set_default_dtype(prev)
     model.to(dtype=emb.dtype)
-    targets = _targets(model)
+    targets = hf_parameter_map(model)
     problems, missing = [], []
     for name, dst in targets.items():
         if name not in src:
@@ -373,50 +415,48 @@ def _guess_family(cfg) -> str:
     return "mixtral" if cfg.norm_topk_prob else "qwen3_moe"
 
 
-def _hf_config_from_revmoe(cfg, family: str, **hf_kwargs):
+def hf_config_from_revmoe(cfg, family: str, **hf_kwargs):
+    """The transformers config of `family` (a model_type of FAMILIES) with a RevMoEConfig's shapes;
+    ValueError when the RevMoE model has a feature the family lacks, or lacks one it has."""
+    if family not in FAMILIES:
+        raise ValueError(f"to_hf: unknown family {family!r}; one of {sorted(FAMILIES)}")
+    spec = FAMILIES[family]
     tf = _transformers()
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+    hd = cfg.head_size
+    fields = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
                   num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
                   num_experts_per_tok=cfg.num_experts_per_tok, rms_norm_eps=cfg.rms_norm_eps,
                   max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
                   initializer_range=cfg.initializer_range, router_aux_loss_coef=cfg.router_aux_loss_coef,
                   pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id,
-                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, **hf_kwargs)
-    hd = cfg.head_size
+                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    fields[spec.num_experts] = cfg.num_experts
+    fields[spec.expert_width] = cfg.moe_intermediate_size
     problems = []
-    if family == "mixtral":
+    if spec.always_renormalise:
         if not cfg.norm_topk_prob:
-            problems.append("Mixtral always renormalises the top-k weights (norm_topk_prob=False)")
-        if cfg.shared_expert_intermediate_size or cfg.attention_bias or cfg.qk_norm:
-            problems.append("Mixtral has no shared expert, q/k/v bias or q/k norm")
-        hfc = tf.MixtralConfig(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_intermediate_size,
-                               head_dim=hd, **common)
-    elif family == "qwen2_moe":
-        if cfg.shared_expert_intermediate_size == 0 or cfg.qk_norm:
-            problems.append("Qwen2-MoE has a shared expert and no q/k norm")
-        hfc = tf.Qwen2MoeConfig(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_intermediate_size,
-                                shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
-                                intermediate_size=cfg.shared_expert_intermediate_size,
-                                norm_topk_prob=cfg.norm_topk_prob, qkv_bias=cfg.attention_bias, **common)
-        if hd * cfg.num_attention_heads != cfg.hidden_size:
-            problems.append("Qwen2-MoE derives head_dim from hidden_size")
-    elif family == "qwen3_moe":
-        if cfg.shared_expert_intermediate_size or cfg.attention_bias or cfg.qk_norm not in (True, "head"):
-            problems.append("Qwen3-MoE has per-head q/k norms, no shared expert and no q/k/v-only bias")
-        hfc = tf.Qwen3MoeConfig(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_intermediate_size,
-                                norm_topk_prob=cfg.norm_topk_prob, head_dim=hd, **common)
-    elif family == "olmoe":
-        if cfg.shared_expert_intermediate_size or cfg.attention_bias or cfg.qk_norm != "full":
-            problems.append("OLMoE has full-width q/k norms, no shared expert and no q/k/v-only bias")
-        if hd * cfg.num_attention_heads != cfg.hidden_size:
-            problems.append("OLMoE derives head_dim from hidden_size")
-        hfc = tf.OlmoeConfig(num_experts=cfg.num_experts, intermediate_size=cfg.moe_intermediate_size,
-                             norm_topk_prob=cfg.norm_topk_prob, **common)
+            problems.append("it always renormalises the top-k weights (norm_topk_prob=False)")
     else:
-        raise ValueError(f"to_hf: unknown family {family!r}; one of {sorted(SUPPORTED_ARCHITECTURES)}")
+        fields["norm_topk_prob"] = cfg.norm_topk_prob
+    if bool(cfg.shared_expert_intermediate_size) != spec.shared_expert:
+        problems.append("it has a shared expert" if spec.shared_expert else "it has no shared expert")
+    if spec.shared_expert:
+        fields["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+        fields["intermediate_size"] = cfg.shared_expert_intermediate_size
+    qk_norm = "head" if cfg.qk_norm is True else cfg.qk_norm
+    if qk_norm != spec.qk_norm:
+        problems.append(f"its q/k norm is {spec.qk_norm or 'absent'}, the model's {qk_norm or 'absent'}")
+    if spec.qkv_bias:
+        fields[spec.qkv_bias] = cfg.attention_bias
+    elif cfg.attention_bias:
+        problems.append("it has no q/k/v-only bias")
+    if spec.head_dim_field:
+        fields["head_dim"] = hd
+    elif hd * cfg.num_attention_heads != cfg.hidden_size:
+        problems.append("it derives head_dim from hidden_size")
     if problems:
-        raise ValueError(f"to_hf: the model does not fit {SUPPORTED_ARCHITECTURES[family]}: " + "; ".join(problems))
-    return hfc
+        raise ValueError(f"to_hf: the model does not fit {spec.hf_class}: " + "; ".join(problems))
+    return getattr(tf, spec.config_class)(**fields, **hf_kwargs)
 
 
 @torch.no_grad()
@@ -438,18 +478,18 @@ def to_hf(model, family: Optional[str] = None, allow_function_change: bool = Fal
                             "Pass allow_function_change=True to export the weights into the HF residual architecture "
                             "anyway (a different function)."))
     family = family or getattr(model, "hf_model_type", None) or _guess_family(cfg)
-    hfc = _hf_config_from_revmoe(cfg, family, **hf_config_kwargs)
+    hfc = hf_config_from_revmoe(cfg, family, **hf_config_kwargs)
     p0 = model.model.embed_tokens.weight
     prev = torch.get_default_dtype()
     try:
         torch.set_default_dtype(_build_dtype(p0.dtype))
         with torch.device(p0.device):
-            hf = getattr(tf, SUPPORTED_ARCHITECTURES[family])(hfc)
+            hf = getattr(tf, FAMILIES[family].hf_class)(hfc)
     finally:
         torch.set_default_dtype(prev)
     hf.to(dtype=p0.dtype)
     dst = _hf_state(hf)
-    src = _targets(model)
+    src = hf_parameter_map(model)
     if set(dst) != set(src):
         raise ValueError(f"to_hf: parameter names differ: HF-only {sorted(set(dst) - set(src))[:6]}, "
                          f"RevMoE-only {sorted(set(src) - set(dst))[:6]}")

@@ -45,9 +45,9 @@ import torch
 from torch import nn
 
 from . import memory as _memory
-from .convert import SCHEMES  # one list: the CLI offers every conversion
-
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+from . import convert
+from .sequential import MODES
+from revengine.models import BLOCK_TYPES as SCHEMES, FIXED_POINT_FALLBACKS, RevMoEForCausalLM, eval_mode
 DISTILL = ("none", "stage1", "all")
 IGNORE = -100
 STATE_FILE = "trainer_state.json"
@@ -109,8 +109,9 @@ class FinetuneArgs:
     def validate(self) -> None:
         if self.scheme not in SCHEMES + ("none",):
             raise FinetuneError(f"--scheme must be one of {SCHEMES + ('none',)}, got {self.scheme!r}")
-        if self.fixed_point_fallback not in ("error", "warn", "store"):
-            raise FinetuneError(f"--fixed-point-fallback must be error, warn or store, got {self.fixed_point_fallback!r}")
+        if self.fixed_point_fallback not in FIXED_POINT_FALLBACKS:
+            raise FinetuneError(f"--fixed-point-fallback must be one of {FIXED_POINT_FALLBACKS}, "
+                                f"got {self.fixed_point_fallback!r}")
         if self.distill not in DISTILL:
             raise FinetuneError(f"--distill must be one of {DISTILL}, got {self.distill!r}")
         for name in ("stage1_steps", "steps", "warmup", "save_every", "eval_every", "upcycle_experts"):
@@ -326,17 +327,6 @@ def write_jsonl(records: List[dict], path: str) -> None:
 # Models
 
 
-def _read_config(model_dir: str) -> dict:
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(path):
-        raise FinetuneError(f"{model_dir}: no config.json (expected a Hugging Face or revengine model directory)")
-    with open(path) as fh:
-        try:
-            return json.load(fh)
-        except json.JSONDecodeError as e:
-            raise FinetuneError(f"{path}: not valid JSON ({e.msg})") from None
-
-
 def _safetensors_shapes(model_dir: str) -> Dict[str, Tuple[int, ...]]:
     from safetensors import safe_open
 
@@ -348,31 +338,14 @@ def _safetensors_shapes(model_dir: str) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def _load_hf_checked(model_dir: str):
-    """AutoModelForCausalLM.from_pretrained, refusing a checkpoint whose tensors do not fit its
-    config (another shape, or missing: HF would initialise those at random) with one clear error."""
-    import transformers
-
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, ignore_mismatched_sizes=True, output_loading_info=True)
-    bad = [f"{m[0]}: checkpoint {tuple(m[1])} vs config {tuple(m[2])}" if isinstance(m, (tuple, list)) and len(m) == 3
-           else str(m) for m in info.get("mismatched_keys", [])]
-    missing = [k for k in info.get("missing_keys", []) if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
-    if bad or missing:
-        raise FinetuneError(f"{model_dir}: the checkpoint does not fit its config.json: "
-                            + "; ".join(bad[:4] + [f"missing {k}" for k in missing[:4]]))
-    return model
-
-
 def load_source(args: FinetuneArgs):
     """(source HF model or None, student model, kind) where kind is 'revmoe' or 'hf'."""
-    from . import convert
-
-    cfg = _read_config(args.model)
+    try:
+        cfg = convert.read_model_config(args.model)
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
     mtype = cfg.get("model_type")
     if mtype == "revmoe":
-        from revengine.models import RevMoEForCausalLM
-
         if args.scheme not in ("none", cfg.get("block_type")):
             raise FinetuneError(f"{args.model} is a revengine model with block_type {cfg.get('block_type')!r}; "
                                 f"--scheme {args.scheme} would need the original HF checkpoint")
@@ -386,14 +359,17 @@ def load_source(args: FinetuneArgs):
         except ValueError as e:
             raise FinetuneError(str(e)) from None
         return None, student, "revmoe"
-    supported = MOE_FAMILIES + (("llama",) if args.upcycle_experts else ())
+    supported = tuple(convert.FAMILIES) + (("llama",) if args.upcycle_experts else ())
     if mtype not in supported:
         hint = " (a dense Llama needs --upcycle-experts E)" if mtype == "llama" else ""
         raise FinetuneError(f"{args.model}: unsupported architecture model_type={mtype!r}{hint}; supported: "
-                            f"{', '.join(MOE_FAMILIES)}, llama with --upcycle-experts, or a revengine model")
+                            f"{', '.join(convert.FAMILIES)}, llama with --upcycle-experts, or a revengine model")
     if args.upcycle_experts and mtype != "llama":
         raise FinetuneError(f"--upcycle-experts turns a dense Llama into an MoE; {args.model} is already {mtype!r}")
-    source = _load_hf_checked(args.model)
+    try:
+        source = convert.load_hf(args.model, dtype=torch.float32)
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
     if args.upcycle_experts:
         source = convert.upcycle(source, args.upcycle_experts, args.upcycle_top_k,
                                  generator=torch.Generator().manual_seed(args.seed))
@@ -422,12 +398,7 @@ def vocab_size_of(model) -> int:
 
 def new_parameters(student, source) -> List[nn.Parameter]:
     """Parameters the conversion added (no pretrained counterpart), in module order."""
-    from . import convert
-
-    if source is None:
-        return []
-    pretrained = {id(p) for p in convert._targets(student).values()}
-    return [p for p in student.parameters() if id(p) not in pretrained]
+    return convert.new_parameters(student) if source is not None else []
 
 
 def _forward(model, batch, want_logits: bool):
@@ -439,7 +410,7 @@ def _forward(model, batch, want_logits: bool):
 
 
 def _is_revmoe(model) -> bool:
-    return type(model).__name__ == "RevMoEForCausalLM"
+    return isinstance(model, RevMoEForCausalLM)
 
 
 def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -508,8 +479,6 @@ def greedy_continue(model, prompts: List[List[int]], max_new: int, pad: int, eos
 def evaluate(model, examples: List[Example], tok, batch_size: int = 16, max_examples: int = 256,
              bf16: bool = False) -> Dict[str, Any]:
     """Held-out token loss (answer tokens for prompt/answer data) and greedy exact-match accuracy."""
-    from revengine.models.modeling import eval_mode
-
     dev = _device_of(model)
     with eval_mode(model):
         total, count = 0.0, 0
@@ -593,7 +562,7 @@ def load_checkpoint_weights(student, path: str) -> None:
 def _reset_peaks(device: torch.device) -> None:
     """Stage 2's peak memory starts here: RSS (and on a GPU, its peak allocated memory)."""
     _malloc_trim()
-    _memory._reset_peak_rss()
+    _memory.reset_peak_rss()
     if device.type == "cuda":
         _memory.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -836,7 +805,7 @@ def run(args: FinetuneArgs) -> Dict[str, Any]:
               f"{checkpoint_dirs(args.out)[-1]}; continue with --resume", flush=True)
         return summary
     if stage == 2 and step_times:
-        hwm = _memory._proc_status_kb("VmHWM")
+        hwm = _memory.proc_status_kb("VmHWM")
         state["timings"] = {"stage2_peak_rss_mb": hwm["VmHWM"] / 1024.0 if hwm else None,
                             "stage2_median_step_s": sorted(step_times)[len(step_times) // 2]}
         if on_gpu:
@@ -915,10 +884,10 @@ def add_arguments(p) -> None:
     a("--kl-weight", type=float, default=1.0)
     a("--upcycle-experts", type=int, default=0, help="turn a dense Llama into an MoE with E experts first")
     a("--upcycle-top-k", type=int, default=2)
-    a("--reversible-mode", default="reversible", choices=("reversible", "checkpoint", "plain"))
+    a("--reversible-mode", default="reversible", choices=MODES)
     a("--gradient-checkpointing", action="store_true", help="HF gradient checkpointing (with --scheme none)")
     a("--moe-chunk-size", type=int, default=0, help="experts run in token chunks of this size (0: whole batch)")
-    a("--fixed-point-fallback", default="store", choices=("error", "warn", "store"),
+    a("--fixed-point-fallback", default="store", choices=FIXED_POINT_FALLBACKS,
       help="revffn: a layer whose attention branch stops being a contraction keeps its input (store, exact grads, "
       "the default), warns, or raises")
     a("--bdia-gamma", type=float, default=None,

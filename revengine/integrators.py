@@ -170,6 +170,12 @@ class BDIA(Coupling):
     def extra_repr(self):
         return f"gamma={self.gamma}"
 
+    @staticmethod
+    def exact_shift(gamma: float) -> int:
+        """k when gamma = 2^-k with k in 1..8 (the gammas exact=True can run), else 0. This is the
+        executor's own rule, so a config can check a gamma before any layer is built."""
+        return int(_ext._C.BDIA.exact_shift(float(gamma)))
+
     def _draw(self, s):
         if s.dim() < 1 or s.shape[0] == 0:
             raise ValueError(f"BDIA draws one sign per sample along dim 0; got a stream of shape {tuple(s.shape)}")

@@ -92,7 +92,8 @@ class MemoryFigure:
 # -- CPU memory readings -----------------------------------------------------------------------
 
 
-def _proc_status_kb(*fields: str) -> Optional[Dict[str, int]]:
+def proc_status_kb(*fields: str) -> Optional[Dict[str, int]]:
+    """{field: kB} from /proc/self/status (e.g. "VmRSS", "VmHWM"), or None where it cannot be read."""
     try:
         with open("/proc/self/status") as fh:
             text = fh.read()
@@ -107,7 +108,7 @@ def _proc_status_kb(*fields: str) -> Optional[Dict[str, int]]:
     return out
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Resets this process's resident-set high-water mark to its current RSS (Linux >= 4.0)."""
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -227,14 +228,14 @@ def measure_step(step_fn: Callable[[], Any], *, warmup: int = 0, device="cpu") -
             "glibc keeps freed memory, so the figure depends on what ran before; "
             "use revengine.memory.measure_in_subprocess"
         )
-    status = _proc_status_kb("VmHWM", "VmRSS")
-    if status is not None and _reset_peak_rss():
+    status = proc_status_kb("VmHWM", "VmRSS")
+    if status is not None and reset_peak_rss():
         method = "vmhwm-reset"
-        before_kb = _proc_status_kb("VmRSS")["VmRSS"]
+        before_kb = proc_status_kb("VmRSS")["VmRSS"]
         t0 = time.perf_counter()
         result = step_fn()
         seconds = time.perf_counter() - t0
-        after_kb = _proc_status_kb("VmHWM")["VmHWM"]
+        after_kb = proc_status_kb("VmHWM")["VmHWM"]
     else:
         method = "ru_maxrss"
         notes.append(

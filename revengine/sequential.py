@@ -9,7 +9,7 @@ from . import _ext
 from ._runtime import flatten_context, recompute_call
 from .couplings import Coupling
 from .recompute import recomputing
-from .side import _collect
+from . import side
 
 Tensor = torch.Tensor
 
@@ -168,14 +168,14 @@ class Sequential(nn.Module):
             # The hooked layers' parameters are not inputs of the executor's nodes: a leaf that
             # requires grad makes sure the nodes exist (and backward runs) even when nothing else does.
             tensors = tensors + [torch.empty(0, device=x1.device, requires_grad=True)]
-        y1, y2, report, _tags, side = _ext._C.reversible_forward(
+        y1, y2, report, _tags, aux = _ext._C.reversible_forward(
             layers, x1, x2, tensors, builder,
             exact=self.exact, frac_bits=self.exact_bits, check_finite=self.check_finite,
             preserve_rng=self.preserve_rng_state, debug=self.debug,
             debug_tol=-1.0 if self.debug_tol is None else float(self.debug_tol),
         )
         self.last_report = report if self.debug else None
-        _collect(side)
+        side.collect(aux)
         return y1, y2
 
     def _executor_layers(self):

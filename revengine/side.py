@@ -5,7 +5,7 @@ Two things a layer's stream function may need beyond "tensor in, tensor out":
 * `replay(owner, compute)`: a discrete decision (MoE top-k indices, a sampled mask) computed in
   forward and replayed, not recomputed, when backward re-runs the layer from a reconstructed
   input. A reconstruction off by one ulp can flip a top-k choice; replay makes the recompute take
-  the forward's decision (DESIGN section 4).
+  the forward's decision.
 * `attach_aux(y, aux, owner)`: a scalar side output (a load-balancing or z-loss) computed inside
   the layer. In reversible mode it becomes an extra output of the layer's autograd node, so the
   grad the loss sends it reaches the layer's parameters exactly, however the loss is scaled.
@@ -14,6 +14,10 @@ Two things a layer's stream function may need beyond "tensor in, tensor out":
       with revengine.side.collect_aux() as aux:
           y = stack(x)
       loss = task_loss + 0.01 * sum(aux)
+
+* `save(owner, value)` / `load(owner)`: a tensor a layer keeps from its forward for its own
+  backward (a layer that cannot invert keeps its input), with `is_recording()` (a reversible
+  forward is running the layer) and `is_replaying()` (backward is reconstructing or re-running it).
 
 Outside a reversible stack both are plain: `replay` calls `compute`, `attach_aux` collects
 `aux` (with its graph) and returns `y`.
@@ -34,6 +38,27 @@ _NONE, _RECORD, _REPLAY = 0, 1, 2
 
 def _base(owner) -> str:
     return f"{type(owner).__name__}@{id(owner):x}"
+
+
+def is_recording() -> bool:
+    """True while a reversible forward runs a layer (what it saves or replays is being recorded)."""
+    return _ext._C.side_mode() == _RECORD
+
+
+def is_replaying() -> bool:
+    """True while backward reconstructs or re-runs a layer (the forward's records are readable)."""
+    return _ext._C.side_mode() == _REPLAY
+
+
+def save(owner, value: torch.Tensor, name: str = "saved") -> None:
+    """Keeps `value` from this forward call of the running layer for its backward (`load`).
+    Only while `is_recording()`; the executor frees it when the layer's backward is done."""
+    _ext._C.side_save(_ext._C.side_tag(f"{_base(owner)}-{name}"), value)
+
+
+def load(owner, name: str = "saved"):
+    """The tensor `save(owner, ..., name)` kept in the forward of the layer being replayed, or None."""
+    return _ext._C.side_load(_ext._C.side_tag(f"{_base(owner)}-{name}"))
 
 
 def replay(owner, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -87,7 +112,7 @@ def attach_aux(y: torch.Tensor, aux: torch.Tensor, owner) -> torch.Tensor:
             return y
         return _AttachAux.apply(y, aux, grad.to(aux.dtype).reshape(aux.shape))
     if not is_recomputing():  # a checkpoint recompute re-emits nothing: the forward's aux holds the graph
-        _collect([aux])
+        collect([aux])
     return y
 
 
@@ -117,7 +142,9 @@ def collect_aux():
         stack.pop()
 
 
-def _collect(values: List[torch.Tensor]) -> None:
+def collect(values: List[torch.Tensor]) -> None:
+    """Adds side outputs to the innermost `collect_aux()` (Sequential's plain and checkpoint
+    modes emit theirs this way)."""
     stack = getattr(_local, "stack", None)
     if stack:
         stack[-1].extend(values)

@@ -8,14 +8,14 @@ import torch
 
 tf = pytest.importorskip("transformers")
 
-from revengine.convert import SCHEMES, conversion_gap, from_hf, to_hf, upcycle  # noqa: E402
+from revengine.convert import FAMILIES as FAMILY_TABLE, conversion_gap, from_hf, to_hf, upcycle  # noqa: E402
+from revengine.models import BLOCK_TYPES as SCHEMES  # noqa: E402
 from revengine.models import RevMoEForCausalLM  # noqa: E402
 from revengine.models.layers import rope_tables  # noqa: E402
 from revengine.models.modeling import AttnBranch, MoEBranch  # noqa: E402
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-CLASSES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-           "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+FAMILIES = tuple(FAMILY_TABLE)
+CLASSES = {name: fam.hf_class for name, fam in FAMILY_TABLE.items()}
 
 
 def hf_config(family, layers=2, **kw):

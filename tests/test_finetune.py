@@ -17,7 +17,7 @@ from revengine import finetune as ft  # noqa: E402
 from revengine.finetune import FinetuneArgs, FinetuneError  # noqa: E402
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-from revengine.convert import SCHEMES  # noqa: E402
+from revengine.models import BLOCK_TYPES as SCHEMES  # noqa: E402
 from conftest import child_env  # noqa: E402  (a subprocess imports the revengine under test)
 
 
@@ -123,7 +123,7 @@ def test_stage1_trains_only_the_new_parameters(tmp_path, data, mixtral):
     start = convert.from_hf(src, scheme="revffn")
     after = weights(str(out))
     pretrained = {k for k, p in start.state_dict().items()
-                  if any(p is q for q in convert._targets(start).values())}
+                  if any(p is q for q in convert.hf_parameter_map(start).values())}
     sd = start.state_dict()
     changed = {k for k in sd if not torch.equal(sd[k], after[k])} if set(after) == set(sd) else None
     assert changed, "stage 1 changed nothing"
