@@ -5,7 +5,7 @@ moe_forward_reference (a loop over experts: index, two matmuls, index_add, as Hu
 experts), at qwen-moe-mini-like shapes: hidden 256, 16 experts top-4, expert width 176, float32.
 Each step is forward + backward (grads of x, routing weights, gate_up_proj, down_proj); the two
 variants alternate, several rounds after warm-up, and the table gives the medians and their ratio
-(DESIGN.md §5). Forward-only medians are printed too.
+(ratios within one process: absolute times on a shared 2-core machine mean little). Forward-only medians are printed too.
 
     python benchmarks/moe_kernels.py              # tokens 2048 and 8192 (about a minute on 2 cores)
     python benchmarks/moe_kernels.py --quick      # tiny shapes (seconds), used by the tests

@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-from revengine import BDIA, MODES
+from revengine.integrators import BDIA
+from revengine.sequential import MODES
 
 BLOCK_TYPES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
 FIXED_POINT_FALLBACKS = ("error", "warn", "store")

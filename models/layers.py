@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import revengine as rev
+from revengine import moe, side
 
 from .config import RevMoEConfig
 
@@ -157,7 +157,7 @@ class Experts(nn.Module):
 
     def forward(self, x: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
         # permute -> gather -> grouped matmul -> SwiGLU -> grouped matmul -> weighted scatter-combine
-        return rev.moe.moe_forward(x, topk_ids, topk_weights, self.gate_up_proj, self.down_proj)
+        return moe.moe_forward(x, topk_ids, topk_weights, self.gate_up_proj, self.down_proj)
 
 
 class SparseMoE(nn.Module):
@@ -185,7 +185,7 @@ class SparseMoE(nn.Module):
         logits = logits if logits.dtype == torch.float64 else logits.float()
         probs = logits.softmax(-1)
         pick = lambda: self.choose(probs.detach())  # noqa: E731
-        ids = rev.side.replay(self, pick) if cfg.replay_routing else pick()
+        ids = side.replay(self, pick) if cfg.replay_routing else pick()
         weights = probs.gather(-1, ids)
         if cfg.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
@@ -230,7 +230,7 @@ class SparseMoE(nn.Module):
                 for s in range(0, flat.shape[0], chunk)])
         else:
             out = self.expert_outputs(flat, ids, weights)
-        return rev.side.attach_aux(out.reshape(shape), self.aux_losses(logits, ids, token_mask), self)
+        return side.attach_aux(out.reshape(shape), self.aux_losses(logits, ids, token_mask), self)
 
 
 def init_weights(module: nn.Module, config: RevMoEConfig) -> None:

@@ -20,7 +20,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import revengine as rev
+from revengine import side
+from revengine.couplings import AdditiveCoupling, Coupling
+from revengine.integrators import BDIA, EulerStart, Hamiltonian, Leapfrog, Midpoint, StochasticMidpoint
+from revengine.sequential import Sequential
 
 from .config import RevMoEConfig
 from .layers import (Attention, KVCache, RMSNorm, SparseMoE, attention_mask_4d, init_weights, rope_tables)
@@ -92,7 +95,7 @@ class BlockIncrement(nn.Module):
         return a + self.moe(p + a, **ctx)
 
 
-class RevFFNLayer(rev.Coupling):
+class RevFFNLayer(Coupling):
     """RevFFN's layer on two d/2 streams:
 
         y1 = x1 + D_a(Attn(norm(U_q x1), kv = norm(U_kv x2)))   queries from x1, keys/values from x2
@@ -163,7 +166,7 @@ class RevFFNLayer(rev.Coupling):
 
     def forward(self, x1, x2, **ctx):
         y1 = x1 + attention_call(self.recompute, self.attn_increment, x1, x2, **ctx)
-        if self.fallback == "store" and rev.side.is_recording():
+        if self.fallback == "store" and side.is_recording():
             # Recording for a reversible backward: check now that the inverse will converge; a
             # layer whose branch is not a contraction keeps its left input instead.
             tol = self._tolerance(y1)
@@ -173,13 +176,13 @@ class RevFFNLayer(rev.Coupling):
             # A margin: backward solves from a reconstructed y1, a few ulps off this one.
             self.fixed_point_stats["stored"] = not (residual <= tol / 4 and error <= tol)
             if self.fixed_point_stats["stored"]:
-                rev.side.save(self, x1, "x1")
+                side.save(self, x1, "x1")
         return y1, x2 + self.moe_increment(y1, **ctx)
 
     def inverse(self, y1, y2, **ctx):
         x2 = y2 - self.moe_increment(y1, **ctx)
-        if self.fallback == "store" and rev.side.is_replaying():
-            stored = rev.side.load(self, "x1")
+        if self.fallback == "store" and side.is_replaying():
+            stored = side.load(self, "x1")
             if stored is not None:
                 return stored.clone(), x2
         tol = self._tolerance(y1)
@@ -198,24 +201,24 @@ class RevFFNLayer(rev.Coupling):
         return x1, x2
 
 
-def build_layer(config: RevMoEConfig, i: int) -> rev.Coupling:
+def build_layer(config: RevMoEConfig, i: int) -> Coupling:
     bt, h = config.block_type, config.h
     if bt == "revffn":
         return RevFFNLayer(config, i)
     if bt == "additive":
-        return rev.AdditiveCoupling(AttnBranch(config, i), MoEBranch(config))
+        return AdditiveCoupling(AttnBranch(config, i), MoEBranch(config))
     if bt == "hamiltonian":
-        return rev.Hamiltonian(AttnBranch(config, i), MoEBranch(config), h=h)
+        return Hamiltonian(AttnBranch(config, i), MoEBranch(config), h=h)
     f = BlockIncrement(config, i)
     if bt == "bdia":
-        return rev.BDIA(f, gamma=config.bdia_gamma)
+        return BDIA(f, gamma=config.bdia_gamma)
     if i == 0 and config.boundary == "euler":
-        return rev.EulerStart(f, h=h)
+        return EulerStart(f, h=h)
     if bt == "leapfrog":
-        return rev.Leapfrog(f, h=h)
+        return Leapfrog(f, h=h)
     if config.stochastic_gamma not in (None, 1.0):
-        return rev.StochasticMidpoint(f, h=h, gamma=config.stochastic_gamma)
-    return rev.Midpoint(f, h=h)
+        return StochasticMidpoint(f, h=h, gamma=config.stochastic_gamma)
+    return Midpoint(f, h=h)
 
 
 STACK_LAYOUT = {  # block_type -> (split, merge)
@@ -308,7 +311,7 @@ class RevMoEModel(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         split, merge = STACK_LAYOUT[config.block_type]
-        self.layers = rev.Sequential(
+        self.layers = Sequential(
             *[build_layer(config, i) for i in range(config.num_hidden_layers)],
             split=split, merge=merge, mode=config.reversible_mode, exact=config.exact, exact_bits=config.exact_bits,
         )
@@ -348,7 +351,7 @@ class RevMoEModel(nn.Module):
                 cache: Optional[KVCache] = None):
         """Final hidden states [B, S, d] and the layers' side outputs [L, 2] (aux loss, z-loss)."""
         x, ctx = self.prepare(input_ids, attention_mask, position_ids, cache)
-        with rev.side.collect_aux() as aux:
+        with side.collect_aux() as aux:
             h = self.layers(x, **ctx)
         stats = torch.stack(list(aux)) if len(aux) else x.new_zeros(0, 2)
         return self.norm(h), stats

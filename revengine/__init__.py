@@ -11,7 +11,7 @@ from .couplings import AdditiveCoupling, AffineCoupling, Coupling
 from .integrators import BDIA, EulerStart, Hamiltonian, Leapfrog, Midpoint, StochasticMidpoint
 from .recompute import is_recomputing
 from .sequential import MODES, Sequential
-from . import memory, moe, optim, side, testing  # noqa: E402
+from . import memory, moe, ops, optim, side, testing  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -30,30 +30,9 @@ __all__ = [
     "is_recomputing",
     "memory",
     "moe",
+    "ops",
     "optim",
     "side",
     "testing",
 ]
 
-
-def _source_tree_models():
-    """Running from a source checkout (in-place build): models/ is installed as revengine.models
-    by pip; make the same name work here."""
-    import importlib.util
-    import os
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    if "revengine.models" in sys.modules or os.path.isdir(os.path.join(here, "models")):
-        return
-    src = os.path.join(os.path.dirname(here), "models")
-    if not os.path.isfile(os.path.join(src, "__init__.py")):
-        return
-    spec = importlib.util.spec_from_file_location("revengine.models", os.path.join(src, "__init__.py"),
-                                                  submodule_search_locations=[src])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["revengine.models"] = module
-    spec.loader.exec_module(module)
-
-
-_source_tree_models()

@@ -7,7 +7,7 @@ from ._source_hash import source_hash
 
 _REBUILD = (
     "Rebuild it from the source tree: `pip install torch==2.13.0 && "
-    "pip install --no-build-isolation .` (or, in a checkout, `python setup.py build_ext --inplace`)."
+    "pip install --no-build-isolation .` (in a checkout: `pip install --no-build-isolation -e .`)."
 )
 
 try:

@@ -1115,3 +1115,35 @@ def test_cuda_compile_check_fails_on_a_compile_error(tmp_path):
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "FAILED nvcc -c csrc/cuda/coupling_kernels.cu" in proc.stdout
     assert "check_cuda_compile: ok     g++" in proc.stdout  # the glue still compiles
+
+
+def test_python_wrappers_are_the_ops():
+    """revengine.ops: each typed wrapper computes what its torch op computes."""
+    from revengine import ops
+
+    g = torch.Generator().manual_seed(0)
+    x, f = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    assert torch.equal(ops.coupling_update(x, f, 0.5), torch.ops.revengine.coupling_update(x, f, 0.5))
+    y = x.clone()
+    ops.coupling_update_(y, f, 0.5)
+    assert torch.equal(y, torch.ops.revengine.coupling_update(x, f, 0.5))
+    assert bool(ops.coupling_inverse_(y, f, 0.5)) and torch.allclose(y, x, atol=1e-6)
+    scale = torch.rand(7, 5, generator=g) + 0.5
+    z = x.clone()
+    ops.affine_update_(z, scale, f)
+    assert bool(ops.affine_inverse_(z, scale, f)) and torch.allclose(z, x, atol=1e-6)
+    q = ops.fixed_quantize(x, 16)
+    assert q.dtype == torch.int64 and torch.equal(q, torch.ops.revengine.fixed_quantize(x, 16))
+    assert torch.equal(ops.fixed_dequantize(q, 16, torch.float64), q.double() / 2**16)
+    acc = q.clone()
+    ops.fixed_update_(acc, f, 16, 1)
+    ops.fixed_update_(acc, f, 16, -1)
+    assert torch.equal(acc, q)
+    assert bool(ops.all_finite(x)) and not bool(ops.all_finite(torch.tensor([1.0, float("nan")])))
+    u, src = ops.fixed_quantize(x, 24), ops.fixed_quantize(f, 24)
+    sign = torch.tensor([1, -1, 1, 1, -1, -1, 1])
+    u0 = u.clone()
+    low = ops.bdia_step_(u, src, f, sign, 24, 4)
+    assert not torch.equal(u, u0)
+    ops.bdia_unstep_(u, src, f, sign, low, 24, 4)
+    assert torch.equal(u, u0)

@@ -13,8 +13,13 @@ seed drawn by hypothesis, so failures shrink and replay.
 from typing import Callable, Optional, Sequence
 
 import torch
-from hypothesis import strategies as st
 from torch import nn
+
+try:
+    from hypothesis import strategies as st
+except ImportError as e:
+    raise ImportError("revengine.testing.strategies needs hypothesis: pip install hypothesis "
+                      "(or pip install 'revengine[test]')") from e
 
 from ..couplings import AdditiveCoupling, AffineCoupling, Coupling
 from ..sequential import Sequential

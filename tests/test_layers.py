@@ -1,0 +1,76 @@
+"""The package's layering: core < models < conversion < applications, one way only.
+
+`lint-imports` (import-linter, the contract in pyproject.toml) reads the package as it is
+installed, where models/ is revengine/models; a copy of that layout is linted, so the check is the
+same in a source checkout (an editable install maps models/ in place) and in an installed tree.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import revengine
+import revengine.models
+from conftest import child_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytest.importorskip("importlinter")
+
+
+def _layout(tmp_path):
+    ignore = shutil.ignore_patterns("*.so", "__pycache__", "*.pyc")
+    pkg = tmp_path / "revengine"
+    shutil.copytree(os.path.dirname(revengine.__file__), pkg, ignore=ignore)
+    if not (pkg / "models").exists():
+        shutil.copytree(os.path.dirname(revengine.models.__file__), pkg / "models", ignore=ignore)
+    return pkg
+
+
+def _lint(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "lint-imports")
+    env = child_env()
+    env["PYTHONPATH"] = str(tmp_path)  # the copy, not the package under test
+    return subprocess.run([exe, os.path.join(ROOT, "pyproject.toml"), "--no-cache"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_layers_contract_holds(tmp_path):
+    _layout(tmp_path)
+    r = _lint(tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 kept, 0 broken" in r.stdout
+
+
+def test_layers_contract_catches_a_core_module_importing_models(tmp_path):
+    pkg = _layout(tmp_path)
+    with open(pkg / "couplings.py", "a") as fh:
+        fh.write("\nimport revengine.models  # noqa\n")
+    r = _lint(tmp_path)
+    assert r.returncode != 0
+    assert "revengine.couplings -> revengine.models" in r.stdout, r.stdout
+
+
+def test_layers_contract_catches_an_undeclared_module(tmp_path):
+    pkg = _layout(tmp_path)
+    (pkg / "stray.py").write_text("x = 1\n")
+    r = _lint(tmp_path)
+    assert r.returncode != 0 and "stray" in r.stdout, r.stdout
+
+
+def test_import_revengine_loads_no_models_transformers_or_hypothesis():
+    code = ("import revengine, sys; "
+            "bad = {'revengine.models', 'transformers', 'hypothesis'} & set(sys.modules); "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_strategies_without_hypothesis_is_a_clear_import_error():
+    code = ("import sys; sys.modules['hypothesis'] = None\n"
+            "import revengine\n"
+            "try:\n    revengine.testing.strategies\nexcept ImportError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "revengine.testing.strategies needs hypothesis" in r.stdout
