@@ -7,7 +7,7 @@ tokens; used by the aux losses) and, during generation, `cache` (a KVCache). The
 inside revengine.Sequential in every mode.
 """
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

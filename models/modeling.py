@@ -9,30 +9,30 @@ activations ("reversible": reconstructed by the C++ executor; "checkpoint"; "pla
 cross-entropy of the LM head runs in chunks, so a whole sequence's logits never exist at once.
 """
 import contextlib
-import math
 import os
 import tempfile
-import warnings
 from collections import OrderedDict
 from typing import List, Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from revengine import side
 from revengine.couplings import AdditiveCoupling, Coupling
 from revengine.integrators import BDIA, EulerStart, Hamiltonian, Leapfrog, Midpoint, StochasticMidpoint
 from revengine.sequential import Sequential
 
+from .blocks import AttnBranch, BlockIncrement, MoEBranch
 from .config import RevMoEConfig
-from .layers import (Attention, KVCache, RMSNorm, SparseMoE, attention_mask_4d, init_weights, rope_tables)
+from .layers import KVCache, RMSNorm, attention_mask_4d, init_weights, rope_tables
+from .loss import chunked_cross_entropy
+from .revffn import RevFFNLayer
 
 Tensor = torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# Branches and reversible layers
+# Reversible layers
 
 
 @contextlib.contextmanager
@@ -44,161 +44,6 @@ def eval_mode(module: nn.Module):
         yield module
     finally:
         module.train(was_training)
-
-
-def attention_call(recompute: bool, fn, *args, **ctx) -> Tensor:
-    """fn(*args, **ctx); with RevMoEConfig.attention_recompute and grad on (no KV cache), checkpointed
-    so only its inputs are kept. No randomness inside (no attention dropout): no RNG replay needed."""
-    if recompute and torch.is_grad_enabled() and ctx.get("cache") is None:
-        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False, **ctx)
-    return fn(*args, **ctx)
-
-
-class AttnBranch(nn.Module):
-    """A(x) = attention(RMSNorm(x)): the pre-norm attention increment."""
-
-    def __init__(self, config: RevMoEConfig, layer_idx: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
-        self.recompute = bool(config.attention_recompute)
-
-    def attend(self, x: Tensor, **ctx) -> Tensor:
-        return self.self_attn(self.input_layernorm(x), **ctx)
-
-    def forward(self, x: Tensor, **ctx) -> Tensor:
-        return attention_call(self.recompute, self.attend, x, **ctx)
-
-
-class MoEBranch(nn.Module):
-    """M(x) = MoE(RMSNorm(x)): the pre-norm MoE increment."""
-
-    def __init__(self, config: RevMoEConfig):
-        super().__init__()
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SparseMoE(config)
-
-    def forward(self, x: Tensor, **ctx) -> Tensor:
-        return self.mlp(self.post_attention_layernorm(x), **ctx)
-
-
-class BlockIncrement(nn.Module):
-    """f(p) = A(p) + M(p + A(p)): the unchanged pre-norm block, as an increment (Gal et al.)."""
-
-    def __init__(self, config: RevMoEConfig, layer_idx: int):
-        super().__init__()
-        self.attn = AttnBranch(config, layer_idx)
-        self.moe = MoEBranch(config)
-
-    def forward(self, p: Tensor, **ctx) -> Tensor:
-        a = self.attn(p, **ctx)
-        return a + self.moe(p + a, **ctx)
-
-
-class RevFFNLayer(Coupling):
-    """RevFFN's layer on two d/2 streams:
-
-        y1 = x1 + D_a(Attn(norm(U_q x1), kv = norm(U_kv x2)))   queries from x1, keys/values from x2
-        y2 = x2 + D_m(MoE(norm(U_m y1)))
-
-    U_* (d/2 -> d) and D_* (d -> d/2) are the projection adapters that let full-width (pretrained)
-    attention and MoE weights run on half-width streams. The attention branch reads the stream
-    it updates, so its inverse solves x1 = y1 - F(x1, x2) by fixed-point iteration; it converges
-    when F is a contraction in x1 (small adapters). Each inverse records its iteration count and
-    relative residual in `fixed_point_stats`; one that does not reach the tolerance raises (or
-    warns, with fixed_point_fallback="warn"). With fixed_point_fallback="store" the forward checks
-    the inverse right away and a layer whose inverse would not converge keeps its left input x1
-    (half a checkpoint for that layer; `fixed_point_stats["stored"]`), so training goes on exact.
-    """
-
-    def __init__(self, config: RevMoEConfig, layer_idx: int):
-        super().__init__()
-        d, half = config.hidden_size, config.hidden_size // 2
-        self.layer_idx = layer_idx
-        self.attn = AttnBranch(config, layer_idx)
-        self.moe = MoEBranch(config)
-        self.up_q = nn.Linear(half, d, bias=False)
-        self.up_kv = nn.Linear(half, d, bias=False)
-        self.down_attn = nn.Linear(d, half, bias=False)
-        self.up_moe = nn.Linear(half, d, bias=False)
-        self.down_moe = nn.Linear(d, half, bias=False)
-        self.iters, self.tol, self.fallback = config.fixed_point_iters, config.fixed_point_tol, config.fixed_point_fallback
-        self.fixed_point_stats = {"iterations": 0, "residual": 0.0, "calls": 0}
-        self.recompute = bool(config.attention_recompute)
-
-    def attn_increment(self, x1: Tensor, x2: Tensor, **ctx) -> Tensor:
-        norm = self.attn.input_layernorm
-        return self.down_attn(self.attn.self_attn(norm(self.up_q(x1)), kv=norm(self.up_kv(x2)), **ctx))
-
-    def moe_increment(self, y1: Tensor, **ctx) -> Tensor:
-        return self.down_moe(self.moe(self.up_moe(y1), **ctx))
-
-    def _tolerance(self, x: Tensor) -> float:
-        if self.tol is not None:
-            return float(self.tol)
-        # A few hundred ulps of the precision F is computed in (the autocast dtype under autocast):
-        # below that the iteration only stirs rounding noise.
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        return {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
-
-    def solve_x1(self, y1, x2, **ctx):
-        """x1 with x1 + F(x1, x2) = y1: (x1, relative residual, iterations)."""
-        tol = self._tolerance(y1)
-        scale = y1.abs().max().clamp_min(1.0)
-        # Damped fixed-point iteration x <- x + w (y1 - F(x, x2) - x). w = 1 is the plain iteration;
-        # w halves whenever the residual grows, which turns an oscillating divergence (dF/dx1 with
-        # eigenvalues beyond 1) into a convergent one.
-        x1, residual, prev, w, n = y1, float("inf"), float("inf"), 1.0, 0
-        for n in range(1, self.iters + 1):
-            step = y1 - self.attn_increment(x1, x2, **ctx) - x1
-            residual = float(step.abs().max() / scale)
-            if not math.isfinite(residual):
-                break
-            if residual > prev:
-                w = max(w * 0.5, 1.0 / 64)
-            prev = residual
-            x1 = x1 + step if w == 1.0 else x1 + w * step
-            if residual <= tol:
-                break
-        return x1, residual, n
-
-    def forward(self, x1, x2, **ctx):
-        y1 = x1 + attention_call(self.recompute, self.attn_increment, x1, x2, **ctx)
-        if self.fallback == "store" and side.is_recording():
-            # Recording for a reversible backward: check now that the inverse will converge; a
-            # layer whose branch is not a contraction keeps its left input instead.
-            tol = self._tolerance(y1)
-            with torch.no_grad():
-                x1_solved, residual, _ = self.solve_x1(y1, x2, **ctx)
-                error = float((x1_solved - x1).abs().max() / y1.abs().max().clamp_min(1.0))
-            # A margin: backward solves from a reconstructed y1, a few ulps off this one.
-            self.fixed_point_stats["stored"] = not (residual <= tol / 4 and error <= tol)
-            if self.fixed_point_stats["stored"]:
-                side.save(self, x1, "x1")
-        return y1, x2 + self.moe_increment(y1, **ctx)
-
-    def inverse(self, y1, y2, **ctx):
-        x2 = y2 - self.moe_increment(y1, **ctx)
-        if self.fallback == "store" and side.is_replaying():
-            stored = side.load(self, "x1")
-            if stored is not None:
-                return stored.clone(), x2
-        tol = self._tolerance(y1)
-        x1, residual, n = self.solve_x1(y1, x2, **ctx)
-        st = self.fixed_point_stats
-        st["iterations"], st["residual"], st["calls"] = n, residual, st["calls"] + 1
-        if not residual <= tol:
-            msg = (f"revengine: RevFFN layer {self.layer_idx}: the fixed-point inverse of the attention branch did not "
-                   f"converge: relative residual {residual:.3g} after {n} iterations (tolerance {tol:.3g}). The "
-                   "branch is not a contraction in the stream it updates: keep the adapters small, raise "
-                   "fixed_point_iters, use fixed_point_fallback='store', block_type='additive' or "
-                   "reversible_mode='checkpoint'")
-            if self.fallback == "error":
-                raise RuntimeError(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        return x1, x2
 
 
 def build_layer(config: RevMoEConfig, i: int) -> Coupling:
@@ -229,58 +74,6 @@ STACK_LAYOUT = {  # block_type -> (split, merge)
     "hamiltonian": ("duplicate", "last"),
     "bdia": ("duplicate", "last"),
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# The LM-head cross-entropy, in chunks
-
-
-class _ChunkedLinearCE(torch.autograd.Function):
-    """mean CE of (h @ w.T) against labels (ignore_index -100), a chunk of rows at a time.
-
-    The grads are computed chunk by chunk in forward (Liger-style), so neither the logits nor
-    their softmax outlive one chunk; backward only scales them by the incoming grad."""
-
-    @staticmethod
-    def forward(ctx, h, w, labels, chunk):
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        valid = labels != -100
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        n = valid.sum().clamp_min(1).to(acc)
-        total = torch.zeros((), dtype=acc, device=h.device)
-        gh = torch.empty_like(h) if want_h else None
-        gw = torch.zeros_like(w) if want_w else None
-        for s in range(0, h.shape[0], chunk):
-            hc, lc, vc = h[s:s + chunk], labels[s:s + chunk], valid[s:s + chunk]
-            logits = hc @ w.t()
-            lf = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-            lse = torch.logsumexp(lf, -1)
-            tgt = lf.gather(-1, lc.clamp_min(0)[:, None])[:, 0]
-            total = total + ((lse - tgt) * vc).sum().to(total.dtype)
-            if want_h or want_w:
-                # softmax - onehot, in place in the chunk's logits: one [chunk, V] buffer at a time.
-                g = lf.sub_(lse[:, None]).exp_()
-                g[torch.arange(g.shape[0], device=g.device), lc.clamp_min(0)] -= 1.0
-                g.mul_((vc.to(g.dtype) / n.to(g.dtype))[:, None])
-                g = g.to(hc.dtype)
-                if want_h:
-                    gh[s:s + chunk] = g @ w
-                if want_w:
-                    gw += (g.t() @ hc).to(gw.dtype)
-            del logits, lf
-        ctx.save_for_backward(gh, gw)
-        return total / n
-
-    @staticmethod
-    def backward(ctx, grad):
-        gh, gw = ctx.saved_tensors
-        return (gh * grad.to(gh.dtype) if gh is not None else None,
-                gw * grad.to(gw.dtype) if gw is not None else None, None, None)
-
-
-def chunked_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int = 1024) -> Tensor:
-    """Mean token cross-entropy of the logits hidden @ weight.T, never materialising them whole."""
-    return _ChunkedLinearCE.apply(hidden, weight, labels, int(chunk))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,13 +47,14 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
 
 from revengine.models import BLOCK_TYPES, RevMoEConfig, RevMoEForCausalLM
-from revengine.models.modeling import AttnBranch, MoEBranch, RevFFNLayer
+from revengine.models.blocks import AttnBranch, MoEBranch
+from revengine.models.revffn import RevFFNLayer
 
 __all__ = ["from_hf", "to_hf", "upcycle", "init_revffn_adapters", "conversion_gap", "hf_family", "revmoe_config_from_hf",
            "hf_config_from_revmoe", "hf_parameter_map", "new_parameters", "load_hf", "read_model_config", "Family",

@@ -12,7 +12,7 @@ from revengine.convert import FAMILIES as FAMILY_TABLE, conversion_gap, from_hf,
 from revengine.models import BLOCK_TYPES as SCHEMES  # noqa: E402
 from revengine.models import RevMoEForCausalLM  # noqa: E402
 from revengine.models.layers import rope_tables  # noqa: E402
-from revengine.models.modeling import AttnBranch, MoEBranch  # noqa: E402
+from revengine.models.blocks import AttnBranch, MoEBranch  # noqa: E402
 
 FAMILIES = tuple(FAMILY_TABLE)
 CLASSES = {name: fam.hf_class for name, fam in FAMILY_TABLE.items()}

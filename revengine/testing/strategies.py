@@ -21,7 +21,7 @@ except ImportError as e:
     raise ImportError("revengine.testing.strategies needs hypothesis: pip install hypothesis "
                       "(or pip install 'revengine[test]')") from e
 
-from ..couplings import AdditiveCoupling, AffineCoupling, Coupling
+from ..couplings import AdditiveCoupling, AffineCoupling
 from ..sequential import Sequential
 
 FLOAT_DTYPES = (torch.float32, torch.float64)

@@ -1,0 +1,125 @@
+"""RevFFN's reversible layer and the fixed-point solver of its inverse.
+
+The attention branch reads the stream it updates (queries from x1), so x1 = y1 - F(x1, x2) has no
+closed form: the inverse iterates it to a fixed point, which exists while F is a contraction in x1.
+A layer that stops being one can keep its input instead (fixed_point_fallback="store").
+"""
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from revengine import side
+from revengine.couplings import Coupling
+
+from .blocks import AttnBranch, MoEBranch, attention_call
+from .config import RevMoEConfig
+
+Tensor = torch.Tensor
+
+
+class RevFFNLayer(Coupling):
+    """RevFFN's layer on two d/2 streams:
+
+        y1 = x1 + D_a(Attn(norm(U_q x1), kv = norm(U_kv x2)))   queries from x1, keys/values from x2
+        y2 = x2 + D_m(MoE(norm(U_m y1)))
+
+    U_* (d/2 -> d) and D_* (d -> d/2) are the projection adapters that let full-width (pretrained)
+    attention and MoE weights run on half-width streams. The attention branch reads the stream
+    it updates, so its inverse solves x1 = y1 - F(x1, x2) by fixed-point iteration; it converges
+    when F is a contraction in x1 (small adapters). Each inverse records its iteration count and
+    relative residual in `fixed_point_stats`; one that does not reach the tolerance raises (or
+    warns, with fixed_point_fallback="warn"). With fixed_point_fallback="store" the forward checks
+    the inverse right away and a layer whose inverse would not converge keeps its left input x1
+    (half a checkpoint for that layer; `fixed_point_stats["stored"]`), so training goes on exact.
+    """
+
+    def __init__(self, config: RevMoEConfig, layer_idx: int):
+        super().__init__()
+        d, half = config.hidden_size, config.hidden_size // 2
+        self.layer_idx = layer_idx
+        self.attn = AttnBranch(config, layer_idx)
+        self.moe = MoEBranch(config)
+        self.up_q = nn.Linear(half, d, bias=False)
+        self.up_kv = nn.Linear(half, d, bias=False)
+        self.down_attn = nn.Linear(d, half, bias=False)
+        self.up_moe = nn.Linear(half, d, bias=False)
+        self.down_moe = nn.Linear(d, half, bias=False)
+        self.iters, self.tol, self.fallback = config.fixed_point_iters, config.fixed_point_tol, config.fixed_point_fallback
+        self.fixed_point_stats = {"iterations": 0, "residual": 0.0, "calls": 0}
+        self.recompute = bool(config.attention_recompute)
+
+    def attn_increment(self, x1: Tensor, x2: Tensor, **ctx) -> Tensor:
+        norm = self.attn.input_layernorm
+        return self.down_attn(self.attn.self_attn(norm(self.up_q(x1)), kv=norm(self.up_kv(x2)), **ctx))
+
+    def moe_increment(self, y1: Tensor, **ctx) -> Tensor:
+        return self.down_moe(self.moe(self.up_moe(y1), **ctx))
+
+    def _tolerance(self, x: Tensor) -> float:
+        if self.tol is not None:
+            return float(self.tol)
+        # A few hundred ulps of the precision F is computed in (the autocast dtype under autocast):
+        # below that the iteration only stirs rounding noise.
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        return {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+
+    def solve_x1(self, y1, x2, **ctx):
+        """x1 with x1 + F(x1, x2) = y1: (x1, relative residual, iterations)."""
+        tol = self._tolerance(y1)
+        scale = y1.abs().max().clamp_min(1.0)
+        # Damped fixed-point iteration x <- x + w (y1 - F(x, x2) - x). w = 1 is the plain iteration;
+        # w halves whenever the residual grows, which turns an oscillating divergence (dF/dx1 with
+        # eigenvalues beyond 1) into a convergent one.
+        x1, residual, prev, w, n = y1, float("inf"), float("inf"), 1.0, 0
+        for n in range(1, self.iters + 1):
+            step = y1 - self.attn_increment(x1, x2, **ctx) - x1
+            residual = float(step.abs().max() / scale)
+            if not math.isfinite(residual):
+                break
+            if residual > prev:
+                w = max(w * 0.5, 1.0 / 64)
+            prev = residual
+            x1 = x1 + step if w == 1.0 else x1 + w * step
+            if residual <= tol:
+                break
+        return x1, residual, n
+
+    def forward(self, x1, x2, **ctx):
+        y1 = x1 + attention_call(self.recompute, self.attn_increment, x1, x2, **ctx)
+        if self.fallback == "store" and side.is_recording():
+            # Recording for a reversible backward: check now that the inverse will converge; a
+            # layer whose branch is not a contraction keeps its left input instead.
+            tol = self._tolerance(y1)
+            with torch.no_grad():
+                x1_solved, residual, _ = self.solve_x1(y1, x2, **ctx)
+                error = float((x1_solved - x1).abs().max() / y1.abs().max().clamp_min(1.0))
+            # A margin: backward solves from a reconstructed y1, a few ulps off this one.
+            self.fixed_point_stats["stored"] = not (residual <= tol / 4 and error <= tol)
+            if self.fixed_point_stats["stored"]:
+                side.save(self, x1, "x1")
+        return y1, x2 + self.moe_increment(y1, **ctx)
+
+    def inverse(self, y1, y2, **ctx):
+        x2 = y2 - self.moe_increment(y1, **ctx)
+        if self.fallback == "store" and side.is_replaying():
+            stored = side.load(self, "x1")
+            if stored is not None:
+                return stored.clone(), x2
+        tol = self._tolerance(y1)
+        x1, residual, n = self.solve_x1(y1, x2, **ctx)
+        st = self.fixed_point_stats
+        st["iterations"], st["residual"], st["calls"] = n, residual, st["calls"] + 1
+        if not residual <= tol:
+            msg = (f"revengine: RevFFN layer {self.layer_idx}: the fixed-point inverse of the attention branch did not "
+                   f"converge: relative residual {residual:.3g} after {n} iterations (tolerance {tol:.3g}). The "
+                   "branch is not a contraction in the stream it updates: keep the adapters small, raise "
+                   "fixed_point_iters, use fixed_point_fallback='store', block_type='additive' or "
+                   "reversible_mode='checkpoint'")
+            if self.fallback == "error":
+                raise RuntimeError(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        return x1, x2
