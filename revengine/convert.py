@@ -331,11 +331,22 @@ def from_hf(model_or_path, scheme: str = "revffn", reversible_mode: str = "rever
             adapter_init: str = "coordinate", adapter_scale: float = 1.0, **config_overrides):
     """A RevMoEForCausalLM holding copies of an HF MoE causal LM's weights.
 
-    model_or_path: a MixtralForCausalLM / Qwen2MoeForCausalLM / Qwen3MoeForCausalLM / OlmoeForCausalLM
-    instance, or a path / hub id that AutoModelForCausalLM loads. scheme: the reversible layer
-    (RevMoEConfig.block_type). config_overrides: further RevMoEConfig fields (e.g. exact=True,
-    moe_chunk_size); overriding a shape field makes the copy fail with a ValueError naming the tensor.
-    The result has the source's dtype and device. The source model is not modified.
+    Args:
+        model_or_path: a MixtralForCausalLM / Qwen2MoeForCausalLM / Qwen3MoeForCausalLM /
+            OlmoeForCausalLM instance, or a folder that `load_hf` loads (in its own dtype).
+        scheme: the reversible layer, one of `revengine.models.BLOCK_TYPES` (RevMoEConfig.block_type).
+        reversible_mode: "reversible", "checkpoint" or "plain" (`revengine.MODES`).
+        adapter_init, adapter_scale: RevFFN's projection adapters (see `init_revffn_adapters`).
+        **config_overrides: further RevMoEConfig fields (e.g. exact=True, moe_chunk_size).
+
+    Returns:
+        The converted model, with the source's dtype, device and train/eval mode. The source
+        model is not modified: every tensor is copied.
+
+    Raises:
+        ValueError: an unknown scheme, an unsupported architecture or feature (named), or a
+            config override that changes a shape (the message names the tensor).
+        TypeError: model_or_path is neither a model nor a path.
     """
     if scheme not in BLOCK_TYPES:
         raise ValueError(f"from_hf: scheme must be one of {BLOCK_TYPES}, got {scheme!r}")

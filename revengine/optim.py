@@ -39,6 +39,30 @@ CLIP_MODES = ("per_tensor", "global")
 
 
 class InBackwardOptimizer:
+    """Steps every parameter inside backward, as soon as its gradient is complete, then frees it.
+
+    Args:
+        params: the parameters to train (those that do not require grad are skipped; param
+            groups are refused: there is one optimizer per parameter).
+        optimizer_cls: a torch.optim class whose update of a parameter reads only that
+            parameter's gradient and state (AdamW, Adam, SGD, torchao's low-bit AdamW, ...).
+        max_grad_norm: clip gradients to this norm (None: no clipping).
+        clip: "per_tensor" (each gradient on its own, inside backward) or "global" (exactly
+            `clip_grad_norm_`, with `step_two_pass`: one more forward + backward).
+        grad_accumulation: must be 1 (every backward is a step).
+        **optimizer_kwargs: passed to every optimizer_cls instance (lr, weight_decay, ...).
+
+    Raises:
+        ValueError: grad_accumulation != 1, no parameter requires grad, an unknown clip mode,
+            max_grad_norm <= 0, or parameters that already hold gradients.
+        TypeError: param groups (dicts) instead of parameters.
+
+    Example::
+
+        >>> opt = rev.optim.InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-4)
+        >>> model(ids, labels=ids).loss.backward()   # every parameter stepped; .grad stays None
+    """
+
     def __init__(self, params: Iterable[torch.nn.Parameter], optimizer_cls=torch.optim.AdamW, *,
                  max_grad_norm: Optional[float] = None, clip: str = "per_tensor", grad_accumulation: int = 1,
                  **optimizer_kwargs):
