@@ -43,20 +43,24 @@ def test_layers_contract_holds(tmp_path):
     assert "2 kept, 0 broken" in r.stdout
 
 
-def test_layers_contract_catches_a_core_module_importing_models(tmp_path):
-    pkg = _layout(tmp_path)
-    with open(pkg / "couplings.py", "a") as fh:
-        fh.write("\nimport revengine.models  # noqa\n")
+def _lint_with(tmp_path, edit):
+    """lint-imports on the installed layout after `edit(package_folder)`: it must fail."""
+    edit(_layout(tmp_path))
     r = _lint(tmp_path)
-    assert r.returncode != 0
-    assert "revengine.couplings -> revengine.models" in r.stdout, r.stdout
+    assert r.returncode != 0, r.stdout
+    return r.stdout
+
+
+def test_layers_contract_catches_a_core_module_importing_models(tmp_path):
+    def core_imports_models(pkg):
+        with open(pkg / "couplings.py", "a") as fh:
+            fh.write("\nimport revengine.models  # noqa\n")
+
+    assert "revengine.couplings -> revengine.models" in _lint_with(tmp_path, core_imports_models)
 
 
 def test_layers_contract_catches_an_undeclared_module(tmp_path):
-    pkg = _layout(tmp_path)
-    (pkg / "stray.py").write_text("x = 1\n")
-    r = _lint(tmp_path)
-    assert r.returncode != 0 and "stray" in r.stdout, r.stdout
+    assert "stray" in _lint_with(tmp_path, lambda pkg: (pkg / "stray.py").write_text("x = 1\n"))
 
 
 def test_import_revengine_loads_no_models_transformers_or_hypothesis():
