@@ -1,5 +1,5 @@
 """revengine.Sequential: a stack of reversible layers run by the C++ executor."""
-from typing import Optional, Sequence, Tuple, Union
+from typing import Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -16,6 +16,53 @@ Tensor = torch.Tensor
 MODES = ("reversible", "checkpoint", "plain")
 SPLITS = ("halves", "duplicate")
 MERGES = ("cat", "mean", "last", None)
+
+
+def _check_coupling(i: int, layer, exact: bool = False) -> None:
+    """The checks a layer passes to join a stack at index i (constructor, append, insert, ...)."""
+    if not isinstance(layer, Coupling):
+        raise TypeError(
+            f"revengine.Sequential: layer {i} ({type(layer).__name__}) is not a reversible coupling; "
+            "wrap it, e.g. revengine.AdditiveCoupling(f, g), or subclass revengine.Coupling"
+        )
+    if exact and not layer._executor_layer().supports_exact:
+        raise ValueError(
+            f"revengine.Sequential: exact=True needs layers that only add and subtract increments, "
+            f"but layer {i} ({type(layer).__name__}) does not support it"
+        )
+
+
+class LayerList(nn.ModuleList):
+    """The nn.ModuleList behind Sequential.layers, which checks every layer added to it.
+
+    A plain ModuleList would accept any module, and the executor would only fail on it at the
+    next forward, with an error about its internals. Keys stay "0", "1", ... (state_dict keys
+    ``layers.0. ...`` as with a ModuleList).
+    """
+
+    def __init__(self, modules: Optional[Iterable[nn.Module]] = None, exact: bool = False):
+        super().__init__()
+        self.exact = bool(exact)  # the owning stack's exact: its layers must support it
+        if modules is not None:
+            self.extend(modules)
+
+    def append(self, module: nn.Module) -> "LayerList":
+        _check_coupling(len(self), module, self.exact)
+        return super().append(module)
+
+    def extend(self, modules: Iterable[nn.Module]) -> "LayerList":
+        modules = list(modules)  # check all before adding any
+        for k, module in enumerate(modules):
+            _check_coupling(len(self) + k, module, self.exact)
+        return super().extend(modules)
+
+    def insert(self, index: int, module: nn.Module) -> None:
+        _check_coupling(index, module, self.exact)
+        super().insert(index, module)
+
+    def __setitem__(self, idx: int, module: nn.Module) -> None:
+        _check_coupling(int(self._get_abs_string_index(idx)), module, self.exact)  # names layer 3, not -1
+        super().__setitem__(idx, module)
 
 
 class Sequential(nn.Module):
@@ -59,11 +106,7 @@ class Sequential(nn.Module):
         if len(layers) == 1 and isinstance(layers[0], (list, tuple, nn.ModuleList)):
             layers = tuple(layers[0])
         for i, layer in enumerate(layers):
-            if not isinstance(layer, Coupling):
-                raise TypeError(
-                    f"revengine.Sequential: layer {i} ({type(layer).__name__}) is not a reversible coupling; "
-                    "wrap it, e.g. revengine.AdditiveCoupling(f, g), or subclass revengine.Coupling"
-                )
+            _check_coupling(i, layer)
         if mode not in MODES:
             raise ValueError(f"revengine.Sequential: mode must be one of {MODES}, got {mode!r}")
         if split not in SPLITS:
@@ -72,14 +115,7 @@ class Sequential(nn.Module):
             raise ValueError(f"revengine.Sequential: merge must be one of {MERGES}, got {merge!r}")
         if exact and not 0 <= int(exact_bits) <= 52:
             raise ValueError(f"revengine.Sequential: exact_bits must be in [0, 52], got {exact_bits}")
-        if exact:
-            for i, layer in enumerate(layers):
-                if not layer._executor_layer().supports_exact:
-                    raise ValueError(
-                        f"revengine.Sequential: exact=True needs layers that only add and subtract increments, "
-                        f"but layer {i} ({type(layer).__name__}) does not support it"
-                    )
-        self.layers = nn.ModuleList(layers)
+        self.layers = LayerList(layers, exact=bool(exact))
         self.split, self.merge, self.mode = split, merge, mode
         self.exact, self.exact_bits = bool(exact), int(exact_bits)
         self.check_finite, self.preserve_rng_state = bool(check_finite), bool(preserve_rng_state)
@@ -94,8 +130,34 @@ class Sequential(nn.Module):
         # a copy starts without one, as a fresh Sequential does.
         return {**super().__getstate__(), "last_report": None}
 
+    # -- the layers as a sequence (as torch.nn.Sequential) -------------------------------------
+
     def __len__(self) -> int:
         return len(self.layers)
+
+    def __iter__(self) -> Iterator[Coupling]:
+        return iter(self.layers)
+
+    def __getitem__(self, idx: Union[int, slice]) -> Union[Coupling, "Sequential"]:
+        """stack[i] is the i-th coupling; stack[a:b] a new Sequential over the same coupling
+        modules (parameters shared, not copied) with this stack's settings."""
+        if isinstance(idx, slice):
+            return Sequential(
+                list(self.layers)[idx], split=self.split, merge=self.merge, mode=self.mode,
+                exact=self.exact, exact_bits=self.exact_bits, check_finite=self.check_finite,
+                preserve_rng_state=self.preserve_rng_state, debug=self.debug, debug_tol=self.debug_tol,
+            )
+        return self.layers[idx]
+
+    def append(self, layer: Coupling) -> "Sequential":
+        """Adds a coupling at the end, checked as the constructor checks it. Returns self."""
+        self.layers.append(layer)
+        return self
+
+    def extend(self, layers: Iterable[Coupling]) -> "Sequential":
+        """Adds couplings at the end (all checked before any is added). Returns self."""
+        self.layers.extend(layers)
+        return self
 
     def compile_blocks(self, fullgraph: bool = True, **compile_kwargs) -> "Sequential":
         """Compiles every layer's sub-modules (F and G of a coupling) in place: each one's forward
