@@ -575,6 +575,47 @@ def test_output_modified_in_place_is_detected():
         (y1.sum() + y2.sum()).backward()
 
 
+def test_executor_errors_have_their_own_classes():
+    # Raised by the C++ executor, inside loss.backward() (the autograd engine) or Sequential.inverse.
+    assert issubclass(rev.ReconstructionError, rev.ReversibleError) and issubclass(rev.RecomputeError, rev.ReversibleError)
+    assert issubclass(rev.ReversibleError, RuntimeError)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    seq = rev.Sequential(make_layer("additive", 4), NotInvertible(), debug=True)
+    with pytest.raises(rev.ReconstructionError, match=r"layer 1 \(NotInvertible\) did not invert") as info:
+        seq(x).sum().backward()
+    assert isinstance(info.value, RuntimeError)
+
+    class NanInverse(rev.Coupling):
+        def forward(self, x1, x2):
+            return x1, x2
+
+        def inverse(self, y1, y2):
+            return y1 * math.nan, y2
+
+    seq = rev.Sequential(make_layer("additive", 4), NanInverse())
+    with pytest.raises(rev.ReconstructionError, match=r"non-finite value \(NaN or Inf\) in the input of layer 1 \(NanInverse\) reconstructed during backward"):
+        seq(x).sum().backward()
+    with pytest.raises(rev.ReconstructionError, match=r"layer 1 \(NanInverse\) reconstructed by inverse\(\)"):
+        seq.inverse(seq(x))
+
+    seq = stack("additive", 2, 4, merge=None)
+    y1, y2 = seq(x)
+    with torch.no_grad():
+        y2.mul_(2)
+    with pytest.raises(rev.RecomputeError, match="modified in place"):
+        (y1.sum() + y2.sum()).backward()
+    loss = seq(x)[0].sum()
+    loss.backward()
+    with pytest.raises(rev.RecomputeError, match="second time"):
+        loss.backward()
+    with pytest.raises(rev.RecomputeError, match="double backward"):
+        torch.autograd.grad(seq(x)[0].sum(), x, create_graph=True)
+    # Misuse the executor finds in forward stays a plain RuntimeError.
+    with pytest.raises(RuntimeError, match="must match in shape") as info:
+        rev.Sequential(make_layer("additive", 4))._forward_reversible(x[:, :4], x[:1, :4], {})
+    assert not isinstance(info.value, rev.ReversibleError)
+
+
 def test_non_coupling_layer_and_bad_options():
     with pytest.raises(TypeError, match="not a reversible coupling"):
         rev.Sequential(torch.nn.Linear(4, 4))
@@ -601,3 +642,4 @@ def test_deepcopy_and_pickle_after_a_debug_run():
             assert torch.equal(a, b) and a is not b
         x = torch.randn(2, 8, dtype=torch.float64)
         assert max_grad_err(run_step(other, x), run_step(seq, x)) == 0.0
+
