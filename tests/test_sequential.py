@@ -643,3 +643,11 @@ def test_deepcopy_and_pickle_after_a_debug_run():
         x = torch.randn(2, 8, dtype=torch.float64)
         assert max_grad_err(run_step(other, x), run_step(seq, x)) == 0.0
 
+
+@pytest.mark.parametrize("module", ["revengine.sequential", "revengine.couplings", "revengine.recompute"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), verbose=False)
+    assert result.attempted > 0 and result.failed == 0
