@@ -10,6 +10,7 @@
 #include <sstream>
 #include <unordered_map>
 
+#include "errors.h"
 #include "ops.h"
 
 namespace revengine {
@@ -275,16 +276,16 @@ variable_list RevNode::apply(variable_list&& grads) {
   const auto& layers = st.layers;
   const size_t L = layers.size();
   const std::string label = layer_label(layers, index_);
-  TORCH_CHECK(!at::GradMode::is_enabled(),
+  REVENGINE_CHECK(RecomputeError, !at::GradMode::is_enabled(),
               "revengine: double backward (create_graph=True) through a reversible stack is not "
               "supported; use mode=\"checkpoint\" or mode=\"plain\" for higher-order gradients");
   Streams& s = st.streams;
   if (index_ == L - 1) {
-    TORCH_CHECK(st.final_a.defined(),
+    REVENGINE_CHECK(RecomputeError, st.final_a.defined(),
                 "revengine: trying to backward through a reversible stack a second time after its "
                 "saved outputs were freed; pass retain_graph=True to the first backward");
     if (!st.opts.exact) {
-      TORCH_CHECK(st.final_a._version() == st.version_a && st.final_b._version() == st.version_b,
+      REVENGINE_CHECK(RecomputeError, st.final_a._version() == st.version_a && st.final_b._version() == st.version_b,
                   "revengine: an output of the reversible stack was modified in place after the "
                   "forward; its backward reconstructs the inputs from the outputs, so clone the "
                   "output before changing it");
@@ -326,7 +327,7 @@ variable_list RevNode::apply(variable_list&& grads) {
     r = layers[index_]->backward(s, dya, dyb, st.ctx, rec_mut, needs);
   }
   rec_mut.side_grads.clear();
-  TORCH_CHECK(r.finite, "revengine: non-finite value (NaN or Inf) in the input of ", label,
+  REVENGINE_CHECK(ReconstructionError, r.finite, "revengine: non-finite value (NaN or Inf) in the input of ", label,
               " reconstructed during backward. The forward may have overflowed, or the layer's "
               "inverse amplifies error (e.g. a small lam/beta). Sequential(..., debug=True) compares "
               "each reconstruction with the true input.");
@@ -338,7 +339,7 @@ variable_list RevNode::apply(variable_list&& grads) {
     st.report->reconstruction_errors[index_] = err;
     double tol = st.opts.debug_tol >= 0 ? st.opts.debug_tol : default_debug_tol(s.dtype);
     double scale = std::max(1.0, rec.debug_a.abs().max().item<double>());
-    TORCH_CHECK(err <= tol * scale, "revengine: ", label, " did not invert its forward: the "
+    REVENGINE_CHECK(ReconstructionError, err <= tol * scale, "revengine: ", label, " did not invert its forward: the "
                 "reconstructed input differs from the true input by ", err, " (tolerance ",
                 tol * scale, "). Check that its inverse undoes its forward (revengine.testing.check_layer).");
   }
@@ -541,7 +542,7 @@ std::pair<at::Tensor, at::Tensor> reversible_inverse(const std::vector<LayerPtr>
   Streams s = make_streams(ya, yb, opts);
   for (size_t k = layers.size(); k-- > 0;) {
     bool finite = layers[k]->inverse(s, ctx);
-    TORCH_CHECK(finite, "revengine: non-finite value (NaN or Inf) in the input of ", layer_label(layers, k),
+    REVENGINE_CHECK(ReconstructionError, finite, "revengine: non-finite value (NaN or Inf) in the input of ", layer_label(layers, k),
                 " reconstructed by inverse()");
   }
   return {s.value(s.a), s.value(s.b)};

@@ -1,6 +1,9 @@
 // Python bindings: adapts Python callables / nn.Modules to the executor's Fn and Layer interfaces.
+#include <pybind11/gil_safe_call_once.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
+#include "errors.h"
 #include "executor.h"
 #include "layers.h"
 #include "ops.h"
@@ -283,6 +286,52 @@ class PyHookedLayer : public Layer {
   PyRef mod_;
 };
 
+// -- the executor's errors as revengine.errors' Python classes ---------------------------------
+// Most errors reach Python through torch rather than through this module's functions: those
+// raised in backward cross the autograd engine, which keeps the thrown object (as an
+// exception_ptr) and rethrows it in the caller of loss.backward(), where torch's handler turns
+// c10::Error into RuntimeError and a torch::PyTorchError into the class its python_type() names.
+// So the hook throws a PyTorchError; a translator does the same for this module's own functions.
+
+struct ErrorClasses {
+  PyObject* reconstruction;
+  PyObject* recompute;
+};
+
+// revengine.errors, imported on the first error (it imports nothing, and the classes it holds
+// live as long as the interpreter). Call with the GIL.
+const ErrorClasses& error_classes() {
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<ErrorClasses> storage;
+  return storage
+      .call_once_and_store_result([] {
+        py::module_ errors = py::module_::import("revengine.errors");
+        return ErrorClasses{py::object(errors.attr("ReconstructionError")).release().ptr(),
+                            py::object(errors.attr("RecomputeError")).release().ptr()};
+      })
+      .get_stored();
+}
+
+struct PythonReversibleError : torch::PyTorchError {
+  PythonReversibleError(std::string msg, PyObject* type) : torch::PyTorchError(std::move(msg)), type_(type) {}
+  PyObject* python_type() override { return type_; }
+  PyObject* type_;  // a class of revengine.errors (never freed)
+};
+
+void raise_python_error(const ReversibleError& error) {
+  PyObject* type = nullptr;
+  {
+    py::gil_scoped_acquire gil;  // backward runs without the GIL
+    try {
+      const ErrorClasses& classes = error_classes();
+      type = dynamic_cast<const ReconstructionError*>(&error) ? classes.reconstruction : classes.recompute;
+    } catch (py::error_already_set& e) {
+      return;  // revengine.errors cannot be imported: the C++ error (a RuntimeError) is thrown
+    }
+  }
+  // Without the C++ backtrace, as torch shows a c10::Error when TORCH_SHOW_CPP_STACKTRACES is off.
+  throw PythonReversibleError(error.what_without_backtrace(), type);
+}
+
 ExecOptions make_options(bool exact, int64_t frac_bits, bool check_finite, bool preserve_rng, bool debug,
                          double debug_tol) {
   ExecOptions o;
@@ -306,6 +355,14 @@ Ctx make_ctx(std::vector<at::Tensor> tensors, py::object builder) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "revengine C++ executor and kernels";
+  set_error_hook(&raise_python_error);
+  py::register_local_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (PythonReversibleError& e) {
+      PyErr_SetString(e.python_type(), e.what());
+    }
+  });
   m.attr("SOURCE_HASH") = REVENGINE_SOURCE_HASH;
   m.attr("TORCH_VERSION") = TORCH_VERSION;
 

@@ -8,6 +8,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _ext  # noqa: F401  (loads and checks the C++ extension)
 from .couplings import AdditiveCoupling, AffineCoupling, Coupling
+from .errors import RecomputeError, ReconstructionError, ReversibleError
 from .integrators import BDIA, EulerStart, Hamiltonian, Leapfrog, Midpoint, StochasticMidpoint
 from .recompute import is_recomputing
 from .sequential import MODES, Sequential
@@ -24,6 +25,9 @@ __all__ = [
     "Hamiltonian",
     "Leapfrog",
     "Midpoint",
+    "RecomputeError",
+    "ReconstructionError",
+    "ReversibleError",
     "StochasticMidpoint",
     "MODES",
     "Sequential",

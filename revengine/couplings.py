@@ -30,7 +30,41 @@ def quantize_ste(inc: Tensor, bits: int, factor: Optional[Tensor] = None) -> Ten
 
 
 class Coupling(nn.Module):
-    """Base class of reversible two-stream layers (see the module docstring for the protocol)."""
+    r"""Base class of reversible two-stream layers: the protocol for your own couplings.
+
+    Subclass it and implement ``forward(x1, x2, **ctx) -> (y1, y2)`` and
+    ``inverse(y1, y2, **ctx) -> (x1, x2)`` with ordinary torch ops; both keep the streams'
+    shape, dtype and device. In ``mode="reversible"`` backward calls ``inverse`` (without grad)
+    on the layer's output to get its input back, then re-runs ``forward`` with grad, with the
+    RNG state the forward saw (``preserve_rng_state``); ``inverse`` gets no RNG replay, so it
+    must not draw random numbers (dropout) that the forward did not. ``ctx`` holds the keyword
+    arguments given to the stack's forward. Implement ``forward_exact(x1, x2, bits, **ctx)``
+    too to allow ``exact=True``. Check a coupling with :func:`revengine.testing.check_layer`,
+    or run the stack with ``debug=True``.
+
+    Raises:
+        NotImplementedError: ``inverse`` was not implemented.
+        ValueError: ``forward_exact`` (exact=True) was not implemented.
+        RuntimeError: (from the stack) ``forward`` changed the streams' shape, dtype or device.
+        ReconstructionError: (from the stack, in backward) ``inverse`` returned NaN or Inf, or,
+            with ``debug=True``, did not give back the layer's input.
+
+    Example::
+
+        >>> import torch, revengine as rev
+        >>> class Shift(rev.Coupling):
+        ...     def __init__(self, width):
+        ...         super().__init__()
+        ...         self.f = torch.nn.Linear(width, width)
+        ...     def forward(self, x1, x2):
+        ...         return x1 + self.f(x2), x2
+        ...     def inverse(self, y1, y2):
+        ...         return y1 - self.f(y2), y2
+        >>> stack = rev.Sequential(Shift(4), Shift(4))
+        >>> stack(torch.randn(2, 8, requires_grad=True)).sum().backward()
+        >>> rev.testing.check_layer(Shift(4).double(), torch.randn(2, 8, dtype=torch.float64)).ok()
+        True
+    """
 
     def forward(self, x1: Tensor, x2: Tensor, **ctx) -> Tuple[Tensor, Tensor]:  # pragma: no cover
         raise NotImplementedError
@@ -64,11 +98,36 @@ def _module_or_callable(fn, name: str):
 
 
 class AdditiveCoupling(Coupling):
-    """y1 = lam*x1 + f(x2); y2 = beta*x2 + g(y1)   (RevNet / Reformer; lam, beta from MEFT).
+    r"""y1 = lam*x1 + f(x2); y2 = beta*x2 + g(y1)   (RevNet / Reformer; lam, beta from MEFT).
 
-    f and g are any modules taking (tensor, **ctx) and returning a tensor of the same shape.
-    A scale below 1 amplifies reconstruction error by 1/scale per layer: measure it with
-    `check_layer` before training deep stacks with MEFT's lam=0.1.
+    Its backward is fused in C++: reconstructing each stream and recomputing its increment are
+    one evaluation of f or g, so a layer costs one extra forward in backward, as with
+    checkpointing. A scale below 1 amplifies reconstruction error by 1/scale per layer: measure
+    it with :func:`revengine.testing.check_layer` before training deep stacks with MEFT's
+    lam=0.1. ``exact=True`` needs lam = beta = 1.
+
+    Args:
+        f: a module or callable taking (x2, **ctx) and returning an increment shaped like x1.
+        g: the same for the second stream, called on y1.
+        lam: the scale of x1 (finite, non-zero).
+        beta: the scale of x2 (finite, non-zero).
+
+    Returns:
+        Called as ``layer(x1, x2, **ctx)``: the tuple (y1, y2).
+
+    Raises:
+        TypeError: f or g is not callable.
+        ValueError: lam or beta is zero or not finite.
+
+    Example::
+
+        >>> import torch, revengine as rev
+        >>> layer = rev.AdditiveCoupling(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+        >>> x1, x2 = torch.randn(2, 4), torch.randn(2, 4)
+        >>> y1, y2 = layer(x1, x2)
+        >>> a, b = layer.inverse(y1, y2)
+        >>> torch.allclose(a, x1, atol=1e-6) and torch.allclose(b, x2, atol=1e-6)
+        True
     """
 
     def __init__(self, f: Callable, g: Callable, lam: float = 1.0, beta: float = 1.0):
@@ -112,10 +171,36 @@ class AdditiveCoupling(Coupling):
 
 
 class AffineCoupling(Coupling):
-    """y1 = x1*exp(s(f_scale(x2))) + f_shift(x2); y2 = x2*exp(s(g_scale(y1))) + g_shift(y1).
+    r"""y1 = x1*exp(s(f_scale(x2))) + f_shift(x2); y2 = x2*exp(s(g_scale(y1))) + g_shift(y1).
 
-    s(r) = c*tanh(r/c) bounds the log-scale to (-c, c) (c = `clamp`), so the inverse never
-    divides by a vanishing scale (RealNVP / Glow style, with a soft clamp).
+    s(r) = c*tanh(r/c) bounds the log-scale to (-c, c) (c = ``clamp``), so the inverse never
+    divides by a vanishing scale (RealNVP / Glow style, with a soft clamp). Its backward is
+    fused in C++ like :class:`AdditiveCoupling`'s. It multiplies, so it does not support
+    ``exact=True``.
+
+    Args:
+        f_scale, f_shift: modules or callables taking (x2, **ctx) and returning a tensor shaped
+            like x1: the raw log-scale and the shift of the first stream.
+        g_scale, g_shift: the same for the second stream, called on y1.
+        clamp: c, the bound of the log-scale (positive).
+
+    Returns:
+        Called as ``layer(x1, x2, **ctx)``: the tuple (y1, y2).
+
+    Raises:
+        TypeError: one of the four functions is not callable.
+        ValueError: clamp is not positive.
+
+    Example::
+
+        >>> import torch, revengine as rev
+        >>> lin = lambda: torch.nn.Linear(4, 4)
+        >>> layer = rev.AffineCoupling(lin(), lin(), lin(), lin(), clamp=1.0)
+        >>> stack = rev.Sequential(layer, layer)  # the same layer twice: shared parameters
+        >>> x = torch.randn(2, 8)
+        >>> with torch.no_grad():
+        ...     print(torch.allclose(stack.inverse(stack(x)), x, atol=1e-5))
+        True
     """
 
     def __init__(self, f_scale, f_shift, g_scale, g_shift, clamp: float = 2.0):

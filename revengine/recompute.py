@@ -8,9 +8,29 @@ _local = threading.local()
 
 
 def is_recomputing() -> bool:
-    """True while revengine re-runs a layer inside backward (reversible and checkpoint modes).
+    r"""Whether revengine is re-running a layer inside backward (reversible and checkpoint modes).
 
-    Modules with side effects (running statistics, caches, counters) can skip them then.
+    In those modes backward runs each layer's stream functions a second time. Modules with side
+    effects (counters, caches) can check this to do them once. (The buffers of re-run modules,
+    such as BatchNorm's running statistics, are already protected: the re-run updates copies.)
+
+    Returns:
+        True during that re-run (on the thread running it), False otherwise, including during
+        the forward and in ``mode="plain"``.
+
+    Example::
+
+        >>> import torch, revengine as rev
+        >>> class Counted(torch.nn.Linear):
+        ...     calls = 0
+        ...     def forward(self, x):
+        ...         if not rev.is_recomputing():
+        ...             Counted.calls += 1
+        ...         return super().forward(x)
+        >>> stack = rev.Sequential(rev.AdditiveCoupling(Counted(4, 4), Counted(4, 4)))
+        >>> stack(torch.randn(2, 8, requires_grad=True)).sum().backward()
+        >>> Counted.calls  # f and g once each, not again in backward
+        2
     """
     return _ext._C.is_recomputing() or getattr(_local, "depth", 0) > 0
 

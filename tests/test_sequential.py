@@ -388,6 +388,92 @@ def test_memory_of_intermediate_outputs_is_not_kept():
     assert nodes == 16
 
 
+# --- the layers as a sequence ------------------------------------------------------------------------
+
+def test_iteration_indexing_and_slicing():
+    seq = stack("additive", 5, 4, merge="mean", exact=True, exact_bits=20, check_finite=False,
+                preserve_rng_state=False, debug=True)
+    layers = list(seq.layers)
+    assert len(seq) == 5 and list(seq) == layers
+    assert seq[0] is layers[0] and seq[-1] is layers[4] and seq[2] is layers[2]
+    with pytest.raises(IndexError):
+        seq[5]
+    tail = seq[2:]
+    assert type(tail) is rev.Sequential and tail is not seq and len(tail) == 3
+    assert all(a is b for a, b in zip(tail, layers[2:]))  # the same modules, not copies
+    assert list(seq[::2]) == layers[::2] and len(seq[5:]) == 0
+    settings = ("split", "merge", "mode", "exact", "exact_bits", "check_finite", "preserve_rng_state", "debug")
+    assert all(getattr(tail, k) == getattr(seq, k) for k in settings)
+    assert tail.layers.exact  # a slice of an exact stack checks what is appended to it too
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_slices_run_in_sequence_like_the_whole_stack(kind):
+    seq = stack(kind, 6, 4)
+    head, tail = seq[:2], seq[2:]
+    x0 = torch.randn(3, 8, dtype=torch.float64)
+    ref = run_step(same_layers(seq, "plain"), x0)
+
+    def two_stacks(x):
+        return tail(head(x))
+
+    two_stacks.parameters = seq.parameters  # run_step reads the grads of the whole stack
+    got = run_step(two_stacks, x0)
+    assert rel_err(got[0], ref[0]) <= 1e-10
+    assert max_grad_err(got, ref) <= 1e-10
+    with torch.no_grad():
+        assert (head.inverse(tail.inverse(seq(x0))) - x0).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["reversible", "checkpoint", "plain"])
+def test_appended_layers_run_in_every_mode(mode):
+    seq = stack("additive", 2, 4, mode=mode)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    run_step(seq, x)  # a forward before the append: nothing may be cached per stack
+    seq.append(make_layer("affine", 4)).extend([make_layer("user", 4), make_layer("meft", 4)])
+    seq.layers.append(make_layer("additive", 4))
+    seq.layers.insert(0, make_layer("additive", 4))
+    seq.layers[1] = make_layer("additive", 4)
+    assert len(seq) == 7
+    ref = run_step(same_layers(seq, "plain"), x)
+    got = run_step(seq, x)
+    assert rel_err(got[0], ref[0]) <= 1e-10 and max_grad_err(got, ref) <= 1e-10
+
+
+def test_append_and_extend_check_like_the_constructor():
+    seq = stack("additive", 2, 4)
+    for add in (seq.append, seq.layers.append, lambda m: seq.extend([make_layer("additive", 4), m]),
+                lambda m: seq.layers.extend([make_layer("additive", 4), m]), lambda m: seq.layers.insert(2, m),
+                lambda m: seq.layers.__setitem__(-1, m)):
+        with pytest.raises(TypeError, match=r"layer \d \(Linear\) is not a reversible coupling"):
+            add(torch.nn.Linear(4, 4))
+    assert len(seq) == 2  # a failed extend adds nothing
+    with pytest.raises(TypeError, match=r"layer 2 \(Linear\) is not a reversible coupling"):
+        seq.append(torch.nn.Linear(4, 4))
+    exact = stack("additive", 2, 4, exact=True)
+    with pytest.raises(ValueError, match=r"exact=True needs .* layer 2 \(AdditiveCoupling\) does not support it"):
+        exact.append(make_layer("meft", 4))
+    with pytest.raises(ValueError, match=r"layer 3 \(AffineCoupling\) does not support it"):
+        exact.layers.extend([make_layer("additive", 4), make_layer("affine", 4)])
+    with pytest.raises(ValueError, match=r"layer 1 \(AffineCoupling\) does not support it"):
+        exact[1:].append(make_layer("affine", 4))
+    assert len(exact) == 2
+
+
+def test_state_dict_keys_are_those_of_a_module_list():
+    layers = [make_layer("additive", 4) for _ in range(3)]
+    seq = rev.Sequential(*layers)
+    holder = torch.nn.Module()
+    holder.layers = torch.nn.ModuleList(layers)
+    assert list(seq.state_dict()) == list(holder.state_dict()) and "layers.2.g.fc2.bias" in seq.state_dict()
+    seq.append(make_layer("additive", 4))
+    assert "layers.3.f.fc1.weight" in seq.state_dict()
+    fresh = rev.Sequential(*[make_layer("additive", 4) for _ in range(4)])
+    fresh.load_state_dict(seq.state_dict())
+    x = torch.randn(2, 8, dtype=torch.float64)
+    assert torch.equal(fresh(x), seq(x))
+
+
 # --- bad input -------------------------------------------------------------------------------------
 
 def test_odd_width_is_a_clear_error():
@@ -489,6 +575,47 @@ def test_output_modified_in_place_is_detected():
         (y1.sum() + y2.sum()).backward()
 
 
+def test_executor_errors_have_their_own_classes():
+    # Raised by the C++ executor, inside loss.backward() (the autograd engine) or Sequential.inverse.
+    assert issubclass(rev.ReconstructionError, rev.ReversibleError) and issubclass(rev.RecomputeError, rev.ReversibleError)
+    assert issubclass(rev.ReversibleError, RuntimeError)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    seq = rev.Sequential(make_layer("additive", 4), NotInvertible(), debug=True)
+    with pytest.raises(rev.ReconstructionError, match=r"layer 1 \(NotInvertible\) did not invert") as info:
+        seq(x).sum().backward()
+    assert isinstance(info.value, RuntimeError)
+
+    class NanInverse(rev.Coupling):
+        def forward(self, x1, x2):
+            return x1, x2
+
+        def inverse(self, y1, y2):
+            return y1 * math.nan, y2
+
+    seq = rev.Sequential(make_layer("additive", 4), NanInverse())
+    with pytest.raises(rev.ReconstructionError, match=r"non-finite value \(NaN or Inf\) in the input of layer 1 \(NanInverse\) reconstructed during backward"):
+        seq(x).sum().backward()
+    with pytest.raises(rev.ReconstructionError, match=r"layer 1 \(NanInverse\) reconstructed by inverse\(\)"):
+        seq.inverse(seq(x))
+
+    seq = stack("additive", 2, 4, merge=None)
+    y1, y2 = seq(x)
+    with torch.no_grad():
+        y2.mul_(2)
+    with pytest.raises(rev.RecomputeError, match="modified in place"):
+        (y1.sum() + y2.sum()).backward()
+    loss = seq(x)[0].sum()
+    loss.backward()
+    with pytest.raises(rev.RecomputeError, match="second time"):
+        loss.backward()
+    with pytest.raises(rev.RecomputeError, match="double backward"):
+        torch.autograd.grad(seq(x)[0].sum(), x, create_graph=True)
+    # Misuse the executor finds in forward stays a plain RuntimeError.
+    with pytest.raises(RuntimeError, match="must match in shape") as info:
+        rev.Sequential(make_layer("additive", 4))._forward_reversible(x[:, :4], x[:1, :4], {})
+    assert not isinstance(info.value, rev.ReversibleError)
+
+
 def test_non_coupling_layer_and_bad_options():
     with pytest.raises(TypeError, match="not a reversible coupling"):
         rev.Sequential(torch.nn.Linear(4, 4))
@@ -515,3 +642,12 @@ def test_deepcopy_and_pickle_after_a_debug_run():
             assert torch.equal(a, b) and a is not b
         x = torch.randn(2, 8, dtype=torch.float64)
         assert max_grad_err(run_step(other, x), run_step(seq, x)) == 0.0
+
+
+@pytest.mark.parametrize("module", ["revengine.sequential", "revengine.couplings", "revengine.recompute"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), verbose=False)
+    assert result.attempted > 0 and result.failed == 0

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <iostream>
 
+#include "errors.h"
 #include "layers.h"
 #include "module_fn.h"
 
@@ -130,6 +131,42 @@ int main() {
     }
     expect(checked == bd && worst_rec == 0.0 && egrads[0].isfinite().all().item<bool>(),
            "BDIA exact (gamma 1/16): worst reconstruction error over 8 layers", worst_rec);
+  }
+
+  // The executor's errors arrive as their C++ types, also from inside the autograd engine.
+  {
+    auto res2 = reversible_forward(layers, x1, x2, Ctx{}, eo);
+    {
+      torch::NoGradGuard ng;
+      res2.a.add_(1);
+    }
+    bool recompute = false;
+    try {
+      grads_of(layers, res2.a, res2.b);
+    } catch (const RecomputeError& e) {
+      recompute = std::string(e.what()).find("modified in place") != std::string::npos;
+    }
+    expect(recompute, "output changed in place: RecomputeError", recompute);
+
+    ExecOptions dbg;
+    dbg.debug = true;
+    auto res3 = reversible_forward(layers, x1, x2, Ctx{}, dbg);
+    at::Tensor weight = fs[0]->parameters()[0];
+    {
+      torch::NoGradGuard ng;
+      weight.add_(0.5);  // layer 0's inverse no longer undoes the forward that ran
+    }
+    bool reconstruction = false;
+    try {
+      grads_of(layers, res3.a, res3.b);
+    } catch (const ReconstructionError& e) {
+      reconstruction = std::string(e.what()).find("layer 0 (AdditiveCoupling) did not invert") != std::string::npos;
+    }
+    {
+      torch::NoGradGuard ng;
+      weight.sub_(0.5);
+    }
+    expect(reconstruction, "debug reconstruction mismatch: ReconstructionError (a c10::Error)", reconstruction);
   }
 
   std::cout << (failures == 0 ? "all C++ executor checks passed" : "C++ executor checks FAILED") << std::endl;
