@@ -56,15 +56,18 @@ py::dict build_kwargs(const Ctx& ctx) {
   return e->builder.obj(ts).cast<py::dict>();
 }
 
-// Runs a Python call, turning a Python exception into a C++ one with the same text (so that it
-// can cross the autograd engine without holding Python objects).
+// Runs a Python call (GIL held), carrying a Python exception through C++ as torch's python_error:
+// it holds the exception object itself, which torch re-raises unchanged where the call came from
+// (also across the autograd engine), so a layer's ValueError or ReconstructionError keeps its class.
 template <typename F>
 auto guarded(F&& fn) -> decltype(fn()) {
   try {
     return fn();
   } catch (py::error_already_set& e) {
-    std::string msg = e.what();
-    throw std::runtime_error(msg);
+    e.restore();  // back to Python's error indicator, where python_error takes it from
+    python_error err;
+    err.persist();
+    throw err;
   }
 }
 

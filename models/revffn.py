@@ -12,6 +12,7 @@ from torch import nn
 
 from revengine import side
 from revengine.couplings import Coupling
+from revengine.errors import ReconstructionError
 
 from .blocks import AttnBranch, MoEBranch, attention_call
 from .config import RevMoEConfig
@@ -120,6 +121,6 @@ class RevFFNLayer(Coupling):
                    "fixed_point_iters, use fixed_point_fallback='store', block_type='additive' or "
                    "reversible_mode='checkpoint'")
             if self.fallback == "error":
-                raise RuntimeError(msg)
+                raise ReconstructionError(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return x1, x2

@@ -90,6 +90,14 @@ class Coupling(nn.Module):
         """The C++ layer the executor runs. User couplings run through their forward/inverse."""
         return _ext._C.PyCoupling(self, type(self).__name__)
 
+    def _built_layer(self, cpp_class, *args):
+        """cpp_class(*args), built once and rebuilt only when an argument changes: a module or
+        function replaced by another (compared by identity), or a number set to a new value."""
+        key = tuple(id(a) if callable(a) else a for a in args)
+        if self.__dict__.get("_cpp_key") != key:
+            self._cpp, self._cpp_key = cpp_class(*args), key
+        return self._cpp
+
 
 def _module_or_callable(fn, name: str):
     if not callable(fn):
@@ -138,8 +146,6 @@ class AdditiveCoupling(Coupling):
         if lam == 0.0 or beta == 0.0 or not (torch.isfinite(torch.tensor([lam, beta])).all()):
             raise ValueError(f"AdditiveCoupling: lam and beta must be finite and non-zero, got lam={lam}, beta={beta}")
         self.lam, self.beta = lam, beta
-        self._cpp = None
-        self._cpp_key = None
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}, beta={self.beta}"
@@ -163,11 +169,7 @@ class AdditiveCoupling(Coupling):
         return x1, x2
 
     def _executor_layer(self):
-        key = (id(self.f), id(self.g), self.lam, self.beta)
-        if self._cpp_key != key:
-            self._cpp = _ext._C.AdditiveCoupling(self.f, self.g, self.lam, self.beta)
-            self._cpp_key = key
-        return self._cpp
+        return self._built_layer(_ext._C.AdditiveCoupling, self.f, self.g, self.lam, self.beta)
 
 
 class AffineCoupling(Coupling):
@@ -212,8 +214,6 @@ class AffineCoupling(Coupling):
         if not clamp > 0:
             raise ValueError(f"AffineCoupling: clamp must be positive, got {clamp}")
         self.clamp = float(clamp)
-        self._cpp = None
-        self._cpp_key = None
 
     def extra_repr(self) -> str:
         return f"clamp={self.clamp}"
@@ -232,8 +232,5 @@ class AffineCoupling(Coupling):
         return x1, x2
 
     def _executor_layer(self):
-        key = (id(self.f_scale), id(self.f_shift), id(self.g_scale), id(self.g_shift), self.clamp)
-        if self._cpp_key != key:
-            self._cpp = _ext._C.AffineCoupling(self.f_scale, self.f_shift, self.g_scale, self.g_shift, self.clamp)
-            self._cpp_key = key
-        return self._cpp
+        return self._built_layer(_ext._C.AffineCoupling, self.f_scale, self.f_shift, self.g_scale, self.g_shift,
+                                 self.clamp)

@@ -42,8 +42,6 @@ class _Multistep(Coupling):
                 f"{type(self).__name__}: the coefficient of the previous state must be finite and non-zero "
                 f"(the inverse divides by it), got {self.c_prev}"
             )
-        self._cpp = None
-        self._cpp_key = None
 
     def _streams(self, x1, x2):
         return (x1, x2) if self.swap else (x2, x1)  # (U, S)
@@ -77,11 +75,8 @@ class _Multistep(Coupling):
         return (u, s) if self.swap else (s, u)
 
     def _executor_layer(self):
-        key = (id(self.f), self.c_prev, self.c_cur, self.c_f, self.swap)
-        if self._cpp_key != key:
-            self._cpp = _ext._C.LinearMultistep(self.f, self.c_prev, self.c_cur, self.c_f, self.swap, type(self).__name__)
-            self._cpp_key = key
-        return self._cpp
+        return self._built_layer(_ext._C.LinearMultistep, self.f, self.c_prev, self.c_cur, self.c_f, self.swap,
+                                 type(self).__name__)
 
 
 class Midpoint(_Multistep):
@@ -164,8 +159,6 @@ class BDIA(Coupling):
         self.gamma = gamma
         self.last_signs = None  # the signs of the last training forward (for inverse())
         self._last_rng = None
-        self._cpp = None
-        self._cpp_key = None
 
     def extra_repr(self):
         return f"gamma={self.gamma}"
@@ -227,12 +220,9 @@ class BDIA(Coupling):
         return (y2 - (1 - g) * s - (1 + g) * inc) / g, s
 
     def _executor_layer(self):
-        key = (id(self.f), self.gamma)
-        if self._cpp_key != key:
-            self._cpp = _ext._C.BDIA(self.f, self.gamma, type(self).__name__)
-            self._cpp_key = key
-        self._cpp.training = self.training  # g = 0 in eval mode
-        return self._cpp
+        layer = self._built_layer(_ext._C.BDIA, self.f, self.gamma, type(self).__name__)
+        layer.training = self.training  # g = 0 in eval mode
+        return layer
 
 
 class EulerStart(_Multistep):

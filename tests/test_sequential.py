@@ -651,3 +651,24 @@ def test_docstring_examples_run(module):
 
     result = doctest.testmod(importlib.import_module(module), verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+class _RaisingInverse(rev.Coupling):
+    """A coupling whose inverse raises a user's own exception type."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = torch.nn.Linear(2, 2)
+
+    def forward(self, x1, x2):
+        return x1 + self.f(x2), x2
+
+    def inverse(self, y1, y2):
+        raise KeyError("the user's own error")
+
+
+def test_a_python_exception_inside_the_executor_keeps_its_class():
+    stack = rev.Sequential(_RaisingInverse(), _RaisingInverse())
+    y = stack(torch.randn(3, 4, requires_grad=True))
+    with pytest.raises(KeyError, match="the user's own error"):
+        y.sum().backward()
