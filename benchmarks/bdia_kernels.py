@@ -16,21 +16,13 @@ variants agree bit for bit (they must: same arithmetic).
 
 Prints a table; never asserts.
 """
-import argparse
 import json
-import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.append(ROOT)  # a source checkout; an installed revengine or PYTHONPATH takes precedence
+import torch
 
-import torch  # noqa: E402
-
-import revengine  # noqa: E402,F401  (registers torch.ops.revengine)
-from moe_kernels import median_times  # noqa: E402
-from revengine.memory import device_arg  # noqa: E402
+import revengine  # noqa: F401  (registers torch.ops.revengine)
+from _common import add_device, median_times, parser, ruled_header
 
 R = torch.ops.revengine
 
@@ -98,7 +90,7 @@ def agree(problem, frac, k):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--shapes", default=None,
                     help="B,T,H stream shapes separated by spaces (default '16,128,576 8,512,576 8,2048,1024')")
     ap.add_argument("--gamma-bits", type=int, default=4, help="k: gamma = 2^-k (default 4, the models' 1/16)")
@@ -106,7 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32", help="dtype of f(p)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 9; --quick: 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda[:i] (default cpu)")
+    add_device(ap)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (seconds)")
     ap.add_argument("--json", default=None, help="dump the results as JSON")
     args = ap.parse_args(argv)
@@ -124,8 +116,7 @@ def main(argv=None) -> int:
     print()
     hdr = (f"{'stream B,T,H':>15} | {'fused step ms':>13} | {'ops step ms':>11} | {'ratio':>5} | "
            f"{'fused unstep ms':>15} | {'ops unstep ms':>13} | {'ratio':>5} | identical")
-    print(hdr)
-    print("-" * len(hdr))
+    ruled_header(hdr)
     results = []
     for shape in shapes:
         problem = make_problem(shape, dtype, dev)

@@ -11,23 +11,14 @@ process after the compile warm-up (compile time is printed separately).
 
 Prints the table (time / eager of the same mode); never asserts.
 """
-import argparse
 import copy
-import os
-import statistics
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for p in (ROOT, HERE):
-    if p not in sys.path:
-        sys.path.append(p)
+import torch
 
-import torch  # noqa: E402
-
-import revengine as rev  # noqa: E402
-from peers import blocks  # noqa: E402
+import revengine as rev
+from _common import blocks, interleaved_medians, parser, square_mean_step, table_header
 
 
 def variants(mode, fg):
@@ -38,7 +29,7 @@ def variants(mode, fg):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
@@ -55,30 +46,20 @@ def main(argv=None) -> int:
     x = torch.randn(batch, seq, 2 * d, generator=torch.Generator().manual_seed(1), requires_grad=True)
     print(f"{depth} couplings (attention + MLP), input [{batch}, {seq}, {2 * d}], fp32, {a.threads} threads, "
           f"inductor (CPU), {rounds} interleaved rounds", flush=True)
-    print("| mode | variant | compile + first step s | step ms | / eager |")
-    print("|---|---|---|---|---|")
+    table_header("mode", "variant", "compile + first step s", "step ms", "/ eager")
     for mode in a.modes:
         torch._dynamo.reset()
         models = variants(mode, fg)
 
         def step(m):
-            m(x).square().mean().backward()
-            x.grad = None
-            for p in m.parameters():
-                p.grad = None
+            square_mean_step(m, x)
 
         first = {}
         for name, m in models.items():
             t0 = time.perf_counter()
             step(m)
             first[name] = time.perf_counter() - t0
-        times = {n: [] for n in models}
-        for _ in range(rounds):
-            for name, m in models.items():
-                t0 = time.perf_counter()
-                step(m)
-                times[name].append(time.perf_counter() - t0)
-        med = {n: statistics.median(t) for n, t in times.items()}
+        med = interleaved_medians(models, step, rounds)
         for name in models:
             print(f"| {mode} | {name} | {first[name]:.1f} | {1e3 * med[name]:.1f} | {med[name] / med['eager']:.2f} |",
                   flush=True)

@@ -24,12 +24,9 @@ import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.append(ROOT)
+import torch
 
-import torch  # noqa: E402
+from _common import table_header
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
@@ -111,8 +108,7 @@ def main(argv=None):
     variants += [(s, {}) for s in SCHEMES if s != "revffn"]
     print(f"held-out: {held_ids.shape[0]} x {held_ids.shape[1]} bytes; originals trained {steps} steps "
           f"(AdamW 3e-3, batch 16 x {seq}) on the other 90%; {args.layers} layers, hidden 64, 8 experts top-2")
-    print("| family | scheme | loss_hf | loss_rev | gap (nats) | KL |")
-    print("|---|---|---|---|---|---|")
+    table_header("family", "scheme", "loss_hf", "loss_rev", "gap (nats)", "KL")
     for fam in families:
         torch.manual_seed(0)
         hf = make_hf(fam, args.layers)

@@ -16,19 +16,13 @@ relative error (max |x_rec - x| / max |x|) in `last_report`. The table shows the
 Prints the tables; never asserts. exact=True keeps the streams in fixed point and is bit-exact: its
 column should read 0.
 """
-import argparse
-import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.append(ROOT)
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import revengine as rev  # noqa: E402
+import revengine as rev
+from _common import parser, table_header
 
 
 def block(d):
@@ -51,7 +45,7 @@ def worst_error(model, x, target=None):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--d", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=None)
@@ -71,15 +65,13 @@ def main(argv=None) -> int:
           f"reconstruction error in backward (debug=True)", flush=True)
     if depths:
         print()
-        print("| depth | exact=False | exact=True |")
-        print("|---|---|---|")
+        table_header("depth", "exact=False", "exact=True")
     for depth in depths:
         row = [worst_error(stack(depth, d, exact), x.clone().requires_grad_(True))[0] for exact in (False, True)]
         print(f"| {depth} | {row[0]:.2e} | {row[1]:.2e} |", flush=True)
     print()
     print(f"training {train_depth} couplings (AdamW, lr 1e-3):")
-    print("| step | exact=False error | loss | exact=True error | loss |")
-    print("|---|---|---|---|---|")
+    table_header("step", "exact=False error", "loss", "exact=True error", "loss")
     runs = {}
     for exact in (False, True):
         m = stack(train_depth, d, exact)

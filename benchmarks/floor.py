@@ -20,23 +20,17 @@ AdamW) and rev-<scheme>-fused (converted, AdamW inside backward).
 Prints tables and PASS/FAIL lines (peak within 10% of the floor; converted + fused <= 0.42 x
 hf-ckpt); never asserts.
 """
-import argparse
 import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.append(ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import revengine  # noqa: E402,F401
-from revengine.memory import breakdown, device_arg, measure_in_subprocess, measure_step  # noqa: E402
-
-sys.path.insert(0, HERE)
-from hf_memory import REV_OPTIONS, hf_model, parse_options  # noqa: E402
+from _common import (
+    MEMORY_DEVICE_HELP, add_device, add_set_option, hf_contender, hf_workload, parser, random_ids, summary, table_header,
+    verdict,
+)
+from revengine.memory import breakdown, measure_in_subprocess, measure_step
 
 FLOOR_SLACK = 1.10
 TARGET = 0.42
@@ -44,21 +38,12 @@ TARGET = 0.42
 
 def measure(name: str, quick: bool, layers: int, batch: int, seq: int, overrides=None, device: str = "cpu") -> dict:
     """Runs in a fresh subprocess: one contender's steady-state step."""
-    from revengine.convert import from_hf
     from revengine.optim import InBackwardOptimizer
 
-    model = hf_model(quick, layers)
     fused = name.endswith("-fused")
-    if name == "hf-ckpt":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        scheme = name[4:].removesuffix("-fused")
-        hf = model
-        model = from_hf(hf, scheme=scheme, **(overrides or {}))
-        del hf
+    model = hf_contender(name, quick, layers, overrides)
     model.to(device).train()
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
-    ids = ids.to(device)
+    ids = random_ids(model.config.vocab_size, batch, seq, device)
     opt = (InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5) if fused
            else torch.optim.AdamW(model.parameters(), lr=1e-5))
 
@@ -79,7 +64,7 @@ def measure(name: str, quick: bool, layers: int, batch: int, seq: int, overrides
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--scheme", default="leapfrog", help="conversion scheme (default leapfrog)")
     ap.add_argument("--layers", type=int, default=None)
@@ -88,19 +73,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--sweep-batch", type=int, default=None, help="batch of the sweep (default --batch)")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", type=device_arg, default="cpu",
-                    help="cpu (peak RSS) or cuda[:i] (peak allocated GPU memory); default cpu")
+    add_device(ap, MEMORY_DEVICE_HELP)
     ap.add_argument("--no-hf", action="store_true", help="skip the hf-ckpt contender")
-    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT",
-                    help=f"RevMoEConfig options of the converted models (default {REV_OPTIONS}, as in hf_memory.py)")
+    add_set_option(ap, ", as in hf_memory.py")
     a = ap.parse_args(argv)
-    overrides = parse_options(a.set)
-    layers = a.layers or (4 if a.quick else 24)
-    batch = a.batch or (2 if a.quick else 8)
-    seq = a.seq or (32 if a.quick else 1024)
+    layers, batch, seq, overrides, env = hf_workload(a)
     sweep = a.sweep if a.sweep is not None else ([2, 4] if a.quick else [12, 24, 48])
-    threads = a.threads or (1 if a.quick else None)
-    env = {"OMP_NUM_THREADS": str(threads)} if threads else None
     t0 = time.perf_counter()
 
     def run(name, n_layers, b=None):
@@ -122,8 +100,7 @@ def main(argv=None) -> int:
     floor = rows[fused]["weights_mb"] + rows[fused]["optimizer_mb"] + one["delta_mb"]
     base = rows.get("hf-ckpt")
     print()
-    print("| contender | weights | AdamW | step delta | steady-state peak | / floor | / hf-ckpt |")
-    print("|---|---|---|---|---|---|---|")
+    table_header("contender", "weights", "AdamW", "step delta", "steady-state peak", "/ floor", "/ hf-ckpt")
     for n, r in rows.items():
         print(f"| {n} | {r['weights_mb']:.0f} | {r['optimizer_mb']:.0f} | {r['delta_mb']:.0f} | {r['peak_mb']:.0f} | "
               f"{r['peak_mb'] / floor:.3f} | {r['peak_mb'] / base['peak_mb']:.3f} |" if base else
@@ -131,19 +108,16 @@ def main(argv=None) -> int:
               f"{r['peak_mb'] / floor:.3f} | - |")
     print(f"floor = weights + AdamW + one layer's working set ({one['delta_mb']:.0f} MiB, the step delta at 1 layer) "
           f"= {floor:.0f} MiB")
-    ok = [rows[fused]["peak_mb"] <= FLOOR_SLACK * floor]
-    print(f"{'PASS' if ok[-1] else 'FAIL'}: {fused} peak {rows[fused]['peak_mb']:.0f} MiB <= {FLOOR_SLACK} x floor "
-          f"({FLOOR_SLACK * floor:.0f} MiB)")
+    ok = [verdict(rows[fused]["peak_mb"] <= FLOOR_SLACK * floor,
+                  f"{fused} peak {rows[fused]['peak_mb']:.0f} MiB <= {FLOOR_SLACK} x floor ({FLOOR_SLACK * floor:.0f} MiB)")]
     if base:
         ratio = rows[fused]["peak_mb"] / base["peak_mb"]
-        ok.append(ratio <= TARGET)
-        print(f"{'PASS' if ok[-1] else 'FAIL'}: {fused} peak = {ratio:.3f} x hf-ckpt; target <= {TARGET} (paper: 0.51)")
+        ok.append(verdict(ratio <= TARGET, f"{fused} peak = {ratio:.3f} x hf-ckpt; target <= {TARGET} (paper: 0.51)"))
     if sweep:
         sb = a.sweep_batch or batch
         print()
         print(f"{fused} by depth (batch {sb} x seq {seq}):")
-        print("| layers | weights + AdamW | step delta | peak | floor | peak / floor |")
-        print("|---|---|---|---|---|---|")
+        table_header("layers", "weights + AdamW", "step delta", "peak", "floor", "peak / floor")
         one_s = one if sb == batch else run(fused, 1, sb)
         for n_layers in sweep:
             r = rows[fused] if (n_layers == layers and sb == batch) else run(fused, n_layers, sb)
@@ -151,7 +125,7 @@ def main(argv=None) -> int:
             ok.append(r["peak_mb"] <= FLOOR_SLACK * fl)
             print(f"| {n_layers} | {r['weights_mb'] + r['optimizer_mb']:.0f} | {r['delta_mb']:.0f} | {r['peak_mb']:.0f} | "
                   f"{fl:.0f} | {r['peak_mb'] / fl:.3f} |")
-    print(f"total {time.perf_counter() - t0:.0f} s; {sum(ok)}/{len(ok)} PASS")
+    summary(t0, ok)
     return 0
 
 

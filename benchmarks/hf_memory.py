@@ -24,67 +24,29 @@ forward, backward, optimizer.step()): steady-state peak = weights + optimizer st
 Prints a table with the breakdown and the ratio to hf-ckpt, and PASS/FAIL against the issue's
 0.55 (the RevFFN paper reports 0.51); never asserts.
 """
-import argparse
 import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.append(ROOT)
+import torch
 
-import torch  # noqa: E402
+from _common import (
+    MEMORY_DEVICE_HELP, add_device, add_set_option, hf_contender, hf_workload, parser, random_ids, summary, table_header,
+    verdict,
+)
+from revengine.memory import measure_in_subprocess, training_step_figures
+from revengine.models import BLOCK_TYPES as SCHEMES
 
-import revengine  # noqa: E402,F401
-from revengine.memory import device_arg, measure_in_subprocess, training_step_figures  # noqa: E402
-
-from revengine.models import BLOCK_TYPES as SCHEMES  # noqa: E402
 CONTENDERS = ("hf-plain", "hf-ckpt") + tuple(f"rev-{s}" for s in SCHEMES)
 TARGET = 0.55
-# RevMoEConfig options of the converted models: the smallest working set per layer (each costs a little
-# time: chunked experts and the attention are recomputed once more in backward).
-REV_OPTIONS = dict(moe_chunk_size=256, loss_chunk_size=64, attention_recompute=1)
-
-
-def parse_options(items) -> dict:
-    """`FIELD=INT` strings (the --set arguments) over REV_OPTIONS."""
-    out = dict(REV_OPTIONS)
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects FIELD=INT, got {item!r}")
-        out[key] = int(value)
-    return out
-
-
-def hf_model(quick: bool, layers: int):
-    import transformers as tf
-
-    from revengine.convert import hf_config_from_revmoe
-    from revengine.models import RevMoEConfig
-
-    cfg = RevMoEConfig.preset("tiny" if quick else "qwen-moe-mini", num_hidden_layers=layers)
-    hfc = hf_config_from_revmoe(cfg, "qwen2_moe")
-    torch.manual_seed(0)
-    return tf.Qwen2MoeForCausalLM(hfc)
 
 
 def measure(name: str, quick: bool, layers: int, batch: int, seq: int, options=None, device: str = "cpu") -> dict:
     """Runs in a fresh subprocess."""
-    from revengine.convert import from_hf
-
-    model = hf_model(quick, layers)
-    if name == "hf-ckpt":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif name.startswith("rev-"):
-        hf = model
-        model = from_hf(hf, scheme=name[4:], **(options or {}))
-        del hf
+    model = hf_contender(name, quick, layers, options)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
-    ids = ids.to(device)
+    ids = random_ids(model.config.vocab_size, batch, seq, device)
 
     r = training_step_figures(model, opt, lambda: model(input_ids=ids, labels=ids, use_cache=False).loss,
                               device=device)
@@ -94,24 +56,17 @@ def measure(name: str, quick: bool, layers: int, batch: int, seq: int, options=N
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="tiny config, batch 2 x 32")
     ap.add_argument("--contenders", nargs="*", default=list(CONTENDERS), choices=CONTENDERS)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", type=device_arg, default="cpu",
-                    help="cpu (peak RSS) or cuda[:i] (peak allocated GPU memory); default cpu")
-    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT",
-                    help=f"RevMoEConfig options of the converted models (default {REV_OPTIONS})")
+    add_device(ap, MEMORY_DEVICE_HELP)
+    add_set_option(ap)
     args = ap.parse_args(argv)
-    options = parse_options(args.set)
-    layers = args.layers or (4 if args.quick else 24)
-    batch = args.batch or (2 if args.quick else 8)
-    seq = args.seq or (32 if args.quick else 1024)
-    threads = args.threads or (1 if args.quick else None)
-    env = {"OMP_NUM_THREADS": str(threads)} if threads else None
+    layers, batch, seq, options, env = hf_workload(args)
     print(f"{'tiny' if args.quick else 'qwen-moe-mini'} as HF Qwen2MoeForCausalLM: {layers} layers, batch {batch} x "
           f"seq {seq}, fp32 AdamW, one full fine-tuning step on {args.device}, a fresh subprocess per contender, "
           f"MALLOC_MMAP_THRESHOLD_=65536; converted models with {options}", flush=True)
@@ -127,8 +82,7 @@ def main(argv=None) -> int:
               f"steady-state peak {r['peak_mb']:.0f} MiB", flush=True)
     base = rows.get("hf-ckpt")
     print()
-    print("| contender | weights | AdamW | grads | activations | steady-state peak | peak / hf-ckpt |")
-    print("|---|---|---|---|---|---|---|")
+    table_header("contender", "weights", "AdamW", "grads", "activations", "steady-state peak", "peak / hf-ckpt")
     for name, r in rows.items():
         ratio = f"{r['peak_mb'] / base['peak_mb']:.3f}" if base else "-"
         print(f"| {name} | {r['weights_mb']:.0f} | {r['optimizer_mb']:.0f} | {r['grads_mb']:.0f} | "
@@ -140,10 +94,9 @@ def main(argv=None) -> int:
         for name, r in rows.items():
             if name.startswith("rev-"):
                 ratio = r["peak_mb"] / base["peak_mb"]
-                ok.append(ratio <= TARGET)
-                print(f"{'PASS' if ok[-1] else 'FAIL'}: {name} steady-state peak {r['peak_mb']:.0f} MiB = {ratio:.3f} x "
-                      f"hf-ckpt ({base['peak_mb']:.0f} MiB); target <= {TARGET}")
-    print(f"total {time.perf_counter() - t0:.0f} s; {sum(ok)}/{len(ok)} PASS")
+                ok.append(verdict(ratio <= TARGET, f"{name} steady-state peak {r['peak_mb']:.0f} MiB = {ratio:.3f} x "
+                                                   f"hf-ckpt ({base['peak_mb']:.0f} MiB); target <= {TARGET}"))
+    summary(t0, ok)
     return 0
 
 

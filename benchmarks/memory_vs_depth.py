@@ -12,7 +12,6 @@ alternating the three modes (median of several steps after warm-up), at one dept
 
 Prints a table and PASS/FAIL lines; never asserts: timings and peaks are measurements, not test conditions.
 """
-import argparse
 import json
 import os
 import statistics
@@ -20,16 +19,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.append(ROOT)  # a source checkout; an installed revengine or PYTHONPATH takes precedence
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import revengine  # noqa: E402
-from revengine.memory import breakdown, device_arg, measure_in_subprocess, measure_step, time_alternating  # noqa: E402
+import revengine
+from _common import add_device, child_env, parser, pyplot, ruled_header, verdict
+from revengine.memory import breakdown, measure_in_subprocess, measure_step, time_alternating
 
 MODES = ("plain", "checkpoint", "reversible")
 MB = float(2**20)
@@ -114,12 +109,8 @@ def allocator_setting() -> str:
 
 
 def plot(results: dict, path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print(f"note: matplotlib is not installed; no plot written to {path}")
         return
     depths = results["depths"]
@@ -139,7 +130,7 @@ def plot(results: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--depths", type=int, nargs="+", default=None, help="depths (default 4 8 16 32)")
     ap.add_argument("--width", type=int, default=None, help="w: stream width (input is [N, 2w]; default 64)")
     ap.add_argument("--rows", type=int, default=None, help="N: rows of the input (default 16384)")
@@ -148,7 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=None, help="memory subprocesses run side by side (default 1; --quick: 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads, here and in the subprocesses (default: torch's; --quick: 1)")
     ap.add_argument("--quick", action="store_true", help="a tiny version (seconds)")
-    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda[:i] (default cpu)")
+    add_device(ap)
     ap.add_argument("--png", default=None, help="write a plot (needs matplotlib)")
     ap.add_argument("--json", default=None, help="dump the results as JSON")
     args = ap.parse_args(argv)
@@ -161,10 +152,9 @@ def main(argv=None) -> int:
         if getattr(args, k) is None:
             setattr(args, k, v)
     depths = sorted(set(args.depths))
-    child_env = None
+    env = child_env(args.threads)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-        child_env = {"OMP_NUM_THREADS": str(args.threads)}
 
     print(
         f"memory vs depth: additive couplings, F,G = Linear({args.width},{4 * args.width})-GELU-"
@@ -181,7 +171,7 @@ def main(argv=None) -> int:
 
     def run(cfg):
         d, m = cfg
-        return measure_in_subprocess(target, dict(depth=d, width=args.width, rows=args.rows, mode=m, device=args.device), env=child_env)
+        return measure_in_subprocess(target, dict(depth=d, width=args.width, rows=args.rows, mode=m, device=args.device), env=env)
 
     # Each figure is read inside its own process, so processes running side by side (--jobs) do not
     # disturb each other's figures (only each other's speed). On CUDA they would share the device.
@@ -194,8 +184,7 @@ def main(argv=None) -> int:
 
     print()
     hdr = f"{'depth':>5} | {'plain MB':>9} | {'ckpt MB':>9} | {'rev MB':>9} | {'rev/ckpt':>8} | {'rev/plain':>9} | {'params+grads MB':>15}"
-    print(hdr)
-    print("-" * len(hdr))
+    ruled_header(hdr)
     for d in depths:
         p, c, r = (peak[m][str(d)] for m in MODES)
         rc = f"{r / c:.3f}" if c > 0 else "n/a"
@@ -214,14 +203,12 @@ def main(argv=None) -> int:
         pg_growth = pg[str(hi)] - pg[str(lo)]
         ckpt_act_growth = ckpt_growth - pg_growth
         limit = pg_growth + 0.05 * ckpt_act_growth
-        ok = rev_growth <= limit
-        checks.append(("memory_flat", ok))
         print()
-        print(
-            f"{'PASS' if ok else 'FAIL'}: memory flat in depth: from depth {lo} to {hi} reversible grows "
-            f"{rev_growth:.1f} MB <= params+grads growth {pg_growth:.1f} MB + 5% of checkpoint's activation "
-            f"growth {ckpt_act_growth:.1f} MB = {limit:.1f} MB"
-        )
+        ok = verdict(rev_growth <= limit,
+                     f"memory flat in depth: from depth {lo} to {hi} reversible grows "
+                     f"{rev_growth:.1f} MB <= params+grads growth {pg_growth:.1f} MB + 5% of checkpoint's activation "
+                     f"growth {ckpt_act_growth:.1f} MB = {limit:.1f} MB")
+        checks.append(("memory_flat", ok))
 
     print()
     print(
@@ -246,10 +233,9 @@ def main(argv=None) -> int:
     timing["loadavg"] = [load_before, load_after]
     r_ck = med["reversible"] / med["checkpoint"]
     r_pl = med["reversible"] / med["plain"]
-    ok_ck, ok_pl = r_ck <= 1.05, r_pl <= 1.40
+    ok_ck = verdict(r_ck <= 1.05, f"step time reversible/checkpoint = {r_ck:.3f} <= 1.05")
+    ok_pl = verdict(r_pl <= 1.40, f"step time reversible/plain = {r_pl:.3f} <= 1.40")
     checks += [("time_vs_checkpoint", ok_ck), ("time_vs_plain", ok_pl)]
-    print(f"{'PASS' if ok_ck else 'FAIL'}: step time reversible/checkpoint = {r_ck:.3f} <= 1.05")
-    print(f"{'PASS' if ok_pl else 'FAIL'}: step time reversible/plain = {r_pl:.3f} <= 1.40")
     print(f"\n(memory runs {mem_seconds:.0f} s, total {time.perf_counter() - t_start:.0f} s)")
 
     results = {

@@ -13,21 +13,13 @@ variants alternate, several rounds after warm-up, and the table gives the median
 
 Prints a table; never asserts.
 """
-import argparse
 import json
-import os
-import statistics
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.append(ROOT)  # a source checkout; an installed revengine or PYTHONPATH takes precedence
+import torch
 
-import torch  # noqa: E402
-
-from revengine.memory import device_arg, time_alternating  # noqa: E402
-from revengine.moe import moe_forward, moe_forward_reference  # noqa: E402
+from _common import add_device, median_times, parser, ruled_header
+from revengine.moe import moe_forward, moe_forward_reference
 
 VARIANTS = {"kernels": moe_forward, "loop": moe_forward_reference}
 
@@ -65,11 +57,6 @@ def make_step(fn, problem, backward=True):
     return step
 
 
-def median_times(steps, rounds, device):
-    """{name: median seconds} of the steps run in alternation after warm-up (revengine.memory)."""
-    return {name: statistics.median(v) for name, v in time_alternating(steps, rounds, device=device).items()}
-
-
 def max_diff(problem):
     """Largest |kernels - loop| over the output and the four grads (a sanity figure, not a test)."""
     (x, w, gate_up, down), ids, grad_out = problem
@@ -84,7 +71,7 @@ def max_diff(problem):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--tokens", type=int, nargs="+", default=None, help="token counts T (default 2048 8192)")
     ap.add_argument("--hidden", type=int, default=None, help="H (default 256)")
     ap.add_argument("--experts", type=int, default=None, help="E (default 16)")
@@ -93,7 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="timed steps per variant (default 7; --quick: 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--dtype", choices=("float32", "float64", "bfloat16"), default="float32")
-    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda[:i] (default cpu)")
+    add_device(ap)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (seconds)")
     ap.add_argument("--json", default=None, help="dump the results as JSON")
     args = ap.parse_args(argv)
@@ -119,8 +106,7 @@ def main(argv=None) -> int:
     print()
     hdr = (f"{'tokens':>7} | {'kernels f+b ms':>14} | {'loop f+b ms':>11} | {'ratio':>5} | "
            f"{'kernels fwd ms':>14} | {'loop fwd ms':>11} | {'ratio':>5} | {'max |diff|':>10}")
-    print(hdr)
-    print("-" * len(hdr))
+    ruled_header(hdr)
     results = []
     for T in tokens:
         problem = make_problem(T, hidden, experts, top_k, inter, dtype, device=args.device)

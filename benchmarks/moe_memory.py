@@ -17,24 +17,18 @@ Step times are those of the measured step in each subprocess (one step each: ind
 
 Prints tables and PASS/FAIL lines; never asserts: timings and peaks are measurements, not test conditions.
 """
-import argparse
 import json
 import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.append(ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import revengine  # noqa: E402,F401
-from revengine.memory import measure_in_subprocess, training_step_figures  # noqa: E402
+from _common import child_env, parser, random_ids, summary, table_header, verdict
+from revengine.memory import measure_in_subprocess, training_step_figures
+from revengine.models import BLOCK_TYPES
 
 MB = float(2**20)
-from revengine.models import BLOCK_TYPES  # noqa: E402
 # name -> (block_type, reversible_mode)
 CONTENDERS = {"plain": ("additive", "plain"), "checkpoint": ("additive", "checkpoint")}
 CONTENDERS.update({f"rev-{b}": (b, "reversible") for b in BLOCK_TYPES})
@@ -56,8 +50,7 @@ def measure_config(name: str, layers: int, batch: int, seq: int, quick: bool = F
     torch.manual_seed(0)
     model = RevMoEForCausalLM(make_config(block_type, mode, layers, quick, overrides))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+    ids = random_ids(model.config.vocab_size, batch, seq)
 
     r = training_step_figures(model, opt, lambda: model(ids, labels=ids).loss, full_step=not activations_only)
     fig_act = r["figure_activations"]
@@ -73,7 +66,7 @@ def measure_config(name: str, layers: int, batch: int, seq: int, quick: bool = F
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--layers", type=int, default=None, help="depth of the main table (default 24)")
     ap.add_argument("--sweep", type=int, nargs="*", default=None, help="depths of the flatness sweep (default 12 24 48)")
     ap.add_argument("--sweep-batch", type=int, default=None, help="batch of the sweep (default: --batch)")
@@ -102,7 +95,7 @@ def main(argv=None) -> int:
     for k, v in d.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+    env = child_env(args.threads or None)
     target = os.path.abspath(__file__) + ":measure_config"
     t0 = time.perf_counter()
     workload = "tiny" if args.quick else "qwen-moe-mini"
@@ -128,8 +121,8 @@ def main(argv=None) -> int:
         base_t = main_rows.get("checkpoint", next(iter(main_rows.values())))["figure"]["seconds"]
         ckpt_act = main_rows["checkpoint"]["activations_mb"] if "checkpoint" in main_rows else None
         print()
-        print("| contender | weights | optimizer | grads | activations | steady-state peak | act / ckpt | time / ckpt | fixed point (iters, residual) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        table_header("contender", "weights", "optimizer", "grads", "activations", "steady-state peak", "act / ckpt",
+                     "time / ckpt", "fixed point (iters, residual)")
         for name, r in main_rows.items():
             ratio = f"{r['activations_mb'] / ckpt_act:.3f}" if ckpt_act else "-"
             fp = r["fixed_point"]
@@ -141,10 +134,9 @@ def main(argv=None) -> int:
         if ckpt_act:
             for name, r in main_rows.items():
                 if name.startswith("rev-"):
-                    ok = r["activations_mb"] <= 0.5 * ckpt_act
-                    verdicts.append(ok)
-                    print(f"{'PASS' if ok else 'FAIL'}: {name} activations {r['activations_mb']:.1f} MB <= 0.5 x checkpoint "
-                          f"({0.5 * ckpt_act:.1f} MB)")
+                    verdicts.append(verdict(r["activations_mb"] <= 0.5 * ckpt_act,
+                                            f"{name} activations {r['activations_mb']:.1f} MB <= 0.5 x checkpoint "
+                                            f"({0.5 * ckpt_act:.1f} MB)"))
 
     if args.sweep:
         sweep_batch = args.sweep_batch or args.batch
@@ -158,8 +150,7 @@ def main(argv=None) -> int:
                     print(f"  measured {name} at {layers} layers ({time.perf_counter() - t0:.0f} s)", flush=True)
         print()
         print(f"activations (MB) by depth, batch {sweep_batch} x seq {args.seq}:")
-        print("| contender | " + " | ".join(f"{d} layers" for d in args.sweep) + " |")
-        print("|---|" + "---|" * len(args.sweep))
+        table_header("contender", *(f"{d} layers" for d in args.sweep))
         for name, rows in sweep.items():
             print(f"| {name} | " + " | ".join(f"{rows[d]['activations_mb']:.1f}" for d in args.sweep) + " |")
         lo, hi = min(args.sweep), max(args.sweep)
@@ -170,11 +161,9 @@ def main(argv=None) -> int:
             # Flat: from lo to hi layers, growth below 10% of the checkpoint activations at lo layers
             # (what checkpointing adds per layer is its stored layer inputs; reversible stores none).
             ref = sweep.get("checkpoint", {}).get(lo, rows[lo])["activations_mb"]
-            ok = growth <= 0.1 * ref
-            verdicts.append(ok)
-            print(f"{'PASS' if ok else 'FAIL'}: {name} grows {growth:+.1f} MB from {lo} to {hi} layers "
-                  f"(allowance {0.1 * ref:.1f} MB)")
-    print(f"total {time.perf_counter() - t0:.0f} s; {sum(verdicts)}/{len(verdicts)} PASS")
+            verdicts.append(verdict(growth <= 0.1 * ref, f"{name} grows {growth:+.1f} MB from {lo} to {hi} layers "
+                                                         f"(allowance {0.1 * ref:.1f} MB)"))
+    summary(t0, verdicts)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"main": main_rows, "args": vars(args)}, fh, indent=2, default=str)

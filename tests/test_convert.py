@@ -309,13 +309,9 @@ def test_from_a_path_and_in_bfloat16(tmp_path):
 
 
 def test_convert_gap_benchmark_quick(capsys):
-    import importlib.util
-    import os
+    from conftest import load_benchmark
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "convert_gap.py")
-    spec = importlib.util.spec_from_file_location("convert_gap", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("convert_gap.py")
     assert mod.main(["--quick", "--steps", "3", "--layers", "2"]) == 0
     out = capsys.readouterr().out
     for name in ("revffn (coordinate)", "revffn (zero)", "additive", "midpoint", "leapfrog", "hamiltonian", "bdia",

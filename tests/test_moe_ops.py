@@ -1,18 +1,16 @@
 """MoE routing kernels (csrc/moe_ops.cpp, revengine/moe.py): values vs plain-torch references,
 gradients (gradcheck / gradgradcheck in float64), opcheck, argument errors, moe_forward vs the
 Python loop over experts, and a smoke run of benchmarks/moe_kernels.py."""
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
 from torch.library import opcheck
 
+from conftest import load_benchmark
 from revengine import moe
 
 R = torch.ops.revengine
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLOATS = [torch.float64, torch.float32]
 DTYPE_IDS = ["float64", "float32"]
@@ -344,9 +342,7 @@ def test_moe_forward_gradcheck():
 # benchmark smoke test
 # ------------------------------------------------------------------------------------------
 def test_benchmark_quick(capsys, tmp_path):
-    spec = importlib.util.spec_from_file_location("moe_kernels_bench", os.path.join(ROOT, "benchmarks", "moe_kernels.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("moe_kernels.py")
     out_json = tmp_path / "r.json"
     assert bench.main(["--quick", "--tokens", "16", "48", "--rounds", "1", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out

