@@ -70,18 +70,8 @@ def pyplot():
 
 # -- subprocesses ------------------------------------------------------------------------------
 def child_env(threads=None):
-    """`env` of revengine.memory.measure_in_subprocess for a function of a benchmark file: the child
-    loads the file by path, not as a script, so its PYTHONPATH gets this folder (the file imports
-    _common) before the folder this process imported revengine from (what measure_in_subprocess
-    would put there) and this process's PYTHONPATH; OMP_NUM_THREADS=threads unless threads is None."""
-    import revengine
-
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(revengine.__file__)))
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys([HERE, pkg_root] + paths))}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
+    """`env` of revengine.memory.measure_in_subprocess: OMP_NUM_THREADS=threads (None: inherited)."""
+    return None if threads is None else {"OMP_NUM_THREADS": str(threads)}
 
 
 # -- timing ------------------------------------------------------------------------------------

@@ -265,6 +265,7 @@ if sys.path and sys.path[0] in ("", os.getcwd()):
 target, kwargs = sys.argv[1], json.loads(sys.argv[2])
 mod_name, _, fn_name = target.rpartition(":")
 if mod_name.endswith(".py"):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(mod_name)))  # as running the file as a script would
     spec = importlib.util.spec_from_file_location("__revengine_measure_target__", mod_name)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
@@ -299,7 +300,8 @@ def measure_in_subprocess(
     """Calls `target(**kwargs)` in a fresh Python process set up for memory measurement.
 
     Args:
-        target: "package.module:function" (importable in the child) or "path/to/file.py:function".
+        target: "package.module:function" (importable in the child) or "path/to/file.py:function"
+            (the file's folder comes first on the child's sys.path, as when it runs as a script).
             The function builds its model, runs its own warm-up, calls `measure_step` and returns a
             JSON-serializable dict (a `MemoryFigure` in it is converted with `as_dict()`).
         kwargs: keyword arguments for the function; must be JSON-serializable.
