@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import glob
 import json
 import os
@@ -561,18 +559,11 @@ def load_checkpoint_weights(student, path: str) -> None:
 
 def _reset_peaks(device: torch.device) -> None:
     """Stage 2's peak memory starts here: RSS (and on a GPU, its peak allocated memory)."""
-    _malloc_trim()
+    _memory.malloc_trim()
     _memory.reset_peak_rss()
     if device.type == "cuda":
         _memory.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def _malloc_trim() -> None:
-    """Hands freed heap back to the OS, so a reset peak-RSS starts from live memory only."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # ---------------------------------------------------------------------------------------------

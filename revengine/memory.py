@@ -28,6 +28,8 @@ back to the ru_maxrss difference and marks the figure unreliable.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
@@ -116,6 +118,14 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def malloc_trim() -> None:
+    """Collects garbage and hands freed heap back to the OS (glibc), so that a peak RSS reset next
+    starts from live memory only; a no-op where libc has no malloc_trim."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _maxrss_kb() -> int:
