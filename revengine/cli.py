@@ -291,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a tiny run (seconds), for tests")
     demo.set_defaults(func=cmd_demo)
 
-    from . import finetune
+    from .apps import finetune
+    from revengine.models import BLOCK_TYPES
 
     ft = sub.add_parser(
         "finetune",
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the peak.",
     )
     bd.add_argument("--model", required=True, help="HF causal-LM checkpoint folder or a revengine model folder")
-    bd.add_argument("--scheme", default="none", choices=finetune.SCHEMES + ("none",),
+    bd.add_argument("--scheme", default="none", choices=BLOCK_TYPES + ("none",),
                     help="convert an HF MoE checkpoint first (default none: the model as it is)")
     bd.add_argument("--batch", type=int, default=8)
     bd.add_argument("--seq", type=int, default=1024)
