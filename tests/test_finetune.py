@@ -329,7 +329,7 @@ def test_bad_device_is_a_clear_error(tmp_path, data, mixtral):
 
 
 def test_cli_reports_errors_with_status_2(tmp_path, mixtral):
-    from revengine.cli import main
+    from revengine.apps.cli import main
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "a"}\n{oops\n')
     assert main(["finetune", "--model", mixtral, "--data", str(p), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
