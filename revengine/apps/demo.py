@@ -95,8 +95,6 @@ def time_modes(models: Dict[str, nn.Module], x, y, rounds: int, warmup: int = 2)
 
 
 def cmd_demo(args) -> int:
-    from tqdm import tqdm
-
     child_env = None
     if args.quick and args.threads is None:
         args.threads = 1  # tiny tensors: thread hand-offs cost more than they save, worst on a busy machine
@@ -111,6 +109,16 @@ def cmd_demo(args) -> int:
         mem_batch, time_batch, rounds = args.mem_batch, 1024, 7
     torch.manual_seed(args.seed)
     (xtr, ytr), (xte, yte) = (tuple(t.to(args.device) for t in split) for split in make_task(args.seed))
+    model = train_demo(args, xtr, ytr, xte, yte)
+    print()
+    compare_modes(args, model.state_dict(), xtr, ytr, mem_batch, time_batch, rounds, child_env)
+    return 0
+
+
+def train_demo(args, xtr, ytr, xte, yte) -> nn.Module:
+    """Trains the reversible demo model on the task, printing its loss and accuracy before and after."""
+    from tqdm import tqdm
+
     model = build_demo(args.depth, args.width, args.seed, mode="reversible").to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(
@@ -135,8 +143,12 @@ def cmd_demo(args) -> int:
     tloss, tacc = evaluate(model, xte, yte)
     print(f"after {args.steps} steps: train loss {loss1:.4f}, accuracy {acc1:.3f}")
     print(f"held-out: loss {tloss:.4f}, accuracy {tacc:.3f} (chance {1 / 8:.3f})")
+    return model
 
-    print()
+
+def compare_modes(args, state, xtr, ytr, mem_batch: int, time_batch: int, rounds: int, child_env) -> None:
+    """The table: peak memory (fresh subprocesses) and step time (this process) of the trained weights
+    `state` in each of DEMO_MODES."""
     allocator = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     allocator = "default malloc" if allocator is None else f"MALLOC_MMAP_THRESHOLD_={allocator}"
     print("one training step (forward + backward + AdamW) of this model in each mode:")
@@ -158,7 +170,6 @@ def cmd_demo(args) -> int:
     # The three processes run side by side: each reads its own peak, so they don't disturb each other's figure.
     with ThreadPoolExecutor(max_workers=len(DEMO_MODES)) as pool:
         mem = {m: out["figure"]["peak_delta_mb"] for m, out in zip(DEMO_MODES, pool.map(measure, DEMO_MODES))}
-    state = model.state_dict()
     models = {}
     for m in DEMO_MODES:
         models[m] = build_demo(args.depth, args.width, args.seed, mode=m).to(args.device)
@@ -173,7 +184,6 @@ def cmd_demo(args) -> int:
     for m in DEMO_MODES:
         mr = f"{mem[m] / mem['plain']:.2f}x" if mem["plain"] > 0 else "n/a"
         print(f"{m:<11} | {mem[m]:>8.1f} | {mr:>8} | {med[m] * 1e3:>8.2f} | {med[m] / med['plain']:>7.2f}x")
-    return 0
 
 
 def add_arguments(demo) -> None:
