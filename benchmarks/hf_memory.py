@@ -1,7 +1,7 @@
 """Peak memory of a full AdamW fine-tuning step: a Hugging Face Qwen2-MoE model (plain and with HF
 gradient checkpointing) against the same weights converted by revengine.convert.from_hf.
 
-The workload is "qwen-moe-mini" (DESIGN.md section 5) built as transformers' Qwen2MoeForCausalLM:
+The workload is "qwen-moe-mini" built as transformers' Qwen2MoeForCausalLM:
 24 layers, hidden 256, 16 routed experts top-4 + a shared expert, vocab 16384, batch 8 x seq 1024,
 fp32 weights and AdamW. Contenders:
 

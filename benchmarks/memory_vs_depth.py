@@ -10,7 +10,7 @@ alternating the three modes (median of several steps after warm-up), at one dept
     python benchmarks/memory_vs_depth.py               # the full benchmark (a few minutes on 2 cores)
     python benchmarks/memory_vs_depth.py --quick       # a tiny version (seconds), used by the tests
 
-Prints a table and PASS/FAIL lines; never asserts (DESIGN.md §5).
+Prints a table and PASS/FAIL lines; never asserts.
 """
 import argparse
 import json
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
         cores = os.cpu_count() or 1
         print(f"  load average (1 min) before/after timing: {load_before:.2f}/{load_after:.2f} on {cores} cores")
         if max(load_before, load_after) > cores + 0.5:
-            print("  note: other processes competed for the cores; the timing ratios are noisy (DESIGN.md §5)")
+            print("  note: other processes competed for the cores; the timing ratios are noisy")
     timing["loadavg"] = [load_before, load_after]
     r_ck = med["reversible"] / med["checkpoint"]
     r_pl = med["reversible"] / med["plain"]

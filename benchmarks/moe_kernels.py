@@ -4,8 +4,8 @@ moe_forward (revengine.moe: permute, gather, grouped_mm, SwiGLU, grouped_mm, sca
 moe_forward_reference (a loop over experts: index, two matmuls, index_add, as Hugging Face's eager
 experts), at qwen-moe-mini-like shapes: hidden 256, 16 experts top-4, expert width 176, float32.
 Each step is forward + backward (grads of x, routing weights, gate_up_proj, down_proj); the two
-variants alternate, several rounds after warm-up, and the table gives the medians and their ratio
-(DESIGN.md §5). Forward-only medians are printed too.
+variants alternate, several rounds after warm-up, and the table gives the medians and their ratio.
+Forward-only medians are printed too.
 
     python benchmarks/moe_kernels.py              # tokens 2048 and 8192 (about a minute on 2 cores)
     python benchmarks/moe_kernels.py --quick      # tiny shapes (seconds), used by the tests

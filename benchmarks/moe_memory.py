@@ -1,6 +1,6 @@
 """Peak memory of one full AdamW training step of a reversible MoE LM, by block type and mode.
 
-The workload is "qwen-moe-mini" (DESIGN.md section 5): 24 layers, hidden 256, 8 heads, 16 routed
+The workload is "qwen-moe-mini": 24 layers, hidden 256, 8 heads, 16 routed
 experts top-4 of width 176, a shared expert of width 704, vocab 16384, batch 8 x seq 1024, fp32
 AdamW. Contenders: reversible_mode "plain" and "checkpoint" (per layer, the additive block), and
 reversible_mode "reversible" for every block type.
@@ -15,7 +15,7 @@ Step times are those of the measured step in each subprocess (one step each: ind
     python benchmarks/moe_memory.py                 # 24 layers, all contenders, then 12/48 layers
     python benchmarks/moe_memory.py --quick         # a tiny version (seconds), used by the tests
 
-Prints tables and PASS/FAIL lines; never asserts (DESIGN.md section 5).
+Prints tables and PASS/FAIL lines; never asserts.
 """
 import argparse
 import json

@@ -1,4 +1,4 @@
-"""Memory tools: the peak-memory figure of one training step, measured the way DESIGN.md §5 says.
+"""Memory tools: the peak-memory figure of one training step, and how it is measured.
 
     import revengine as rev
 
@@ -15,7 +15,7 @@ it back to the kernel on free, so the resident set follows the live tensors). Ru
 configuration with `measure_in_subprocess("pkg.module:function", kwargs)`: the function builds its
 model, warms up, calls `measure_step` and returns a dict, which comes back to the caller.
 
-How the CPU figure is read. DESIGN.md §5 says "ru_maxrss just before and just after the step".
+How the CPU figure is read. The plain recipe is "ru_maxrss just before and just after the step".
 Two facts about Linux make the raw `getrusage(RUSAGE_SELF).ru_maxrss` difference wrong here:
   * it is a lifetime high-water mark, so after a warm-up step (whose peak equals the measured
     step's peak) the difference is ~0;
@@ -53,7 +53,7 @@ __all__ = [
     "measure_step",
 ]
 
-#: The glibc setting under which CPU peak-memory figures are repeatable (DESIGN.md §5).
+#: The glibc setting under which CPU peak-memory figures are repeatable.
 MMAP_THRESHOLD = "65536"
 
 _MB = float(2**20)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile check of the CUDA sources without a GPU or a CUDA torch (DESIGN.md section 7):
+# Compile check of the CUDA sources without a GPU or a CUDA torch:
 #   1. every csrc/cuda/*.cu (torch-free kernels) with `nvcc -c`, nvcc flags as torch's
 #      CUDAExtension passes them, for the architectures in REVENGINE_CHECK_GENCODES;
 #   2. every csrc/cuda/*.cpp (torch glue) with `g++ -fsyntax-only` against the installed (CPU)
