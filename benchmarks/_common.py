@@ -217,7 +217,7 @@ def prepare_dense(path: str) -> None:
 
 
 def prepare_data(work: str, n_train: int, n_eval: int, seed: int):
-    from revengine.finetune import arithmetic_records, write_jsonl
+    from revengine.apps.finetune import arithmetic_records, write_jsonl
 
     recs = arithmetic_records(n_train + n_eval, digits=2, seed=seed)
     train, held = os.path.join(work, "train.jsonl"), os.path.join(work, "eval.jsonl")

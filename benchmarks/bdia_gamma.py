@@ -21,7 +21,7 @@ def answer_loss(model, examples, tok, ft, batch=32) -> float:
     with torch.no_grad():
         for s in range(0, len(examples), batch):
             b = ft.collate(examples[s:s + batch], tok.pad_token_id)
-            _, _, loss = ft._forward(model, b, want_logits=False)
+            _, _, loss = ft.model_losses(model, b, want_logits=False)
             n = int((b["labels"][:, 1:] != ft.IGNORE).sum())
             total += float(loss) * n
             count += n
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--draws", type=int, default=3)
     a = ap.parse_args(argv)
     from revengine import convert
-    from revengine import finetune as ft
+    from revengine.apps import finetune as ft
 
     os.makedirs(a.work, exist_ok=True)
     dense = os.path.join(a.work, "smollm2-135m-instruct")

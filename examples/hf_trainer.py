@@ -16,7 +16,7 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # 
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
-from revengine import finetune as ft  # noqa: E402
+from revengine.apps import finetune as ft  # noqa: E402
 from revengine.convert import from_hf  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """`python -m revengine ...`: the same as the `revengine` command."""
 import sys
 
-from .cli import main
+from .apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

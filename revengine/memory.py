@@ -1,4 +1,4 @@
-"""Memory tools: the peak-memory figure of one training step, in a fresh process, repeatable to ~0.1 MB.
+"""Memory tools: the peak-memory figure of one training step, and how it is measured.
 
     import revengine as rev
 
@@ -15,8 +15,8 @@ it back to the kernel on free, so the resident set follows the live tensors). Ru
 configuration with `measure_in_subprocess("pkg.module:function", kwargs)`: the function builds its
 model, warms up, calls `measure_step` and returns a dict, which comes back to the caller.
 
-How the CPU figure is read. The obvious reading, ru_maxrss just before and just after the step, fails:
-two facts about Linux make the raw `getrusage(RUSAGE_SELF).ru_maxrss` difference wrong here:
+How the CPU figure is read. The plain recipe is "ru_maxrss just before and just after the step".
+Two facts about Linux make the raw `getrusage(RUSAGE_SELF).ru_maxrss` difference wrong here:
   * it is a lifetime high-water mark, so after a warm-up step (whose peak equals the measured
     step's peak) the difference is ~0;
   * it also folds in the maxrss inherited at exec time, and Python's `subprocess` uses vfork, so a
@@ -28,6 +28,8 @@ back to the ru_maxrss difference and marks the figure unreliable.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
@@ -51,7 +53,7 @@ __all__ = [
     "measure_step",
 ]
 
-#: The glibc setting under which CPU peak-memory figures are repeatable (see the module docstring).
+#: The glibc setting under which CPU peak-memory figures are repeatable.
 MMAP_THRESHOLD = "65536"
 
 _MB = float(2**20)
@@ -116,6 +118,14 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def malloc_trim() -> None:
+    """Collects garbage and hands freed heap back to the OS (glibc), so that a peak RSS reset next
+    starts from live memory only; a no-op where libc has no malloc_trim."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _maxrss_kb() -> int:

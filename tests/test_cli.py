@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import PKG_ROOT, child_env
-from revengine import cli
+from revengine.apps import cli
 
 
 def run_cli(*args, timeout=120):
@@ -42,7 +42,7 @@ def test_device_cuda(command):
 
 
 def test_help(capsys):
-    # what the `revengine` console script (revengine.cli:main) does with --help
+    # what the `revengine` console script (revengine.apps.cli:main) does with --help
     with pytest.raises(SystemExit) as info:
         cli.main(["--help"])
     assert info.value.code == 0

@@ -1,4 +1,4 @@
-"""revengine.finetune (`revengine finetune`): two-stage fine-tuning of converted HF MoE checkpoints,
+"""revengine.apps.finetune (`revengine finetune`): two-stage fine-tuning of converted HF MoE checkpoints,
 checkpoints and bit-identical --resume (also after Ctrl-C), eval loss and exact match, bad input,
 and a converted model under HF Trainer. Tiny random models saved to tmp dirs; no download."""
 import json
@@ -13,8 +13,8 @@ import torch
 
 tf = pytest.importorskip("transformers")
 
-from revengine import finetune as ft  # noqa: E402
-from revengine.finetune import FinetuneArgs, FinetuneError  # noqa: E402
+from revengine.apps import finetune as ft  # noqa: E402
+from revengine.apps.finetune import FinetuneArgs, FinetuneError  # noqa: E402
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 from revengine.models import BLOCK_TYPES as SCHEMES  # noqa: E402
@@ -329,7 +329,7 @@ def test_bad_device_is_a_clear_error(tmp_path, data, mixtral):
 
 
 def test_cli_reports_errors_with_status_2(tmp_path, mixtral):
-    from revengine.cli import main
+    from revengine.apps.cli import main
     p = tmp_path / "d.jsonl"
     p.write_text('{"text": "a"}\n{oops\n')
     assert main(["finetune", "--model", mixtral, "--data", str(p), "--out", str(tmp_path / "o"), "--no-progress"]) == 2

@@ -1,25 +1,21 @@
-"""The `revengine` command line (also `python -m revengine`).
+"""`revengine demo`: trains a small reversible network on a synthetic task, then compares peak
+memory and step time of plain / checkpoint / reversible.
 
-    revengine demo            # train a small reversible network on a synthetic task, then compare
-                              # peak memory and step time of plain / checkpoint / reversible
+    revengine demo            # the full run
     revengine demo --quick    # the same in a few seconds
 """
-import argparse
+import os
 import statistics
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import Dict
 
 import torch
 from torch import nn
 
-from .sequential import MODES
+from revengine import AdditiveCoupling, Sequential
+from revengine.memory import device_arg, measure_in_subprocess, measure_step, time_alternating
 
-PROG = "revengine"
 DEMO_MODES = ("plain", "checkpoint", "reversible")  # the table's order: the baseline first
-
-
-# -- the demo model and task -------------------------------------------------------------------
 
 
 class DemoNet(nn.Module):
@@ -27,9 +23,6 @@ class DemoNet(nn.Module):
 
     def __init__(self, in_dim: int, width: int, depth: int, classes: int, mode: str = "reversible"):
         super().__init__()
-        from .couplings import AdditiveCoupling
-        from .sequential import Sequential
-
         def mlp():
             return nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
 
@@ -81,8 +74,6 @@ def _train_step(model, opt, x, y):
 
 def measure_demo_step(depth: int, width: int, seed: int, mode: str, batch: int, device: str = "cpu") -> dict:
     """One training step of the demo model in `mode` (run in a fresh subprocess by `demo`)."""
-    from .memory import measure_step
-
     torch.manual_seed(seed)
     model = build_demo(depth, width, seed, mode=mode).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -97,8 +88,6 @@ def measure_demo_step(depth: int, width: int, seed: int, mode: str, batch: int, 
 
 def time_modes(models: Dict[str, nn.Module], x, y, rounds: int, warmup: int = 2) -> Dict[str, float]:
     """Median training-step time per mode, in this process, alternating the modes."""
-    from .memory import time_alternating
-
     opts = {m: torch.optim.AdamW(model.parameters(), lr=1e-4) for m, model in models.items()}
     steps = {m: (lambda m=m: _train_step(models[m], opts[m], x, y)) for m in models}
     times = time_alternating(steps, rounds, warmup=warmup, device=x.device)
@@ -106,12 +95,6 @@ def time_modes(models: Dict[str, nn.Module], x, y, rounds: int, warmup: int = 2)
 
 
 def cmd_demo(args) -> int:
-    import os
-
-    from tqdm import tqdm
-
-    from .memory import measure_in_subprocess
-
     child_env = None
     if args.quick and args.threads is None:
         args.threads = 1  # tiny tensors: thread hand-offs cost more than they save, worst on a busy machine
@@ -126,6 +109,16 @@ def cmd_demo(args) -> int:
         mem_batch, time_batch, rounds = args.mem_batch, 1024, 7
     torch.manual_seed(args.seed)
     (xtr, ytr), (xte, yte) = (tuple(t.to(args.device) for t in split) for split in make_task(args.seed))
+    model = train_demo(args, xtr, ytr, xte, yte)
+    print()
+    compare_modes(args, model.state_dict(), xtr, ytr, mem_batch, time_batch, rounds, child_env)
+    return 0
+
+
+def train_demo(args, xtr, ytr, xte, yte) -> nn.Module:
+    """Trains the reversible demo model on the task, printing its loss and accuracy before and after."""
+    from tqdm import tqdm
+
     model = build_demo(args.depth, args.width, args.seed, mode="reversible").to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(
@@ -150,8 +143,12 @@ def cmd_demo(args) -> int:
     tloss, tacc = evaluate(model, xte, yte)
     print(f"after {args.steps} steps: train loss {loss1:.4f}, accuracy {acc1:.3f}")
     print(f"held-out: loss {tloss:.4f}, accuracy {tacc:.3f} (chance {1 / 8:.3f})")
+    return model
 
-    print()
+
+def compare_modes(args, state, xtr, ytr, mem_batch: int, time_batch: int, rounds: int, child_env) -> None:
+    """The table: peak memory (fresh subprocesses) and step time (this process) of the trained weights
+    `state` in each of DEMO_MODES."""
     allocator = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     allocator = "default malloc" if allocator is None else f"MALLOC_MMAP_THRESHOLD_={allocator}"
     print("one training step (forward + backward + AdamW) of this model in each mode:")
@@ -165,7 +162,7 @@ def cmd_demo(args) -> int:
 
     def measure(m):
         return measure_in_subprocess(
-            "revengine.cli:measure_demo_step",
+            "revengine.apps.demo:measure_demo_step",
             dict(depth=args.depth, width=args.width, seed=args.seed, mode=m, batch=mem_batch, device=args.device),
             env=child_env, timeout=300,
         )
@@ -173,7 +170,6 @@ def cmd_demo(args) -> int:
     # The three processes run side by side: each reads its own peak, so they don't disturb each other's figure.
     with ThreadPoolExecutor(max_workers=len(DEMO_MODES)) as pool:
         mem = {m: out["figure"]["peak_delta_mb"] for m, out in zip(DEMO_MODES, pool.map(measure, DEMO_MODES))}
-    state = model.state_dict()
     models = {}
     for m in DEMO_MODES:
         models[m] = build_demo(args.depth, args.width, args.seed, mode=m).to(args.device)
@@ -188,97 +184,9 @@ def cmd_demo(args) -> int:
     for m in DEMO_MODES:
         mr = f"{mem[m] / mem['plain']:.2f}x" if mem["plain"] > 0 else "n/a"
         print(f"{m:<11} | {mem[m]:>8.1f} | {mr:>8} | {med[m] * 1e3:>8.2f} | {med[m] / med['plain']:>7.2f}x")
-    return 0
 
 
-# -- memory breakdown --------------------------------------------------------------------------
-
-
-def _head_fn(model, batch: int, seq: int):
-    """The LM head + cross-entropy alone, on a stand-in hidden state (a detached copy of the head)."""
-    w = model.lm_head.weight.detach().clone().requires_grad_(True)
-    hidden = torch.randn(batch, seq, w.shape[1]).to(w.device).requires_grad_(True)
-    labels = torch.randint(0, w.shape[0], (batch * (seq - 1),), generator=torch.Generator().manual_seed(2))
-    labels = labels.to(w.device)
-    from revengine.models import RevMoEForCausalLM, chunked_cross_entropy
-
-    if isinstance(model, RevMoEForCausalLM):
-        return lambda: chunked_cross_entropy(hidden[:, :-1].reshape(-1, w.shape[1]), w, labels, model.config.loss_chunk_size)
-    # HF: full logits, upcast to float32 by the loss
-    return lambda: torch.nn.functional.cross_entropy((hidden[:, :-1] @ w.t()).float().reshape(-1, w.shape[0]), labels)
-
-
-def breakdown_child(model: str, scheme: str, batch: int, seq: int, optimizer: str, gradient_checkpointing: bool,
-                    reversible_mode: str, moe_chunk_size: int, device: str = "cpu") -> dict:
-    """Runs in a fresh process (revengine.memory.measure_in_subprocess): one training step's breakdown."""
-    from revengine.models import RevMoEForCausalLM
-
-    from . import convert, memory
-    from .optim import InBackwardOptimizer
-
-    cfg = convert.read_model_config(model)
-    if cfg.get("model_type") == "revmoe":
-        net = RevMoEForCausalLM.from_pretrained(model, reversible_mode=reversible_mode, moe_chunk_size=moe_chunk_size)
-    else:
-        net = convert.load_hf(model, dtype=torch.float32)
-        if scheme != "none":
-            net = convert.from_hf(net, scheme=scheme, reversible_mode=reversible_mode, moe_chunk_size=moe_chunk_size)
-        elif gradient_checkpointing:
-            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    net.to(device).train()
-    vocab = net.lm_head.weight.shape[0]
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
-    opt = (InBackwardOptimizer(net.parameters(), torch.optim.AdamW, lr=1e-6) if optimizer == "adamw-in-backward"
-           else torch.optim.AdamW(net.parameters(), lr=1e-6))
-    r = memory.training_step_figures(net, opt, lambda: net(input_ids=ids, labels=ids, use_cache=False).loss,
-                                     head_fn=_head_fn(net, batch, seq), device=device)
-    return {k: v for k, v in r.items() if not k.startswith("figure")} | {"model_class": type(net).__name__}
-
-
-def cmd_breakdown(args) -> int:
-    from .memory import measure_in_subprocess
-
-    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
-    try:
-        r = measure_in_subprocess("revengine.cli:breakdown_child", dict(
-            model=args.model, scheme=args.scheme, batch=args.batch, seq=args.seq, optimizer=args.optimizer,
-            gradient_checkpointing=args.gradient_checkpointing, reversible_mode=args.reversible_mode,
-            moe_chunk_size=args.moe_chunk_size, device=args.device), env=env, timeout=7200)
-    except (RuntimeError, ValueError) as e:
-        print(f"{PROG} breakdown: error: {e}", file=sys.stderr)
-        return 2
-    rows = [("weights", r["weights_mb"]), ("optimizer state", r["optimizer_state_mb"]),
-            ("grads", r["grads_mb"] if args.optimizer == "adamw" else 0.0),
-            ("activations (layers)", r["activations_body_mb"]), ("logits (LM head + loss)", r["logits_mb"])]
-    print(f"{r['model_class']}, {r['params'] / 1e6:.1f}M parameters, batch {args.batch} x seq {args.seq}, "
-          f"{args.optimizer}, one training step on {args.device} in a fresh process (MiB at the peak):")
-    for name, v in rows:
-        print(f"  {name:<26} {v:10.2f}")
-    print(f"  {'steady-state peak':<26} {r['steady_peak_mb']:10.2f}")
-    if args.optimizer == "adamw-in-backward":
-        print("  (optimizer step inside backward: each grad is freed once its parameter is stepped)")
-    return 0
-
-
-# -- argument parsing --------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from .memory import device_arg
-
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="revengine: a reversible-autograd engine for PyTorch (memory-flat backward for deep networks).",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    demo = sub.add_parser(
-        "demo",
-        help="train a small reversible network on a synthetic task and compare memory/time across modes",
-        description="Trains a reversible stack (input projection -> additive couplings -> head) on an embedded "
-        "synthetic classification task, then prints peak memory and step time for plain, checkpoint and "
-        "reversible modes. No downloads.",
-    )
+def add_arguments(demo) -> None:
     demo.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     demo.add_argument("--depth", type=int, default=8, help="number of reversible couplings (default 8)")
     demo.add_argument("--width", type=int, default=64, help="stream width; the hidden state is 2*width (default 64)")
@@ -289,52 +197,3 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; --quick: 1)")
     demo.add_argument("--device", type=device_arg, default="cpu", help="cpu (default) or cuda[:i]")
     demo.add_argument("--quick", action="store_true", help="a tiny run (seconds), for tests")
-    demo.set_defaults(func=cmd_demo)
-
-    from . import finetune
-
-    ft = sub.add_parser(
-        "finetune",
-        help="convert an HF MoE checkpoint to a reversible model and fine-tune it in two stages",
-        description=finetune.__doc__.split("\n\n")[0] + " Stage 1 trains the parameters the conversion added "
-        "(distilling against the original's logits), stage 2 trains all of them. Checkpoints, --resume and "
-        "Ctrl-C are safe: a resumed run ends bit-identical to an uninterrupted one.",
-    )
-    finetune.add_arguments(ft)
-    ft.set_defaults(func=finetune.cmd_finetune)
-
-    bd = sub.add_parser(
-        "breakdown",
-        help="peak memory of one training step, broken down: weights, grads, optimizer state, activations, logits",
-        description="Builds the model (an HF checkpoint, optionally converted with --scheme, or a revengine model), "
-        "runs one AdamW training step on random tokens in a fresh process and prints what occupies memory at "
-        "the peak.",
-    )
-    bd.add_argument("--model", required=True, help="HF causal-LM checkpoint folder or a revengine model folder")
-    bd.add_argument("--scheme", default="none", choices=finetune.SCHEMES + ("none",),
-                    help="convert an HF MoE checkpoint first (default none: the model as it is)")
-    bd.add_argument("--batch", type=int, default=8)
-    bd.add_argument("--seq", type=int, default=1024)
-    bd.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw-in-backward"))
-    bd.add_argument("--gradient-checkpointing", action="store_true", help="HF gradient checkpointing (scheme none)")
-    bd.add_argument("--reversible-mode", default="reversible", choices=MODES)
-    bd.add_argument("--moe-chunk-size", type=int, default=0)
-    bd.add_argument("--threads", type=int, default=None)
-    bd.add_argument("--device", type=device_arg, default="cpu",
-                    help="cpu (peak RSS) or cuda[:i] (peak allocated GPU memory); default cpu")
-    bd.set_defaults(func=cmd_breakdown)
-    return parser
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)  # an unknown subcommand exits with status 2 and a message
-    if getattr(args, "func", None) is None:
-        parser.print_help(sys.stderr)
-        print(f"\n{PROG}: error: a command is required", file=sys.stderr)
-        return 2
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The settings of a fine-tuning run (FinetuneArgs) and the error every bad input raises."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional
+
+from revengine import memory
+from revengine.models import BLOCK_TYPES as SCHEMES, FIXED_POINT_FALLBACKS
+
+DISTILL = ("none", "stage1", "all")
+
+
+class FinetuneError(ValueError):
+    """Bad input to `revengine finetune` (the message names the problem)."""
+
+
+@dataclass
+class FinetuneArgs:
+    model: str
+    data: str
+    out: str
+    scheme: str = "revffn"
+    stage1_steps: int = 0
+    steps: int = 100
+    eval_data: Optional[str] = None
+    eval_fraction: float = 0.1
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    stage1_lr: Optional[float] = None
+    warmup: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 256
+    bf16: bool = False
+    distill: str = "stage1"
+    kl_weight: float = 1.0
+    upcycle_experts: int = 0
+    upcycle_top_k: int = 2
+    reversible_mode: str = "reversible"
+    gradient_checkpointing: bool = False
+    moe_chunk_size: int = 0
+    fixed_point_fallback: str = "store"
+    bdia_gamma: Optional[float] = None  # None: RevMoEConfig's default
+    seed: int = 0
+    # bookkeeping (may change between a run and its --resume)
+    resume: bool = False
+    save_every: int = 50
+    eval_every: int = 0
+    eval_batch_size: int = 16
+    eval_max_examples: int = 256
+    keep_checkpoints: int = 2
+    progress: bool = True
+    threads: Optional[int] = None
+    device: str = "cpu"
+    stop_after: Optional[int] = None  # behave as if interrupted after this many steps of this run (tests)
+
+    # Fields a --resume may change; every other field must match the checkpoint's.
+    MUTABLE = ("resume", "save_every", "eval_every", "eval_batch_size", "eval_max_examples", "keep_checkpoints",
+               "progress", "threads", "device", "stop_after")
+
+    def validate(self) -> None:
+        if self.scheme not in SCHEMES + ("none",):
+            raise FinetuneError(f"--scheme must be one of {SCHEMES + ('none',)}, got {self.scheme!r}")
+        if self.fixed_point_fallback not in FIXED_POINT_FALLBACKS:
+            raise FinetuneError(f"--fixed-point-fallback must be one of {FIXED_POINT_FALLBACKS}, "
+                                f"got {self.fixed_point_fallback!r}")
+        if self.distill not in DISTILL:
+            raise FinetuneError(f"--distill must be one of {DISTILL}, got {self.distill!r}")
+        for name in ("stage1_steps", "steps", "warmup", "save_every", "eval_every", "upcycle_experts"):
+            if getattr(self, name) < 0:
+                raise FinetuneError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.stage1_steps + self.steps < 1:
+            raise FinetuneError("nothing to do: --stage1-steps + --steps is 0")
+        if not 0.0 < self.eval_fraction < 1.0 and self.eval_data is None:
+            raise FinetuneError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.lr <= 0 or (self.stage1_lr is not None and self.stage1_lr <= 0):
+            raise FinetuneError("learning rates must be > 0")
+        if self.scheme == "none" and self.stage1_steps:
+            raise FinetuneError("--scheme none fine-tunes the original model, which has no new parameters: "
+                                "use --stage1-steps 0")
+        if self.gradient_checkpointing and self.scheme != "none":
+            raise FinetuneError("--gradient-checkpointing applies to --scheme none (HF's checkpointing); "
+                                "converted models use --reversible-mode")
+        try:
+            memory.check_device(self.device)
+        except ValueError as e:
+            raise FinetuneError(f"--device: {e}") from None
+        if self.upcycle_experts and not 1 <= self.upcycle_top_k <= self.upcycle_experts:
+            raise FinetuneError(f"--upcycle-top-k must be in [1, {self.upcycle_experts}], got {self.upcycle_top_k}")
+
+    def identity(self) -> Dict[str, Any]:
+        """The fields a --resume must match."""
+        return {k: v for k, v in asdict(self).items() if k not in self.MUTABLE}

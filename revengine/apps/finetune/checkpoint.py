@@ -1,0 +1,154 @@
+"""What a run writes to --out: checkpoints (atomic directories), log.jsonl and the finished model."""
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .args import FinetuneArgs, FinetuneError
+from .model import device_of
+
+STATE_FILE = "trainer_state.json"
+
+
+def atomic_dir(final: str):
+    """A temporary sibling directory that replaces `final` on success (and vanishes on failure)."""
+    parent = os.path.dirname(os.path.abspath(final))
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(final) + "-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide checkpoints from the rest of a team
+
+    @contextlib.contextmanager
+    def ctx():
+        try:
+            yield tmp
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+    return ctx()
+
+
+def checkpoint_dirs(out: str) -> List[str]:
+    """The complete checkpoints in --out, oldest first."""
+    return sorted(d for d in glob.glob(os.path.join(out, "checkpoints", "step-*")) if os.path.isfile(os.path.join(d, STATE_FILE)))
+
+
+def prepare_out(args: FinetuneArgs) -> Optional[str]:
+    """Checks --out against --resume; returns the checkpoint to resume from (or None)."""
+    out = args.out
+    if os.path.isfile(out):
+        raise FinetuneError(f"--out {out} is a file")
+    if args.resume:
+        ckpts = checkpoint_dirs(out) if os.path.isdir(out) else []
+        if not ckpts:
+            raise FinetuneError(f"--resume: no checkpoint in {out}/checkpoints")
+        return ckpts[-1]
+    if os.path.isdir(out) and os.listdir(out):
+        what = "a finished model" if os.path.isfile(os.path.join(out, "config.json")) else "files"
+        raise FinetuneError(f"--out {out} already holds {what}; choose an empty directory "
+                            "(or pass --resume to continue its checkpoints)")
+    return None
+
+
+def save_checkpoint(out: str, step: int, student, optimizer, state: Dict[str, Any], keep: int) -> str:
+    """checkpoints/step-NNNNNN: weights, optimizer state, RNG state and `state`; keeps the newest `keep`."""
+    from safetensors.torch import save_model
+
+    final = os.path.join(out, "checkpoints", f"step-{step:06d}")
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    with atomic_dir(final) as tmp:
+        save_model(student, os.path.join(tmp, "model.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        rng = {"torch": torch.get_rng_state()}
+        dev = device_of(student)
+        if dev.type == "cuda":  # dropout and bdia's signs draw from the GPU's generator
+            rng["cuda"] = torch.cuda.get_rng_state(dev)
+        torch.save(rng, os.path.join(tmp, "rng.pt"))
+        with open(os.path.join(tmp, STATE_FILE), "w") as fh:
+            json.dump(state, fh, indent=1)  # written last: its presence marks a complete checkpoint
+    for old in checkpoint_dirs(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(path: str) -> Dict[str, Any]:
+    with open(os.path.join(path, STATE_FILE)) as fh:
+        return json.load(fh)
+
+
+def safetensors_shapes(model_dir: str) -> Dict[str, Tuple[int, ...]]:
+    """{name: shape} of every tensor in the directory's *.safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+        with safe_open(f, framework="pt") as fh:
+            for k in fh.keys():
+                shapes[k] = tuple(fh.get_slice(k).get_shape())
+    return shapes
+
+
+def load_checkpoint_weights(student, path: str) -> None:
+    from safetensors.torch import load_model
+
+    weights = os.path.join(path, "model.safetensors")
+    expected = {k: tuple(v.shape) for k, v in student.state_dict().items()}
+    found = safetensors_shapes(path)
+    bad = [f"{k}: checkpoint {found[k]} vs model {expected.get(k)}" for k in found if expected.get(k) != found[k]]
+    if bad:
+        raise FinetuneError(f"{path}: checkpoint of another shape ({len(bad)} tensors): " + "; ".join(bad[:4]))
+    load_model(student, weights, strict=False)
+
+
+def load_optimizer_state(optimizer, path: str) -> None:
+    # loaded to the CPU first: Optimizer.load_state_dict moves the state to its parameters' device
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
+
+
+def restore_rng(path: str, device: torch.device) -> None:
+    """The generators as they were when the checkpoint was saved (the GPU's too, when training there)."""
+    rng = torch.load(os.path.join(path, "rng.pt"), map_location="cpu", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def truncate_log(path: str, step: int) -> None:
+    """On resume, drop log lines past the checkpoint (they will be written again)."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as fh:
+        for line in fh:
+            with contextlib.suppress(json.JSONDecodeError):
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+    with open(path, "w") as fh:
+        fh.writelines(keep)
+
+
+def save_final(out: str, student, tok, state: Dict[str, Any]) -> None:
+    """The finished model, written to a temporary folder and moved into --out; config.json last."""
+    tmp = tempfile.mkdtemp(prefix=".tmp-final-", dir=out)
+    os.chmod(tmp, 0o755)
+    try:
+        student.save_pretrained(tmp)
+        tok.save(tmp)
+        with open(os.path.join(tmp, "eval.json"), "w") as fh:
+            json.dump({k: state.get(k) for k in ("evals", "timings", "fixed_point", "args")}, fh, indent=1)
+        names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
+        for n in names:
+            dst = os.path.join(out, n)
+            if os.path.isdir(dst):
+                shutil.rmtree(dst)
+            os.replace(os.path.join(tmp, n), dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

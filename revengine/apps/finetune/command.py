@@ -1,0 +1,82 @@
+"""`revengine finetune`: its arguments and the command (the recipe's summary printed, exit statuses)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from revengine import MODES
+from revengine.models import BLOCK_TYPES as SCHEMES, FIXED_POINT_FALLBACKS
+
+from .args import DISTILL, FinetuneArgs, FinetuneError
+from .recipe import run
+
+
+def add_arguments(p) -> None:
+    a = p.add_argument
+    a("--model", required=True, help="HF MoE checkpoint directory (Mixtral/Qwen2-MoE/Qwen3-MoE/OLMoE, or a dense "
+      "Llama with --upcycle-experts), or a revengine model directory")
+    a("--data", required=True, help="jsonl: {\"text\": ...} or {\"prompt\": ..., \"answer\": ...} per line")
+    a("--out", required=True, help="output directory: checkpoints/, log.jsonl, and the finished model")
+    a("--scheme", default="revffn", choices=SCHEMES + ("none",),
+      help="reversible conversion (default revffn); 'none' fine-tunes the HF model itself (baseline)")
+    a("--stage1-steps", type=int, default=0, help="stage 1: optimizer steps on the new parameters only")
+    a("--steps", type=int, default=100, help="stage 2: optimizer steps on all parameters (default 100)")
+    a("--eval-data", default=None, help="jsonl eval split (default: hold out --eval-fraction of --data)")
+    a("--eval-fraction", type=float, default=0.1)
+    a("--batch-size", type=int, default=8, help="examples per micro-batch")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--lr", type=float, default=1e-4, help="AdamW learning rate of stage 2")
+    a("--stage1-lr", type=float, default=None, help="learning rate of stage 1 (default --lr)")
+    a("--warmup", type=int, default=0, help="linear warm-up steps at the start of each stage")
+    a("--weight-decay", type=float, default=0.0)
+    a("--max-grad-norm", type=float, default=1.0, help="global grad-norm clipping (0: off)")
+    a("--max-length", type=int, default=256, help="tokens per example (longer ones are cut)")
+    a("--bf16", action="store_true", help="bf16 autocast (weights, grads and optimizer state stay fp32)")
+    a("--distill", default="stage1", choices=DISTILL, help="add KL(original || model) to the loss (default stage1)")
+    a("--kl-weight", type=float, default=1.0)
+    a("--upcycle-experts", type=int, default=0, help="turn a dense Llama into an MoE with E experts first")
+    a("--upcycle-top-k", type=int, default=2)
+    a("--reversible-mode", default="reversible", choices=MODES)
+    a("--gradient-checkpointing", action="store_true", help="HF gradient checkpointing (with --scheme none)")
+    a("--moe-chunk-size", type=int, default=0, help="experts run in token chunks of this size (0: whole batch)")
+    a("--fixed-point-fallback", default="store", choices=FIXED_POINT_FALLBACKS,
+      help="revffn: a layer whose attention branch stops being a contraction keeps its input (store, exact grads, "
+      "the default), warns, or raises")
+    a("--bdia-gamma", type=float, default=None,
+      help="bdia: |g| of the random signs in training, 2^-k (default 1/16: k = 4 bits kept per element and layer)")
+    a("--seed", type=int, default=0)
+    a("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    a("--save-every", type=int, default=50, help="checkpoint every N steps (also at the end of each stage)")
+    a("--eval-every", type=int, default=0, help="evaluate every N steps (always at the start and stage ends)")
+    a("--eval-batch-size", type=int, default=16)
+    a("--eval-max-examples", type=int, default=256, help="examples scored by greedy exact match")
+    a("--keep-checkpoints", type=int, default=2)
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    a("--threads", type=int, default=None, help="torch threads")
+    a("--device", default="cpu", help="where to train: cpu (default) or cuda[:i]; a --resume may change it")
+    a("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def cmd_finetune(ns) -> int:
+    names = {f.name for f in fields(FinetuneArgs)}
+    args = FinetuneArgs(**{k: v for k, v in vars(ns).items() if k in names})
+    try:
+        summary = run(args)
+    except (FinetuneError, FloatingPointError) as e:
+        print(f"revengine finetune: error: {e}", file=sys.stderr)
+        return 2
+    if summary["status"] == "interrupted":
+        return 130
+    ev, tm = summary["evals"], summary["timings"]
+    print("\nrevengine finetune: finished; model in", args.out)
+    for name in ("original", "start", "stage1", "final"):
+        if name in ev:
+            r = ev[name]
+            print(f"  {name:>9}: held-out loss {r['loss']:.4f}" +
+                  (f", exact match {r['exact_match']:.3f}" if "exact_match" in r else ""))
+    if tm.get("stage2_peak_rss_mb"):
+        gpu = f", peak GPU memory {tm['stage2_peak_cuda_mb']:.0f} MB" if tm.get("stage2_peak_cuda_mb") else ""
+        print(f"  stage 2: peak RSS {tm['stage2_peak_rss_mb']:.0f} MB{gpu}, median step "
+              f"{tm['stage2_median_step_s']:.3f} s")
+    return 0

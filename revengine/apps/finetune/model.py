@@ -1,0 +1,91 @@
+"""The models of a run: the student (converted, or the HF model itself) and its source (the teacher)."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from revengine import convert
+from revengine.models import RevMoEForCausalLM
+
+from .args import FinetuneArgs, FinetuneError
+
+
+def load_source(args: FinetuneArgs):
+    """(source HF model or None, student model, kind) where kind is 'revmoe' or 'hf'."""
+    try:
+        cfg = convert.read_model_config(args.model)
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
+    mtype = cfg.get("model_type")
+    if mtype == "revmoe":
+        return None, _load_revmoe(args, cfg), "revmoe"
+    supported = tuple(convert.FAMILIES) + (("llama",) if args.upcycle_experts else ())
+    if mtype not in supported:
+        hint = " (a dense Llama needs --upcycle-experts E)" if mtype == "llama" else ""
+        raise FinetuneError(f"{args.model}: unsupported architecture model_type={mtype!r}{hint}; supported: "
+                            f"{', '.join(convert.FAMILIES)}, llama with --upcycle-experts, or a revengine model")
+    if args.upcycle_experts and mtype != "llama":
+        raise FinetuneError(f"--upcycle-experts turns a dense Llama into an MoE; {args.model} is already {mtype!r}")
+    try:
+        source = convert.load_hf(args.model, dtype=torch.float32)
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
+    if args.upcycle_experts:
+        source = convert.upcycle(source, args.upcycle_experts, args.upcycle_top_k,
+                                 generator=torch.Generator().manual_seed(args.seed))
+    source.eval()
+    if args.scheme == "none":
+        student = source
+        if args.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return None, student, "hf"
+    try:
+        extra = {} if args.bdia_gamma is None or args.scheme != "bdia" else {"bdia_gamma": args.bdia_gamma}
+        student = convert.from_hf(source, scheme=args.scheme, reversible_mode=args.reversible_mode,
+                                  moe_chunk_size=args.moe_chunk_size, fixed_point_fallback=args.fixed_point_fallback,
+                                  **extra)
+    except ValueError as e:
+        raise FinetuneError(f"{args.model}: cannot convert: {e}") from None
+    for p in source.parameters():
+        p.requires_grad_(False)
+    return source, student, "revmoe"
+
+
+def _load_revmoe(args: FinetuneArgs, cfg: dict) -> RevMoEForCausalLM:
+    """A revengine model directory: fine-tuned as it is (there is no original to distill from)."""
+    if args.scheme not in ("none", cfg.get("block_type")):
+        raise FinetuneError(f"{args.model} is a revengine model with block_type {cfg.get('block_type')!r}; "
+                            f"--scheme {args.scheme} would need the original HF checkpoint")
+    if args.stage1_steps:
+        raise FinetuneError(f"{args.model} is already converted: stage 1 needs the original HF model; "
+                            "use --stage1-steps 0")
+    try:
+        return RevMoEForCausalLM.from_pretrained(args.model, reversible_mode=args.reversible_mode,
+                                                 moe_chunk_size=args.moe_chunk_size,
+                                                 fixed_point_fallback=args.fixed_point_fallback)
+    except ValueError as e:
+        raise FinetuneError(str(e)) from None
+
+
+def vocab_size_of(model) -> int:
+    return int(model.get_input_embeddings().weight.shape[0]) if hasattr(model, "get_input_embeddings") \
+        else int(model.config.vocab_size)
+
+
+def new_parameters(student, source) -> List[nn.Parameter]:
+    """Parameters the conversion added (no pretrained counterpart), in module order."""
+    return convert.new_parameters(student) if source is not None else []
+
+
+def is_revmoe(model) -> bool:
+    return isinstance(model, RevMoEForCausalLM)
+
+
+def device_of(model) -> torch.device:
+    """Where the model's tensors are (the CPU for a model without any)."""
+    t = next(model.parameters(), None)
+    if t is None:
+        t = next(model.buffers(), None)
+    return t.device if t is not None else torch.device("cpu")
