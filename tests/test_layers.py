@@ -40,7 +40,7 @@ def test_layers_contract_holds(tmp_path):
     _layout(tmp_path)
     r = _lint(tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 kept, 0 broken" in r.stdout
+    assert "3 kept, 0 broken" in r.stdout
 
 
 def _lint_with(tmp_path, edit):
