@@ -58,8 +58,10 @@ class RevMoEConfig:
     fixed_point_iters: int = 50  # revffn: iterations of the attention branch's inverse
     fixed_point_tol: Optional[float] = None  # revffn: relative residual that counts as converged
     # (None: by the stream dtype, 1e-12 for float64, 1e-5 for float32, 1e-2 below)
-    fixed_point_fallback: str = "error"  # revffn, when the inverse does not converge: "error", "warn", or
-    # "store" (checked in forward; such layers keep their left input: exact, costs memory and F evaluations)
+    # revffn, when the inverse does not converge: "store" (the default: checked in forward, such layers
+    # keep their left input, exact, at the cost of memory and F evaluations; a training run goes on),
+    # "warn" or "error"
+    fixed_point_fallback: str = "store"
     replay_routing: bool = True
     loss_chunk_size: int = 256  # tokens per chunk of the LM-head cross-entropy
     # Tokens per chunk in which the experts (and the shared expert) run with grad, each chunk keeping

@@ -30,10 +30,11 @@ class RevFFNLayer(Coupling):
     attention and MoE weights run on half-width streams. The attention branch reads the stream
     it updates, so its inverse solves x1 = y1 - F(x1, x2) by fixed-point iteration; it converges
     when F is a contraction in x1 (small adapters). Each inverse records its iteration count and
-    relative residual in `fixed_point_stats`; one that does not reach the tolerance raises (or
-    warns, with fixed_point_fallback="warn"). With fixed_point_fallback="store" the forward checks
-    the inverse right away and a layer whose inverse would not converge keeps its left input x1
-    (half a checkpoint for that layer; `fixed_point_stats["stored"]`), so training goes on exact.
+    relative residual in `fixed_point_stats`. With fixed_point_fallback="store" (the default) the
+    forward checks the inverse right away and a layer whose inverse would not converge keeps its
+    left input x1 (half a checkpoint for that layer; `fixed_point_stats["stored"]`, and a warning the
+    first time), so training goes on exact. With "error" such an inverse raises a
+    ReconstructionError in backward; with "warn" it warns and goes on with the inexact input.
     """
 
     def __init__(self, config: RevMoEConfig, layer_idx: int):
@@ -49,6 +50,7 @@ class RevFFNLayer(Coupling):
         self.down_moe = nn.Linear(d, half, bias=False)
         self.iters, self.tol, self.fallback = config.fixed_point_iters, config.fixed_point_tol, config.fixed_point_fallback
         self.fixed_point_stats = {"iterations": 0, "residual": 0.0, "calls": 0}
+        self._said_stored = False
         self.recompute = bool(config.attention_recompute)
 
     def attn_increment(self, x1: Tensor, x2: Tensor, **ctx) -> Tensor:
@@ -102,6 +104,12 @@ class RevFFNLayer(Coupling):
             self.fixed_point_stats["stored"] = not (residual <= tol / 4 and error <= tol)
             if self.fixed_point_stats["stored"]:
                 side.save(self, x1, "x1")
+                if not self._said_stored:  # once per layer: how many layers store is in fixed_point_report()
+                    self._said_stored = True
+                    warnings.warn(f"revengine: RevFFN layer {self.layer_idx}: the attention branch is no longer a "
+                                  f"contraction (fixed-point residual {residual:.3g}); the layer keeps its input "
+                                  "while that lasts (exact grads, half a checkpoint's memory)", RuntimeWarning,
+                                  stacklevel=2)
         return y1, x2 + self.moe_increment(y1, **ctx)
 
     def inverse(self, y1, y2, **ctx):

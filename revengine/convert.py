@@ -1,6 +1,6 @@
 """Conversion between Hugging Face transformers MoE models and RevMoEForCausalLM.
 
-    from_hf(model_or_path, scheme="revffn", reversible_mode="reversible", **config_overrides)
+    from_hf(model_or_path, scheme="bdia", reversible_mode="reversible", **config_overrides)
         MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM or OlmoeForCausalLM ->
         RevMoEForCausalLM. Every pretrained tensor is copied (the user's model is never modified):
         embeddings, per-layer norms, q/k/v/o (with q/k/v biases), q/k norms, router, fused experts,
@@ -327,7 +327,7 @@ def _build_dtype(dtype):
 
 
 @torch.no_grad()
-def from_hf(model_or_path, scheme: str = "revffn", reversible_mode: str = "reversible",
+def from_hf(model_or_path, scheme: str = "bdia", reversible_mode: str = "reversible",
             adapter_init: str = "coordinate", adapter_scale: float = 1.0, **config_overrides):
     """A RevMoEForCausalLM holding copies of an HF MoE causal LM's weights.
 
@@ -335,6 +335,8 @@ def from_hf(model_or_path, scheme: str = "revffn", reversible_mode: str = "rever
         model_or_path: a MixtralForCausalLM / Qwen2MoeForCausalLM / Qwen3MoeForCausalLM /
             OlmoeForCausalLM instance, or a folder that `load_hf` loads (in its own dtype).
         scheme: the reversible layer, one of `revengine.models.BLOCK_TYPES` (RevMoEConfig.block_type).
+            The default, "bdia", is the only one that starts as the original model (eval mode is
+            the HF function; no new parameters), so fine-tuning starts from the pretrained loss.
         reversible_mode: "reversible", "checkpoint" or "plain" (`revengine.MODES`).
         adapter_init, adapter_scale: RevFFN's projection adapters (see `init_revffn_adapters`).
         **config_overrides: further RevMoEConfig fields (e.g. exact=True, moe_chunk_size).

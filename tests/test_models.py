@@ -212,7 +212,7 @@ def test_bad_config_and_inputs_are_clear_errors():
 
 
 def test_revffn_fixed_point_reports_and_fails_clearly():
-    cfg = tiny("revffn", layers=2)
+    cfg = tiny("revffn", layers=2, fixed_point_fallback="error")
     model = build(cfg)
     ids, mask, labels = batch(cfg)
     grads(model, ids, mask, labels)
