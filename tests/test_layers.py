@@ -63,18 +63,19 @@ def test_layers_contract_catches_an_undeclared_module(tmp_path):
     assert "stray" in _lint_with(tmp_path, lambda pkg: (pkg / "stray.py").write_text("x = 1\n"))
 
 
-def test_import_revengine_loads_no_models_transformers_or_hypothesis():
-    code = ("import revengine, sys; "
-            "bad = {'revengine.models', 'transformers', 'hypothesis'} & set(sys.modules); "
-            "assert not bad, bad")
+def _python(code):
+    """Runs `code` in a fresh interpreter that imports the revengine under test; returns its stdout."""
     r = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_import_revengine_loads_no_models_transformers_or_hypothesis():
+    _python("import revengine, sys; bad = {'revengine.models', 'transformers', 'hypothesis'} & set(sys.modules); "
+            "assert not bad, bad")
 
 
 def test_strategies_without_hypothesis_is_a_clear_import_error():
-    code = ("import sys; sys.modules['hypothesis'] = None\n"
-            "import revengine\n"
-            "try:\n    revengine.testing.strategies\nexcept ImportError as e:\n    print(e)\n")
-    r = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "revengine.testing.strategies needs hypothesis" in r.stdout
+    out = _python("import sys; sys.modules['hypothesis'] = None\nimport revengine\n"
+                  "try:\n    revengine.testing.strategies\nexcept ImportError as e:\n    print(e)\n")
+    assert "revengine.testing.strategies needs hypothesis" in out
