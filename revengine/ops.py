@@ -14,10 +14,18 @@ Arithmetic contract, shared by the CPU and CUDA kernels (results agree bit for b
 
 The in-place ops (trailing underscore) refuse inputs that require grad: they are the executor's
 buffers, outside autograd. `coupling_update` is the differentiable out-of-place form.
+
+`use_kernels("aten")` (or REVENGINE_KERNELS=aten in the environment when revengine is imported)
+replaces the custom CPU/CUDA kernels of every op, the MoE ops included, by their ATen references
+(`revengine.reference`), for all callers including the C++ executor; `use_kernels("custom")` puts
+the custom kernels back.
 """
+import os
+
 import torch
 
 from . import _ext  # noqa: F401  (loads the C++ extension, which registers the ops)
+from . import reference
 
 __all__ = [
     "coupling_update",
@@ -31,7 +39,12 @@ __all__ = [
     "all_finite",
     "bdia_step_",
     "bdia_unstep_",
+    "use_kernels",
+    "kernels",
+    "KERNELS_ENV",
 ]
+
+KERNELS_ENV = "REVENGINE_KERNELS"
 
 _ops = torch.ops.revengine
 Tensor = torch.Tensor
@@ -99,3 +112,32 @@ def bdia_step_(u: Tensor, src: Tensor, inc: Tensor, sign: Tensor, frac_bits: int
 def bdia_unstep_(u: Tensor, src: Tensor, inc: Tensor, sign: Tensor, low: Tensor, frac_bits: int, shift: int) -> None:
     """The exact inverse of `bdia_step_` given its low bits: u <- ((s (u - q - src + s (src >> k))) << k) | low."""
     _ops.bdia_unstep_(u, src, inc, sign, low, int(frac_bits), int(shift))
+
+
+def use_kernels(kind: str) -> None:
+    """Selects the kernels of every `torch.ops.revengine` op on CPU and CUDA: "custom" (the C++/CUDA
+    kernels, the default) or "aten" (the ATen references of `revengine.reference`: slower, but
+    ordinary torch ops, a fallback when a custom kernel misbehaves on some GPU)."""
+    if kind == "aten":
+        reference.install()
+    elif kind == "custom":
+        reference.uninstall()
+    else:
+        raise ValueError(f"revengine.ops.use_kernels: kind must be 'custom' or 'aten', got {kind!r}")
+
+
+def kernels() -> str:
+    """The kernels in use: "custom" or "aten"."""
+    return "aten" if reference.installed() else "custom"
+
+
+def _kernels_from_env() -> None:
+    kind = os.environ.get(KERNELS_ENV, "").strip().lower()
+    if kind:
+        try:
+            use_kernels(kind)
+        except ValueError:
+            raise ValueError(f"{KERNELS_ENV}={kind!r}: expected 'custom' or 'aten'") from None
+
+
+_kernels_from_env()

@@ -1,5 +1,5 @@
 """The `revengine` command line (also `python -m revengine`): parses the arguments and dispatches
-to the command's module (revengine.apps.demo, .finetune, .breakdown).
+to the command's module (revengine.apps.demo, .finetune, .breakdown, .selftest).
 
     revengine demo            # train a small reversible network on a synthetic task, then compare
                               # peak memory and step time of plain / checkpoint / reversible
@@ -14,7 +14,7 @@ PROG = "revengine"
 
 def build_parser() -> argparse.ArgumentParser:
     # the commands are imported here, not when `revengine.apps.cli` is
-    from . import breakdown, demo, finetune
+    from . import breakdown, demo, finetune, selftest
 
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -51,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     breakdown.add_arguments(p)
     p.set_defaults(func=breakdown.cmd_breakdown)
+
+    p = sub.add_parser(
+        "selftest",
+        help="verify an install: every custom kernel against its ATen reference, tiny models, exact mode",
+        description="Compares every custom kernel with its ATen reference on the device (shapes, dtypes, empty "
+        "and non-contiguous inputs), a tiny reversible model of every block type with reversible_mode='plain', "
+        "exact mode's bit-exact reconstruction and, on CUDA, that peak memory stays flat in depth. "
+        "Exit status 1 when a check fails.",
+    )
+    selftest.add_arguments(p)
+    p.set_defaults(func=selftest.cmd_selftest)
     return parser
 
 
