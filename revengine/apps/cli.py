@@ -12,56 +12,47 @@ from typing import List, Optional
 PROG = "revengine"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _commands():
+    """name -> (module with add_arguments, the function running it, help, description)."""
     # the commands are imported here, not when `revengine.apps.cli` is
     from . import breakdown, demo, finetune, selftest
 
+    return {
+        "demo": (demo, demo.cmd_demo,
+                 "train a small reversible network on a synthetic task and compare memory/time across modes",
+                 "Trains a reversible stack (input projection -> additive couplings -> head) on an embedded "
+                 "synthetic classification task, then prints peak memory and step time for plain, checkpoint and "
+                 "reversible modes. No downloads."),
+        "finetune": (finetune, finetune.cmd_finetune,
+                     "convert an HF MoE checkpoint to a reversible model and fine-tune it in two stages",
+                     finetune.__doc__.split("\n\n")[0] + " Stage 1 trains the parameters the conversion added "
+                     "(distilling against the original's logits), stage 2 trains all of them. Checkpoints, --resume "
+                     "and Ctrl-C are safe: a resumed run ends bit-identical to an uninterrupted one."),
+        "breakdown": (breakdown, breakdown.cmd_breakdown,
+                      "peak memory of one training step, broken down: weights, grads, optimizer state, activations, "
+                      "logits",
+                      "Builds the model (an HF checkpoint, optionally converted with --scheme, or a revengine model), "
+                      "runs one AdamW training step on random tokens in a fresh process and prints what occupies "
+                      "memory at the peak."),
+        "selftest": (selftest, selftest.cmd_selftest,
+                     "verify an install: every custom kernel against its ATen reference, tiny models, exact mode",
+                     "Compares every custom kernel with its ATen reference on the device (shapes, dtypes, empty "
+                     "and non-contiguous inputs), a tiny reversible model of every block type with "
+                     "reversible_mode='plain', exact mode's bit-exact reconstruction and, on CUDA, that peak memory "
+                     "stays flat in depth. Exit status 1 when a check fails."),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="revengine: a reversible-autograd engine for PyTorch (memory-flat backward for deep networks).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser(
-        "demo",
-        help="train a small reversible network on a synthetic task and compare memory/time across modes",
-        description="Trains a reversible stack (input projection -> additive couplings -> head) on an embedded "
-        "synthetic classification task, then prints peak memory and step time for plain, checkpoint and "
-        "reversible modes. No downloads.",
-    )
-    demo.add_arguments(p)
-    p.set_defaults(func=demo.cmd_demo)
-
-    p = sub.add_parser(
-        "finetune",
-        help="convert an HF MoE checkpoint to a reversible model and fine-tune it in two stages",
-        description=finetune.__doc__.split("\n\n")[0] + " Stage 1 trains the parameters the conversion added "
-        "(distilling against the original's logits), stage 2 trains all of them. Checkpoints, --resume and "
-        "Ctrl-C are safe: a resumed run ends bit-identical to an uninterrupted one.",
-    )
-    finetune.add_arguments(p)
-    p.set_defaults(func=finetune.cmd_finetune)
-
-    p = sub.add_parser(
-        "breakdown",
-        help="peak memory of one training step, broken down: weights, grads, optimizer state, activations, logits",
-        description="Builds the model (an HF checkpoint, optionally converted with --scheme, or a revengine model), "
-        "runs one AdamW training step on random tokens in a fresh process and prints what occupies memory at "
-        "the peak.",
-    )
-    breakdown.add_arguments(p)
-    p.set_defaults(func=breakdown.cmd_breakdown)
-
-    p = sub.add_parser(
-        "selftest",
-        help="verify an install: every custom kernel against its ATen reference, tiny models, exact mode",
-        description="Compares every custom kernel with its ATen reference on the device (shapes, dtypes, empty "
-        "and non-contiguous inputs), a tiny reversible model of every block type with reversible_mode='plain', "
-        "exact mode's bit-exact reconstruction and, on CUDA, that peak memory stays flat in depth. "
-        "Exit status 1 when a check fails.",
-    )
-    selftest.add_arguments(p)
-    p.set_defaults(func=selftest.cmd_selftest)
+    for name, (module, run, help_, description) in _commands().items():
+        p = sub.add_parser(name, help=help_, description=description)
+        module.add_arguments(p)
+        p.set_defaults(func=run)
     return parser
 
 
