@@ -297,6 +297,50 @@ def test_out_dir_and_argument_checks(tmp_path, data, mixtral):
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
 
 
+def test_run_that_dies_before_its_first_checkpoint_leaves_out_reusable(tmp_path, data, mixtral, monkeypatch):
+    out = tmp_path / "out"
+    real_eval, real_losses = ft.recipe.evaluate, ft.recipe.model_losses
+    calls = {"eval": 0, "step": 0}
+
+    def eval_then_ctrl_c(*a, **kw):  # Ctrl-C during the first eval of the student (after the original's)
+        calls["eval"] += 1
+        if calls["eval"] == 2:
+            raise KeyboardInterrupt
+        return real_eval(*a, **kw)
+
+    def fail_in_step_two(*a, **kw):
+        calls["step"] += 1
+        if calls["step"] == 2:
+            raise RuntimeError("injected")
+        return real_losses(*a, **kw)
+
+    for name, fault, exc in (("evaluate", eval_then_ctrl_c, KeyboardInterrupt),
+                             ("model_losses", fail_in_step_two, RuntimeError)):
+        with monkeypatch.context() as m:
+            m.setattr(ft.recipe, name, fault)
+            with pytest.raises(exc):
+                ft.run(args(mixtral, data, out, stage1_steps=0, steps=3))
+        assert os.listdir(out) == ["log.jsonl"] and not ft.checkpoint_dirs(str(out))
+        with pytest.raises(FinetuneError, match="no checkpoint"):  # nothing to resume...
+            ft.run(args(mixtral, data, out, stage1_steps=0, steps=3, resume=True))
+    # ...and a save killed mid-way leaves only its temporary folder
+    (out / "checkpoints" / ".tmp-step-000001-x").mkdir(parents=True)
+    (out / "checkpoints" / ".tmp-step-000001-x" / "model.safetensors").write_bytes(b"partial")
+    s = ft.run(args(mixtral, data, out, stage1_steps=0, steps=3))  # ...so the same command starts over
+    assert s["status"] == "finished"
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r.get("eval") for r in log if "eval" in r] == ["original", "start", "final"]
+    assert [r["step"] for r in log if "stage" in r] == [1, 2, 3]
+    # anything else in --out is still refused
+    for name, content in (("notes.txt", "mine"), ("log.jsonl", "not a run's log\n")):
+        other = tmp_path / ("o-" + name)
+        other.mkdir()
+        (other / name).write_text(content)
+        with pytest.raises(FinetuneError, match="already holds files"):
+            ft.run(args(mixtral, data, other, stage1_steps=0, steps=3))
+        assert os.listdir(other) == [name] and (other / name).read_text() == content
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

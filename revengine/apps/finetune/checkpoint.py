@@ -51,11 +51,42 @@ def prepare_out(args: FinetuneArgs) -> Optional[str]:
         if not ckpts:
             raise FinetuneError(f"--resume: no checkpoint in {out}/checkpoints")
         return ckpts[-1]
-    if os.path.isdir(out) and os.listdir(out):
+    if os.path.isdir(out) and os.listdir(out) and not only_unfinished_leftovers(out):
         what = "a finished model" if os.path.isfile(os.path.join(out, "config.json")) else "files"
         raise FinetuneError(f"--out {out} already holds {what}; choose an empty directory "
                             "(or pass --resume to continue its checkpoints)")
     return None
+
+
+def _is_run_log(path: str) -> bool:
+    """Whether `path` reads as a log.jsonl a run writes: empty, or JSON objects with a "step", one a line
+    (text after the last newline, a line cut short by a kill, is not checked)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError):
+        return False
+    lines = text.split("\n")[:-1]
+    if text and not lines:
+        return False
+    try:
+        return all(isinstance(r := json.loads(line), dict) and "step" in r for line in lines)
+    except json.JSONDecodeError:
+        return False
+
+
+def only_unfinished_leftovers(out: str) -> bool:
+    """True when --out holds only what a run writes before its first checkpoint: its log.jsonl, and a
+    checkpoints/ folder with nothing but the .tmp-* folders of a save that never finished. Such a run
+    left nothing to resume, so a new run may start over there (its log is replaced)."""
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if name == "log.jsonl" and os.path.isfile(path) and _is_run_log(path):
+            continue
+        if name == "checkpoints" and os.path.isdir(path) and all(n.startswith(".tmp-") for n in os.listdir(path)):
+            continue
+        return False
+    return True
 
 
 def save_checkpoint(out: str, step: int, student, optimizer, state: Dict[str, Any], keep: int) -> str:

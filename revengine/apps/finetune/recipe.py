@@ -70,6 +70,8 @@ class FinetuneRecipe:
             self._load_checkpoint_state()
         os.makedirs(args.out, exist_ok=True)
         self.log_path = os.path.join(args.out, "log.jsonl")
+        if self.resume_from is None and os.path.exists(self.log_path):
+            os.remove(self.log_path)  # prepare_out found it the only trace of a run that never saved a checkpoint
         truncate_log(self.log_path, self.state["step"])
 
     def _load_checkpoint_state(self) -> None:
