@@ -278,6 +278,35 @@ def test_malformed_data(tmp_path, mixtral, content, match):
     _refused(tmp_path, args(mixtral, str(p), tmp_path / "out"), match)
 
 
+@pytest.mark.parametrize("content,match", [
+    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"train.jsonl:2: not UTF-8 text"),
+    (b'{"text": ""}\n' * 20, r"train.jsonl: the training split has no target tokens"),
+    (b'{"prompt": "", "answer": "1"}\n' * 20, r"train.jsonl:1: empty 'prompt'"),
+], ids=["not-utf8", "no-targets", "empty-prompts"])
+def test_data_without_anything_to_train_on(tmp_path, mixtral, content, match):
+    p = tmp_path / "train.jsonl"
+    p.write_bytes(content)
+    _refused(tmp_path, args(mixtral, str(p), tmp_path / "out"), match)
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("lr", float("nan")), ("lr", float("inf")), ("stage1_lr", float("nan")), ("weight_decay", -1.0),
+    ("threads", -1), ("threads", 0), ("max_grad_norm", float("nan")), ("max_grad_norm", -1.0),
+    ("eval_max_examples", -1), ("kl_weight", float("nan"))])
+def test_bad_numbers_are_errors_naming_the_flag(tmp_path, data, mixtral, flag, value):
+    _refused(tmp_path, args(mixtral, data, tmp_path / "out", **{flag: value}), f"--{flag.replace('_', '-')} must be")
+
+
+def test_cli_bad_lr_is_one_line_and_writes_nothing(tmp_path, data, mixtral, capsys):
+    from revengine.apps.cli import main
+    out = tmp_path / "o"
+    assert main(["finetune", "--model", mixtral, "--data", data, "--out", str(out), "--no-progress",
+                 "--lr", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "--lr must be a finite number > 0, got nan" in err, err
+    assert not out.exists()
+
+
 def test_vocabulary_mismatch(tmp_path, data):
     small = save_tiny(tmp_path / "small", vocab=200)
     _refused(tmp_path, args(small, data, tmp_path / "out"), r"vocabulary mismatch.*257")
