@@ -170,6 +170,67 @@ def test_resume_refuses_changed_settings_and_other_shapes(tmp_path, data, mixtra
         ft.run(args(mixtral, data, tmp_path / "empty", resume=True))
 
 
+def test_resume_knows_a_run_by_content_not_by_path(tmp_path, data, mixtral, monkeypatch):
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    ft.run(args(mixtral, data, "relrun", stop_after=3))
+    s = ft.run(args(mixtral, data, "./relrun/", resume=True, stop_after=2))  # another spelling of --out
+    assert s["status"] == "interrupted" and s["step"] == 5
+    # the run folder moved, the data and the model copied elsewhere (--model with a trailing slash)
+    shutil.move("relrun", "moved")
+    shutil.copytree(mixtral, "model-copy")
+    shutil.copy(data, "data-copy.jsonl")
+    s = ft.run(args("model-copy/", "data-copy.jsonl", tmp_path / "moved", resume=True))
+    assert s["status"] == "finished" and s["step"] == 12
+    ft.run(args(mixtral, data, tmp_path / "ref"))
+    assert same_weights(str(tmp_path / "ref"), str(tmp_path / "moved"))
+
+
+def test_resume_refuses_other_content_under_the_same_path(tmp_path, data, mixtral):
+    import shutil
+    model, d = shutil.copytree(mixtral, tmp_path / "m"), tmp_path / "d.jsonl"
+    shutil.copy(data, d)
+    out = tmp_path / "out"
+    ft.run(args(str(model), str(d), out, stop_after=2))
+    ft.write_jsonl(ft.arithmetic_records(300, digits=2, seed=7), str(d))  # replaced: another split
+    with pytest.raises(FinetuneError, match=r"the content of --data differs from the checkpoint's"):
+        ft.run(args(str(model), str(d), out, resume=True))
+    shutil.copy(data, d)
+    cfg = json.load(open(model / "config.json"))
+    cfg["router_aux_loss_coef"] = 0.5  # the same shapes, another model
+    json.dump(cfg, open(model / "config.json", "w"))
+    with pytest.raises(FinetuneError, match=r"model folder's config.json differ"):
+        ft.run(args(str(model), str(d), out, resume=True))
+    with pytest.raises(FinetuneError, match=r"the content of --eval-data differs"):
+        ft.run(args(mixtral, str(d), out, resume=True, eval_data=data))
+
+
+def test_resume_may_raise_steps_and_nothing_else(tmp_path, data, mixtral):
+    out = tmp_path / "out"
+    kw = dict(stage1_steps=2, steps=3)
+    assert ft.run(args(mixtral, data, out, **kw))["status"] == "finished"
+    with pytest.raises(FinetuneError, match=r"--steps 2 is below the checkpoint's 3"):
+        ft.run(args(mixtral, data, out, resume=True, stage1_steps=2, steps=2))
+    with pytest.raises(FinetuneError, match=r"differ from the checkpoint.*'stage1_steps': \(2, 3\)"):
+        ft.run(args(mixtral, data, out, resume=True, stage1_steps=3, steps=6))
+    s = ft.run(args(mixtral, data, out, resume=True, stage1_steps=2, steps=6))  # extended by 3 steps
+    assert s["status"] == "finished" and s["step"] == 8
+    assert json.load(open(out / "eval.json"))["args"]["steps"] == 6
+    ft.run(args(mixtral, data, tmp_path / "ref", stage1_steps=2, steps=6))
+    assert same_weights(str(tmp_path / "ref"), str(out))
+
+
+def test_resume_refuses_a_checkpoint_without_content_hashes(tmp_path, data, mixtral):
+    out = tmp_path / "out"
+    ft.run(args(mixtral, data, out, stop_after=2))
+    ckpt = ft.checkpoint_dirs(str(out))[-1]
+    state = json.load(open(os.path.join(ckpt, ft.STATE_FILE)))
+    del state["inputs"]  # as an older revengine wrote it
+    json.dump(state, open(os.path.join(ckpt, ft.STATE_FILE), "w"))
+    with pytest.raises(FinetuneError, match="records no content hashes"):
+        ft.run(args(mixtral, data, out, resume=True))
+
+
 def test_sigint_saves_a_checkpoint_and_resume_matches(tmp_path, data, mixtral):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "revengine", "finetune", "--model", mixtral, "--data", data, "--out", str(out),

@@ -102,6 +102,14 @@ class FinetuneArgs:
         if self.upcycle_experts and not 1 <= self.upcycle_top_k <= self.upcycle_experts:
             raise FinetuneError(f"--upcycle-top-k must be in [1, {self.upcycle_experts}], got {self.upcycle_top_k}")
 
-    def identity(self) -> Dict[str, Any]:
-        """The fields a --resume must match."""
+    # Where the inputs and outputs are, not what is trained: a --resume may spell or move them freely
+    # (the run's inputs are identified by content instead: checkpoint.run_inputs).
+    PATHS = ("model", "data", "eval_data", "out")
+
+    def record(self) -> Dict[str, Any]:
+        """The run's settings as a checkpoint and eval.json record them (paths included)."""
         return {k: v for k, v in asdict(self).items() if k not in self.MUTABLE}
+
+    def identity(self) -> Dict[str, Any]:
+        """The fields a --resume must match (--steps may grow: a resume may extend the run)."""
+        return {k: v for k, v in self.record().items() if k not in self.PATHS}

@@ -36,6 +36,54 @@ def atomic_dir(final: str):
     return ctx()
 
 
+# Files of a model folder that decide what the run trains (its weights follow from config.json's shapes;
+# hashing them would read gigabytes on every resume).
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+               "vocab.json", "merges.txt", "added_tokens.json", "revengine_tokenizer.json")
+
+
+def sha256_file(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_inputs(args: FinetuneArgs) -> Dict[str, Any]:
+    """What a run trains on, by content: sha256 of --data, --eval-data and the model folder's config and
+    tokenizer files. A --resume must find the same (however the paths are spelled now)."""
+    model = {n: sha256_file(os.path.join(args.model, n)) for n in MODEL_FILES
+             if os.path.isfile(os.path.join(args.model, n))}
+    return {"data": sha256_file(args.data), "eval_data": sha256_file(args.eval_data) if args.eval_data else None,
+            "model": model}
+
+
+def check_resume(args: FinetuneArgs, state: Dict[str, Any], inputs: Dict[str, Any], ckpt: str) -> None:
+    """Refuses a --resume whose settings or inputs differ from the checkpoint's (--steps may only grow)."""
+    if "inputs" not in state:
+        raise FinetuneError(f"--resume: {ckpt} records no content hashes of its data and model (a checkpoint of an "
+                            "older revengine), so it cannot be checked; start a new run in another --out")
+    was = state["args"]
+    diff = {k: (was.get(k), v) for k, v in args.identity().items() if k != "steps" and was.get(k) != v}
+    if diff:
+        raise FinetuneError(f"--resume: these settings differ from the checkpoint's (was, now): {diff}")
+    if args.steps < was.get("steps", 0):
+        raise FinetuneError(f"--resume: --steps {args.steps} is below the checkpoint's {was['steps']}; "
+                            "a resume may only raise it (extend the run)")
+    old = state["inputs"]
+    for flag in ("data", "eval_data"):
+        if old.get(flag) != inputs[flag]:
+            raise FinetuneError(f"--resume: the content of --{flag.replace('_', '-')} differs from the checkpoint's "
+                                f"(sha256 {str(old.get(flag))[:12]} then, {str(inputs[flag])[:12]} now)")
+    files = sorted(n for n in set(old.get("model", {})) | set(inputs["model"])
+                   if old.get("model", {}).get(n) != inputs["model"].get(n))
+    if files:
+        raise FinetuneError(f"--resume: the model folder's {', '.join(files)} differ(s) from the checkpoint's")
+
+
 def checkpoint_dirs(out: str) -> List[str]:
     """The complete checkpoints in --out, oldest first."""
     return sorted(d for d in glob.glob(os.path.join(out, "checkpoints", "step-*")) if os.path.isfile(os.path.join(d, STATE_FILE)))
