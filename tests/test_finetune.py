@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,11 +160,7 @@ def test_resume_refuses_changed_settings_and_other_shapes(tmp_path, data, mixtra
     ft.run(args(mixtral, data, out, stop_after=2))
     with pytest.raises(FinetuneError, match="differ from the checkpoint"):
         ft.run(args(mixtral, data, out, resume=True, lr=1e-3))
-    other = save_tiny(tmp_path / "other", vocab=300)  # same path names, another shape
-    ckpt = ft.checkpoint_dirs(str(out))[-1]
-    state = json.load(open(os.path.join(ckpt, ft.STATE_FILE)))
-    state["args"]["model"] = other
-    json.dump(state, open(os.path.join(ckpt, ft.STATE_FILE), "w"))
+    other = save_tiny(tmp_path / "other", vocab=300)  # another shape (the path is no part of a run's identity)
     with pytest.raises(FinetuneError, match="checkpoint of another shape"):
         ft.run(args(other, data, out, resume=True))
     with pytest.raises(FinetuneError, match="no checkpoint"):
@@ -225,10 +222,44 @@ def test_resume_refuses_a_checkpoint_without_content_hashes(tmp_path, data, mixt
     ft.run(args(mixtral, data, out, stop_after=2))
     ckpt = ft.checkpoint_dirs(str(out))[-1]
     state = json.load(open(os.path.join(ckpt, ft.STATE_FILE)))
-    del state["inputs"]  # as an older revengine wrote it
+    del state["inputs"]  # as an older revengine wrote it: no hashes, no checksums
     json.dump(state, open(os.path.join(ckpt, ft.STATE_FILE), "w"))
-    with pytest.raises(FinetuneError, match="records no content hashes"):
+    os.remove(os.path.join(ckpt, "complete.json"))
+    with pytest.raises(FinetuneError, match="no intact checkpoint.*complete.json is missing.*older revengine"):
         ft.run(args(mixtral, data, out, resume=True))
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, data, mixtral, capsys):
+    import shutil
+    kw = dict(save_every=3, keep_checkpoints=2)
+    ft.run(args(mixtral, data, tmp_path / "ref", **kw))
+    base = tmp_path / "base"
+    ft.run(args(mixtral, data, base, stop_after=7, **kw))
+    assert [os.path.basename(d) for d in ft.checkpoint_dirs(str(base))] == ["step-000006", "step-000007"]
+
+    def truncate(p):
+        p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+
+    def strip(p):
+        return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in open(p / "log.jsonl")]
+    damages = {"optimizer.pt": truncate, "model.safetensors": os.remove, "rng.pt": truncate,
+               "trainer_state.json": lambda p: p.write_text("{not json"), "complete.json": os.remove}
+    for name, damage in damages.items():
+        run = tmp_path / ("run-" + name)
+        shutil.copytree(base, run)
+        damage(run / "checkpoints" / "step-000007" / name)
+        capsys.readouterr()
+        s = ft.run(args(mixtral, data, run, resume=True, **kw))
+        err = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
+        assert len(err) == 1 and "step-000007" in err[0] and name in err[0], err
+        assert s["status"] == "finished" and same_weights(str(tmp_path / "ref"), str(run)), name
+        assert strip(tmp_path / "ref") == strip(run), name
+        assert (run / "checkpoints" / "damaged-step-000007" / "complete.json").exists() or name == "complete.json"
+    # nothing intact: one error naming each checkpoint's damage
+    for d in ft.checkpoint_dirs(str(base)):
+        truncate(Path(d) / "optimizer.pt")
+    with pytest.raises(FinetuneError, match=r"no intact checkpoint.*step-000007: optimizer.pt.*step-000006: optim"):
+        ft.run(args(mixtral, data, base, resume=True, **kw))
 
 
 def test_sigint_saves_a_checkpoint_and_resume_matches(tmp_path, data, mixtral):

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -15,6 +16,8 @@ from .args import FinetuneArgs, FinetuneError
 from .model import device_of
 
 STATE_FILE = "trainer_state.json"
+COMPLETE_FILE = "complete.json"  # a checkpoint's checksums, written last
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", STATE_FILE)
 
 
 def atomic_dir(final: str):
@@ -85,8 +88,52 @@ def check_resume(args: FinetuneArgs, state: Dict[str, Any], inputs: Dict[str, An
 
 
 def checkpoint_dirs(out: str) -> List[str]:
-    """The complete checkpoints in --out, oldest first."""
-    return sorted(d for d in glob.glob(os.path.join(out, "checkpoints", "step-*")) if os.path.isfile(os.path.join(d, STATE_FILE)))
+    """The checkpoints in --out, oldest first (each renamed into place complete; checkpoint_problem says
+    whether it still is)."""
+    return sorted(d for d in glob.glob(os.path.join(out, "checkpoints", "step-*")) if os.path.isdir(d))
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """None when every file of the checkpoint matches the checksum saved beside it, else what is wrong."""
+    try:
+        with open(os.path.join(path, COMPLETE_FILE)) as fh:
+            sums = json.load(fh)["sha256"]
+    except FileNotFoundError:
+        return f"{COMPLETE_FILE} is missing (a checkpoint of an older revengine, or a damaged one)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{COMPLETE_FILE} is unreadable"
+    for name in CHECKPOINT_FILES:
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is missing"
+        if sums.get(name) != sha256_file(os.path.join(path, name)):
+            return f"{name} does not match its checksum (truncated or changed)"
+    return None
+
+
+def newest_intact_checkpoint(out: str) -> str:
+    """The newest checkpoint that passes checkpoint_problem; each newer one is reported on stderr."""
+    ckpts = checkpoint_dirs(out) if os.path.isdir(out) else []
+    if not ckpts:
+        raise FinetuneError(f"--resume: no checkpoint in {out}/checkpoints")
+    problems = []
+    for ckpt in reversed(ckpts):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        problems.append(f"{os.path.basename(ckpt)}: {problem}")
+        print(f"revengine finetune: checkpoint {ckpt} is damaged: {problem}; trying the one before",
+              file=sys.stderr, flush=True)
+    raise FinetuneError(f"--resume: no intact checkpoint in {out}/checkpoints ({'; '.join(problems)})")
+
+
+def set_aside_newer(out: str, ckpt: str) -> None:
+    """Damaged checkpoints newer than the one resumed from go to checkpoints/damaged-step-N (kept for a
+    look, out of the way of the steps this run saves again and of --keep-checkpoints)."""
+    for d in checkpoint_dirs(out):
+        if os.path.basename(d) > os.path.basename(ckpt):
+            aside = os.path.join(os.path.dirname(d), "damaged-" + os.path.basename(d))
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(d, aside)
 
 
 def prepare_out(args: FinetuneArgs) -> Optional[str]:
@@ -95,10 +142,7 @@ def prepare_out(args: FinetuneArgs) -> Optional[str]:
     if os.path.isfile(out):
         raise FinetuneError(f"--out {out} is a file")
     if args.resume:
-        ckpts = checkpoint_dirs(out) if os.path.isdir(out) else []
-        if not ckpts:
-            raise FinetuneError(f"--resume: no checkpoint in {out}/checkpoints")
-        return ckpts[-1]
+        return newest_intact_checkpoint(out)
     if os.path.isdir(out) and os.listdir(out) and not only_unfinished_leftovers(out):
         what = "a finished model" if os.path.isfile(os.path.join(out, "config.json")) else "files"
         raise FinetuneError(f"--out {out} already holds {what}; choose an empty directory "
@@ -152,7 +196,12 @@ def save_checkpoint(out: str, step: int, student, optimizer, state: Dict[str, An
             rng["cuda"] = torch.cuda.get_rng_state(dev)
         torch.save(rng, os.path.join(tmp, "rng.pt"))
         with open(os.path.join(tmp, STATE_FILE), "w") as fh:
-            json.dump(state, fh, indent=1)  # written last: its presence marks a complete checkpoint
+            json.dump(state, fh, indent=1)
+        # written last: the checksums let a --resume tell a checkpoint damaged since (a truncated or lost
+        # file) from a good one, and fall back to the one before
+        sums = {n: sha256_file(os.path.join(tmp, n)) for n in CHECKPOINT_FILES}
+        with open(os.path.join(tmp, COMPLETE_FILE), "w") as fh:
+            json.dump({"sha256": sums}, fh, indent=1)
     for old in checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
