@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,15 +160,106 @@ def test_resume_refuses_changed_settings_and_other_shapes(tmp_path, data, mixtra
     ft.run(args(mixtral, data, out, stop_after=2))
     with pytest.raises(FinetuneError, match="differ from the checkpoint"):
         ft.run(args(mixtral, data, out, resume=True, lr=1e-3))
-    other = save_tiny(tmp_path / "other", vocab=300)  # same path names, another shape
-    ckpt = ft.checkpoint_dirs(str(out))[-1]
-    state = json.load(open(os.path.join(ckpt, ft.STATE_FILE)))
-    state["args"]["model"] = other
-    json.dump(state, open(os.path.join(ckpt, ft.STATE_FILE), "w"))
+    other = save_tiny(tmp_path / "other", vocab=300)  # another shape (the path is no part of a run's identity)
     with pytest.raises(FinetuneError, match="checkpoint of another shape"):
         ft.run(args(other, data, out, resume=True))
     with pytest.raises(FinetuneError, match="no checkpoint"):
         ft.run(args(mixtral, data, tmp_path / "empty", resume=True))
+
+
+def test_resume_knows_a_run_by_content_not_by_path(tmp_path, data, mixtral, monkeypatch):
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    ft.run(args(mixtral, data, "relrun", stop_after=3))
+    s = ft.run(args(mixtral, data, "./relrun/", resume=True, stop_after=2))  # another spelling of --out
+    assert s["status"] == "interrupted" and s["step"] == 5
+    # the run folder moved, the data and the model copied elsewhere (--model with a trailing slash)
+    shutil.move("relrun", "moved")
+    shutil.copytree(mixtral, "model-copy")
+    shutil.copy(data, "data-copy.jsonl")
+    s = ft.run(args("model-copy/", "data-copy.jsonl", tmp_path / "moved", resume=True))
+    assert s["status"] == "finished" and s["step"] == 12
+    ft.run(args(mixtral, data, tmp_path / "ref"))
+    assert same_weights(str(tmp_path / "ref"), str(tmp_path / "moved"))
+
+
+def test_resume_refuses_other_content_under_the_same_path(tmp_path, data, mixtral):
+    import shutil
+    model, d = shutil.copytree(mixtral, tmp_path / "m"), tmp_path / "d.jsonl"
+    shutil.copy(data, d)
+    out = tmp_path / "out"
+    ft.run(args(str(model), str(d), out, stop_after=2))
+    ft.write_jsonl(ft.arithmetic_records(300, digits=2, seed=7), str(d))  # replaced: another split
+    with pytest.raises(FinetuneError, match=r"the content of --data differs from the checkpoint's"):
+        ft.run(args(str(model), str(d), out, resume=True))
+    shutil.copy(data, d)
+    cfg = json.load(open(model / "config.json"))
+    cfg["router_aux_loss_coef"] = 0.5  # the same shapes, another model
+    json.dump(cfg, open(model / "config.json", "w"))
+    with pytest.raises(FinetuneError, match=r"model folder's config.json differ"):
+        ft.run(args(str(model), str(d), out, resume=True))
+    with pytest.raises(FinetuneError, match=r"the content of --eval-data differs"):
+        ft.run(args(mixtral, str(d), out, resume=True, eval_data=data))
+
+
+def test_resume_may_raise_steps_and_nothing_else(tmp_path, data, mixtral):
+    out = tmp_path / "out"
+    kw = dict(stage1_steps=2, steps=3)
+    assert ft.run(args(mixtral, data, out, **kw))["status"] == "finished"
+    with pytest.raises(FinetuneError, match=r"--steps 2 is below the checkpoint's 3"):
+        ft.run(args(mixtral, data, out, resume=True, stage1_steps=2, steps=2))
+    with pytest.raises(FinetuneError, match=r"differ from the checkpoint.*'stage1_steps': \(2, 3\)"):
+        ft.run(args(mixtral, data, out, resume=True, stage1_steps=3, steps=6))
+    s = ft.run(args(mixtral, data, out, resume=True, stage1_steps=2, steps=6))  # extended by 3 steps
+    assert s["status"] == "finished" and s["step"] == 8
+    assert json.load(open(out / "eval.json"))["args"]["steps"] == 6
+    ft.run(args(mixtral, data, tmp_path / "ref", stage1_steps=2, steps=6))
+    assert same_weights(str(tmp_path / "ref"), str(out))
+
+
+def test_resume_refuses_a_checkpoint_without_content_hashes(tmp_path, data, mixtral):
+    out = tmp_path / "out"
+    ft.run(args(mixtral, data, out, stop_after=2))
+    ckpt = ft.checkpoint_dirs(str(out))[-1]
+    state = json.load(open(os.path.join(ckpt, ft.STATE_FILE)))
+    del state["inputs"]  # as an older revengine wrote it: no hashes, no checksums
+    json.dump(state, open(os.path.join(ckpt, ft.STATE_FILE), "w"))
+    os.remove(os.path.join(ckpt, "complete.json"))
+    with pytest.raises(FinetuneError, match="no intact checkpoint.*complete.json is missing.*older revengine"):
+        ft.run(args(mixtral, data, out, resume=True))
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, data, mixtral, capsys):
+    import shutil
+    kw = dict(save_every=3, keep_checkpoints=2)
+    ft.run(args(mixtral, data, tmp_path / "ref", **kw))
+    base = tmp_path / "base"
+    ft.run(args(mixtral, data, base, stop_after=7, **kw))
+    assert [os.path.basename(d) for d in ft.checkpoint_dirs(str(base))] == ["step-000006", "step-000007"]
+
+    def truncate(p):
+        p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+
+    def strip(p):
+        return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in open(p / "log.jsonl")]
+    damages = {"optimizer.pt": truncate, "model.safetensors": os.remove, "rng.pt": truncate,
+               "trainer_state.json": lambda p: p.write_text("{not json"), "complete.json": os.remove}
+    for name, damage in damages.items():
+        run = tmp_path / ("run-" + name)
+        shutil.copytree(base, run)
+        damage(run / "checkpoints" / "step-000007" / name)
+        capsys.readouterr()
+        s = ft.run(args(mixtral, data, run, resume=True, **kw))
+        err = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
+        assert len(err) == 1 and "step-000007" in err[0] and name in err[0], err
+        assert s["status"] == "finished" and same_weights(str(tmp_path / "ref"), str(run)), name
+        assert strip(tmp_path / "ref") == strip(run), name
+        assert (run / "checkpoints" / "damaged-step-000007" / "complete.json").exists() or name == "complete.json"
+    # nothing intact: one error naming each checkpoint's damage
+    for d in ft.checkpoint_dirs(str(base)):
+        truncate(Path(d) / "optimizer.pt")
+    with pytest.raises(FinetuneError, match=r"no intact checkpoint.*step-000007: optimizer.pt.*step-000006: optim"):
+        ft.run(args(mixtral, data, base, resume=True, **kw))
 
 
 def test_sigint_saves_a_checkpoint_and_resume_matches(tmp_path, data, mixtral):
@@ -278,6 +370,35 @@ def test_malformed_data(tmp_path, mixtral, content, match):
     _refused(tmp_path, args(mixtral, str(p), tmp_path / "out"), match)
 
 
+@pytest.mark.parametrize("content,match", [
+    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"train.jsonl:2: not UTF-8 text"),
+    (b'{"text": ""}\n' * 20, r"train.jsonl: the training split has no target tokens"),
+    (b'{"prompt": "", "answer": "1"}\n' * 20, r"train.jsonl:1: empty 'prompt'"),
+], ids=["not-utf8", "no-targets", "empty-prompts"])
+def test_data_without_anything_to_train_on(tmp_path, mixtral, content, match):
+    p = tmp_path / "train.jsonl"
+    p.write_bytes(content)
+    _refused(tmp_path, args(mixtral, str(p), tmp_path / "out"), match)
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("lr", float("nan")), ("lr", float("inf")), ("stage1_lr", float("nan")), ("weight_decay", -1.0),
+    ("threads", -1), ("threads", 0), ("max_grad_norm", float("nan")), ("max_grad_norm", -1.0),
+    ("eval_max_examples", -1), ("kl_weight", float("nan"))])
+def test_bad_numbers_are_errors_naming_the_flag(tmp_path, data, mixtral, flag, value):
+    _refused(tmp_path, args(mixtral, data, tmp_path / "out", **{flag: value}), f"--{flag.replace('_', '-')} must be")
+
+
+def test_cli_bad_lr_is_one_line_and_writes_nothing(tmp_path, data, mixtral, capsys):
+    from revengine.apps.cli import main
+    out = tmp_path / "o"
+    assert main(["finetune", "--model", mixtral, "--data", data, "--out", str(out), "--no-progress",
+                 "--lr", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "--lr must be a finite number > 0, got nan" in err, err
+    assert not out.exists()
+
+
 def test_vocabulary_mismatch(tmp_path, data):
     small = save_tiny(tmp_path / "small", vocab=200)
     _refused(tmp_path, args(small, data, tmp_path / "out"), r"vocabulary mismatch.*257")
@@ -295,6 +416,50 @@ def test_out_dir_and_argument_checks(tmp_path, data, mixtral):
     with pytest.raises(FinetuneError, match="fewer than --batch-size"):
         ft.run(args(mixtral, data, tmp_path / "z", batch_size=1000))
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
+
+
+def test_run_that_dies_before_its_first_checkpoint_leaves_out_reusable(tmp_path, data, mixtral, monkeypatch):
+    out = tmp_path / "out"
+    real_eval, real_losses = ft.recipe.evaluate, ft.recipe.model_losses
+    calls = {"eval": 0, "step": 0}
+
+    def eval_then_ctrl_c(*a, **kw):  # Ctrl-C during the first eval of the student (after the original's)
+        calls["eval"] += 1
+        if calls["eval"] == 2:
+            raise KeyboardInterrupt
+        return real_eval(*a, **kw)
+
+    def fail_in_step_two(*a, **kw):
+        calls["step"] += 1
+        if calls["step"] == 2:
+            raise RuntimeError("injected")
+        return real_losses(*a, **kw)
+
+    for name, fault, exc in (("evaluate", eval_then_ctrl_c, KeyboardInterrupt),
+                             ("model_losses", fail_in_step_two, RuntimeError)):
+        with monkeypatch.context() as m:
+            m.setattr(ft.recipe, name, fault)
+            with pytest.raises(exc):
+                ft.run(args(mixtral, data, out, stage1_steps=0, steps=3))
+        assert os.listdir(out) == ["log.jsonl"] and not ft.checkpoint_dirs(str(out))
+        with pytest.raises(FinetuneError, match="no checkpoint"):  # nothing to resume...
+            ft.run(args(mixtral, data, out, stage1_steps=0, steps=3, resume=True))
+    # ...and a save killed mid-way leaves only its temporary folder
+    (out / "checkpoints" / ".tmp-step-000001-x").mkdir(parents=True)
+    (out / "checkpoints" / ".tmp-step-000001-x" / "model.safetensors").write_bytes(b"partial")
+    s = ft.run(args(mixtral, data, out, stage1_steps=0, steps=3))  # ...so the same command starts over
+    assert s["status"] == "finished"
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r.get("eval") for r in log if "eval" in r] == ["original", "start", "final"]
+    assert [r["step"] for r in log if "stage" in r] == [1, 2, 3]
+    # anything else in --out is still refused
+    for name, content in (("notes.txt", "mine"), ("log.jsonl", "not a run's log\n")):
+        other = tmp_path / ("o-" + name)
+        other.mkdir()
+        (other / name).write_text(content)
+        with pytest.raises(FinetuneError, match="already holds files"):
+            ft.run(args(mixtral, data, other, stage1_steps=0, steps=3))
+        assert os.listdir(other) == [name] and (other / name).read_text() == content
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -18,9 +18,12 @@ exact-match accuracy). Tokenizer: the model directory's HF tokenizer if it has o
 (ids 0..255, 256 = end), which needs a vocabulary of at least 257.
 
 --out receives checkpoints (checkpoints/step-NNNNNN: weights as safetensors, optimizer state, RNG
-state, data position), log.jsonl (losses and evals) and, only when the run finishes, the model
-(config.json last). `--resume` continues from the newest checkpoint and ends bit-identical to an
-uninterrupted run. Ctrl-C finishes the current step, saves a checkpoint and exits with status 130.
+state, data position, and last complete.json with their sha256), log.jsonl (losses and evals) and, only
+when the run finishes, the model (config.json last). `--resume` continues from the newest intact
+checkpoint (a damaged one is reported and set aside) and ends bit-identical to an uninterrupted run; a
+run is identified by the content of its data and model files, not their paths, and may raise --steps.
+Ctrl-C finishes the current step, saves a checkpoint and exits with status 130. A run that stops before
+its first checkpoint leaves only its log.jsonl, and --out may be used again.
 """
 
 from .args import DISTILL, FinetuneArgs, FinetuneError

@@ -1,6 +1,7 @@
 """The settings of a fine-tuning run (FinetuneArgs) and the error every bad input raises."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
@@ -77,8 +78,17 @@ class FinetuneArgs:
             raise FinetuneError("nothing to do: --stage1-steps + --steps is 0")
         if not 0.0 < self.eval_fraction < 1.0 and self.eval_data is None:
             raise FinetuneError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
-        if self.lr <= 0 or (self.stage1_lr is not None and self.stage1_lr <= 0):
-            raise FinetuneError("learning rates must be > 0")
+        # `not x > 0` (not `x <= 0`): nan fails every comparison, so it would slip through the latter
+        for name, low, strict in (("lr", 0, True), ("stage1_lr", 0, True), ("weight_decay", 0, False),
+                                  ("max_grad_norm", 0, False), ("kl_weight", 0, False)):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and (v > low if strict else v >= low)):
+                raise FinetuneError(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} "
+                                    f"{low}, got {v}")
+        if self.eval_max_examples < 0:
+            raise FinetuneError(f"--eval-max-examples must be >= 0, got {self.eval_max_examples}")
+        if self.threads is not None and self.threads < 1:
+            raise FinetuneError(f"--threads must be >= 1, got {self.threads}")
         if self.scheme == "none" and self.stage1_steps:
             raise FinetuneError("--scheme none fine-tunes the original model, which has no new parameters: "
                                 "use --stage1-steps 0")
@@ -92,6 +102,14 @@ class FinetuneArgs:
         if self.upcycle_experts and not 1 <= self.upcycle_top_k <= self.upcycle_experts:
             raise FinetuneError(f"--upcycle-top-k must be in [1, {self.upcycle_experts}], got {self.upcycle_top_k}")
 
-    def identity(self) -> Dict[str, Any]:
-        """The fields a --resume must match."""
+    # Where the inputs and outputs are, not what is trained: a --resume may spell or move them freely
+    # (the run's inputs are identified by content instead: checkpoint.run_inputs).
+    PATHS = ("model", "data", "eval_data", "out")
+
+    def record(self) -> Dict[str, Any]:
+        """The run's settings as a checkpoint and eval.json record them (paths included)."""
         return {k: v for k, v in asdict(self).items() if k not in self.MUTABLE}
+
+    def identity(self) -> Dict[str, Any]:
+        """The fields a --resume must match (--steps may grow: a resume may extend the run)."""
+        return {k: v for k, v in self.record().items() if k not in self.PATHS}

@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -15,6 +16,8 @@ from .args import FinetuneArgs, FinetuneError
 from .model import device_of
 
 STATE_FILE = "trainer_state.json"
+COMPLETE_FILE = "complete.json"  # a checkpoint's checksums, written last
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", STATE_FILE)
 
 
 def atomic_dir(final: str):
@@ -36,9 +39,101 @@ def atomic_dir(final: str):
     return ctx()
 
 
+# Files of a model folder that decide what the run trains (its weights follow from config.json's shapes;
+# hashing them would read gigabytes on every resume).
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+               "vocab.json", "merges.txt", "added_tokens.json", "revengine_tokenizer.json")
+
+
+def sha256_file(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_inputs(args: FinetuneArgs) -> Dict[str, Any]:
+    """What a run trains on, by content: sha256 of --data, --eval-data and the model folder's config and
+    tokenizer files. A --resume must find the same (however the paths are spelled now)."""
+    model = {n: sha256_file(os.path.join(args.model, n)) for n in MODEL_FILES
+             if os.path.isfile(os.path.join(args.model, n))}
+    return {"data": sha256_file(args.data), "eval_data": sha256_file(args.eval_data) if args.eval_data else None,
+            "model": model}
+
+
+def check_resume(args: FinetuneArgs, state: Dict[str, Any], inputs: Dict[str, Any], ckpt: str) -> None:
+    """Refuses a --resume whose settings or inputs differ from the checkpoint's (--steps may only grow)."""
+    if "inputs" not in state:
+        raise FinetuneError(f"--resume: {ckpt} records no content hashes of its data and model (a checkpoint of an "
+                            "older revengine), so it cannot be checked; start a new run in another --out")
+    was = state["args"]
+    diff = {k: (was.get(k), v) for k, v in args.identity().items() if k != "steps" and was.get(k) != v}
+    if diff:
+        raise FinetuneError(f"--resume: these settings differ from the checkpoint's (was, now): {diff}")
+    if args.steps < was.get("steps", 0):
+        raise FinetuneError(f"--resume: --steps {args.steps} is below the checkpoint's {was['steps']}; "
+                            "a resume may only raise it (extend the run)")
+    old = state["inputs"]
+    for flag in ("data", "eval_data"):
+        if old.get(flag) != inputs[flag]:
+            raise FinetuneError(f"--resume: the content of --{flag.replace('_', '-')} differs from the checkpoint's "
+                                f"(sha256 {str(old.get(flag))[:12]} then, {str(inputs[flag])[:12]} now)")
+    files = sorted(n for n in set(old.get("model", {})) | set(inputs["model"])
+                   if old.get("model", {}).get(n) != inputs["model"].get(n))
+    if files:
+        raise FinetuneError(f"--resume: the model folder's {', '.join(files)} differ(s) from the checkpoint's")
+
+
 def checkpoint_dirs(out: str) -> List[str]:
-    """The complete checkpoints in --out, oldest first."""
-    return sorted(d for d in glob.glob(os.path.join(out, "checkpoints", "step-*")) if os.path.isfile(os.path.join(d, STATE_FILE)))
+    """The checkpoints in --out, oldest first (each renamed into place complete; checkpoint_problem says
+    whether it still is)."""
+    return sorted(d for d in glob.glob(os.path.join(out, "checkpoints", "step-*")) if os.path.isdir(d))
+
+
+def checkpoint_problem(path: str) -> Optional[str]:
+    """None when every file of the checkpoint matches the checksum saved beside it, else what is wrong."""
+    try:
+        with open(os.path.join(path, COMPLETE_FILE)) as fh:
+            sums = json.load(fh)["sha256"]
+    except FileNotFoundError:
+        return f"{COMPLETE_FILE} is missing (a checkpoint of an older revengine, or a damaged one)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{COMPLETE_FILE} is unreadable"
+    for name in CHECKPOINT_FILES:
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is missing"
+        if sums.get(name) != sha256_file(os.path.join(path, name)):
+            return f"{name} does not match its checksum (truncated or changed)"
+    return None
+
+
+def newest_intact_checkpoint(out: str) -> str:
+    """The newest checkpoint that passes checkpoint_problem; each newer one is reported on stderr."""
+    ckpts = checkpoint_dirs(out) if os.path.isdir(out) else []
+    if not ckpts:
+        raise FinetuneError(f"--resume: no checkpoint in {out}/checkpoints")
+    problems = []
+    for ckpt in reversed(ckpts):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        problems.append(f"{os.path.basename(ckpt)}: {problem}")
+        print(f"revengine finetune: checkpoint {ckpt} is damaged: {problem}; trying the one before",
+              file=sys.stderr, flush=True)
+    raise FinetuneError(f"--resume: no intact checkpoint in {out}/checkpoints ({'; '.join(problems)})")
+
+
+def set_aside_newer(out: str, ckpt: str) -> None:
+    """Damaged checkpoints newer than the one resumed from go to checkpoints/damaged-step-N (kept for a
+    look, out of the way of the steps this run saves again and of --keep-checkpoints)."""
+    for d in checkpoint_dirs(out):
+        if os.path.basename(d) > os.path.basename(ckpt):
+            aside = os.path.join(os.path.dirname(d), "damaged-" + os.path.basename(d))
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(d, aside)
 
 
 def prepare_out(args: FinetuneArgs) -> Optional[str]:
@@ -47,15 +142,43 @@ def prepare_out(args: FinetuneArgs) -> Optional[str]:
     if os.path.isfile(out):
         raise FinetuneError(f"--out {out} is a file")
     if args.resume:
-        ckpts = checkpoint_dirs(out) if os.path.isdir(out) else []
-        if not ckpts:
-            raise FinetuneError(f"--resume: no checkpoint in {out}/checkpoints")
-        return ckpts[-1]
-    if os.path.isdir(out) and os.listdir(out):
+        return newest_intact_checkpoint(out)
+    if os.path.isdir(out) and os.listdir(out) and not only_unfinished_leftovers(out):
         what = "a finished model" if os.path.isfile(os.path.join(out, "config.json")) else "files"
         raise FinetuneError(f"--out {out} already holds {what}; choose an empty directory "
                             "(or pass --resume to continue its checkpoints)")
     return None
+
+
+def _is_run_log(path: str) -> bool:
+    """Whether `path` reads as a log.jsonl a run writes: empty, or JSON objects with a "step", one a line
+    (text after the last newline, a line cut short by a kill, is not checked)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError):
+        return False
+    lines = text.split("\n")[:-1]
+    if text and not lines:
+        return False
+    try:
+        return all(isinstance(r := json.loads(line), dict) and "step" in r for line in lines)
+    except json.JSONDecodeError:
+        return False
+
+
+def only_unfinished_leftovers(out: str) -> bool:
+    """True when --out holds only what a run writes before its first checkpoint: its log.jsonl, and a
+    checkpoints/ folder with nothing but the .tmp-* folders of a save that never finished. Such a run
+    left nothing to resume, so a new run may start over there (its log is replaced)."""
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if name == "log.jsonl" and os.path.isfile(path) and _is_run_log(path):
+            continue
+        if name == "checkpoints" and os.path.isdir(path) and all(n.startswith(".tmp-") for n in os.listdir(path)):
+            continue
+        return False
+    return True
 
 
 def save_checkpoint(out: str, step: int, student, optimizer, state: Dict[str, Any], keep: int) -> str:
@@ -73,7 +196,12 @@ def save_checkpoint(out: str, step: int, student, optimizer, state: Dict[str, An
             rng["cuda"] = torch.cuda.get_rng_state(dev)
         torch.save(rng, os.path.join(tmp, "rng.pt"))
         with open(os.path.join(tmp, STATE_FILE), "w") as fh:
-            json.dump(state, fh, indent=1)  # written last: its presence marks a complete checkpoint
+            json.dump(state, fh, indent=1)
+        # written last: the checksums let a --resume tell a checkpoint damaged since (a truncated or lost
+        # file) from a good one, and fall back to the one before
+        sums = {n: sha256_file(os.path.join(tmp, n)) for n in CHECKPOINT_FILES}
+        with open(os.path.join(tmp, COMPLETE_FILE), "w") as fh:
+            json.dump({"sha256": sums}, fh, indent=1)
     for old in checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

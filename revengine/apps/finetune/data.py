@@ -1,6 +1,7 @@
 """Tokenizers, jsonl data, and the batches the recipe trains and evaluates on."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -90,8 +91,16 @@ def read_jsonl(path: str) -> List[dict]:
     """The records of a jsonl file; malformed lines are errors naming the file and line number."""
     if not os.path.isfile(path):
         raise FinetuneError(f"{path}: no such data file")
+    with open(path, "rb") as fb:
+        raw = fb.read()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise FinetuneError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     records = []
-    with open(path, encoding="utf-8") as fh:
+    # the bytes read once, as open(path, encoding="utf-8") would read them (the same line ends)
+    with io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -104,6 +113,9 @@ def read_jsonl(path: str) -> List[dict]:
             if not ok:
                 raise FinetuneError(f"{path}:{lineno}: expected an object with a string 'text', or string 'prompt' "
                                     f"and 'answer' fields, got {line.strip()[:80]!r}")
+            if "prompt" in rec and "answer" in rec and not rec["prompt"]:
+                # nothing for the answer to follow: greedy exact match has no context to continue
+                raise FinetuneError(f"{path}:{lineno}: empty 'prompt'")
             records.append(rec)
     if not records:
         raise FinetuneError(f"{path}: no examples (the file is empty)")
@@ -140,6 +152,8 @@ def encode_records(records: List[dict], tok, max_length: int, vocab_size: int, w
             ex = Example(ids[:max_length], labels[:max_length])
         else:
             p, a = tok.encode(rec["prompt"]), tok.encode(rec["answer"]) + [tok.eos_token_id]
+            if not p:
+                raise FinetuneError(f"{where}: example {i + 1}: the prompt encodes to no tokens")
             if len(p) + 1 > max_length:
                 raise FinetuneError(f"{where}: example {i + 1}: the prompt is {len(p)} tokens, more than "
                                     f"--max-length {max_length} allows")
@@ -167,6 +181,10 @@ def load_splits(args: FinetuneArgs, tok, vocab_size: int) -> Tuple[List[Example]
         train_recs = [records[i] for i in order[n_eval:]]
     train = encode_records(train_recs, tok, args.max_length, vocab_size, args.data)
     evals = encode_records(eval_recs, tok, args.max_length, vocab_size, args.eval_data or args.data)
+    # without a target the loss is the router's alone (training) or 0/0 (eval): no run to speak of
+    for split, exs, where in (("training", train, args.data), ("eval", evals, args.eval_data or args.data)):
+        if not any(lab != IGNORE for e in exs for lab in e.labels[1:]):
+            raise FinetuneError(f"{where}: the {split} split has no target tokens (every text is empty)")
     return train, evals
 
 

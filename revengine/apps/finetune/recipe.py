@@ -12,8 +12,9 @@ import torch
 from revengine import memory
 
 from .args import FinetuneArgs, FinetuneError
-from .checkpoint import (checkpoint_dirs, load_checkpoint_weights, load_optimizer_state, load_state, prepare_out,
-                         restore_rng, save_checkpoint, save_final, truncate_log)
+from .checkpoint import (check_resume, checkpoint_dirs, load_checkpoint_weights, load_optimizer_state, load_state,
+                         prepare_out, restore_rng, run_inputs, save_checkpoint, save_final, set_aside_newer,
+                         truncate_log)
 from .data import DataStream, load_splits, load_tokenizer, to_device
 from .evaluate import evaluate
 from .interrupt import Interrupt
@@ -64,22 +65,26 @@ class FinetuneRecipe:
             self.teacher.to(self.device)
         self.total = args.stage1_steps + args.steps
 
-        self.state: Dict[str, Any] = {"step": 0, "args": args.identity(), "evals": {}, "data": self.stream.state(),
-                                      "timings": {}}
+        self.inputs = run_inputs(args)
+        self.state: Dict[str, Any] = {"step": 0, "args": args.record(), "inputs": self.inputs, "evals": {},
+                                      "data": self.stream.state(), "timings": {}}
         if self.resume_from is not None:
             self._load_checkpoint_state()
         os.makedirs(args.out, exist_ok=True)
         self.log_path = os.path.join(args.out, "log.jsonl")
+        if self.resume_from is None and os.path.exists(self.log_path):
+            os.remove(self.log_path)  # prepare_out found it the only trace of a run that never saved a checkpoint
+        if self.resume_from is not None:
+            set_aside_newer(args.out, self.resume_from)
         truncate_log(self.log_path, self.state["step"])
 
     def _load_checkpoint_state(self) -> None:
         """The run's state, weights and data position from the checkpoint (whose settings must match)."""
         self.state = load_state(self.resume_from)
-        was = self.state["args"]
-        diff = {k: (was.get(k), v) for k, v in self.args.identity().items() if was.get(k) != v}
-        if diff:
-            raise FinetuneError(f"--resume: these settings differ from the checkpoint's (was, now): {diff}")
+        # shapes first: another model of another shape is best told as such
         load_checkpoint_weights(self.student, self.resume_from)
+        check_resume(self.args, self.state, self.inputs, self.resume_from)
+        self.state["args"] = self.args.record()  # today's paths, and --steps when raised
         self.stream.load(self.state["data"])
 
     # -- the training loop ----------------------------------------------------------------------
