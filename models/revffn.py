@@ -93,7 +93,8 @@ class RevFFNLayer(Coupling):
 
     def forward(self, x1, x2, **ctx):
         y1 = x1 + attention_call(self.recompute, self.attn_increment, x1, x2, **ctx)
-        if self.fallback == "store" and side.is_recording():
+        # (not with a KV cache: solving would append to it again; decoding never inverts)
+        if self.fallback == "store" and side.is_recording() and ctx.get("cache") is None:
             # Recording for a reversible backward: check now that the inverse will converge; a
             # layer whose branch is not a contraction keeps its left input instead.
             tol = self._tolerance(y1)
