@@ -165,7 +165,12 @@ class RevMoEConfig:
     def load(cls, directory: str, **overrides) -> "RevMoEConfig":
         path = os.path.join(directory, "config.json") if os.path.isdir(directory) else directory
         with open(path) as fh:
-            return cls.from_dict(json.load(fh), **overrides)
+            try:
+                d = json.load(fh)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+                raise ValueError(f"{path}{where}: not a valid config.json ({e})") from None
+        return cls.from_dict(d, **overrides)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "RevMoEConfig":

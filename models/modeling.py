@@ -258,7 +258,6 @@ class RevMoEForCausalLM(nn.Module):
         os.close(fd)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is not what a saved model should have
         try:
             save_model(self, tmp, metadata={"format": "pt", "model_type": "revmoe"})
             cfg_tmp = os.path.join(directory, "config.json.tmp")
@@ -266,6 +265,9 @@ class RevMoEForCausalLM(nn.Module):
 
             with open(cfg_tmp, "w") as fh:
                 json.dump(self.config.to_dict(), fh, indent=2, sort_keys=True)
+            # mkstemp's 0600 is not what a saved model should have (and safetensors replaces the
+            # file it writes, so the mode is set on the finished file)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, os.path.join(directory, "model.safetensors"))
             os.replace(cfg_tmp, os.path.join(directory, "config.json"))
         finally:
@@ -300,4 +302,7 @@ class RevMoEForCausalLM(nn.Module):
         missing = [k for k in missing if k not in tied]
         if missing:
             raise ValueError(f"{directory}: checkpoint is missing {len(missing)} tensors, e.g. {missing[:4]}")
+        bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:  # a damaged file with an intact header: fail here, not steps later inside a kernel
+            raise ValueError(f"{weights}: {len(bad)} tensors hold NaN or Inf (a damaged file?), e.g. {bad[:4]}")
         return model

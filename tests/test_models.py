@@ -318,3 +318,36 @@ def test_attention_recompute_gives_the_same_grads(block_type, mode):
     ids = batch(ref.config)[0]
     with torch.no_grad():  # generation with a KV cache skips the recompute path
         assert torch.equal(model.generate(ids[:1, :4], max_new_tokens=3), ref.generate(ids[:1, :4], max_new_tokens=3))
+
+
+def test_save_load_faults_are_clear(tmp_path):
+    """A saved model is readable by others (0644 under umask 022); a damaged config.json or weights
+    file is a ValueError naming the file, at load time."""
+    import json
+    import os
+    import stat
+
+    model = build(tiny("additive", layers=1), dtype=torch.float32)
+    old = os.umask(0o022)
+    try:
+        model.save_pretrained(str(tmp_path / "m"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "m" / "model.safetensors").st_mode) == 0o644
+    RevMoEForCausalLM.from_pretrained(str(tmp_path / "m"))
+
+    cfg = tmp_path / "m" / "config.json"
+    text = cfg.read_text()
+    cfg.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"config.json:\d+: not a valid config.json"):
+        RevMoEForCausalLM.from_pretrained(str(tmp_path / "m"))
+    cfg.write_text(text)
+
+    weights = tmp_path / "m" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    raw[header:] = b"\xff" * (len(raw) - header)  # the header intact, every float a NaN
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="model.safetensors: .* hold NaN or Inf"):
+        RevMoEForCausalLM.from_pretrained(str(tmp_path / "m"))
+    assert json.loads(cfg.read_text())["block_type"] == "additive"
