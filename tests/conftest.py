@@ -1,6 +1,8 @@
 import importlib.util
 import os
+import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -17,6 +19,14 @@ def child_env(**extra) -> dict:
     """os.environ for a subprocess that imports the revengine under test (PKG_ROOT first on PYTHONPATH)."""
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     return {**os.environ, "PYTHONPATH": os.pathsep.join([PKG_ROOT] + paths), **extra}
+
+
+def run_python(args, env=None, timeout=300):
+    """`python *args` importing the revengine under test: child_env(), and a working directory outside
+    the checkout (`python -c` / `-m` put the cwd first on sys.path, where the source tree's unbuilt
+    revengine/ would shadow the installed package)."""
+    return subprocess.run([sys.executable, *args], env=env or child_env(), cwd=tempfile.gettempdir(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")

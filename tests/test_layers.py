@@ -13,7 +13,7 @@ import pytest
 
 import revengine
 import revengine.models
-from conftest import child_env
+from conftest import child_env, run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytest.importorskip("importlinter")
@@ -65,7 +65,7 @@ def test_layers_contract_catches_an_undeclared_module(tmp_path):
 
 def _python(code):
     """Runs `code` in a fresh interpreter that imports the revengine under test; returns its stdout."""
-    r = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
+    r = run_python(["-c", code])
     assert r.returncode == 0, r.stderr
     return r.stdout
 

@@ -1,8 +1,6 @@
 """revengine.reference: every op's ATen reference against its CPU kernel, and the kernel switch
 (revengine.ops.use_kernels / REVENGINE_KERNELS=aten) for ops called from Python and from the C++
 executor."""
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from revengine import reference as R
 from revengine.models import BLOCK_TYPES, RevMoEConfig, RevMoEForCausalLM
 from revengine.ops import use_kernels
 
-from conftest import child_env
+from conftest import child_env, run_python
 
 ops = torch.ops.revengine
 FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -331,6 +329,6 @@ def test_env_variable_selects_aten_at_import():
     code = "import revengine as r; print(r.ops.kernels())"
     for value, want in (("aten", "aten"), ("", "custom"), ("custom", "custom")):
         env = child_env(REVENGINE_KERNELS=value)
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        out = run_python(["-c", code], env=env)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == want

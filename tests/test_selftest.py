@@ -1,13 +1,11 @@
 """`revengine selftest`: passes on CPU, and names a broken kernel (exit status 1, with the hint)."""
 import json
-import subprocess
-import sys
 
 import torch
 
 from revengine.apps import cli, selftest
 
-from conftest import child_env
+from conftest import child_env, run_python
 
 
 def test_selftest_passes_on_cpu(capsys):
@@ -45,8 +43,7 @@ def test_broken_kernel_fails_naming_the_op(monkeypatch, capsys):
 
 def test_selftest_subprocess_with_aten_kernels_selected():
     """The op rows still test the custom kernels; the model rows run on the references."""
-    out = subprocess.run([sys.executable, "-m", "revengine", "selftest"], env=child_env(REVENGINE_KERNELS="aten"),
-                         capture_output=True, text=True, timeout=600)
+    out = run_python(["-m", "revengine", "selftest"], env=child_env(REVENGINE_KERNELS="aten"), timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "kernels: aten" in out.stdout
 
