@@ -12,6 +12,18 @@ from typing import Any, Dict, Optional
 from revengine.integrators import BDIA
 from revengine.sequential import MODES
 
+
+def read_config_json(path: str) -> Dict[str, Any]:
+    """A model's config.json (ours or Hugging Face's) as a dict; a file that is not JSON text is a
+    ValueError naming path:line."""
+    with open(path) as fh:
+        try:
+            return json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise ValueError(f"{path}{where}: not a valid config.json ({e})") from None
+
+
 BLOCK_TYPES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
 FIXED_POINT_FALLBACKS = ("error", "warn", "store")
 EXACT_BLOCK_TYPES = ("additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
@@ -164,13 +176,7 @@ class RevMoEConfig:
     @classmethod
     def load(cls, directory: str, **overrides) -> "RevMoEConfig":
         path = os.path.join(directory, "config.json") if os.path.isdir(directory) else directory
-        with open(path) as fh:
-            try:
-                d = json.load(fh)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
-                raise ValueError(f"{path}{where}: not a valid config.json ({e})") from None
-        return cls.from_dict(d, **overrides)
+        return cls.from_dict(read_config_json(path), **overrides)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "RevMoEConfig":

@@ -43,7 +43,6 @@ What is preserved (measured by tests/test_convert.py and benchmarks/convert_gap.
   sub-blocks, so the weights fit, but the HF model then computes a different function). revffn
   cannot be exported at all: its adapters and half-width streams have no HF counterpart.
 """
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from torch import nn
 
 from revengine.models import BLOCK_TYPES, RevMoEConfig, RevMoEForCausalLM
 from revengine.models.blocks import AttnBranch, MoEBranch
+from revengine.models.config import read_config_json
 from revengine.models.revffn import RevFFNLayer
 
 __all__ = ["from_hf", "to_hf", "upcycle", "init_revffn_adapters", "conversion_gap", "hf_family", "revmoe_config_from_hf",
@@ -119,11 +119,7 @@ def read_model_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"{model_dir}: no config.json (expected a Hugging Face or revengine model directory)")
-    with open(path) as fh:
-        try:
-            return json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    return read_config_json(path)
 
 
 def load_hf(model_dir: str, dtype: Union[torch.dtype, str] = "auto"):
