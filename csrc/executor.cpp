@@ -6,7 +6,9 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 
+#include <atomic>
 #include <cmath>
+#include <mutex>
 #include <sstream>
 #include <unordered_map>
 
@@ -129,6 +131,29 @@ void restore_rng(const RngSnapshot& s) {
 }
 
 namespace {
+std::recursive_mutex rng_section_mutex;
+std::atomic<BlockingWait> blocking_wait{nullptr};
+}  // namespace
+
+void set_blocking_wait(BlockingWait wait) { blocking_wait.store(wait); }
+
+RngSection::RngSection(bool active) {
+  if (!active) return;
+  if (!rng_section_mutex.try_lock()) {
+    BlockingWait wait = blocking_wait.load();
+    if (wait)
+      wait([] { rng_section_mutex.lock(); });
+    else
+      rng_section_mutex.lock();
+  }
+  held_ = true;
+}
+
+RngSection::~RngSection() {
+  if (held_) rng_section_mutex.unlock();
+}
+
+namespace {
 
 struct AutocastState {
   c10::DeviceType device_type = c10::kCPU;
@@ -201,6 +226,19 @@ std::string describe(const at::Tensor& t) {
   std::ostringstream os;
   os << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device();
   return os.str();
+}
+
+// Plain autograd refuses a backward whose saved tensors changed in place; the recompute would
+// instead run silently on the new values, so it refuses too.
+void check_param_versions(const LayerRecord& rec, const std::string& label) {
+  for (size_t j = 0; j < rec.params.size(); ++j) {
+    const at::Tensor& p = rec.params[j];
+    REVENGINE_CHECK(RecomputeError, !p.defined() || p._version() == rec.param_versions[j],
+                    "revengine: parameter ", j, " of ", label, " (shape ", p.sizes(),
+                    ") was modified in place between the forward and the backward (version ",
+                    rec.param_versions[j], " -> ", p._version(), "); the recompute needs the values the "
+                    "forward used: step the optimizer after backward, or run the forward again");
+  }
 }
 
 double default_debug_tol(at::ScalarType dt) {
@@ -318,8 +356,10 @@ variable_list RevNode::apply(variable_list&& grads) {
   for (size_t k = 0; k < rec_mut.side_tags.size() && 2 + k < grads.size(); ++k)
     rec_mut.side_grads[k] = grads[2 + k];
 
+  check_param_versions(rec_mut, label);
   BackwardResult r;
   {
+    RngSection rng_section(st.opts.preserve_rng);
     RngRestore rng_guard(st.opts.preserve_rng, st.device);
     AutocastReplay autocast_guard(st.autocast);
     at::AutoGradMode grad_on(true);
@@ -432,6 +472,12 @@ ForwardResult reversible_forward(const std::vector<LayerPtr>& layers, const at::
     for (const auto& p : params[i]) any_requires_grad |= p.requires_grad();
   }
   const bool record = at::GradMode::is_enabled() && any_requires_grad;
+  if (record && opts.check_finite) {
+    // Said here, not later as a failed reconstruction in backward.
+    TORCH_CHECK_VALUE(ops::all_finite(xa).item<bool>() && ops::all_finite(xb).item<bool>(),
+                      "revengine: the input of the reversible stack holds NaN or Inf (", describe(xa),
+                      "); backward would reconstruct every layer from it (check_finite=False skips this check)");
+  }
 
   auto st = std::make_shared<StackState>();
   Streams s = make_streams(xa, xb, opts);
@@ -459,6 +505,7 @@ ForwardResult reversible_forward(const std::vector<LayerPtr>& layers, const at::
     }
     {
       at::NoGradGuard ng;
+      RngSection rng_section(record && opts.preserve_rng);
       SideScope side(&rec, SideMode::kRecord);
       layers[i]->forward(s, ctx, rec);
     }
@@ -482,6 +529,9 @@ ForwardResult reversible_forward(const std::vector<LayerPtr>& layers, const at::
     inputs.insert(inputs.end(), params[i].begin(), params[i].end());
     inputs.insert(inputs.end(), ctx.tensors.begin(), ctx.tensors.end());
     node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+    rec.params = params[i];
+    rec.param_versions.reserve(params[i].size());
+    for (const auto& p : params[i]) rec.param_versions.push_back(p.defined() ? p._version() : 0);
     st->records.push_back(std::move(rec));
     st->num_params.push_back(params[i].size());
 

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -45,6 +46,26 @@ struct RngSnapshot {
 RngSnapshot capture_rng(c10::Device device);
 void restore_rng(const RngSnapshot& s);
 
+// The process-wide RNG section. A layer's recorded forward (snapshot, then the draws it stands
+// for) and its recompute (restore, then the same draws) each run inside it, so draws made by
+// other threads' stacks cannot fall between a snapshot and its draws: every recompute replays
+// exactly the masks its forward drew. Recursive (a layer may run a stack of its own); inactive
+// sections cost nothing.
+class RngSection {
+ public:
+  explicit RngSection(bool active = true);
+  ~RngSection();
+  RngSection(const RngSection&) = delete;
+  RngSection& operator=(const RngSection&) = delete;
+
+ private:
+  bool held_ = false;
+};
+// How a thread blocks on the section: Python's binding releases the GIL while it waits (the
+// holder may need the GIL to finish its layer).
+using BlockingWait = void (*)(const std::function<void()>& wait);
+void set_blocking_wait(BlockingWait wait);
+
 // What a layer's forward recorded for its recompute.
 struct LayerRecord {
   std::vector<RngSnapshot> rng;    // one per stream-function call, in forward order
@@ -57,6 +78,10 @@ struct LayerRecord {
   std::vector<at::Tensor> side_values;  // forward only (moved into the node's outputs)
   std::vector<at::Tensor> side_grads;   // backward only (aligned with side_tags)
   at::Tensor debug_a, debug_b;          // true inputs, kept only in debug mode
+  // The layer's parameters and their version counters at forward: the recompute must see the
+  // values the forward used, so a parameter changed in place in between is an error.
+  std::vector<at::Tensor> params;
+  std::vector<int64_t> param_versions;
 };
 
 // The side channel between the executor and the stream functions it runs. While a layer runs

@@ -354,11 +354,27 @@ Ctx make_ctx(std::vector<at::Tensor> tensors, py::object builder) {
   return ctx;
 }
 
+// The RNG section as a Python context manager (entered and exited on one thread, as `with` does).
+struct PyRngSection {
+  std::vector<std::unique_ptr<RngSection>> held;
+};
+
+// Blocks on the RNG section without the GIL: the thread inside it may need the GIL to finish.
+void wait_without_gil(const std::function<void()>& wait) {
+  if (Py_IsInitialized() && PyGILState_Check()) {
+    py::gil_scoped_release nogil;
+    wait();
+  } else {
+    wait();
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "revengine C++ executor and kernels";
   set_error_hook(&raise_python_error);
+  set_blocking_wait(&wait_without_gil);
   py::register_local_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
@@ -447,4 +463,14 @@ PYBIND11_MODULE(_C, m) {
     return t.defined() ? py::cast(t) : py::none();
   }, py::arg("tag"));
   m.def("is_recomputing", &is_recomputing, "True while revengine re-runs a layer during backward");
+  // `with _C.RngSection():` for Python-driven recomputes (checkpoint mode): the same section
+  // the executor holds around a layer's snapshot and draws.
+  py::class_<PyRngSection>(m, "RngSection")
+      .def(py::init<>())
+      .def("__enter__", [](PyRngSection& self) { self.held.push_back(std::make_unique<RngSection>(true)); })
+      .def("__exit__", [](PyRngSection& self, py::args) {
+        TORCH_CHECK(!self.held.empty(), "revengine: RngSection exited more often than entered");
+        self.held.pop_back();
+        return false;
+      });
 }

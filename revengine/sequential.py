@@ -8,6 +8,7 @@ from torch.utils.checkpoint import checkpoint
 from . import _ext
 from ._runtime import flatten_context, recompute_call
 from .couplings import Coupling
+from .errors import RecomputeError
 from .recompute import recomputing
 from . import side
 
@@ -344,7 +345,7 @@ class Sequential(nn.Module):
         fsdp_module = _fsdp_module_class()
         layers, hooked = [], False
         for i, layer in enumerate(self.layers):
-            inner = layer._executor_layer()
+            inner = self._with_module_hooks(i, layer) if _has_forward_hooks(layer) else layer._executor_layer()
             if fsdp_module is not None:
                 inside = [name for name, m in layer.named_modules() if name and isinstance(m, fsdp_module)]
                 if inside:
@@ -359,18 +360,32 @@ class Sequential(nn.Module):
             layers.append(inner)
         return layers, hooked
 
+    def _with_module_hooks(self, i, layer):
+        """A coupling with forward hooks of its own runs through a call of its module (its forward,
+        then its inverse and forward again in backward, as a coupling written in Python does), so
+        its hooks fire: the fused C++ layer would call f and g directly and skip them."""
+        if isinstance(layer, _fsdp_module_class() or ()):
+            return layer._executor_layer()  # FSDP's hooks: run by HookedLayer around the fused layer
+        if self.exact or getattr(layer, "inverse_needs_its_forward", False):
+            raise ValueError(
+                f"revengine.Sequential: layer {i} ({type(layer).__name__}) has forward hooks, which "
+                f"mode='reversible' cannot run {'with exact=True' if self.exact else 'on this layer'}; "
+                "register them on its stream functions (f, g), or use mode='checkpoint'"
+            )
+        return Coupling._executor_layer(layer)
+
     def _forward_stored(self, x1, x2, ctx):
         if self.exact:
             # The same rounding as the fixed-point executor, with straight-through grads.
             from .couplings import quantize_ste
 
             x1, x2 = quantize_ste(x1, self.exact_bits), quantize_ste(x2, self.exact_bits)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             run = _layer_runner(layer, self.exact, self.exact_bits)
             if self.mode == "checkpoint" and torch.is_grad_enabled():
                 x1, x2 = checkpoint(
-                    _CheckpointCall(run, layer), x1, x2, ctx,
-                    use_reentrant=False, preserve_rng_state=self.preserve_rng_state,
+                    _CheckpointCall(run, layer, i, self.preserve_rng_state), x1, x2, ctx,
+                    use_reentrant=False, preserve_rng_state=False,
                 )
             else:
                 x1, x2 = run(x1, x2, ctx)
@@ -440,6 +455,10 @@ def _fsdp_module_class():
     return FSDPModule
 
 
+def _has_forward_hooks(layer: nn.Module) -> bool:
+    return bool(layer._forward_hooks or layer._forward_pre_hooks)
+
+
 def _layer_runner(layer: Coupling, exact: bool, bits: int):
     if exact:
         return lambda a, b, ctx: layer.forward_exact(a, b, bits, **ctx)
@@ -448,16 +467,48 @@ def _layer_runner(layer: Coupling, exact: bool, bits: int):
 
 class _CheckpointCall:
     """The function torch.utils.checkpoint re-runs: its second call is the recompute, which must not
-    update module buffers again and reports is_recomputing()."""
+    update module buffers again and reports is_recomputing().
 
-    def __init__(self, run, layer):
+    It replays the RNG itself (torch's checkpoint is given preserve_rng_state=False): the snapshot
+    and the layer's draws happen inside the executor's RNG section, as in reversible mode, so
+    other threads' stacks cannot draw in between. It also refuses a recompute whose parameters
+    were changed in place since the forward (it would run on the new values)."""
+
+    def __init__(self, run, layer, index, preserve_rng):
         self.run = run
         self.layer = layer
+        self.index = index
+        self.preserve_rng = preserve_rng
         self.calls = 0
+        self.rng = None
+        self.versions = None
 
     def __call__(self, a, b, ctx):
         self.calls += 1
         if self.calls == 1:
-            return self.run(a, b, ctx)
+            self.versions = [p._version for p in self.layer.parameters()]
+            if not self.preserve_rng:
+                return self.run(a, b, ctx)
+            with _ext._C.RngSection():
+                self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(a.device) if a.is_cuda else None)
+                return self.run(a, b, ctx)
+        self._check_versions()
         with recomputing():
-            return recompute_call(self.run, (a, b, ctx), {}, module=self.layer)
+            if not self.preserve_rng:
+                return recompute_call(self.run, (a, b, ctx), {}, module=self.layer)
+            cpu_state, dev_state = self.rng
+            with _ext._C.RngSection(), torch.random.fork_rng(devices=[a.device] if a.is_cuda else []):
+                torch.set_rng_state(cpu_state)
+                if dev_state is not None:
+                    torch.cuda.set_rng_state(dev_state, a.device)
+                return recompute_call(self.run, (a, b, ctx), {}, module=self.layer)
+
+    def _check_versions(self):
+        for j, (p, v) in enumerate(zip(self.layer.parameters(), self.versions)):
+            if p._version != v:
+                raise RecomputeError(
+                    f"revengine: parameter {j} of layer {self.index} ({type(self.layer).__name__}, shape "
+                    f"{list(p.shape)}) was modified in place between the forward and the backward (version "
+                    f"{v} -> {p._version}); the recompute needs the values the forward used: step the "
+                    "optimizer after backward, or run the forward again"
+                )

@@ -672,3 +672,61 @@ def test_a_python_exception_inside_the_executor_keeps_its_class():
     y = stack(torch.randn(3, 4, requires_grad=True))
     with pytest.raises(KeyError, match="the user's own error"):
         y.sum().backward()
+
+
+# --- module hooks on a coupling, non-finite input ----------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["additive", "affine"])
+@pytest.mark.parametrize("mode", ["reversible", "checkpoint", "plain"])
+def test_forward_hooks_on_a_builtin_coupling_fire_in_every_mode(kind, mode):
+    """Hooks on the coupling itself see its streams in and out, in every mode (reversible mode runs
+    a hooked coupling through its module), and the gradients still equal plain's."""
+    seq = stack(kind, 4, 6)
+    seen = []
+
+    def pre(module, args):
+        seen.append(("pre", rev.is_recomputing(), tuple(a.shape for a in args)))
+
+    def post(module, args, out):
+        seen.append(("post", rev.is_recomputing(), tuple(o.shape for o in out)))
+
+    handles = [seq[2].register_forward_pre_hook(pre), seq[2].register_forward_hook(post)]
+    x = torch.randn(5, 12, dtype=torch.float64)
+    plain = run_step(same_layers(seq, "plain"), x)
+    seen.clear()
+    got = run_step(same_layers(seq, mode), x)
+    forward = [s for s in seen if not s[1]]
+    assert forward == [("pre", False, ((5, 6), (5, 6))), ("post", False, ((5, 6), (5, 6)))]
+    recompute = [s[0] for s in seen if s[1]]
+    if mode == "reversible":  # the recompute runs the module (and its hooks) again
+        assert recompute == ["pre", "post"]
+    elif mode == "checkpoint":  # torch's checkpoint stops its recompute once it has what backward needs
+        assert recompute[:1] == ["pre"]
+    assert max_grad_err(got, plain) <= 1e-10
+    for h in handles:
+        h.remove()
+    seen.clear()
+    run_step(same_layers(seq, mode), x)
+    assert seen == []
+
+
+def test_forward_hooks_where_reversible_mode_cannot_run_them_are_refused():
+    seq = stack("additive", 2, 6, exact=True)
+    seq[1].register_forward_hook(lambda m, a, o: None)
+    with pytest.raises(ValueError, match=r"layer 1 \(AdditiveCoupling\) has forward hooks.*exact=True"):
+        seq(torch.randn(5, 12, dtype=torch.float64, requires_grad=True))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_is_reported_in_forward(bad):
+    seq = stack("additive", 3, 6)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    x[2, 7] = bad
+    x.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"input of the reversible stack holds NaN or Inf"):
+        seq(x)
+    # without grad nothing is reconstructed later: the output is just non-finite
+    with torch.no_grad():
+        assert not seq(x).isfinite().all()
+    # check_finite=False: the user opted out
+    same_layers(seq, "reversible", check_finite=False)(x)
