@@ -95,6 +95,10 @@ class RevMoEConfig:
             self.exact_bits = 24 if self.block_type == "bdia" else 16
         self.validate()
 
+    def get_text_config(self, decoder=None, encoder=None) -> "RevMoEConfig":
+        """The text model's config, as transformers' PretrainedConfig answers (this is one)."""
+        return self
+
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads

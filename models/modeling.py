@@ -9,10 +9,11 @@ activations ("reversible": reconstructed by the C++ executor; "checkpoint"; "pla
 cross-entropy of the LM head runs in chunks, so a whole sequence's logits never exist at once.
 """
 import contextlib
+import dataclasses
 import os
 import tempfile
 from collections import OrderedDict
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 from torch import nn
@@ -80,6 +81,14 @@ STACK_LAYOUT = {  # block_type -> (split, merge)
 # The model
 
 
+@dataclasses.dataclass
+class GenerationDefaults:
+    """What generate() uses when not told (transformers' GenerationConfig fields of that name;
+    trainers set them from the tokenizer). eos_token_id may be a list: any of them ends."""
+    pad_token_id: Optional[int] = None
+    eos_token_id: Union[int, List[int], None] = None
+
+
 class RevMoEOutput(OrderedDict):
     """HF-style output: attribute or key access; integer indexing skips the None fields."""
 
@@ -141,13 +150,17 @@ class RevMoEModel(nn.Module):
         return x, ctx
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                cache: Optional[KVCache] = None):
-        """Final hidden states [B, S, d] and the layers' side outputs [L, 2] (aux loss, z-loss)."""
+                cache: Optional[KVCache] = None, **unused) -> RevMoEOutput:
+        """last_hidden_state [B, S, d] (final norm applied), router_stats [L, 2] (each layer's aux
+        loss and z-loss, side outputs of the reversible stack) and their means aux_loss, z_loss.
+        Other keywords (use_cache, output_router_logits: what HF callers pass) are accepted and
+        ignored: the router terms are always returned."""
         x, ctx = self.prepare(input_ids, attention_mask, position_ids, cache)
         with side.collect_aux() as aux:
             h = self.layers(x, **ctx)
         stats = torch.stack(list(aux)) if len(aux) else x.new_zeros(0, 2)
-        return self.norm(h), stats
+        return RevMoEOutput(last_hidden_state=self.norm(h), router_stats=stats,
+                            aux_loss=stats[:, 0].mean(), z_loss=stats[:, 1].mean())
 
 
 class RevMoEForCausalLM(nn.Module):
@@ -168,6 +181,48 @@ class RevMoEForCausalLM(nn.Module):
         init_weights(self, config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.generation_config = GenerationDefaults(config.pad_token_id, config.eos_token_id)
+        self.model_tags: List[str] = []
+
+    # -- what Hugging Face trainers read (Trainer, TRL's SFTTrainer) -----------------------------
+
+    @property
+    def base_model(self) -> RevMoEModel:
+        """The backbone (HF's name): its output has last_hidden_state and aux_loss."""
+        return self.model
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def add_model_tags(self, tags) -> None:
+        """Tags for a model card (TRL adds its own)."""
+        for t in [tags] if isinstance(tags, str) else tags:
+            if t not in self.model_tags:
+                self.model_tags.append(t)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.model.layers.mode != "plain"
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **unused) -> None:
+        """HF trainers call this when asked for gradient checkpointing (TRL by default). The
+        reversible and checkpoint modes already recompute in backward: nothing changes. A model in
+        mode "plain" switches to "checkpoint"."""
+        if self.model.layers.mode == "plain":
+            self.model.layers.mode = "checkpoint"
+
+    def activation_checkpointing_disable(self) -> None:
+        """Reversible mode stays reversible (it is what this model is for); "checkpoint" goes back to
+        "plain" when the config asked for plain."""
+        if self.model.layers.mode == "checkpoint" and self.config.reversible_mode == "plain":
+            self.model.layers.mode = "plain"
+
+    # the names transformers < 5.25 and other trainers call
+    gradient_checkpointing_enable = activation_checkpointing_enable
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -178,14 +233,15 @@ class RevMoEForCausalLM(nn.Module):
         cfg = self.config
         if use_cache and past_key_values is None:
             past_key_values = KVCache()
-        hidden, stats = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        backbone = self.model(input_ids, attention_mask, position_ids, past_key_values)
+        hidden = backbone.last_hidden_state
         lm_loss = aux_loss = z_loss = loss = logits = None
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
             h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
             lm_loss = chunked_cross_entropy(h, self.lm_head.weight, labels[:, 1:].reshape(-1), cfg.loss_chunk_size)
-            aux_loss, z_loss = stats[:, 0].mean(), stats[:, 1].mean()
+            aux_loss, z_loss = backbone.aux_loss, backbone.z_loss
             loss = lm_loss + cfg.router_aux_loss_coef * aux_loss.to(lm_loss.dtype) + \
                 cfg.router_z_loss_coef * z_loss.to(lm_loss.dtype)
         if return_logits or (return_logits is None and labels is None):
@@ -205,9 +261,10 @@ class RevMoEForCausalLM(nn.Module):
         (inference needs no reconstruction), so each new token costs one position. Runs in eval
         mode (bdia's random signs off: g = 0), then restores the module's mode."""
         with eval_mode(self):
-            eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
-            pad = (self.config.pad_token_id if pad_token_id is None else pad_token_id)
-            pad = eos if pad is None else pad
+            eos = self.generation_config.eos_token_id if eos_token_id is None else eos_token_id
+            eos = [eos] if isinstance(eos, int) else list(eos or [])  # any of them ends a sequence
+            pad = self.generation_config.pad_token_id if pad_token_id is None else pad_token_id
+            pad = (eos[0] if eos else None) if pad is None else pad
             ids = input_ids
             mask = torch.ones_like(ids) if attention_mask is None else attention_mask.to(ids.dtype)
             cache = KVCache() if use_cache else None
@@ -224,13 +281,13 @@ class RevMoEForCausalLM(nn.Module):
                     nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
                 else:
                     nxt = logits.argmax(-1)
-                if eos is not None:
+                if eos:
                     nxt = torch.where(done, torch.full_like(nxt, pad if pad is not None else 0), nxt)
-                    done = done | (nxt == eos)
+                    done = done | torch.isin(nxt, torch.tensor(eos, device=nxt.device))
                 ids = torch.cat([ids, nxt[:, None]], dim=1)
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 step_in = nxt[:, None] if use_cache else ids
-                if eos is not None and bool(done.all()):
+                if eos and bool(done.all()):
                     break
             return ids
 
