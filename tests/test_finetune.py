@@ -384,18 +384,31 @@ def test_data_without_anything_to_train_on(tmp_path, mixtral, content, match):
 @pytest.mark.parametrize("flag,value", [
     ("lr", float("nan")), ("lr", float("inf")), ("stage1_lr", float("nan")), ("weight_decay", -1.0),
     ("threads", -1), ("threads", 0), ("max_grad_norm", float("nan")), ("max_grad_norm", -1.0),
-    ("eval_max_examples", -1), ("kl_weight", float("nan"))])
+    ("eval_max_examples", -1), ("kl_weight", float("nan")),
+    ("bdia_gamma", float("nan")), ("bdia_gamma", float("inf")), ("bdia_gamma", 0.0), ("bdia_gamma", -0.25),
+    ("bdia_gamma", 2.0)])
 def test_bad_numbers_are_errors_naming_the_flag(tmp_path, data, mixtral, flag, value):
-    _refused(tmp_path, args(mixtral, data, tmp_path / "out", **{flag: value}), f"--{flag.replace('_', '-')} must be")
+    scheme = "bdia" if flag == "bdia_gamma" else "revffn"
+    _refused(tmp_path, args(mixtral, data, tmp_path / "out", scheme=scheme, **{flag: value}),
+             f"--{flag.replace('_', '-')} must be")
 
 
-def test_cli_bad_lr_is_one_line_and_writes_nothing(tmp_path, data, mixtral, capsys):
+GAMMA = "--bdia-gamma must be a finite number in (0, 1] (2^-k, k = 1..8), got "
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--scheme", "bdia", "--bdia-gamma", "nan"], GAMMA + "nan"),
+    (["--scheme", "bdia", "--bdia-gamma=-inf"], GAMMA + "-inf"),  # '-inf' alone would read as an option
+    (["--scheme", "bdia", "--bdia-gamma", "1.5"], GAMMA + "1.5"),
+    (["--bdia-gamma", "0"], GAMMA + "0.0"),  # whatever --scheme
+], ids=["lr-nan", "bdia-gamma-nan", "bdia-gamma-neg-inf", "bdia-gamma-above-1", "bdia-gamma-0-revffn"])
+def test_cli_bad_number_is_one_line_and_writes_nothing(tmp_path, data, mixtral, capsys, flags, message):
     from revengine.apps.cli import main
     out = tmp_path / "o"
-    assert main(["finetune", "--model", mixtral, "--data", data, "--out", str(out), "--no-progress",
-                 "--lr", "nan"]) == 2
+    assert main(["finetune", "--model", mixtral, "--data", data, "--out", str(out), "--no-progress", *flags]) == 2
     err = capsys.readouterr().err
-    assert err.strip().count("\n") == 0 and "--lr must be a finite number > 0, got nan" in err, err
+    assert err.strip().count("\n") == 0 and message in err, err
     assert not out.exists()
 
 
