@@ -217,6 +217,34 @@ def test_resume_may_raise_steps_and_nothing_else(tmp_path, data, mixtral):
     assert same_weights(str(tmp_path / "ref"), str(out))
 
 
+def _log_without_times(out):
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in open(Path(out) / "log.jsonl")]
+
+
+@pytest.mark.parametrize("eval_every", [2, 3], ids=["old-last-step-on-schedule", "old-last-step-off-schedule"])
+def test_extended_run_keeps_the_eval_schedule(tmp_path, data, mixtral, eval_every):
+    # A finished run of 2+2 steps evaluated "final" at step 4. Extended to 2+5 steps, step 4 is a step of
+    # the schedule like any other: with --eval-every 2 it calls for "step4" (which the short run never ran,
+    # and the resumed loop starts after), with 3 for nothing. Either way the old "final" at step 4 is no
+    # eval of the longer run: the log, evals and weights must be the uninterrupted 2+5 run's.
+    out = tmp_path / "out"
+    kw = dict(stage1_steps=2, eval_every=eval_every)
+    assert ft.run(args(mixtral, data, out, steps=2, **kw))["status"] == "finished"
+    assert [(r["eval"], r["step"]) for r in _log_without_times(out) if "eval" in r][-1] == ("final", 4)
+    s = ft.run(args(mixtral, data, out, resume=True, steps=5, **kw))
+    assert s["status"] == "finished" and s["step"] == 7
+    ref = ft.run(args(mixtral, data, tmp_path / "ref", steps=5, **kw))
+    evals = [(r["eval"], r["step"]) for r in _log_without_times(out) if "eval" in r]
+    want = [("original", 0), ("start", 0), ("stage1", 2)] + \
+        [(f"step{k}", k) for k in range(3, 7) if k % eval_every == 0] + [("final", 7)]
+    assert evals == want, evals
+    assert _log_without_times(out) == _log_without_times(tmp_path / "ref")
+    assert s["evals"] == ref["evals"] and same_weights(str(tmp_path / "ref"), str(out))
+    # resuming the finished run again (same --steps) redoes its end, and logs its final eval once
+    s = ft.run(args(mixtral, data, out, resume=True, steps=5, **kw))
+    assert s["status"] == "finished" and _log_without_times(out) == _log_without_times(tmp_path / "ref")
+
+
 def test_resume_refuses_a_checkpoint_without_content_hashes(tmp_path, data, mixtral):
     out = tmp_path / "out"
     ft.run(args(mixtral, data, out, stop_after=2))

@@ -249,15 +249,19 @@ def restore_rng(path: str, device: torch.device) -> None:
         torch.cuda.set_rng_state(rng["cuda"], device)
 
 
-def truncate_log(path: str, step: int) -> None:
-    """On resume, drop log lines past the checkpoint (they will be written again)."""
+def truncate_log(path: str, step: int, evals) -> None:
+    """On resume, keep the log lines the checkpoint accounts for: its steps, and the evals it records
+    (`evals`, by name). The rest will be written again: the steps past it, and an eval run after it was
+    saved (the "final" eval of a finished run that is extended, or killed before its model was saved),
+    which would otherwise be in the log twice, or at a step where the longer schedule has none."""
     if not os.path.isfile(path):
         return
     keep = []
     with open(path) as fh:
         for line in fh:
-            with contextlib.suppress(json.JSONDecodeError):
-                if json.loads(line).get("step", 0) <= step:
+            with contextlib.suppress(json.JSONDecodeError, AttributeError):
+                rec = json.loads(line)
+                if rec.get("step", 0) <= step and ("eval" not in rec or rec["eval"] in evals):
                     keep.append(line)
     with open(path, "w") as fh:
         fh.writelines(keep)
