@@ -13,8 +13,8 @@ from revengine import memory
 
 from .args import FinetuneArgs, FinetuneError
 from .checkpoint import (check_resume, checkpoint_dirs, load_checkpoint_weights, load_optimizer_state, load_state,
-                         prepare_out, restore_rng, run_inputs, save_checkpoint, save_final, set_aside_newer,
-                         truncate_log)
+                         prepare_out, remove_leftovers, restore_rng, run_inputs, save_checkpoint, save_final,
+                         set_aside_newer, truncate_log)
 from .data import DataStream, load_splits, load_tokenizer, to_device
 from .evaluate import evaluate
 from .interrupt import Interrupt
@@ -76,6 +76,7 @@ class FinetuneRecipe:
             os.remove(self.log_path)  # prepare_out found it the only trace of a run that never saved a checkpoint
         if self.resume_from is not None:
             set_aside_newer(args.out, self.resume_from)
+        remove_leftovers(args.out, args.keep_checkpoints)
         truncate_log(self.log_path, self.state["step"], self.state["evals"])
 
     def _load_checkpoint_state(self) -> None:
