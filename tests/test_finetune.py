@@ -217,6 +217,34 @@ def test_resume_may_raise_steps_and_nothing_else(tmp_path, data, mixtral):
     assert same_weights(str(tmp_path / "ref"), str(out))
 
 
+def _log_without_times(out):
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in open(Path(out) / "log.jsonl")]
+
+
+@pytest.mark.parametrize("eval_every", [2, 3], ids=["old-last-step-on-schedule", "old-last-step-off-schedule"])
+def test_extended_run_keeps_the_eval_schedule(tmp_path, data, mixtral, eval_every):
+    # A finished run of 2+2 steps evaluated "final" at step 4. Extended to 2+5 steps, step 4 is a step of
+    # the schedule like any other: with --eval-every 2 it calls for "step4" (which the short run never ran,
+    # and the resumed loop starts after), with 3 for nothing. Either way the old "final" at step 4 is no
+    # eval of the longer run: the log, evals and weights must be the uninterrupted 2+5 run's.
+    out = tmp_path / "out"
+    kw = dict(stage1_steps=2, eval_every=eval_every)
+    assert ft.run(args(mixtral, data, out, steps=2, **kw))["status"] == "finished"
+    assert [(r["eval"], r["step"]) for r in _log_without_times(out) if "eval" in r][-1] == ("final", 4)
+    s = ft.run(args(mixtral, data, out, resume=True, steps=5, **kw))
+    assert s["status"] == "finished" and s["step"] == 7
+    ref = ft.run(args(mixtral, data, tmp_path / "ref", steps=5, **kw))
+    evals = [(r["eval"], r["step"]) for r in _log_without_times(out) if "eval" in r]
+    want = [("original", 0), ("start", 0), ("stage1", 2)] + \
+        [(f"step{k}", k) for k in range(3, 7) if k % eval_every == 0] + [("final", 7)]
+    assert evals == want, evals
+    assert _log_without_times(out) == _log_without_times(tmp_path / "ref")
+    assert s["evals"] == ref["evals"] and same_weights(str(tmp_path / "ref"), str(out))
+    # resuming the finished run again (same --steps) redoes its end, and logs its final eval once
+    s = ft.run(args(mixtral, data, out, resume=True, steps=5, **kw))
+    assert s["status"] == "finished" and _log_without_times(out) == _log_without_times(tmp_path / "ref")
+
+
 def test_resume_refuses_a_checkpoint_without_content_hashes(tmp_path, data, mixtral):
     out = tmp_path / "out"
     ft.run(args(mixtral, data, out, stop_after=2))
@@ -384,18 +412,31 @@ def test_data_without_anything_to_train_on(tmp_path, mixtral, content, match):
 @pytest.mark.parametrize("flag,value", [
     ("lr", float("nan")), ("lr", float("inf")), ("stage1_lr", float("nan")), ("weight_decay", -1.0),
     ("threads", -1), ("threads", 0), ("max_grad_norm", float("nan")), ("max_grad_norm", -1.0),
-    ("eval_max_examples", -1), ("kl_weight", float("nan"))])
+    ("eval_max_examples", -1), ("kl_weight", float("nan")),
+    ("bdia_gamma", float("nan")), ("bdia_gamma", float("inf")), ("bdia_gamma", 0.0), ("bdia_gamma", -0.25),
+    ("bdia_gamma", 2.0)])
 def test_bad_numbers_are_errors_naming_the_flag(tmp_path, data, mixtral, flag, value):
-    _refused(tmp_path, args(mixtral, data, tmp_path / "out", **{flag: value}), f"--{flag.replace('_', '-')} must be")
+    scheme = "bdia" if flag == "bdia_gamma" else "revffn"
+    _refused(tmp_path, args(mixtral, data, tmp_path / "out", scheme=scheme, **{flag: value}),
+             f"--{flag.replace('_', '-')} must be")
 
 
-def test_cli_bad_lr_is_one_line_and_writes_nothing(tmp_path, data, mixtral, capsys):
+GAMMA = "--bdia-gamma must be a finite number in (0, 1] (2^-k, k = 1..8), got "
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--scheme", "bdia", "--bdia-gamma", "nan"], GAMMA + "nan"),
+    (["--scheme", "bdia", "--bdia-gamma=-inf"], GAMMA + "-inf"),  # '-inf' alone would read as an option
+    (["--scheme", "bdia", "--bdia-gamma", "1.5"], GAMMA + "1.5"),
+    (["--bdia-gamma", "0"], GAMMA + "0.0"),  # whatever --scheme
+], ids=["lr-nan", "bdia-gamma-nan", "bdia-gamma-neg-inf", "bdia-gamma-above-1", "bdia-gamma-0-revffn"])
+def test_cli_bad_number_is_one_line_and_writes_nothing(tmp_path, data, mixtral, capsys, flags, message):
     from revengine.apps.cli import main
     out = tmp_path / "o"
-    assert main(["finetune", "--model", mixtral, "--data", data, "--out", str(out), "--no-progress",
-                 "--lr", "nan"]) == 2
+    assert main(["finetune", "--model", mixtral, "--data", data, "--out", str(out), "--no-progress", *flags]) == 2
     err = capsys.readouterr().err
-    assert err.strip().count("\n") == 0 and "--lr must be a finite number > 0, got nan" in err, err
+    assert err.strip().count("\n") == 0 and message in err, err
     assert not out.exists()
 
 

@@ -23,7 +23,9 @@ when the run finishes, the model (config.json last). `--resume` continues from t
 checkpoint (a damaged one is reported and set aside) and ends bit-identical to an uninterrupted run; a
 run is identified by the content of its data and model files, not their paths, and may raise --steps.
 Ctrl-C finishes the current step, saves a checkpoint and exits with status 130. A run that stops before
-its first checkpoint leaves only its log.jsonl, and --out may be used again.
+its first checkpoint leaves only its log.jsonl, and --out may be used again. A run killed at any moment
+(kill -9) resumes the same way; a --resume first removes what it left (the temporary folders of unfinished
+saves, checkpoints past --keep-checkpoints).
 """
 
 from .args import DISTILL, FinetuneArgs, FinetuneError

@@ -85,6 +85,11 @@ class FinetuneArgs:
             if v is not None and not (math.isfinite(v) and (v > low if strict else v >= low)):
                 raise FinetuneError(f"--{name.replace('_', '-')} must be a finite number {'>' if strict else '>='} "
                                     f"{low}, got {v}")
+        # checked whatever --scheme (a nan or out-of-range gamma is a typo, not a setting); the model's config
+        # adds bdia's 2^-k rule later, but only here can the error name the flag
+        g = self.bdia_gamma
+        if g is not None and not (math.isfinite(g) and 0.0 < g <= 1.0):
+            raise FinetuneError(f"--bdia-gamma must be a finite number in (0, 1] (2^-k, k = 1..8), got {g}")
         if self.eval_max_examples < 0:
             raise FinetuneError(f"--eval-max-examples must be >= 0, got {self.eval_max_examples}")
         if self.threads is not None and self.threads < 1:

@@ -202,9 +202,14 @@ def save_checkpoint(out: str, step: int, student, optimizer, state: Dict[str, An
         sums = {n: sha256_file(os.path.join(tmp, n)) for n in CHECKPOINT_FILES}
         with open(os.path.join(tmp, COMPLETE_FILE), "w") as fh:
             json.dump({"sha256": sums}, fh, indent=1)
+    prune_checkpoints(out, keep)
+    return final
+
+
+def prune_checkpoints(out: str, keep: int) -> None:
+    """Deletes all but the newest `keep` checkpoints, oldest first."""
     for old in checkpoint_dirs(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def load_state(path: str) -> Dict[str, Any]:
@@ -249,18 +254,39 @@ def restore_rng(path: str, device: torch.device) -> None:
         torch.cuda.set_rng_state(rng["cuda"], device)
 
 
-def truncate_log(path: str, step: int) -> None:
-    """On resume, drop log lines past the checkpoint (they will be written again)."""
+def truncate_log(path: str, step: int, evals) -> None:
+    """On resume, keep the log lines the checkpoint accounts for: its steps, and the evals it records
+    (`evals`, by name). The rest will be written again: the steps past it, and an eval run after it was
+    saved (the "final" eval of a finished run that is extended, or killed before its model was saved),
+    which would otherwise be in the log twice, or at a step where the longer schedule has none.
+    Replaced atomically: a kill while it rewrites leaves the old log, never a cut one."""
     if not os.path.isfile(path):
         return
     keep = []
     with open(path) as fh:
         for line in fh:
-            with contextlib.suppress(json.JSONDecodeError):
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-    with open(path, "w") as fh:
+            with contextlib.suppress(json.JSONDecodeError, AttributeError):
+                rec = json.loads(line)
+                if rec.get("step", 0) <= step and ("eval" not in rec or rec["eval"] in evals):
+                    keep.append(line if line.endswith("\n") else line + "\n")  # a last line cut before its newline
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
         fh.writelines(keep)
+    os.replace(tmp, path)
+
+
+def remove_leftovers(out: str, keep: int) -> None:
+    """What a killed run may have left in --out: the temporary folders of its checkpoint and model saves
+    (each as large as a checkpoint or the model; nothing reads them, a save only counts once renamed into
+    place), and checkpoints beyond --keep-checkpoints when it died between a save and the pruning after it
+    (or in that pruning: a half-deleted checkpoint). Run before anything else is written, on --resume after
+    the newer damaged checkpoints are set aside (so the one resumed from is the newest, and kept)."""
+    prune_checkpoints(out, keep)
+    for pattern in (os.path.join(out, "checkpoints", ".tmp-step-*"), os.path.join(out, ".tmp-final-*")):
+        for tmp in glob.glob(pattern):
+            shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, "log.jsonl.tmp"))
 
 
 def save_final(out: str, student, tok, state: Dict[str, Any]) -> None:

@@ -13,8 +13,8 @@ from revengine import memory
 
 from .args import FinetuneArgs, FinetuneError
 from .checkpoint import (check_resume, checkpoint_dirs, load_checkpoint_weights, load_optimizer_state, load_state,
-                         prepare_out, restore_rng, run_inputs, save_checkpoint, save_final, set_aside_newer,
-                         truncate_log)
+                         prepare_out, remove_leftovers, restore_rng, run_inputs, save_checkpoint, save_final,
+                         set_aside_newer, truncate_log)
 from .data import DataStream, load_splits, load_tokenizer, to_device
 from .evaluate import evaluate
 from .interrupt import Interrupt
@@ -76,7 +76,8 @@ class FinetuneRecipe:
             os.remove(self.log_path)  # prepare_out found it the only trace of a run that never saved a checkpoint
         if self.resume_from is not None:
             set_aside_newer(args.out, self.resume_from)
-        truncate_log(self.log_path, self.state["step"])
+        remove_leftovers(args.out, args.keep_checkpoints)
+        truncate_log(self.log_path, self.state["step"], self.state["evals"])
 
     def _load_checkpoint_state(self) -> None:
         """The run's state, weights and data position from the checkpoint (whose settings must match)."""
@@ -145,10 +146,8 @@ class FinetuneRecipe:
                     self._bar.update(1)
                     self._bar.set_postfix(stage=stage, loss=f"{rec['loss']:.4f}")
                 state["step"], state["data"] = step, self.stream.state()
-                if step == args.stage1_steps:
-                    self._evaluate("stage1")
-                elif args.eval_every and step % args.eval_every == 0 and step < self.total:
-                    self._evaluate(f"step{step}")
+                if name := self._eval_due(step):
+                    self._evaluate(name)
                 stop = intr.requested or (args.stop_after is not None and ran >= args.stop_after and step < self.total)
                 if (stop or (args.save_every and step % args.save_every == 0) or step == args.stage1_steps
                         or step == self.total):
@@ -166,6 +165,16 @@ class FinetuneRecipe:
         return self._finish(stage, step_times, summary)
 
     # -- helpers of the loop ----------------------------------------------------------------------
+
+    def _eval_due(self, step: int) -> Optional[str]:
+        """The name of the eval the schedule runs after this step of the loop (None when none): the end of
+        stage 1, and every --eval-every steps but the last (whose eval is "final")."""
+        args = self.args
+        if step == args.stage1_steps:
+            return "stage1"
+        if args.eval_every and step % args.eval_every == 0 and step < self.total:
+            return f"step{step}"
+        return None
 
     def _stage_of(self, step: int) -> int:
         """The stage the step with this 1-based index belongs to."""
@@ -203,6 +212,11 @@ class FinetuneRecipe:
               f"{self.device}, {sum(p.numel() for p in self.student.parameters())} parameters; stage 1 trains "
               f"{self.stage1_what}; {len(self.train_examples)} train / {len(self.eval_examples)} eval examples; "
               f"steps {step}/{self.total}", flush=True)
+        if self.resume_from is not None and 0 < step < self.total and (name := self._eval_due(step)):
+            # the checkpoint's step may call for an eval it does not record: the last step of a run now
+            # extended (evaluated as "final" then, now a step of the schedule), or --eval-every changed.
+            # The weights are the step's, and the RNG as the loop would have it (a save follows its eval)
+            self._evaluate(name)
         return stage, base_lr
 
     def _progress_bar(self, step: int):
