@@ -143,9 +143,10 @@ def run_plan(*args):
 
 
 def test_cli_table_and_json(tmp_path):
-    p = run_plan("--config", "mixtral-8x7b", "--seq", "4096", "--memory", "80GB")
+    p = run_plan("--config", "mixtral-8x7b", "--seq", "4096", "--memory", "80GB,24GB")
     assert p.returncode == 0, p.stderr
-    assert "| rev-bdia/adamw4bit/bf16/in-backward |" in p.stdout and "longest seq" in p.stdout
+    assert "| rev-bdia/adamw4bit/bf16/in-backward |" in p.stdout
+    assert "longest seq @ 80 GiB" in p.stdout and "fits 24 GiB" in p.stdout
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(small_config("qwen3-30b-a3b")))
@@ -157,7 +158,7 @@ def test_cli_table_and_json(tmp_path):
         assert [r["strategy"] for r in out["strategies"]] == ["hf-plain/adamw/fp32",
                                                               "rev-bdia/adamw8bit/bf16/in-backward"]
         r = out["strategies"][0]
-        assert set(r["parts_gib"]) == set(plan.PARTS) and r["fits"] is True and r["max_seq"] > 512
+        assert set(r["parts_gib"]) == set(plan.PARTS) and r["fits"] == {"24": True} and r["max_seq"]["24"] > 512
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -1,7 +1,7 @@
 """`revengine plan`: the peak memory of one training step of an MoE model, predicted from its
 config.json for each training strategy, broken into parts, with what fits a given device.
 
-    revengine plan --config qwen3-30b-a3b --seq 4096 --batch 1 --memory 80GB
+    revengine plan --config qwen3-30b-a3b --seq 4096 --batch 1 --memory 80GB,24GB
     revengine plan --config path/to/model_dir --seq 2048 --memory 24GiB --json
 
 Nothing is built or run: the figures come from formulas over the config's shapes (below), whose
@@ -35,7 +35,9 @@ The parts, in the phase of the step that holds the peak:
 
 The peak is the largest of the step's phases (the loss at the top of backward, the last layer's
 re-run, the end of backward where every grad exists); the longest sequence that fits solves
-peak(seq) = memory for the batch given.
+peak(seq) = memory for the batch given. The reversible models' attention takes a dense causal mask
+(seq x seq bytes, and a float copy per attention call), the one term quadratic in seq; HF's
+attention runs causal without a mask.
 """
 import argparse
 import json
@@ -311,9 +313,13 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
     # reversible: the stack keeps its streams and per-layer records, one layer is re-run at a time
     width = H / 2 if st.scheme == "revffn" else H
     records = L * T * (8.0 * s.top_k + (0.5 * H if st.scheme == "bdia" else 0.0))  # routing ids; BDIA's 4 bits
-    stored = c["rev_stream_bytes"] * T * width * ab / 4.0 + records
+    # the causal mask, built once per step as a dense [seq, seq] bool tensor, and turned into a float
+    # [batch, 1, seq, seq] additive mask by every attention call: quadratic in seq
+    mask = float(seq) * float(seq)
+    stored = c["rev_stream_bytes"] * T * width * ab / 4.0 + records + mask
     Tc = min(T, o["moe_chunk_size"]) if o["moe_chunk_size"] else T
-    attn, moe = s.attn_elements() * T * ab, s.moe_elements() * Tc * ab
+    attn = s.attn_elements() * T * ab + batch * mask * (ab + 1)
+    moe = s.moe_elements() * Tc * ab
     chunk_inputs = T * H * ab if o["moe_chunk_size"] else 0.0
     layer = c["rev_layer"] * ((max(attn, moe) if o["attention_recompute"] else attn + moe) + chunk_inputs)
     logits = c["rev_loss_chunks"] * min(T, o["loss_chunk_size"]) * V * 4.0 + 2 * T * H * 4.0
@@ -327,8 +333,8 @@ class Prediction:
     phase: str
     parts: Dict[str, float]  # bytes
     total: float
-    fits: Optional[bool]
-    max_seq: Optional[int]
+    fits: Dict[str, bool]      # per device memory given (its GiB as a string)
+    max_seq: Dict[str, int]    # the longest sequence that fits each, 0 if none
     params: int
 
     def as_dict(self) -> dict:
@@ -360,12 +366,17 @@ def max_seq(shapes: Shapes, strategy: Strategy, batch: int, memory: float, limit
     return lo
 
 
-def plan(shapes: Shapes, strategies, batch: int, seq: int, memory: Optional[float] = None, **kw) -> List[Prediction]:
+def _label(memory: float) -> str:
+    return f"{memory / GiB:g}"
+
+
+def plan(shapes: Shapes, strategies, batch: int, seq: int, memories=(), **kw) -> List[Prediction]:
+    """One Prediction per strategy; `memories`: device sizes in bytes to check (fits, longest sequence)."""
     out = []
     for st in strategies:
         name, parts, total = peak(shapes, st, batch, seq, **kw)
-        fits = None if memory is None else total <= memory
-        ms = None if memory is None else max_seq(shapes, st, batch, memory, **kw)
+        fits = {_label(m): total <= m for m in memories}
+        ms = {_label(m): max_seq(shapes, st, batch, m, **kw) for m in memories}
         out.append(Prediction(st.name, name, parts, total, fits, ms, shapes.params(st.scheme)))
     return out
 
@@ -405,17 +416,20 @@ def _positive(flag):
     return conv
 
 
-def format_table(shapes: Shapes, preds: List[Prediction], batch: int, seq: int, memory: Optional[float]) -> str:
+def format_table(shapes: Shapes, preds: List[Prediction], batch: int, seq: int, memories=()) -> str:
     lines = [f"{shapes.name} ({shapes.model_type}): {shapes.params() / 1e9:.2f}B parameters, {shapes.layers} layers, "
              f"hidden {shapes.hidden}, {shapes.experts} experts top-{shapes.top_k}, vocab {shapes.vocab}; "
-             f"batch {batch} x seq {seq}" + (f"; device memory {memory / GiB:.1f} GiB" if memory else "")]
-    cols = ["strategy"] + list(PART_TITLES) + ["peak"] + (["fits", "longest seq"] if memory else [])
+             f"batch {batch} x seq {seq}"]
+    labels = [_label(m) for m in memories]
+    cols = ["strategy"] + list(PART_TITLES) + ["peak"]
+    for lb in labels:
+        cols += [f"fits {lb} GiB", f"longest seq @ {lb} GiB"]
     lines.append("| " + " | ".join(cols) + " |")
     lines.append("|" + "---|" * len(cols))
     for p in preds:
         row = [p.strategy] + [f"{p.parts[k] / GiB:.2f}" for k in PARTS] + [f"**{p.total / GiB:.2f}**"]
-        if memory:
-            row += ["yes" if p.fits else "no", str(p.max_seq) if p.max_seq else "none"]
+        for lb in labels:
+            row += ["yes" if p.fits[lb] else "no", str(p.max_seq[lb]) if p.max_seq[lb] else "none"]
         lines.append("| " + " | ".join(row) + " |")
     lines.append(f"(GiB at the peak of one step; reversible models with {REV_DEFAULTS}; "
                  "parts of the phase that holds the peak)")
@@ -427,18 +441,18 @@ def cmd_plan(args) -> int:
         shapes = load_shapes(args.config)
         seq = _positive("--seq")(args.seq)
         batch = _positive("--batch")(args.batch)
-        memory = parse_memory(args.memory) if args.memory is not None else None
+        memories = [parse_memory(m) for m in args.memory.split(",")] if args.memory is not None else []
         strategies = [Strategy.parse(t) for t in (args.strategy or DEFAULT_STRATEGIES)]
     except ValueError as e:  # PlanError, and read_config_json's file:line errors
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    preds = plan(shapes, strategies, batch, seq, memory)
+    preds = plan(shapes, strategies, batch, seq, memories)
     if args.json:
         print(json.dumps({"config": shapes.name, "model_type": shapes.model_type, "batch": batch, "seq": seq,
-                          "memory_gib": None if memory is None else memory / GiB, "rev_options": REV_DEFAULTS,
+                          "memory_gib": [m / GiB for m in memories], "rev_options": REV_DEFAULTS,
                           "strategies": [p.as_dict() for p in preds]}, indent=2))
     else:
-        print(format_table(shapes, preds, batch, seq, memory))
+        print(format_table(shapes, preds, batch, seq, memories))
     return 0
 
 
@@ -447,7 +461,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"a preset ({', '.join(presets())}), a model folder or a config.json")
     p.add_argument("--seq", default="4096", help="tokens per sample (default 4096)")
     p.add_argument("--batch", default="1", help="samples per step (default 1)")
-    p.add_argument("--memory", default=None, help="device memory, e.g. 80GB or 24GiB (both 2^30 bytes per G, as GPUs are sold; a bare number is GiB)")
+    p.add_argument("--memory", default=None, help="device memory, e.g. 80GB or 24GiB (both 2^30 bytes per G, as GPUs are sold; a bare number is GiB); "
+                        "several: 80GB,24GB")
     p.add_argument("--strategy", action="append", metavar="BASE/OPTIMIZER/WEIGHTS[/in-backward]",
                    help=f"repeatable; default: {', '.join(DEFAULT_STRATEGIES)}")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
