@@ -2,7 +2,7 @@
 training strategy, one full fine-tuning step in a fresh process (CPU, peak RSS), beside the
 planner's figure for the same shapes.
 
-    python benchmarks/plan_check.py                      # qwen-moe-mini and smollm2-moe, seq 256/512/1024
+    python benchmarks/plan_check.py --jobs 3 --threads 1 # qwen-moe-mini and smollm2-moe, seq 256/512/1024 (+2048)
     python benchmarks/plan_check.py --results r.json     # keep the measurements; --reuse reads them back
     python benchmarks/plan_check.py --quick              # a tiny config, seconds (the tests run it)
 
@@ -10,7 +10,7 @@ Models (random weights of the real shapes: memory does not depend on the values)
     qwen-moe-mini  Qwen2-MoE, 24 layers, hidden 256, 16 experts top-4 + shared expert, vocab 16384 (batch 2)
     smollm2-moe    SmolLM2-135M-Instruct upcycled to Mixtral, 4 experts top-2, hidden 576, vocab 49152,
                    tied embeddings, here with 12 of its 30 layers (fp32 AdamW on all 30 would need 6 GB
-                   before activations; batch 1)
+                   before activations; batch 1; also seq 2048, where fewer rows peak in the optimizer step)
 Strategies measured (the ones that exist today; the planner's low-bit optimizers and bf16 weights
 are formulas only):
     hf-plain        HF model, torch.optim.AdamW
@@ -36,7 +36,9 @@ from revengine.memory import measure_in_subprocess, measure_step
 
 STRATEGIES = {"hf-plain": "hf-plain/adamw/fp32", "hf-checkpoint": "hf-checkpoint/adamw/fp32",
               "rev-bdia": "rev-bdia/adamw/fp32", "rev-bdia-ib": "rev-bdia/adamw/fp32/in-backward"}
-MODELS = {"qwen-moe-mini": dict(layers=24, batch=2), "smollm2-moe": dict(layers=12, batch=1)}
+# smollm2-moe also at 2048 tokens: with batch 1 its shorter rows peak in the optimizer step
+MODELS = {"qwen-moe-mini": dict(layers=24, batch=2, seqs=[256, 512, 1024]),
+          "smollm2-moe": dict(layers=12, batch=1, seqs=[256, 512, 1024, 2048])}
 QUICK = {"qwen-moe-mini": dict(layers=2, batch=1, hidden_size=64, moe_intermediate_size=32,
                                shared_expert_intermediate_size=64, intermediate_size=64, vocab_size=512,
                                num_attention_heads=4, num_key_value_heads=4)}
@@ -93,7 +95,7 @@ def predict(model: str, strategy: str, batch: int, seq: int, layers: int, overri
     return planner.peak(shapes, planner.Strategy.parse(STRATEGIES[strategy]), batch, seq, cal=cal)[2] / 2**20
 
 
-def fit(rows: list, keys=("hf_store", "hf_layer", "rev_layer", "rev_stream_bytes", "hf_logits")) -> dict:
+def fit(rows: list, keys=("hf_store", "hf_logits", "hf_layer", "rev_layer")) -> dict:
     """Least-squares (relative error) refit of planner.CAL on the given rows, coordinate by coordinate."""
     cal = dict(planner.CAL)
 
@@ -113,7 +115,8 @@ def main(argv=None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--strategies", nargs="*", default=list(STRATEGIES), choices=list(STRATEGIES))
-    ap.add_argument("--seqs", nargs="*", type=int, default=[256, 512, 1024])
+    ap.add_argument("--seqs", nargs="*", type=int, default=None,
+                    help="sequence lengths (default 256 512 1024, and 2048 for smollm2-moe)")
     ap.add_argument("--threads", type=int, default=2, help="threads per child (default 2)")
     ap.add_argument("--jobs", type=int, default=1, help="children at once (default 1; the figures are per process)")
     ap.add_argument("--results", default=None, help="JSON file the measurements are written to")
@@ -127,7 +130,8 @@ def main(argv=None) -> int:
     if a.quick:
         models = {m: dict(layers=v.pop("layers"), batch=v.pop("batch"), overrides=v) for m, v in
                   ((m, dict(v)) for m, v in QUICK.items())}
-        seqs = [32]
+        for m in models.values():
+            m["seqs"] = [32]
     old = {}
     if a.reuse and a.results and os.path.isfile(a.results):
         with open(a.results) as fh:
@@ -135,7 +139,8 @@ def main(argv=None) -> int:
     print(f"one fp32 fine-tuning step per row, CPU, {a.threads} threads, a fresh process each; "
           f"reversible options {planner.REV_DEFAULTS}", flush=True)
     t0 = time.perf_counter()
-    todo = [(model, m, seq, strategy) for model, m in models.items() for seq in seqs for strategy in a.strategies]
+    todo = [(model, m, seq, strategy) for model, m in models.items() for seq in (seqs or m["seqs"])
+            for strategy in a.strategies]
     done = {}
 
     def run(item):

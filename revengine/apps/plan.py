@@ -25,8 +25,9 @@ A strategy is `BASE/OPTIMIZER/WEIGHTS[/in-backward]`:
 The parts, in the phase of the step that holds the peak:
 
     weights, optimizer   bytes per parameter x parameters (the reversible schemes' own parameters included)
-    grads                every parameter's grad (all of them at the end of backward), or under
-                         in-backward the largest tensor's grad and its optimizer temporaries
+    grads                every parameter's grad (all of them at the end of backward; in the optimizer
+                         step with the update temporaries of the largest tensor), or under in-backward
+                         the largest tensor's grad and its update temporaries
     stored activations   what forward keeps for backward across all layers
     layer working set    one layer re-run with grad in backward (checkpointing, reversible) or
                          one layer's backward temporaries (plain)
@@ -34,7 +35,8 @@ The parts, in the phase of the step that holds the peak:
                          log-softmax and grad; revengine's chunked loss holds one chunk at a time
 
 The peak is the largest of the step's phases (the loss at the top of backward, the last layer's
-re-run, the end of backward where every grad exists); the longest sequence that fits solves
+re-run, the end of backward where every grad exists, the optimizer step with its temporaries of the
+largest tensor); the longest sequence that fits solves
 peak(seq) = memory for the batch given. The reversible models' attention takes a dense causal mask
 (seq x seq bytes, and a float copy per attention call), the one term quadratic in seq; HF's
 attention runs causal without a mask.
@@ -57,29 +59,35 @@ PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 
 # -- calibration ---------------------------------------------------------------------------------
 # Element counts per token come from the models' code (what autograd saves, counted with
-# torch.autograd.graph.saved_tensors_hooks on small models). The constants below are the only
-# numbers fitted to measured peaks (benchmarks/plan_check.py: qwen-moe-mini at seq 256 and 1024;
-# checked on seq 512 and on the SmolLM2-upcycled MoE, which were not used to fit).
+# torch.autograd.graph.saved_tensors_hooks on small models; tests/test_plan.py checks them). Four
+# constants below are fitted to measured peaks (`python benchmarks/plan_check.py --fit 256 1024`:
+# least squares on qwen-moe-mini at seq 256 and 1024), checked on seq 512 and on the SmolLM2-upcycled
+# MoE, which were not used to fit.
 CAL = {
-    "hf_store": 1.0,       # HF plain: measured stored activations / counted saved elements
-    "hf_logits": 3.0,      # HF loss: [tokens, vocab] fp32 tensors alive at the top of backward
-    "hf_layer": 1.5,       # one HF layer's recompute + backward temporaries / its saved elements
-    "rev_layer": 1.5,      # one reversible layer's re-run + backward / its saved elements
-    "rev_stream_bytes": 32.0,  # bytes per token and hidden unit kept by a reversible stack (streams, in/out)
-    "rev_loss_chunks": 3.0,    # [chunk, vocab] fp32 tensors of the chunked loss at once
+    "hf_store": 0.99,      # HF plain: stored activations / the saved elements counted below
+    "hf_logits": 2.94,     # HF loss: [tokens, vocab] fp32 tensors alive at the top of backward
+    "hf_layer": 1.605,     # one HF layer's recompute + backward temporaries / its saved elements
+    "rev_layer": 0.525,    # one reversible layer's re-run + backward / its saved elements (the attention
+                           # branch is recomputed, the experts run in chunks: not all alive at once)
+    "rev_stream_bytes": 32.0,  # not fitted: bytes per token and hidden unit a reversible stack keeps (BDIA's
+                               # two int64 streams, the stack's input, output and the head's normed input)
+    "rev_loss_chunks": 3.0,    # not fitted: [chunk, vocab] fp32 tensors of the chunked loss at once
 }
 # Options of the converted models (RevMoEConfig fields) the reversible strategies assume.
 REV_DEFAULTS = dict(moe_chunk_size=256, loss_chunk_size=64, attention_recompute=True)
 
 BASES = ("hf-plain", "hf-checkpoint", "rev-bdia", "rev-revffn")
 OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2.0 + 8.0 / 256, "adamw4bit": 1.0 + 8.0 / 128}  # state bytes per parameter
-# temporaries of one tensor's update, bytes per element: one fp32 tensor (AdamW's denominator; the
-# low-bit optimizers' fused update is assumed to keep no more)
-OPTIMIZER_TEMPS = {"adamw": 4.0, "adamw8bit": 4.0, "adamw4bit": 4.0}
+# Temporaries of one tensor's update, bytes per element: two fp32 tensors (torch's per-tensor AdamW
+# builds its denominator out of place: sqrt, then the division; measured). The low-bit optimizers are
+# assumed to keep no more (their dequantised moments). The largest tensor sets the step's peak: the
+# whole optimizer step under torch's per-tensor or fused AdamW, one parameter's step in backward.
+OPTIMIZER_TEMPS = {"adamw": 8.0, "adamw8bit": 8.0, "adamw4bit": 8.0}
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0}
 DEFAULT_STRATEGIES = (
     "hf-plain/adamw/fp32",
     "hf-checkpoint/adamw/fp32",
+    "hf-plain/adamw8bit/bf16/in-backward",
     "hf-checkpoint/adamw8bit/bf16/in-backward",
     "rev-bdia/adamw/fp32",
     "rev-bdia/adamw/fp32/in-backward",
@@ -297,6 +305,10 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
     def phase(grads_b, stored=0.0, layer=0.0, logits=0.0):
         return dict(base, grads=grads_b, stored=stored, layer=layer, logits=logits)
 
+    # the optimizer step after backward: every grad, and one tensor's update temporaries
+    step = {} if st.in_backward else {
+        "optimizer step": phase(P * wb + s.largest_tensor() * OPTIMIZER_TEMPS[st.optimizer])}
+
     if st.base.startswith("hf-"):
         per_layer = s.layer_elements() * T * ab
         logits = c["hf_logits"] * T * V * 4.0
@@ -304,11 +316,11 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
         if st.base == "hf-plain":
             stored = c["hf_store"] * L * per_layer + T * H * ab
             return {"loss": phase(grads(head_p), stored=stored, logits=logits),
-                    "end of backward": phase(grads(P), stored=T * H * ab, layer=hf_layer)}
+                    "end of backward": phase(grads(P), stored=T * H * ab, layer=hf_layer), **step}
         ck = T * H * ab  # one hidden state per layer and token
         return {"loss": phase(grads(head_p), stored=(L + 1) * ck, logits=logits),
                 "last layer's recompute": phase(grads(head_p + layer_p), stored=(L + 1) * ck, layer=hf_layer),
-                "end of backward": phase(grads(P), stored=ck, layer=hf_layer)}
+                "end of backward": phase(grads(P), stored=ck, layer=hf_layer), **step}
 
     # reversible: the stack keeps its streams and per-layer records, one layer is re-run at a time
     width = H / 2 if st.scheme == "revffn" else H
@@ -324,7 +336,7 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
     layer = c["rev_layer"] * ((max(attn, moe) if o["attention_recompute"] else attn + moe) + chunk_inputs)
     logits = c["rev_loss_chunks"] * min(T, o["loss_chunk_size"]) * V * 4.0 + 2 * T * H * 4.0
     return {"loss": phase(grads(head_p), stored=stored, logits=logits),
-            "end of backward": phase(grads(P), stored=stored, layer=layer)}
+            "end of backward": phase(grads(P), stored=stored, layer=layer), **step}
 
 
 @dataclass
