@@ -4,6 +4,7 @@ planner's figure for the same shapes.
 
     python benchmarks/plan_check.py --jobs 3 --threads 1 # qwen-moe-mini and smollm2-moe, seq 256/512/1024 (+2048)
     python benchmarks/plan_check.py --results r.json     # keep the measurements; --reuse reads them back
+    python benchmarks/plan_check.py --results benchmarks/plan_check_results.json --reuse   # the README's table
     python benchmarks/plan_check.py --quick              # a tiny config, seconds (the tests run it)
 
 Models (random weights of the real shapes: memory does not depend on the values):
@@ -89,10 +90,13 @@ def measure(model: str, strategy: str, batch: int, seq: int, layers: int, overri
             "seconds": fig.seconds, "reliable": fig.reliable}
 
 
-def predict(model: str, strategy: str, batch: int, seq: int, layers: int, overrides=None, cal=None) -> float:
+def predict(model: str, strategy: str, batch: int, seq: int, layers: int, overrides=None, cal=None,
+            with_phase=False):
+    """The planner's peak in MiB (and, with_phase, the phase that holds it)."""
     cfg = model_config(model, layers, overrides)
     shapes = planner.Shapes.from_config(cfg, model, name=model)
-    return planner.peak(shapes, planner.Strategy.parse(STRATEGIES[strategy]), batch, seq, cal=cal)[2] / 2**20
+    phase, _, total = planner.peak(shapes, planner.Strategy.parse(STRATEGIES[strategy]), batch, seq, cal=cal)
+    return (total / 2**20, phase) if with_phase else total / 2**20
 
 
 def fit(rows: list, keys=("hf_store", "hf_logits", "hf_layer", "rev_layer")) -> dict:
@@ -136,8 +140,10 @@ def main(argv=None) -> int:
     if a.reuse and a.results and os.path.isfile(a.results):
         with open(a.results) as fh:
             old = {(r["model"], r["strategy"], r["seq"]): r for r in json.load(fh)}
-    print(f"one fp32 fine-tuning step per row, CPU, {a.threads} threads, a fresh process each; "
-          f"reversible options {planner.REV_DEFAULTS}", flush=True)
+    print(f"one fp32 fine-tuning step per row, CPU, a fresh process each ({a.threads} threads; "
+          f"{len(old)} rows read back from {a.results})" if old else
+          f"one fp32 fine-tuning step per row, CPU, a fresh process each ({a.threads} threads)", flush=True)
+    print(f"reversible options {planner.REV_DEFAULTS}", flush=True)
     t0 = time.perf_counter()
     todo = [(model, m, seq, strategy) for model, m in models.items() for seq in (seqs or m["seqs"])
             for strategy in a.strategies]
@@ -169,14 +175,16 @@ def main(argv=None) -> int:
         cal = fit([r for r in rows if r["model"] == "qwen-moe-mini" and r["seq"] in a.fit])
         print(f"refitted constants: {cal}")
     print()
-    table_header("model", "layers", "batch x seq", "strategy", "measured MiB", "predicted MiB", "error")
+    table_header("model", "layers", "batch x seq", "strategy", "measured MiB", "predicted MiB", "error",
+                 "predicted peak phase")
     ok = []
     for r in rows:
-        p = predict(r["model"], r["strategy"], r["batch"], r["seq"], r["layers"], r.get("overrides"))
+        p, phase = predict(r["model"], r["strategy"], r["batch"], r["seq"], r["layers"], r.get("overrides"),
+                           with_phase=True)
         err = p / r["peak_mb"] - 1
         r["predicted_mb"], r["error"] = p, err
         print(f"| {r['model']} | {r['layers']} | {r['batch']} x {r['seq']} | {STRATEGIES[r['strategy']]} | "
-              f"{r['peak_mb']:.0f} | {p:.0f} | {100 * err:+.1f}% |")
+              f"{r['peak_mb']:.0f} | {p:.0f} | {100 * err:+.1f}% | {phase} |")
     worst = max(abs(r["error"]) for r in rows)
     ok.append(verdict(worst <= TOLERANCE, f"largest error {100 * worst:.1f}% over {len(rows)} rows "
                                           f"(target within {100 * TOLERANCE:.0f}%)"))

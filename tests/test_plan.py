@@ -192,3 +192,15 @@ def test_plan_check_quick(capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| qwen-moe-mini |")]
     assert len(rows) == 2 and ("PASS" in out or "FAIL" in out), out
+
+
+def test_presets_ship_as_package_data():
+    """A non-editable install carries the presets: pyproject declares them as package data."""
+    import glob
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as fh:
+        data = tomllib.load(fh)["tool"]["setuptools"]["package-data"]["revengine.apps"]
+    shipped = {os.path.basename(p) for pattern in data for p in glob.glob(os.path.join(root, "revengine", "apps", pattern))}
+    assert shipped == {name + ".json" for name in plan.presets()}

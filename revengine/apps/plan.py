@@ -89,6 +89,7 @@ DEFAULT_STRATEGIES = (
     "hf-checkpoint/adamw/fp32",
     "hf-plain/adamw8bit/bf16/in-backward",
     "hf-checkpoint/adamw8bit/bf16/in-backward",
+    "hf-checkpoint/adamw4bit/bf16/in-backward",
     "rev-bdia/adamw/fp32",
     "rev-bdia/adamw/fp32/in-backward",
     "rev-bdia/adamw8bit/bf16/in-backward",
