@@ -159,6 +159,14 @@ def test_cli_table_and_json(tmp_path):
                                                               "rev-bdia/adamw8bit/bf16/in-backward"]
         r = out["strategies"][0]
         assert set(r["parts_gib"]) == set(plan.PARTS) and r["fits"] == {"24": True} and r["max_seq"]["24"] > 512
+    # the reversible models' options change their working set, not their weights
+    st = "rev-bdia/adamw4bit/bf16/in-backward"
+    lean = run_plan("--config", "olmoe-1b-7b", "--json", "--strategy", st)
+    fat = run_plan("--config", "olmoe-1b-7b", "--json", "--strategy", st, "--moe-chunk-size", "0",
+                   "--no-attention-recompute")
+    lean, fat = (json.loads(p.stdout)["strategies"][0] for p in (lean, fat))
+    assert fat["parts_gib"]["weights"] == lean["parts_gib"]["weights"]
+    assert fat["parts_gib"]["layer"] > lean["parts_gib"]["layer"] and fat["total_gib"] > lean["total_gib"]
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -177,6 +185,8 @@ def test_cli_errors_are_one_line(tmp_path):
         (["--config", "olmoe-1b-7b", "--memory", "lots"], "--memory 'lots'"),
         (["--config", "olmoe-1b-7b", "--memory", "80 parsecs"], "--memory '80 parsecs'"),
         (["--config", "olmoe-1b-7b", "--strategy", "deepspeed"], "--strategy 'deepspeed'"),
+        (["--config", "olmoe-1b-7b", "--loss-chunk-size", "-3"], "--loss-chunk-size '-3'"),
+        (["--config", "olmoe-1b-7b", "--moe-chunk-size", "x"], "--moe-chunk-size 'x'"),
     ]
     for args, needle in cases:
         p = run_plan(*args)

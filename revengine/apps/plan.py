@@ -16,6 +16,8 @@ A strategy is `BASE/OPTIMIZER/WEIGHTS[/in-backward]`:
                rev-bdia        converted to a reversible BDIA model (revengine.convert.from_hf): two
                                fixed-point streams and 4 bits per element and layer stored
                rev-revffn      converted to RevFFN: two half-width streams, projection adapters added
+                               (both with REV_DEFAULTS, which --moe-chunk-size, --loss-chunk-size and
+                               --no-attention-recompute change)
     OPTIMIZER  adamw (two fp32 moments: 8 bytes per parameter), adamw8bit (~2), adamw4bit (~1)
     WEIGHTS    fp32 (4 bytes per parameter) or bf16 (2, no fp32 master copy: stochastic rounding);
                activations in the weights' dtype, the loss in fp32
@@ -429,7 +431,14 @@ def _positive(flag):
     return conv
 
 
-def format_table(shapes: Shapes, preds: List[Prediction], batch: int, seq: int, memories=()) -> str:
+def _positive_or_zero(flag):
+    def conv(text):
+        return 0 if str(text).strip() == "0" else _positive(flag)(text)
+    return conv
+
+
+def format_table(shapes: Shapes, preds: List[Prediction], batch: int, seq: int, memories=(),
+                 rev_options: Optional[dict] = None) -> str:
     lines = [f"{shapes.name} ({shapes.model_type}): {shapes.params() / 1e9:.2f}B parameters, {shapes.layers} layers, "
              f"hidden {shapes.hidden}, {shapes.experts} experts top-{shapes.top_k}, vocab {shapes.vocab}; "
              f"batch {batch} x seq {seq}"]
@@ -444,7 +453,7 @@ def format_table(shapes: Shapes, preds: List[Prediction], batch: int, seq: int, 
         for lb in labels:
             row += ["yes" if p.fits[lb] else "no", str(p.max_seq[lb]) if p.max_seq[lb] else "none"]
         lines.append("| " + " | ".join(row) + " |")
-    lines.append(f"(GiB at the peak of one step; reversible models with {REV_DEFAULTS}; "
+    lines.append(f"(GiB at the peak of one step; reversible models with {dict(REV_DEFAULTS, **(rev_options or {}))}; "
                  "parts of the phase that holds the peak)")
     return "\n".join(lines)
 
@@ -456,16 +465,19 @@ def cmd_plan(args) -> int:
         batch = _positive("--batch")(args.batch)
         memories = [parse_memory(m) for m in args.memory.split(",")] if args.memory is not None else []
         strategies = [Strategy.parse(t) for t in (args.strategy or DEFAULT_STRATEGIES)]
+        rev_options = dict(moe_chunk_size=_positive_or_zero("--moe-chunk-size")(args.moe_chunk_size),
+                           loss_chunk_size=_positive("--loss-chunk-size")(args.loss_chunk_size),
+                           attention_recompute=not args.no_attention_recompute)
     except ValueError as e:  # PlanError, and read_config_json's file:line errors
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    preds = plan(shapes, strategies, batch, seq, memories)
+    preds = plan(shapes, strategies, batch, seq, memories, rev_options=rev_options)
     if args.json:
         print(json.dumps({"config": shapes.name, "model_type": shapes.model_type, "batch": batch, "seq": seq,
-                          "memory_gib": [m / GiB for m in memories], "rev_options": REV_DEFAULTS,
+                          "memory_gib": [m / GiB for m in memories], "rev_options": rev_options,
                           "strategies": [p.as_dict() for p in preds]}, indent=2))
     else:
-        print(format_table(shapes, preds, batch, seq, memories))
+        print(format_table(shapes, preds, batch, seq, memories, rev_options))
     return 0
 
 
@@ -479,3 +491,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", action="append", metavar="BASE/OPTIMIZER/WEIGHTS[/in-backward]",
                    help=f"repeatable; default: {', '.join(DEFAULT_STRATEGIES)}")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.add_argument("--moe-chunk-size", default=str(REV_DEFAULTS["moe_chunk_size"]),
+                   help="reversible models: tokens per expert chunk (0: off; default %(default)s)")
+    p.add_argument("--loss-chunk-size", default=str(REV_DEFAULTS["loss_chunk_size"]),
+                   help="reversible models: tokens per cross-entropy chunk (default %(default)s)")
+    p.add_argument("--no-attention-recompute", action="store_true",
+                   help="reversible models: keep the attention's intermediates in the re-run (default: recomputed)")
