@@ -1,5 +1,5 @@
 """The `revengine` command line (also `python -m revengine`): parses the arguments and dispatches
-to the command's module (revengine.apps.demo, .finetune, .breakdown, .selftest).
+to the command's module (revengine.apps.demo, .finetune, .breakdown, .plan, .selftest).
 
     revengine demo            # train a small reversible network on a synthetic task, then compare
                               # peak memory and step time of plain / checkpoint / reversible
@@ -15,7 +15,7 @@ PROG = "revengine"
 def _commands():
     """name -> (module with add_arguments, the function running it, help, description)."""
     # the commands are imported here, not when `revengine.apps.cli` is
-    from . import breakdown, demo, finetune, selftest
+    from . import breakdown, demo, finetune, plan, selftest
 
     return {
         "demo": (demo, demo.cmd_demo,
@@ -34,6 +34,13 @@ def _commands():
                       "Builds the model (an HF checkpoint, optionally converted with --scheme, or a revengine model), "
                       "runs one AdamW training step on random tokens in a fresh process and prints what occupies "
                       "memory at the peak."),
+        "plan": (plan, plan.cmd_plan,
+                 "predict one training step's peak memory for each strategy from a config.json, and what fits",
+                 "Predicts, from an HF MoE config.json (a folder, a file or a preset), the peak memory of one "
+                 "training step for each strategy (HF plain, HF + gradient checkpointing, revengine's reversible "
+                 "schemes x optimizer x weights dtype x optimizer-in-backward), broken into weights, optimizer "
+                 "state, grads, stored activations, one layer's working set and logits; with --memory, which fit "
+                 "and the longest sequence that fits. Nothing is built or run."),
         "selftest": (selftest, selftest.cmd_selftest,
                      "verify an install: every custom kernel against its ATen reference, tiny models, exact mode",
                      "Compares every custom kernel with its ATen reference on the device (shapes, dtypes, empty "

@@ -1,0 +1,499 @@
+"""`revengine plan`: the peak memory of one training step of an MoE model, predicted from its
+config.json for each training strategy, broken into parts, with what fits a given device.
+
+    revengine plan --config qwen3-30b-a3b --seq 4096 --batch 1 --memory 80GB,24GB
+    revengine plan --config path/to/model_dir --seq 2048 --memory 24GiB --json
+
+Nothing is built or run: the figures come from formulas over the config's shapes (below), whose
+few constants were fitted to peaks measured in fresh processes on two small MoE models and checked
+on lengths and a model not used to fit them (`python benchmarks/plan_check.py`).
+
+A strategy is `BASE/OPTIMIZER/WEIGHTS[/in-backward]`:
+
+    BASE       hf-plain        Hugging Face training as is: every layer's activations stored
+               hf-checkpoint   HF + gradient checkpointing: one hidden state per layer and token stored,
+                               one layer recomputed at a time in backward
+               rev-bdia        converted to a reversible BDIA model (revengine.convert.from_hf): two
+                               fixed-point streams and 4 bits per element and layer stored
+               rev-revffn      converted to RevFFN: two half-width streams, projection adapters added
+                               (both with REV_DEFAULTS, which --moe-chunk-size, --loss-chunk-size and
+                               --no-attention-recompute change)
+    OPTIMIZER  adamw (two fp32 moments: 8 bytes per parameter), adamw8bit (~2), adamw4bit (~1)
+    WEIGHTS    fp32 (4 bytes per parameter) or bf16 (2, no fp32 master copy: stochastic rounding);
+               activations in the weights' dtype, the loss in fp32
+    in-backward  the optimizer steps each parameter as soon as its grad is complete
+               (revengine.optim.InBackwardOptimizer): the model's grads never exist at once
+
+The parts, in the phase of the step that holds the peak:
+
+    weights, optimizer   bytes per parameter x parameters (the reversible schemes' own parameters included)
+    grads                every parameter's grad (all of them at the end of backward; in the optimizer
+                         step with the update temporaries of the largest tensor), or under in-backward
+                         the largest tensor's grad and its update temporaries
+    stored activations   what forward keeps for backward across all layers
+    layer working set    one layer re-run with grad in backward (checkpointing, reversible) or
+                         one layer's backward temporaries (plain)
+    logits               LM head + cross-entropy: HF materialises [tokens, vocab] fp32 logits, their
+                         log-softmax and grad; revengine's chunked loss holds one chunk at a time
+
+The peak is the largest of the step's phases (the loss at the top of backward, the last layer's
+re-run, the end of backward where every grad exists, the optimizer step with its temporaries of the
+largest tensor); the longest sequence that fits solves
+peak(seq) = memory for the batch given. The reversible models' attention takes a dense causal mask
+(seq x seq bytes, and a float copy per attention call), the one term quadratic in seq; HF's
+attention runs causal without a mask.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from revengine.convert import FAMILIES
+from revengine.models.config import read_config_json
+
+PROG = "revengine plan"
+GiB = float(2**30)
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+
+# -- calibration ---------------------------------------------------------------------------------
+# Element counts per token come from the models' code (what autograd saves, counted with
+# torch.autograd.graph.saved_tensors_hooks on small models; tests/test_plan.py checks them). Four
+# constants below are fitted to measured peaks (`python benchmarks/plan_check.py --fit 256 1024`:
+# least squares on qwen-moe-mini at seq 256 and 1024), checked on seq 512 and on the SmolLM2-upcycled
+# MoE, which were not used to fit.
+CAL = {
+    "hf_store": 0.99,      # HF plain: stored activations / the saved elements counted below
+    "hf_logits": 2.94,     # HF loss: [tokens, vocab] fp32 tensors alive at the top of backward
+    "hf_layer": 1.605,     # one HF layer's recompute + backward temporaries / its saved elements
+    "rev_layer": 0.525,    # one reversible layer's re-run + backward / its saved elements (the attention
+                           # branch is recomputed, the experts run in chunks: not all alive at once)
+    "rev_stream_bytes": 32.0,  # not fitted: bytes per token and hidden unit a reversible stack keeps (BDIA's
+                               # two int64 streams, the stack's input, output and the head's normed input)
+    "rev_loss_chunks": 3.0,    # not fitted: [chunk, vocab] fp32 tensors of the chunked loss at once
+}
+# Options of the converted models (RevMoEConfig fields) the reversible strategies assume.
+REV_DEFAULTS = dict(moe_chunk_size=256, loss_chunk_size=64, attention_recompute=True)
+
+BASES = ("hf-plain", "hf-checkpoint", "rev-bdia", "rev-revffn")
+OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2.0 + 8.0 / 256, "adamw4bit": 1.0 + 8.0 / 128}  # state bytes per parameter
+# Temporaries of one tensor's update, bytes per element: two fp32 tensors (torch's per-tensor AdamW
+# builds its denominator out of place: sqrt, then the division; measured). The low-bit optimizers are
+# assumed to keep no more (their dequantised moments). The largest tensor sets the step's peak: the
+# whole optimizer step under torch's per-tensor or fused AdamW, one parameter's step in backward.
+OPTIMIZER_TEMPS = {"adamw": 8.0, "adamw8bit": 8.0, "adamw4bit": 8.0}
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0}
+DEFAULT_STRATEGIES = (
+    "hf-plain/adamw/fp32",
+    "hf-checkpoint/adamw/fp32",
+    "hf-plain/adamw8bit/bf16/in-backward",
+    "hf-checkpoint/adamw8bit/bf16/in-backward",
+    "hf-checkpoint/adamw4bit/bf16/in-backward",
+    "rev-bdia/adamw/fp32",
+    "rev-bdia/adamw/fp32/in-backward",
+    "rev-bdia/adamw8bit/bf16/in-backward",
+    "rev-bdia/adamw4bit/bf16/in-backward",
+)
+PARTS = ("weights", "optimizer", "grads", "stored", "layer", "logits")
+PART_TITLES = ("weights", "optimizer", "grads", "stored act.", "layer WS", "logits")
+
+
+class PlanError(ValueError):
+    """Bad input to the planner: the message names the flag or file:line."""
+
+
+# -- configs -------------------------------------------------------------------------------------
+
+
+def presets() -> List[str]:
+    """The named configs shipped with revengine (config.json files, no weights)."""
+    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".json"))
+
+
+def resolve_config(spec: str) -> str:
+    """The config.json path of a preset name, a model folder or a config.json file."""
+    if spec in presets():
+        return os.path.join(PRESET_DIR, spec + ".json")
+    if os.path.isdir(spec):
+        path = os.path.join(spec, "config.json")
+        if not os.path.isfile(path):
+            raise PlanError(f"--config {spec}: the folder has no config.json")
+        return path
+    if os.path.isfile(spec):
+        return spec
+    raise PlanError(f"--config {spec!r}: not a preset ({', '.join(presets())}), a model folder or a config.json")
+
+
+def _line_of(path: str, key: str) -> int:
+    """The line of `"key"` in a JSON file (1 when absent), for file:line messages."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for i, line in enumerate(fh, 1):
+                if re.search(rf'"{re.escape(key)}"\s*:', line):
+                    return i
+    except OSError:
+        pass
+    return 1
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the formulas read from a config: HF field names, resolved for the model's family."""
+
+    name: str
+    model_type: str
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    experts: int
+    top_k: int
+    expert_width: int
+    shared_width: int
+    tied: bool
+    qk_norm: object
+    qkv_bias: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict, path: str = "config.json", name: Optional[str] = None) -> "Shapes":
+        mt = cfg.get("model_type")
+        if mt not in FAMILIES:
+            raise PlanError(f"{path}:{_line_of(path, 'model_type')}: model_type {mt!r} is not supported "
+                            f"(supported: {', '.join(sorted(FAMILIES))})")
+        fam = FAMILIES[mt]
+
+        def field(key, default=None):
+            v = cfg.get(key, default)
+            if v is None or isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                if key not in cfg and default is None:
+                    raise PlanError(f"{path}: the {mt} config has no {key!r}")
+                raise PlanError(f"{path}:{_line_of(path, key)}: {key} must be a positive integer, got {v!r}")
+            return v
+
+        hidden, heads = field("hidden_size"), field("num_attention_heads")
+        head_dim = cfg.get("head_dim") if fam.head_dim_field else None
+        return cls(
+            name=name or path, model_type=mt, vocab=field("vocab_size"), hidden=hidden,
+            layers=field("num_hidden_layers"), heads=heads, kv_heads=field("num_key_value_heads", heads),
+            head_dim=head_dim if isinstance(head_dim, int) and head_dim > 0 else hidden // heads,
+            experts=field(fam.num_experts), top_k=field("num_experts_per_tok"), expert_width=field(fam.expert_width),
+            shared_width=field("shared_expert_intermediate_size") if fam.shared_expert else 0,
+            tied=bool(cfg.get("tie_word_embeddings", False)), qk_norm=fam.qk_norm,
+            qkv_bias=bool(cfg.get(fam.qkv_bias, True)) if fam.qkv_bias else False,
+        )
+
+    # parameters ---------------------------------------------------------------------------------
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def layer_params(self, scheme: str = "") -> int:
+        H, Nq, Nk = self.hidden, self.q_width, self.kv_width
+        attn = 2 * H * Nq + 2 * H * Nk + (Nq + 2 * Nk if self.qkv_bias else 0)
+        attn += {"head": 2 * self.head_dim, "full": Nq + Nk}.get(self.qk_norm, 0) + 2 * H  # q/k norms, layer norms
+        moe = self.experts * H + 3 * self.experts * H * self.expert_width
+        if self.shared_width:
+            moe += 3 * H * self.shared_width + H
+        adapters = 5 * H * (H // 2) if scheme == "revffn" else 0
+        return attn + moe + adapters
+
+    def params(self, scheme: str = "") -> int:
+        emb = self.vocab * self.hidden
+        return emb * (1 if self.tied else 2) + self.hidden + self.layers * self.layer_params(scheme)
+
+    def largest_tensor(self) -> int:
+        return max(self.vocab * self.hidden, 2 * self.experts * self.expert_width * self.hidden,
+                   self.hidden * self.shared_width)
+
+    # activations: elements per token ---------------------------------------------------------------
+    def attn_elements(self) -> float:
+        """Saved for backward by one pre-norm attention block, per token: the norm's input and output,
+        q, k, v after RoPE, the attention output (twice: the kernel's and o_proj's input), log-sum-exp."""
+        H, Nq, Nk = self.hidden, self.q_width, self.kv_width
+        extra = 2 * (Nq + Nk) if self.qk_norm else 0
+        return 2 * H + 3 * Nq + 2 * Nk + self.heads + extra
+
+    def moe_elements(self) -> float:
+        """Saved by one pre-norm MoE block, per token: the norm, router probabilities and top-k, and per
+        routed copy the gathered input, gate/up projection (2I), SwiGLU (2I), down output; the shared
+        expert's four I_s-wide tensors and its gated output; the residual sum."""
+        H, I, k = self.hidden, self.expert_width, self.top_k
+        shared = 4 * self.shared_width + H + 1 if self.shared_width else 0
+        return 3 * H + self.experts + 5 * k + k * (2 * H + 4 * I) + shared
+
+    def layer_elements(self) -> float:
+        return self.attn_elements() + self.moe_elements()
+
+
+def load_shapes(spec: str) -> Shapes:
+    path = resolve_config(spec)
+    cfg = read_config_json(path)  # ValueError naming path:line for a file that is not JSON
+    if not isinstance(cfg, dict):
+        raise PlanError(f"{path}:1: a config.json holds a JSON object, got {type(cfg).__name__}")
+    name = spec if spec in presets() else os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+    return Shapes.from_config(cfg, path, name=name)
+
+
+# -- strategies ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Strategy:
+    base: str
+    optimizer: str = "adamw"
+    weights: str = "fp32"
+    in_backward: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "Strategy":
+        parts = text.strip().split("/")
+        bad = lambda why: PlanError(f"--strategy {text!r}: {why} (BASE/OPTIMIZER/WEIGHTS[/in-backward], e.g. "  # noqa: E731
+                                    "rev-bdia/adamw8bit/bf16/in-backward)")
+        if not 1 <= len(parts) <= 4:
+            raise bad("expected 1 to 4 parts")
+        base = parts[0]
+        opt = parts[1] if len(parts) > 1 else "adamw"
+        w = parts[2] if len(parts) > 2 else "fp32"
+        if base not in BASES:
+            raise bad(f"base must be one of {', '.join(BASES)}")
+        if opt not in OPTIMIZERS:
+            raise bad(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if w not in WEIGHT_BYTES:
+            raise bad(f"weights must be one of {', '.join(WEIGHT_BYTES)}")
+        if len(parts) == 4 and parts[3] != "in-backward":
+            raise bad("the fourth part can only be in-backward")
+        return cls(base, opt, w, len(parts) == 4)
+
+    @property
+    def name(self) -> str:
+        return f"{self.base}/{self.optimizer}/{self.weights}" + ("/in-backward" if self.in_backward else "")
+
+    @property
+    def scheme(self) -> str:
+        return self.base[4:] if self.base.startswith("rev-") else ""
+
+
+# -- the formulas ------------------------------------------------------------------------------------
+
+
+def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options: Optional[dict] = None,
+           cal: Optional[dict] = None) -> Dict[str, Dict[str, float]]:
+    """{phase: {part: bytes}} of one training step; its peak is the phase with the largest sum."""
+    c = dict(CAL, **(cal or {}))
+    o = dict(REV_DEFAULTS, **(rev_options or {}))
+    s, st = shapes, strategy
+    T = float(batch) * float(seq)
+    H, V, L = s.hidden, s.vocab, s.layers
+    wb = WEIGHT_BYTES[st.weights]
+    ab = wb  # activations in the weights' dtype
+    P = s.params(st.scheme)
+    layer_p = s.layer_params(st.scheme)
+    head_p = V * H
+    base = {"weights": P * wb, "optimizer": P * OPTIMIZERS[st.optimizer]}
+
+    def grads(held_params: float) -> float:
+        if st.in_backward:  # one tensor's grad at a time, plus its update's temporaries
+            return s.largest_tensor() * (wb + OPTIMIZER_TEMPS[st.optimizer])
+        return held_params * wb
+
+    def phase(grads_b, stored=0.0, layer=0.0, logits=0.0):
+        return dict(base, grads=grads_b, stored=stored, layer=layer, logits=logits)
+
+    # the optimizer step after backward: every grad, and one tensor's update temporaries
+    step = {} if st.in_backward else {
+        "optimizer step": phase(P * wb + s.largest_tensor() * OPTIMIZER_TEMPS[st.optimizer])}
+
+    if st.base.startswith("hf-"):
+        per_layer = s.layer_elements() * T * ab
+        logits = c["hf_logits"] * T * V * 4.0
+        hf_layer = c["hf_layer"] * per_layer
+        if st.base == "hf-plain":
+            stored = c["hf_store"] * L * per_layer + T * H * ab
+            return {"loss": phase(grads(head_p), stored=stored, logits=logits),
+                    "end of backward": phase(grads(P), stored=T * H * ab, layer=hf_layer), **step}
+        ck = T * H * ab  # one hidden state per layer and token
+        return {"loss": phase(grads(head_p), stored=(L + 1) * ck, logits=logits),
+                "last layer's recompute": phase(grads(head_p + layer_p), stored=(L + 1) * ck, layer=hf_layer),
+                "end of backward": phase(grads(P), stored=ck, layer=hf_layer), **step}
+
+    # reversible: the stack keeps its streams and per-layer records, one layer is re-run at a time
+    width = H / 2 if st.scheme == "revffn" else H
+    records = L * T * (8.0 * s.top_k + (0.5 * H if st.scheme == "bdia" else 0.0))  # routing ids; BDIA's 4 bits
+    # the causal mask, built once per step as a dense [seq, seq] bool tensor, and turned into a float
+    # [batch, 1, seq, seq] additive mask by every attention call: quadratic in seq
+    mask = float(seq) * float(seq)
+    stored = c["rev_stream_bytes"] * T * width * ab / 4.0 + records + mask
+    Tc = min(T, o["moe_chunk_size"]) if o["moe_chunk_size"] else T
+    attn = s.attn_elements() * T * ab + batch * mask * (ab + 1)
+    moe = s.moe_elements() * Tc * ab
+    chunk_inputs = T * H * ab if o["moe_chunk_size"] else 0.0
+    layer = c["rev_layer"] * ((max(attn, moe) if o["attention_recompute"] else attn + moe) + chunk_inputs)
+    logits = c["rev_loss_chunks"] * min(T, o["loss_chunk_size"]) * V * 4.0 + 2 * T * H * 4.0
+    return {"loss": phase(grads(head_p), stored=stored, logits=logits),
+            "end of backward": phase(grads(P), stored=stored, layer=layer), **step}
+
+
+@dataclass
+class Prediction:
+    strategy: str
+    phase: str
+    parts: Dict[str, float]  # bytes
+    total: float
+    fits: Dict[str, bool]      # per device memory given (its GiB as a string)
+    max_seq: Dict[str, int]    # the longest sequence that fits each, 0 if none
+    params: int
+
+    def as_dict(self) -> dict:
+        g = {k: v / GiB for k, v in self.parts.items()}
+        return {"strategy": self.strategy, "peak_phase": self.phase, "params": self.params,
+                "parts_gib": g, "total_gib": self.total / GiB, "fits": self.fits, "max_seq": self.max_seq}
+
+
+def peak(shapes: Shapes, strategy: Strategy, batch: int, seq: int, **kw) -> Tuple[str, Dict[str, float], float]:
+    ph = phases(shapes, strategy, batch, seq, **kw)
+    name = max(ph, key=lambda n: sum(ph[n].values()))
+    return name, ph[name], sum(ph[name].values())
+
+
+def max_seq(shapes: Shapes, strategy: Strategy, batch: int, memory: float, limit: int = 1 << 24, **kw) -> int:
+    """The longest sequence (tokens per sample) whose peak fits `memory` bytes; 0 when none does.
+    The peak is piecewise linear in seq (the chunk sizes cap some terms), so it is bisected."""
+    if peak(shapes, strategy, batch, 1, **kw)[2] > memory:
+        return 0
+    lo, hi = 1, limit
+    if peak(shapes, strategy, batch, hi, **kw)[2] <= memory:
+        return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if peak(shapes, strategy, batch, mid, **kw)[2] <= memory:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _label(memory: float) -> str:
+    return f"{memory / GiB:g}"
+
+
+def plan(shapes: Shapes, strategies, batch: int, seq: int, memories=(), **kw) -> List[Prediction]:
+    """One Prediction per strategy; `memories`: device sizes in bytes to check (fits, longest sequence)."""
+    out = []
+    for st in strategies:
+        name, parts, total = peak(shapes, st, batch, seq, **kw)
+        fits = {_label(m): total <= m for m in memories}
+        ms = {_label(m): max_seq(shapes, st, batch, m, **kw) for m in memories}
+        out.append(Prediction(st.name, name, parts, total, fits, ms, shapes.params(st.scheme)))
+    return out
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+# A GPU sold as "80 GB" has 80 GiB: GB, G and GiB all mean 2^30 bytes here (a plain number of bytes: 141e9).
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_memory(text: str) -> float:
+    """'80GB', '80GiB', '24g' (2^30 bytes each: a GPU's "80 GB" is 80 GiB), '141e9' (bytes) -> bytes.
+    A bare number under 10^4 means GiB."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise PlanError(f"--memory {text!r}: expected a size such as 80GB, 24GiB or 141e9")
+    value = float(m.group(1))
+    unit = m.group(2).lower()
+    if unit == "" and value < 1e4:
+        unit = "gib"
+    b = value * _UNITS[unit]
+    if not math.isfinite(b) or b <= 0:
+        raise PlanError(f"--memory {text!r}: must be positive")
+    return b
+
+
+def _positive(flag):
+    def conv(text):
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v <= 0:
+            raise PlanError(f"{flag} {text!r}: must be a positive integer")
+        return v
+    return conv
+
+
+def _positive_or_zero(flag):
+    def conv(text):
+        return 0 if str(text).strip() == "0" else _positive(flag)(text)
+    return conv
+
+
+def format_table(shapes: Shapes, preds: List[Prediction], batch: int, seq: int, memories=(),
+                 rev_options: Optional[dict] = None) -> str:
+    lines = [f"{shapes.name} ({shapes.model_type}): {shapes.params() / 1e9:.2f}B parameters, {shapes.layers} layers, "
+             f"hidden {shapes.hidden}, {shapes.experts} experts top-{shapes.top_k}, vocab {shapes.vocab}; "
+             f"batch {batch} x seq {seq}"]
+    labels = [_label(m) for m in memories]
+    cols = ["strategy"] + list(PART_TITLES) + ["peak"]
+    for lb in labels:
+        cols += [f"fits {lb} GiB", f"longest seq @ {lb} GiB"]
+    lines.append("| " + " | ".join(cols) + " |")
+    lines.append("|" + "---|" * len(cols))
+    for p in preds:
+        row = [p.strategy] + [f"{p.parts[k] / GiB:.2f}" for k in PARTS] + [f"**{p.total / GiB:.2f}**"]
+        for lb in labels:
+            row += ["yes" if p.fits[lb] else "no", str(p.max_seq[lb]) if p.max_seq[lb] else "none"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append(f"(GiB at the peak of one step; reversible models with {dict(REV_DEFAULTS, **(rev_options or {}))}; "
+                 "parts of the phase that holds the peak)")
+    return "\n".join(lines)
+
+
+def cmd_plan(args) -> int:
+    try:
+        shapes = load_shapes(args.config)
+        seq = _positive("--seq")(args.seq)
+        batch = _positive("--batch")(args.batch)
+        memories = [parse_memory(m) for m in args.memory.split(",")] if args.memory is not None else []
+        strategies = [Strategy.parse(t) for t in (args.strategy or DEFAULT_STRATEGIES)]
+        rev_options = dict(moe_chunk_size=_positive_or_zero("--moe-chunk-size")(args.moe_chunk_size),
+                           loss_chunk_size=_positive("--loss-chunk-size")(args.loss_chunk_size),
+                           attention_recompute=not args.no_attention_recompute)
+    except ValueError as e:  # PlanError, and read_config_json's file:line errors
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    preds = plan(shapes, strategies, batch, seq, memories, rev_options=rev_options)
+    if args.json:
+        print(json.dumps({"config": shapes.name, "model_type": shapes.model_type, "batch": batch, "seq": seq,
+                          "memory_gib": [m / GiB for m in memories], "rev_options": rev_options,
+                          "strategies": [p.as_dict() for p in preds]}, indent=2))
+    else:
+        print(format_table(shapes, preds, batch, seq, memories, rev_options))
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True,
+                   help=f"a preset ({', '.join(presets())}), a model folder or a config.json")
+    p.add_argument("--seq", default="4096", help="tokens per sample (default 4096)")
+    p.add_argument("--batch", default="1", help="samples per step (default 1)")
+    p.add_argument("--memory", default=None, help="device memory, e.g. 80GB or 24GiB (both 2^30 bytes per G, as GPUs are sold; a bare number is GiB); "
+                        "several: 80GB,24GB")
+    p.add_argument("--strategy", action="append", metavar="BASE/OPTIMIZER/WEIGHTS[/in-backward]",
+                   help=f"repeatable; default: {', '.join(DEFAULT_STRATEGIES)}")
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.add_argument("--moe-chunk-size", default=str(REV_DEFAULTS["moe_chunk_size"]),
+                   help="reversible models: tokens per expert chunk (0: off; default %(default)s)")
+    p.add_argument("--loss-chunk-size", default=str(REV_DEFAULTS["loss_chunk_size"]),
+                   help="reversible models: tokens per cross-entropy chunk (default %(default)s)")
+    p.add_argument("--no-attention-recompute", action="store_true",
+                   help="reversible models: keep the attention's intermediates in the re-run (default: recomputed)")
