@@ -15,13 +15,14 @@ at sequence lengths 1K, 2K, 4K and 8K (16K with --long). Contenders:
 Each figure is a fresh subprocess (MALLOC_MMAP_THRESHOLD_=65536): build, one warm-up step on the first
 64 tokens (the AdamW state exists afterwards; the step's cost does not depend on it), then the
 measured step: peak = weights + AdamW state + the step's peak RSS delta. Per contender and depth a
-least-squares line peak = a + b * tokens gives b, the bytes each token of context costs, and the
-longest context that fits a memory budget (4 GiB: (budget - a) / b).
+least-squares line peak = a + b * tokens, and b between the two longest lengths (the bytes each further
+token of context costs: at short lengths part of it hides under fixed-size peaks), which extrapolates
+the longest context that fits a memory budget (4 GiB) from the longest measured length.
 
     python benchmarks/context.py                  # the full grid (hours on 2 cores: see --jobs)
     python benchmarks/context.py --long           # + 16K tokens
     python benchmarks/context.py --quick          # a tiny config (seconds), used by the tests
-    python benchmarks/context.py --breakdown      # + revengine's bytes per token split into parts
+    python benchmarks/context.py --breakdown      # + revengine's bytes per token split into parts (profiled)
 
 Attention costs tokens^2 FLOPs: every attention call here is torch's flash kernel with is_causal
 (no mask, the blocks above the diagonal skipped), the warm-up step is 64 tokens long, and --jobs N
@@ -96,33 +97,87 @@ def fit(points):
     return my - b * mx, b
 
 
-# -- revengine's bytes per token, part by part (computed from the shapes; --breakdown) ---------------
-def parts_per_token(quick: bool, layers: int) -> dict:
-    """Bytes per token that revengine's step must hold at its peak, by part, for batch 1: what each
-    part holds and its floor. Computed from the config (the measured slope is compared with the sum)."""
+# -- revengine's bytes per token, part by part (--breakdown) ---------------------------------------
+# Live allocations at the step's peak, by the op stack that made them (torch.profiler's allocation
+# events), sorted into parts by these keywords (first match).
+PARTS = (
+    ("stream buffers", ("fixed_quantize", "fixed_dequantize", "RevengineLayerBackward/aten::clone",
+                        "RevengineLayerBackward/aten::zeros_like")),
+    ("per-layer records", ("bdia_step", "_to_copy")),
+    ("attention", ("scaled_dot_product", "SliceBackward", "rsqrt", "CatBackward")),
+    ("MoE", ("moe_", "GroupedMm", "topk", "scatter", "softmax")),
+)
+
+
+def _part(stack: str) -> str:
+    for part, keys in PARTS:
+        if any(k in stack for k in keys):
+            return part
+    return "layer grads, loss and other"
+
+
+def profile_parts(quick: bool, seq: int, threads=None) -> dict:
+    """Runs in a fresh subprocess: one step of the 1-layer reversible model at `seq` tokens under
+    torch.profiler; the allocations live at the peak of the allocator's total, by part (bytes)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    from revengine.optim import InBackwardOptimizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = build("rev", quick, 1).train()
+    ids = random_ids(model.config.vocab_size, 1, seq)
+    opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5)  # noqa: F841 (its hooks step)
+
+    def step(ids=ids):
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+    step(ids[:, :WARMUP_TOKENS])
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    allocs = []
+
+    def walk(node, stack):
+        if node.typed[0] == _EventType.Allocation:
+            f = node.typed[1]
+            allocs.append((node.start_time_ns, f.ptr, f.alloc_size, f.total_allocated, "/".join(stack[-4:])))
+            return
+        for c in node.children:
+            walk(c, stack + [node.name])
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root, [])
+    allocs.sort()
+    peak = max(allocs, key=lambda x: x[3])
+    live = {}
+    for t, ptr, size, _total, stack in allocs:
+        if t > peak[0]:
+            break
+        if size > 0:
+            live[ptr] = (size, stack)
+        else:
+            live.pop(ptr, None)
+    parts = {}
+    for size, stack in live.values():
+        parts[_part(stack)] = parts.get(_part(stack), 0) + size
+    return {"seq": seq, "parts": parts, "peak_stack": peak[4]}
+
+
+def parts_per_token(quick: bool, layers: int, profiled: dict, vocab_fixed: dict) -> dict:
+    """Bytes per token by part at `layers` layers: the profiled 1-layer step's parts at two lengths
+    (their difference over the tokens), plus the per-layer records of the other layers-1 layers,
+    computed: BDIA's dropped bits (k per element, packed) and the replayed top-k ids (uint8)."""
     from revengine.convert import revmoe_config_from_hf
     from revengine.integrators import BDIA
 
-    cfg = revmoe_config_from_hf(hf_model(quick, layers).config, "bdia")
-    d, f32, i64 = cfg.hidden_size, 4, 8
-    kv = cfg.num_key_value_heads * cfg.head_size
-    k_bits = BDIA.exact_shift(cfg.bdia_gamma)
-    routing = cfg.num_experts_per_tok * (1 if cfg.num_experts <= 256 else 2)
-    return {
-        # two fixed-point (int64) streams in the executor's buffers, and their two fp32 grads
-        "stream buffers": 2 * d * i64 + 2 * d * f32,
-        # per layer: BDIA's dropped low bits (k per element, packed) and the replayed top-k ids
-        "per-layer records": layers * (d * k_bits // 8 + routing),
-        # the re-run layer's attention with grad: normed input, q, k, v, rotated q and k, output
-        # before and after its projection (the branch recomputed: alive only during its own backward)
-        "attention": (5 * d + 2 * kv + d) * f32,
-        # the MoE's input (normed), its output and the branch sum p + a; the experts' intermediates
-        # live one 256-token chunk at a time
-        "MoE": 3 * d * f32,
-        # the final norm's input and output, and the LM head's grad of the hidden states (the logits
-        # exist one chunk at a time)
-        "loss": 3 * d * f32,
-    }
+    cfg = revmoe_config_from_hf(hf_model(quick, 1).config, "bdia")
+    per_layer = cfg.hidden_size * BDIA.exact_shift(cfg.bdia_gamma) // 8 + cfg.num_experts_per_tok
+    (s1, p1), (s2, p2) = sorted(profiled.items())
+    names = [p for p, _ in PARTS] + ["layer grads, loss and other"]
+    out = {n: (p2.get(n, 0) - p1.get(n, 0)) / (s2 - s1) for n in names}
+    out["per-layer records"] = out.get("per-layer records", 0) + (layers - 1) * per_layer
+    return out
 
 
 def main(argv=None) -> int:
@@ -186,19 +241,25 @@ def main(argv=None) -> int:
             if pts:
                 a0, b = fit(pts)
                 resid = max(abs(p - (a0 + b * s)) for s, p in pts) / MIB
-                fits[(n, d)] = {"a_mb": a0 / MIB, "b": b, "residual_mb": resid,
-                                "longest": int((budget - a0) / b) if b > 0 else None,
+                # The marginal cost between the two longest lengths: at short lengths part of a token's
+                # cost hides under fixed-size peaks (vocabulary-sized grads), so the line through all
+                # points underestimates what each further token costs. The longest context extrapolates
+                # from the longest measured length with it.
+                (s1, p1), (s2, p2) = pts[-2:] if len(pts) > 1 else ((0, a0), pts[-1])
+                bm = (p2 - p1) / (s2 - s1)
+                fits[(n, d)] = {"a_mb": a0 / MIB, "b_fit": b, "b": bm, "residual_mb": resid,
+                                "longest": int(s2 + (budget - p2) / bm) if bm > 0 else None,
                                 "peak_mb": {s: figures[(n, d, s)]["peak_mb"] for s in lengths if (n, d, s) in figures}}
     print()
-    print(f"peak = a + b x tokens (least squares over {lengths}); longest context at {a.budget_gib:g} GiB = "
-          f"(budget - a) / b (batch 1):")
-    table_header("contender", "layers", *[f"peak {s}" for s in lengths], "a (MiB)", "b (KB/token)", "fit residual (MiB)",
-                 f"longest at {a.budget_gib:g} GiB")
+    print(f"peak = a + b x tokens: least squares over {lengths} (a, b fit) and b between the two longest lengths "
+          f"(b); longest context at {a.budget_gib:g} GiB = the longest length + (budget - its peak) / b (batch 1):")
+    table_header("contender", "layers", *[f"peak {s}" for s in lengths], "a (MiB)", "b fit (KB/token)",
+                 "fit residual (MiB)", "b (KB/token)", f"longest at {a.budget_gib:g} GiB")
     for (n, d), f in fits.items():
         peaks = [f"{f['peak_mb'][s]:.0f}" if s in f["peak_mb"] else "-" for s in lengths]
         longest = f"{f['longest']:,}" if f["longest"] else "-"
-        print(f"| {n} | {d} | " + " | ".join(peaks) + f" | {f['a_mb']:.0f} | {f['b'] / KB:.1f} | "
-              f"{f['residual_mb']:.1f} | {longest} |")
+        print(f"| {n} | {d} | " + " | ".join(peaks) + f" | {f['a_mb']:.0f} | {f['b_fit'] / KB:.1f} | "
+              f"{f['residual_mb']:.1f} | {f['b'] / KB:.1f} | {longest} |")
     print("(MiB; KB = 1000 bytes; a holds the weights and AdamW state)")
 
     print()
@@ -230,15 +291,23 @@ def main(argv=None) -> int:
                                                f"{lb / KB:.1f} -> {rb / KB:.1f} KB (+{100 * (rb / lb - 1):.0f}%); "
                                                "target <= +10%"))
     if a.breakdown:
+        two = lengths[-2:] if len(lengths) > 1 else lengths
+        profiled = {}
+        for s in two:
+            r = measure_in_subprocess(os.path.abspath(__file__) + ":profile_parts",
+                                      dict(quick=a.quick, seq=s, threads=threads), env=env, timeout=7200)
+            profiled[s] = r["parts"]
+            print(f"  profiled the 1-layer model at {s} tokens; peak at {r['peak_stack']}", flush=True)
         print()
-        print("revengine's bytes per token by part (computed from the shapes; KB = 1000 bytes):")
+        print(f"revengine's bytes per token by part: allocations live at the peak of a 1-layer step (torch.profiler) "
+              f"between {two[0]} and {two[-1]} tokens, plus the records of the other layers (computed); KB = 1000 bytes:")
         table_header("layers", "part", "KB/token")
         for d in depths:
-            parts = parts_per_token(a.quick, d)
+            parts = parts_per_token(a.quick, d, profiled, {})
             for part, v in parts.items():
                 print(f"| {d} | {part} | {v / KB:.2f} |")
             meas = f"{fits[('rev', d)]['b'] / KB:.1f}" if ("rev", d) in fits else "-"
-            print(f"| {d} | sum (measured slope) | {sum(parts.values()) / KB:.2f} ({meas}) |")
+            print(f"| {d} | sum (measured b) | {sum(parts.values()) / KB:.2f} ({meas}) |")
     if a.png:
         plot(figures, a.contenders, depths, lengths, a.png, a.budget_gib)
     if a.json:

@@ -72,7 +72,7 @@ def attention_mask_4d(token_mask: Optional[Tensor], batch: int, q_len: int, past
 
 # Elements of one query block's mask: causal attention with padding (or past keys) runs in blocks
 # of queries whose mask is at most this big, so no [tokens, tokens] tensor is ever built.
-MASK_BLOCK_ELEMENTS = 1 << 22
+MASK_BLOCK_ELEMENTS = 1 << 20
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, enable_gqa: bool = False) -> Tensor:
@@ -265,12 +265,21 @@ class SparseMoE(nn.Module):
         logits, ids, weights = self.route(flat)
         weights = weights.to(flat.dtype)
         chunk = self.config.working_set(flat.shape[0])["moe_chunk_size"]
-        if chunk and torch.is_grad_enabled() and flat.shape[0] > chunk:
+        if chunk and flat.shape[0] > chunk and torch.is_grad_enabled():
             # Each chunk keeps only its inputs; backward recomputes it (see RevMoEConfig.moe_chunk_size).
             out = torch.cat([
                 checkpoint(self.expert_outputs, flat[s:s + chunk], ids[s:s + chunk], weights[s:s + chunk],
                            use_reentrant=False, preserve_rng_state=False)
                 for s in range(0, flat.shape[0], chunk)])
+        elif chunk and flat.shape[0] > chunk:
+            # Without grad (a reversible forward, inference) in chunks too: the experts' intermediates
+            # (k routed copies of every token and their hidden units) never exist for the whole batch.
+            out = None
+            for s in range(0, flat.shape[0], chunk):
+                part = self.expert_outputs(flat[s:s + chunk], ids[s:s + chunk], weights[s:s + chunk])
+                if out is None:  # the dtype the experts return (autocast's)
+                    out = part.new_empty((flat.shape[0],) + part.shape[1:])
+                out[s:s + chunk] = part
         else:
             out = self.expert_outputs(flat, ids, weights)
         return side.attach_aux(out.reshape(shape), self.aux_losses(logits, ids, token_mask), self)

@@ -151,7 +151,7 @@ def test_context_quick(tmp_path):
     for name in ("rev", "ckpt"):
         assert f"| {name} | 2 |" in out, out
     assert "b (KB/token)" in out and "longest at 4 GiB" in out
-    assert "| 2 | per-layer records |" in out and "sum (measured slope)" in out
+    assert "| 2 | per-layer records |" in out and "sum (measured b)" in out
     assert "target <= 1/4" in out and "target >= 3 x" in out
     res = json.loads(out_json.read_text())
     assert {(f["name"], f["layers"]) for f in res["fits"]} == {("rev", 2), ("ckpt", 2)}

@@ -386,21 +386,21 @@ def _count_calls(monkeypatch, module, name):
 @pytest.mark.parametrize("block_type", BLOCK_TYPES)
 @pytest.mark.parametrize("mode", ["reversible", "checkpoint"])
 def test_automatic_working_set_grads_equal_plain_float64(block_type, mode, monkeypatch):
-    """A model with no working-set options, on a batch big enough for every automatic option (2 x 160
-    tokens: experts in chunks, attention recomputed, cross-entropy in chunks), has the loss and the
-    grads of reversible_mode="plain" with every option off (1e-9, float64); with padding, the
-    attention runs in blocks of query rows (forced small here)."""
+    """A model with no working-set options, on a batch big enough for every automatic option (2 x 300
+    tokens: experts in chunks, also without grad; attention recomputed; cross-entropy in chunks), has
+    the loss and the grads of reversible_mode="plain" with every option off (1e-9, float64); with
+    padding, the attention's masks cover blocks of query rows (forced small here)."""
     from revengine.models import layers
 
-    monkeypatch.setattr(layers, "MASK_BLOCK_ELEMENTS", 64 * 160)  # 64 query rows per block
+    monkeypatch.setattr(layers, "MASK_BLOCK_ELEMENTS", 64 * 300)  # 64 query rows per mask
     ref = build(tiny(block_type, "plain", layers=2, moe_chunk_size=0, attention_recompute=False,
                      loss_chunk_size=100000))
     model = build(tiny(block_type, mode, layers=2))
-    assert model.config.working_set(2 * 160) == {"moe_chunk_size": 256, "attention_recompute": True,
+    assert model.config.working_set(2 * 300) == {"moe_chunk_size": 256, "attention_recompute": True,
                                                  "loss_chunk_size": 1024}
     model.load_state_dict(ref.state_dict())
     checkpoints = _count_calls(monkeypatch, layers, "checkpoint")  # the experts' chunks
-    ids, mask, labels = batch(ref.config, B=2, S=160)
+    ids, mask, labels = batch(ref.config, B=2, S=300)
     o0, g0 = grads(ref, ids, mask, labels)
     assert not checkpoints
     o1, g1 = grads(model, ids, mask, labels)
@@ -408,7 +408,7 @@ def test_automatic_working_set_grads_equal_plain_float64(block_type, mode, monke
     assert rel(o1.loss, o0.loss) < 1e-12
     assert max(rel(g1[n], g0[n]) for n in g0) <= 1e-9
     # Without padding: is_causal, no mask (checked in test_causal_attention_never_builds_a_token_square)
-    ids, mask, labels = batch(ref.config, B=2, S=160, pad=False)
+    ids, mask, labels = batch(ref.config, B=2, S=300, pad=False)
     o0, g0 = grads(ref, ids, None, labels)
     o1, g1 = grads(model, ids, None, labels)
     assert rel(o1.loss, o0.loss) < 1e-12
