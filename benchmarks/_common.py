@@ -123,9 +123,10 @@ def square_mean_step(model, x) -> None:
 
 
 # -- qwen-moe-mini as Hugging Face builds it (hf_memory.py, floor.py) --------------------------------
-# RevMoEConfig options of the converted models: the smallest working set per layer (each costs a little
-# time: chunked experts and the attention are recomputed once more in backward).
-REV_OPTIONS = dict(moe_chunk_size=256, loss_chunk_size=64, attention_recompute=1)
+# RevMoEConfig options of the converted models: none. A plain from_hf(...) chooses its working-set
+# options from the tokens of each batch (RevMoEConfig.working_set: at batch 8 x 1024, experts in
+# chunks of 256 tokens, the cross-entropy in chunks of 64, the attention recomputed); --set fixes them.
+REV_OPTIONS = dict()
 
 
 def parse_options(items) -> dict:

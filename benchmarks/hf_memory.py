@@ -7,10 +7,10 @@ fp32 weights and AdamW. Contenders:
 
     hf-plain       Qwen2MoeForCausalLM as HF trains it
     hf-ckpt        the same with model.gradient_checkpointing_enable() (non-reentrant)
-    rev-<scheme>   from_hf(hf_model, scheme, **REV_OPTIONS): reversible_mode "reversible", experts in
-                   chunks of 256 tokens, LM-head cross-entropy in chunks of 64, attention recomputed
-                   inside each layer's re-run (the options that shrink one layer's working set;
-                   `--set FIELD=VALUE ...` changes them)
+    rev-<scheme>   from_hf(hf_model, scheme): reversible_mode "reversible" and no option: the
+                   working-set options follow the batch's tokens (RevMoEConfig.working_set; at
+                   8 x 1024 tokens experts in chunks of 256 tokens, LM-head cross-entropy in chunks of
+                   64, attention recomputed inside each layer's re-run); `--set FIELD=VALUE ...` fixes them
 
 Each figure is a fresh subprocess (MALLOC_MMAP_THRESHOLD_=65536): build, one warm-up step (AdamW
 state allocated), then (a) forward + backward with the grads allocated (zeroed): its peak delta is

@@ -14,9 +14,12 @@ from .layers import Attention, RMSNorm, SparseMoE
 Tensor = torch.Tensor
 
 
-def attention_call(recompute: bool, fn, *args, **ctx) -> Tensor:
-    """fn(*args, **ctx); with RevMoEConfig.attention_recompute and grad on (no KV cache), checkpointed
-    so only its inputs are kept. No randomness inside (no attention dropout): no RNG replay needed."""
+def attention_call(config: RevMoEConfig, fn, x: Tensor, *args, **ctx) -> Tensor:
+    """fn(x, *args, **ctx); with attention recompute (RevMoEConfig.working_set of x's batch x sequence
+    tokens) and grad on (no KV cache), checkpointed so only its inputs are kept. No randomness inside
+    (no attention dropout): no RNG replay needed."""
+    recompute = config.working_set(x.numel() // max(x.shape[-1], 1))["attention_recompute"]
+    args = (x,) + args
     if recompute and torch.is_grad_enabled() and ctx.get("cache") is None:
         return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False, **ctx)
     return fn(*args, **ctx)
@@ -29,13 +32,13 @@ class AttnBranch(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_idx)
-        self.recompute = bool(config.attention_recompute)
+        self.config = config
 
     def attend(self, x: Tensor, **ctx) -> Tensor:
         return self.self_attn(self.input_layernorm(x), **ctx)
 
     def forward(self, x: Tensor, **ctx) -> Tensor:
-        return attention_call(self.recompute, self.attend, x, **ctx)
+        return attention_call(self.config, self.attend, x, **ctx)
 
 
 class MoEBranch(nn.Module):

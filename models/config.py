@@ -24,6 +24,10 @@ def read_config_json(path: str) -> Dict[str, Any]:
             raise ValueError(f"{path}{where}: not a valid config.json ({e})") from None
 
 
+# The automatic working-set options (RevMoEConfig.working_set).
+AUTO_MOE_CHUNK = 256  # tokens per expert chunk
+AUTO_LOGITS_ELEMENTS = 1 << 20  # logits per cross-entropy chunk (4 MiB in fp32)
+
 BLOCK_TYPES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
 FIXED_POINT_FALLBACKS = ("error", "warn", "store")
 EXACT_BLOCK_TYPES = ("additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
@@ -75,15 +79,18 @@ class RevMoEConfig:
     # "warn" or "error"
     fixed_point_fallback: str = "store"
     replay_routing: bool = True
-    loss_chunk_size: int = 256  # tokens per chunk of the LM-head cross-entropy
+    # -- the working set of one layer (and of the loss) per token. Each option left None is chosen
+    # from the number of tokens in the batch (see working_set); set one to fix it.
+    # Tokens per chunk of the LM-head cross-entropy (its logits exist one chunk at a time).
+    loss_chunk_size: Optional[int] = None
     # Tokens per chunk in which the experts (and the shared expert) run with grad, each chunk keeping
     # only its input and recomputed in backward (0: off). Caps a layer's working set in backward at
     # one chunk's, for one extra expert forward per layer.
-    moe_chunk_size: int = 0
+    moe_chunk_size: Optional[int] = None
     # Attention branches (every block type) keep only their inputs when run with grad and recompute
     # the rest in backward, so a layer's re-run holds the attention's and the MoE's intermediates one
     # after the other instead of together. Costs one extra attention forward per layer in backward.
-    attention_recompute: bool = False
+    attention_recompute: Optional[bool] = None
     pad_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
     model_type: str = field(default="revmoe", init=False)
@@ -154,8 +161,32 @@ class RevMoEConfig:
             need(self.stochastic_gamma != 0.0, "stochastic_gamma = 0 is forward Euler, which is not invertible")
         need(self.qk_norm in (False, True, "head", "full"),
              f"qk_norm must be False, True/'head' (per head) or 'full' (whole projection), got {self.qk_norm!r}")
-        need(self.loss_chunk_size > 0, "loss_chunk_size must be positive")
-        need(self.moe_chunk_size >= 0, "moe_chunk_size must be >= 0 (0 = off)")
+        need(self.loss_chunk_size is None or self.loss_chunk_size > 0, "loss_chunk_size must be positive (or None: automatic)")
+        need(self.moe_chunk_size is None or self.moe_chunk_size >= 0,
+             "moe_chunk_size must be >= 0 (0 = off; None: automatic)")
+        need(self.attention_recompute in (None, True, False, 0, 1),
+             f"attention_recompute must be True, False or None (automatic), got {self.attention_recompute!r}")
+
+    # -- the working set ------------------------------------------------------------------------
+
+    def working_set(self, tokens: int) -> Dict[str, Any]:
+        """The working-set options a batch of `tokens` tokens (batch x sequence) runs with: each field
+        that is set, else its automatic value.
+
+        Automatic: the experts run in chunks of AUTO_MOE_CHUNK tokens and the attention branches are
+        recomputed in backward once the batch has more tokens than one such chunk (below that a
+        chunk would be the whole batch, and recomputing buys nothing); the cross-entropy runs in
+        chunks of AUTO_LOGITS_ELEMENTS // vocab_size tokens (64 for a 16384-token vocabulary; at
+        least 16, at most 1024). With these a layer's working set in backward grows with the
+        tokens only by the tensors every token needs (its hidden states and the attention's keys
+        and values), and the loss's by one hidden state: bytes per token stay low and flat in depth.
+        """
+        big = tokens > AUTO_MOE_CHUNK
+        moe = self.moe_chunk_size if self.moe_chunk_size is not None else (AUTO_MOE_CHUNK if big else 0)
+        attn = bool(self.attention_recompute) if self.attention_recompute is not None else big
+        loss = self.loss_chunk_size if self.loss_chunk_size is not None else \
+            max(16, min(1024, AUTO_LOGITS_ELEMENTS // self.vocab_size))
+        return {"moe_chunk_size": int(moe), "attention_recompute": attn, "loss_chunk_size": int(loss)}
 
     # -- serialisation ------------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 padding masks, KV cache), SwiGLU experts with a top-k router, a shared expert, and the aux losses.
 
 Every module takes (x, **ctx) where ctx carries `position_embeddings=(cos, sin)`,
-`attention_mask` (boolean [B, 1, S_q, S_k], True = attend), `token_mask` ([B, S] float, 1 for real
-tokens; used by the aux losses) and, during generation, `cache` (a KVCache). The same modules run
+`attention_mask` (None: causal over real tokens only; a key mask [B, S_k], True = a real token; or
+an explicit boolean [B, 1, S_q, S_k], True = attend: see causal_attention), `token_mask` ([B, S]
+float, 1 for real tokens; used by the aux losses) and, during generation, `cache` (a KVCache). The same modules run
 inside revengine.Sequential in every mode.
 """
 import math
@@ -69,6 +70,48 @@ def attention_mask_4d(token_mask: Optional[Tensor], batch: int, q_len: int, past
     return mask
 
 
+# Elements of one query block's mask: causal attention with padding (or past keys) runs in blocks
+# of queries whose mask is at most this big, so no [tokens, tokens] tensor is ever built.
+MASK_BLOCK_ELEMENTS = 1 << 20
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None, enable_gqa: bool = False) -> Tensor:
+    """Causal scaled-dot-product attention of q [B, H, S, D] over k, v [B, H_kv, K, D] (the last S
+    of the K keys are the queries' own positions; K - S past keys come from a KV cache).
+
+    `mask`: None (every key is a real token), a key mask [B, K] (True / 1 = a real token; a query
+    always sees itself, so a row of padding never becomes all -inf) or an explicit boolean
+    [B, 1, S, K] mask (used as given). torch's SDPA kernels never build the [S, K] score matrix
+    (on CPU the flash kernel runs for every mask form), but a mask they are handed is a [S, K]
+    tensor (a boolean one is converted to a float one), so: with no mask and no past keys,
+    `is_causal=True` (no mask at all; the kernel also skips the blocks above the diagonal); else the
+    queries run in blocks of rows, each over the keys it can see, with a [B, 1, rows, keys] mask of
+    at most MASK_BLOCK_ELEMENTS per sample.
+    """
+    S, K = q.shape[2], k.shape[2]
+    if mask is not None and mask.dim() == 4:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+    past = K - S
+    if mask is None and past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+    if mask is not None and tuple(mask.shape) != (q.shape[0], K):
+        raise ValueError(f"a key mask must have shape {(q.shape[0], K)} (batch, past + new tokens), got {tuple(mask.shape)}")
+    keys = mask.bool()[:, None, None, :] if mask is not None else None
+    rows = max(1, min(S, MASK_BLOCK_ELEMENTS // max(K, 1)))
+    k_pos = torch.arange(K, device=q.device)
+    outs = []
+    for s in range(0, S, rows):
+        e = min(S, s + rows)
+        end = past + e  # keys beyond the block's last query are never seen
+        q_pos = torch.arange(past + s, end, device=q.device)[:, None]
+        m = k_pos[None, :end] <= q_pos  # [rows, end]
+        if keys is not None:
+            m = (m & keys[..., :end]) | (k_pos[None, :end] == q_pos)
+        outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :end], v[:, :, :end], attn_mask=m,
+                                                   enable_gqa=enable_gqa))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
 class KVCache:
     """Keys and values per layer, appended as generation goes (inference needs no reconstruction)."""
 
@@ -128,10 +171,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if attention_mask is None:
-            attention_mask = attention_mask_4d(None, B, S, k.shape[2] - S, x.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask,
-                                             enable_gqa=self.n_kv != self.n_heads)
+        out = causal_attention(q, k, v, attention_mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
 
 
@@ -184,8 +224,11 @@ class SparseMoE(nn.Module):
         logits = self.gate(flat)
         logits = logits if logits.dtype == torch.float64 else logits.float()
         probs = logits.softmax(-1)
-        pick = lambda: self.choose(probs.detach())  # noqa: E731
-        ids = side.replay(self, pick) if cfg.replay_routing else pick()
+        # Recorded in the narrowest integer type that holds an expert id (uint8 up to 256 experts):
+        # the records live from a layer's forward to its backward, so their bytes count per token and layer.
+        small = torch.uint8 if cfg.num_experts <= 256 else torch.int16 if cfg.num_experts <= 32768 else torch.int32
+        pick = lambda: self.choose(probs.detach()).to(small)  # noqa: E731
+        ids = (side.replay(self, pick) if cfg.replay_routing else pick()).long()
         weights = probs.gather(-1, ids)
         if cfg.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
@@ -221,13 +264,22 @@ class SparseMoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         logits, ids, weights = self.route(flat)
         weights = weights.to(flat.dtype)
-        chunk = self.config.moe_chunk_size
-        if chunk and torch.is_grad_enabled() and flat.shape[0] > chunk:
+        chunk = self.config.working_set(flat.shape[0])["moe_chunk_size"]
+        if chunk and flat.shape[0] > chunk and torch.is_grad_enabled():
             # Each chunk keeps only its inputs; backward recomputes it (see RevMoEConfig.moe_chunk_size).
             out = torch.cat([
                 checkpoint(self.expert_outputs, flat[s:s + chunk], ids[s:s + chunk], weights[s:s + chunk],
                            use_reentrant=False, preserve_rng_state=False)
                 for s in range(0, flat.shape[0], chunk)])
+        elif chunk and flat.shape[0] > chunk:
+            # Without grad (a reversible forward, inference) in chunks too: the experts' intermediates
+            # (k routed copies of every token and their hidden units) never exist for the whole batch.
+            out = None
+            for s in range(0, flat.shape[0], chunk):
+                part = self.expert_outputs(flat[s:s + chunk], ids[s:s + chunk], weights[s:s + chunk])
+                if out is None:  # the dtype the experts return (autocast's)
+                    out = part.new_empty((flat.shape[0],) + part.shape[1:])
+                out[s:s + chunk] = part
         else:
             out = self.expert_outputs(flat, ids, weights)
         return side.attach_aux(out.reshape(shape), self.aux_losses(logits, ids, token_mask), self)

@@ -25,7 +25,7 @@ from revengine.sequential import Sequential
 
 from .blocks import AttnBranch, BlockIncrement, MoEBranch
 from .config import RevMoEConfig
-from .layers import KVCache, RMSNorm, attention_mask_4d, init_weights, rope_tables
+from .layers import KVCache, RMSNorm, init_weights, rope_tables
 from .loss import chunked_cross_entropy
 from .revffn import RevFFNLayer
 
@@ -142,7 +142,8 @@ class RevMoEModel(nn.Module):
         cos, sin = rope_tables(cfg, position_ids, dtype=x.dtype)
         ctx = dict(
             position_embeddings=(cos, sin),
-            attention_mask=attention_mask_4d(attention_mask, B, S, past, x.device),
+            # None when no token is padding: causal attention needs no mask at all (is_causal)
+            attention_mask=None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool(),
             token_mask=None if attention_mask is None else attention_mask[:, -S:].to(x.dtype),
         )
         if cache is not None:
@@ -240,7 +241,8 @@ class RevMoEForCausalLM(nn.Module):
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
             h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-            lm_loss = chunked_cross_entropy(h, self.lm_head.weight, labels[:, 1:].reshape(-1), cfg.loss_chunk_size)
+            chunk = cfg.working_set(h.shape[0])["loss_chunk_size"]
+            lm_loss = chunked_cross_entropy(h, self.lm_head.weight, labels[:, 1:].reshape(-1), chunk)
             aux_loss, z_loss = backbone.aux_loss, backbone.z_loss
             loss = lm_loss + cfg.router_aux_loss_coef * aux_loss.to(lm_loss.dtype) + \
                 cfg.router_z_loss_coef * z_loss.to(lm_loss.dtype)

@@ -51,7 +51,7 @@ class RevFFNLayer(Coupling):
         self.iters, self.tol, self.fallback = config.fixed_point_iters, config.fixed_point_tol, config.fixed_point_fallback
         self.fixed_point_stats = {"iterations": 0, "residual": 0.0, "calls": 0}
         self._said_stored = False
-        self.recompute = bool(config.attention_recompute)
+        self.config = config
 
     def attn_increment(self, x1: Tensor, x2: Tensor, **ctx) -> Tensor:
         norm = self.attn.input_layernorm
@@ -92,7 +92,7 @@ class RevFFNLayer(Coupling):
         return x1, residual, n
 
     def forward(self, x1, x2, **ctx):
-        y1 = x1 + attention_call(self.recompute, self.attn_increment, x1, x2, **ctx)
+        y1 = x1 + attention_call(self.config, self.attn_increment, x1, x2, **ctx)
         # (not with a KV cache: solving would append to it again; decoding never inverts)
         if self.fallback == "store" and side.is_recording() and ctx.get("cache") is None:
             # Recording for a reversible backward: check now that the inverse will converge; a

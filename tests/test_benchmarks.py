@@ -142,3 +142,18 @@ def test_benchmarks_take_device_cuda(name):
     else:  # a clear usage error, not a traceback
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert "argument --device: 'cuda' needs a CUDA device" in proc.stderr, proc.stderr
+
+
+def test_context_quick(tmp_path):
+    out_json, png = tmp_path / "c.json", tmp_path / "c.png"
+    out = _run_bench("context.py", "--quick", "--contenders", "rev", "ckpt", "--breakdown", "--json", str(out_json),
+                     "--png", str(png))
+    for name in ("rev", "ckpt"):
+        assert f"| {name} | 2 |" in out, out
+    assert "b (KB/token)" in out and "longest at 4 GiB" in out
+    assert "| 2 | per-layer records |" in out and "sum (measured b)" in out
+    assert "target <= 1/4" in out and "target >= 3 x" in out
+    res = json.loads(out_json.read_text())
+    assert {(f["name"], f["layers"]) for f in res["fits"]} == {("rev", 2), ("ckpt", 2)}
+    assert len(res["figures"]) == 4 and all(f["peak_mb"] > 0 for f in res["figures"])
+    assert png.exists() or "no plot written" in out

@@ -351,3 +351,100 @@ def test_save_load_faults_are_clear(tmp_path):
     with pytest.raises(ValueError, match="model.safetensors: .* hold NaN or Inf"):
         RevMoEForCausalLM.from_pretrained(str(tmp_path / "m"))
     assert json.loads(cfg.read_text())["block_type"] == "additive"
+
+
+# -- the automatic working set and the attention kernels --------------------------------------------
+
+
+def test_working_set_options_are_chosen_from_the_tokens():
+    cfg = RevMoEConfig.preset("qwen-moe-mini")
+    assert (cfg.moe_chunk_size, cfg.attention_recompute, cfg.loss_chunk_size) == (None, None, None)
+    small, big = cfg.working_set(256), cfg.working_set(8 * 1024)
+    assert small == {"moe_chunk_size": 0, "attention_recompute": False, "loss_chunk_size": 64}
+    assert big == {"moe_chunk_size": 256, "attention_recompute": True, "loss_chunk_size": 64}
+    assert RevMoEConfig.preset("tiny").working_set(10)["loss_chunk_size"] == 1024  # 128-token vocabulary
+    fixed = RevMoEConfig.preset("qwen-moe-mini", moe_chunk_size=0, attention_recompute=False, loss_chunk_size=256)
+    assert fixed.working_set(8 * 1024) == {"moe_chunk_size": 0, "attention_recompute": False, "loss_chunk_size": 256}
+    # The automatic fields stay automatic through save / load.
+    assert RevMoEConfig.from_dict(cfg.to_dict()).working_set(8 * 1024) == big
+    with pytest.raises(ValueError, match="moe_chunk_size"):
+        RevMoEConfig.preset("tiny", moe_chunk_size=-1)
+
+
+def _count_calls(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*a, **k):
+        calls.append(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("block_type", BLOCK_TYPES)
+@pytest.mark.parametrize("mode", ["reversible", "checkpoint"])
+def test_automatic_working_set_grads_equal_plain_float64(block_type, mode, monkeypatch):
+    """A model with no working-set options, on a batch big enough for every automatic option (2 x 300
+    tokens: experts in chunks, also without grad; attention recomputed; cross-entropy in chunks), has
+    the loss and the grads of reversible_mode="plain" with every option off (1e-9, float64); with
+    padding, the attention's masks cover blocks of query rows (forced small here)."""
+    from revengine.models import layers
+
+    monkeypatch.setattr(layers, "MASK_BLOCK_ELEMENTS", 64 * 300)  # 64 query rows per mask
+    ref = build(tiny(block_type, "plain", layers=2, moe_chunk_size=0, attention_recompute=False,
+                     loss_chunk_size=100000))
+    model = build(tiny(block_type, mode, layers=2))
+    assert model.config.working_set(2 * 300) == {"moe_chunk_size": 256, "attention_recompute": True,
+                                                 "loss_chunk_size": 1024}
+    model.load_state_dict(ref.state_dict())
+    checkpoints = _count_calls(monkeypatch, layers, "checkpoint")  # the experts' chunks
+    ids, mask, labels = batch(ref.config, B=2, S=300)
+    o0, g0 = grads(ref, ids, mask, labels)
+    assert not checkpoints
+    o1, g1 = grads(model, ids, mask, labels)
+    assert checkpoints  # the automatic options were in effect
+    assert rel(o1.loss, o0.loss) < 1e-12
+    assert max(rel(g1[n], g0[n]) for n in g0) <= 1e-9
+    # Without padding: is_causal, no mask (checked in test_causal_attention_never_builds_a_token_square)
+    ids, mask, labels = batch(ref.config, B=2, S=300, pad=False)
+    o0, g0 = grads(ref, ids, None, labels)
+    o1, g1 = grads(model, ids, None, labels)
+    assert rel(o1.loss, o0.loss) < 1e-12
+    assert max(rel(g1[n], g0[n]) for n in g0) <= 1e-9
+
+
+def test_causal_attention_never_builds_a_token_square(monkeypatch):
+    """Causal attention: is_causal (no mask) without padding; with padding or past keys, blocks of
+    query rows with masks of at most MASK_BLOCK_ELEMENTS per sample; the same output as one
+    explicit [S, K] boolean mask (float64)."""
+    import torch.nn.functional as F
+
+    from revengine.models import layers
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, S, D = 2, 4, 2, 50, 8
+    q = torch.randn(B, H, S, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, S + 7, D, generator=g, dtype=torch.float64) for _ in range(2))
+    keys = torch.ones(B, S + 7, dtype=torch.long)
+    keys[0, :10] = 0
+    calls = _count_calls(monkeypatch, layers.F, "scaled_dot_product_attention")
+
+    def explicit(past, key_mask):
+        full = layers.attention_mask_4d(key_mask, B, S, past, q.device)
+        return F.scaled_dot_product_attention(q, k[:, :, :past + S], v[:, :, :past + S], attn_mask=full,
+                                              enable_gqa=True)
+
+    out = layers.causal_attention(q, k[:, :, :S], v[:, :, :S], None, enable_gqa=True)
+    assert calls[-1].get("is_causal") and calls[-1].get("attn_mask") is None
+    assert torch.allclose(out, explicit(0, None), rtol=0, atol=1e-12)
+    monkeypatch.setattr(layers, "MASK_BLOCK_ELEMENTS", 16 * (S + 7))
+    for past, key_mask in ((0, keys[:, 7:]), (7, None), (7, keys)):
+        calls.clear()
+        out = layers.causal_attention(q, k[:, :, :past + S], v[:, :, :past + S], key_mask, enable_gqa=True)
+        rows = 16 * (S + 7) // (past + S)
+        assert len(calls) == -(-S // rows) > 1 and all(c["attn_mask"].shape[-2:].numel() <= 16 * (S + 7) for c in calls)
+        assert torch.allclose(out, explicit(past, key_mask), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="key mask must have shape"):
+        layers.causal_attention(q, k, v, keys[:, :3])

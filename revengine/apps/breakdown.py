@@ -1,6 +1,7 @@
 """`revengine breakdown`: the peak memory of one training step of a (converted) causal LM, broken
 down into weights, grads, optimizer state, activations and logits, measured in a fresh process."""
 import sys
+from typing import Optional
 
 import torch
 
@@ -17,13 +18,14 @@ def _head_fn(model, batch: int, seq: int):
     labels = torch.randint(0, w.shape[0], (batch * (seq - 1),), generator=torch.Generator().manual_seed(2))
     labels = labels.to(w.device)
     if isinstance(model, RevMoEForCausalLM):
-        return lambda: chunked_cross_entropy(hidden[:, :-1].reshape(-1, w.shape[1]), w, labels, model.config.loss_chunk_size)
+        return lambda: chunked_cross_entropy(hidden[:, :-1].reshape(-1, w.shape[1]), w, labels,
+                                             model.config.working_set(labels.numel())["loss_chunk_size"])
     # HF: full logits, upcast to float32 by the loss
     return lambda: torch.nn.functional.cross_entropy((hidden[:, :-1] @ w.t()).float().reshape(-1, w.shape[0]), labels)
 
 
 def breakdown_child(model: str, scheme: str, batch: int, seq: int, optimizer: str, gradient_checkpointing: bool,
-                    reversible_mode: str, moe_chunk_size: int, device: str = "cpu") -> dict:
+                    reversible_mode: str, moe_chunk_size: Optional[int], device: str = "cpu") -> dict:
     """Runs in a fresh process (revengine.memory.measure_in_subprocess): one training step's breakdown."""
     cfg = convert.read_model_config(model)
     if cfg.get("model_type") == "revmoe":
@@ -76,7 +78,8 @@ def add_arguments(bd) -> None:
     bd.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw-in-backward"))
     bd.add_argument("--gradient-checkpointing", action="store_true", help="HF gradient checkpointing (scheme none)")
     bd.add_argument("--reversible-mode", default="reversible", choices=MODES)
-    bd.add_argument("--moe-chunk-size", type=int, default=0)
+    bd.add_argument("--moe-chunk-size", type=int, default=None,
+                    help="experts run in token chunks of this size (0: whole batch; default: chosen from the tokens)")
     bd.add_argument("--threads", type=int, default=None)
     bd.add_argument("--device", type=device_arg, default="cpu",
                     help="cpu (peak RSS) or cuda[:i] (peak allocated GPU memory); default cpu")

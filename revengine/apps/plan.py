@@ -39,9 +39,8 @@ The parts, in the phase of the step that holds the peak:
 The peak is the largest of the step's phases (the loss at the top of backward, the last layer's
 re-run, the end of backward where every grad exists, the optimizer step with its temporaries of the
 largest tensor); the longest sequence that fits solves
-peak(seq) = memory for the batch given. The reversible models' attention takes a dense causal mask
-(seq x seq bytes, and a float copy per attention call), the one term quadratic in seq; HF's
-attention runs causal without a mask.
+peak(seq) = memory for the batch given. Attention runs causal without a mask in both (no term
+quadratic in seq: the batches planned have no padding).
 """
 import argparse
 import json
@@ -328,12 +327,9 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
     # reversible: the stack keeps its streams and per-layer records, one layer is re-run at a time
     width = H / 2 if st.scheme == "revffn" else H
     records = L * T * (8.0 * s.top_k + (0.5 * H if st.scheme == "bdia" else 0.0))  # routing ids; BDIA's 4 bits
-    # the causal mask, built once per step as a dense [seq, seq] bool tensor, and turned into a float
-    # [batch, 1, seq, seq] additive mask by every attention call: quadratic in seq
-    mask = float(seq) * float(seq)
-    stored = c["rev_stream_bytes"] * T * width * ab / 4.0 + records + mask
+    stored = c["rev_stream_bytes"] * T * width * ab / 4.0 + records
     Tc = min(T, o["moe_chunk_size"]) if o["moe_chunk_size"] else T
-    attn = s.attn_elements() * T * ab + batch * mask * (ab + 1)
+    attn = s.attn_elements() * T * ab
     moe = s.moe_elements() * Tc * ab
     chunk_inputs = T * H * ab if o["moe_chunk_size"] else 0.0
     layer = c["rev_layer"] * ((max(attn, moe) if o["attention_recompute"] else attn + moe) + chunk_inputs)

@@ -40,7 +40,7 @@ class FinetuneArgs:
     upcycle_top_k: int = 2
     reversible_mode: str = "reversible"
     gradient_checkpointing: bool = False
-    moe_chunk_size: int = 0
+    moe_chunk_size: Optional[int] = None  # None: chosen from the batch's tokens (RevMoEConfig.working_set)
     fixed_point_fallback: str = "store"
     bdia_gamma: Optional[float] = None  # None: RevMoEConfig's default
     seed: int = 0

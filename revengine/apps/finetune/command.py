@@ -39,7 +39,8 @@ def add_arguments(p) -> None:
     a("--upcycle-top-k", type=int, default=2)
     a("--reversible-mode", default="reversible", choices=MODES)
     a("--gradient-checkpointing", action="store_true", help="HF gradient checkpointing (with --scheme none)")
-    a("--moe-chunk-size", type=int, default=0, help="experts run in token chunks of this size (0: whole batch)")
+    a("--moe-chunk-size", type=int, default=None,
+      help="experts run in token chunks of this size (0: whole batch; default: chosen from the batch's tokens)")
     a("--fixed-point-fallback", default="store", choices=FIXED_POINT_FALLBACKS,
       help="revffn: a layer whose attention branch stops being a contraction keeps its input (store, exact grads, "
       "the default), warns, or raises")
