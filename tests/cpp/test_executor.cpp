@@ -150,22 +150,36 @@ int main() {
 
     ExecOptions dbg;
     dbg.debug = true;
-    auto res3 = reversible_forward(layers, x1, x2, Ctx{}, dbg);
     at::Tensor weight = fs[0]->parameters()[0];
+    // A parameter changed in place between forward and backward: the recompute refuses it.
+    auto res4 = reversible_forward(layers, x1, x2, Ctx{}, ExecOptions{});
     {
       torch::NoGradGuard ng;
-      weight.add_(0.5);  // layer 0's inverse no longer undoes the forward that ran
+      weight.add_(0.5);
     }
+    bool versions = false;
+    try {
+      grads_of(layers, res4.a, res4.b);
+    } catch (const RecomputeError& e) {
+      versions = std::string(e.what()).find("parameter 0 of layer 0 (AdditiveCoupling)") != std::string::npos;
+    }
+    {
+      torch::NoGradGuard ng;
+      weight.sub_(0.5);
+    }
+    expect(versions, "parameter changed in place: RecomputeError", versions);
+
+    auto res3 = reversible_forward(layers, x1, x2, Ctx{}, dbg);
+    // Values changed behind the version counter (variable_data() has its own): layer 0's inverse
+    // no longer undoes the forward that ran, which only debug mode can see.
+    weight.variable_data().add_(0.5);
     bool reconstruction = false;
     try {
       grads_of(layers, res3.a, res3.b);
     } catch (const ReconstructionError& e) {
       reconstruction = std::string(e.what()).find("layer 0 (AdditiveCoupling) did not invert") != std::string::npos;
     }
-    {
-      torch::NoGradGuard ng;
-      weight.sub_(0.5);
-    }
+    weight.variable_data().sub_(0.5);
     expect(reconstruction, "debug reconstruction mismatch: ReconstructionError (a c10::Error)", reconstruction);
   }
 
