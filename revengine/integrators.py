@@ -25,6 +25,7 @@ from torch import nn
 
 from . import _ext
 from .couplings import AdditiveCoupling, Coupling, _module_or_callable, quantize_ste
+from .recompute import replayed_rng, rng_state
 
 
 class _Multistep(Coupling):
@@ -176,7 +177,7 @@ class BDIA(Coupling):
         sign = torch.randint(0, 2, (s.shape[0],), device=s.device).mul_(2).sub_(1)
         self.last_signs = sign
         # f's randomness (dropout) as this forward sees it, for inverse() to replay
-        self._last_rng = (torch.get_rng_state(), torch.cuda.get_rng_state(s.device) if s.is_cuda else None)
+        self._last_rng = rng_state(s.device)
         return sign
 
     @staticmethod
@@ -210,11 +211,7 @@ class BDIA(Coupling):
         if self.last_signs is None or self.last_signs.shape[0] != y1.shape[0]:
             raise ValueError("BDIA.inverse needs the signs of the forward it undoes (last_signs); run forward first")
         s = y1
-        cpu_state, dev_state = self._last_rng
-        with torch.random.fork_rng(devices=[s.device] if s.is_cuda else []):
-            torch.set_rng_state(cpu_state)
-            if dev_state is not None:
-                torch.cuda.set_rng_state(dev_state, s.device)
+        with replayed_rng(self._last_rng, s.device):
             inc = self.f(s, **ctx)
         g = self._per_sample(self.last_signs, s) * self.gamma
         return (y2 - (1 - g) * s - (1 + g) * inc) / g, s

@@ -2,6 +2,8 @@
 import contextlib
 import threading
 
+import torch
+
 from . import _ext
 
 _local = threading.local()
@@ -43,3 +45,19 @@ def recomputing():
         yield
     finally:
         _local.depth -= 1
+
+
+def rng_state(device: torch.device):
+    """The CPU RNG state and, on a CUDA device, that device's: what replayed_rng puts back."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def replayed_rng(state, device: torch.device):
+    """Within the block the RNG is as rng_state(device) captured it; the caller's is restored after."""
+    cpu_state, dev_state = state
+    with torch.random.fork_rng(devices=[device] if dev_state is not None else []):
+        torch.set_rng_state(cpu_state)
+        if dev_state is not None:
+            torch.cuda.set_rng_state(dev_state, device)
+        yield

@@ -9,7 +9,7 @@ from . import _ext
 from ._runtime import flatten_context, recompute_call
 from .couplings import Coupling
 from .errors import RecomputeError
-from .recompute import recomputing
+from .recompute import recomputing, replayed_rng, rng_state
 from . import side
 
 Tensor = torch.Tensor
@@ -345,7 +345,8 @@ class Sequential(nn.Module):
         fsdp_module = _fsdp_module_class()
         layers, hooked = [], False
         for i, layer in enumerate(self.layers):
-            inner = self._with_module_hooks(i, layer) if _has_forward_hooks(layer) else layer._executor_layer()
+            wrapped = fsdp_module is not None and isinstance(layer, fsdp_module)  # FSDP's hooks: run by HookedLayer
+            inner = self._with_module_hooks(i, layer) if _has_forward_hooks(layer) and not wrapped else layer._executor_layer()
             if fsdp_module is not None:
                 inside = [name for name, m in layer.named_modules() if name and isinstance(m, fsdp_module)]
                 if inside:
@@ -354,7 +355,7 @@ class Sequential(nn.Module):
                         f"fully_shard ({', '.join(inside[:3])}); in mode='reversible' shard each coupling as a "
                         "whole (fully_shard(layer)), not its stream functions"
                     )
-                if isinstance(layer, fsdp_module):
+                if wrapped:
                     inner = _ext._C.HookedLayer(inner, layer)
                     hooked = True
             layers.append(inner)
@@ -364,8 +365,6 @@ class Sequential(nn.Module):
         """A coupling with forward hooks of its own runs through a call of its module (its forward,
         then its inverse and forward again in backward, as a coupling written in Python does), so
         its hooks fire: the fused C++ layer would call f and g directly and skip them."""
-        if isinstance(layer, _fsdp_module_class() or ()):
-            return layer._executor_layer()  # FSDP's hooks: run by HookedLayer around the fused layer
         if self.exact or getattr(layer, "inverse_needs_its_forward", False):
             raise ValueError(
                 f"revengine.Sequential: layer {i} ({type(layer).__name__}) has forward hooks, which "
@@ -490,17 +489,13 @@ class _CheckpointCall:
             if not self.preserve_rng:
                 return self.run(a, b, ctx)
             with _ext._C.RngSection():
-                self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(a.device) if a.is_cuda else None)
+                self.rng = rng_state(a.device)
                 return self.run(a, b, ctx)
         self._check_versions()
         with recomputing():
             if not self.preserve_rng:
                 return recompute_call(self.run, (a, b, ctx), {}, module=self.layer)
-            cpu_state, dev_state = self.rng
-            with _ext._C.RngSection(), torch.random.fork_rng(devices=[a.device] if a.is_cuda else []):
-                torch.set_rng_state(cpu_state)
-                if dev_state is not None:
-                    torch.cuda.set_rng_state(dev_state, a.device)
+            with _ext._C.RngSection(), replayed_rng(self.rng, a.device):
                 return recompute_call(self.run, (a, b, ctx), {}, module=self.layer)
 
     def _check_versions(self):
