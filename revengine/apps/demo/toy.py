@@ -1,8 +1,8 @@
-"""`revengine demo`: trains a small reversible network on a synthetic task, then compares peak
-memory and step time of plain / checkpoint / reversible.
+"""`revengine demo --toy`: trains a small reversible network on a synthetic task, then compares peak
+memory and step time of plain / checkpoint / reversible (an engine check with no model weights).
 
-    revengine demo            # the full run
-    revengine demo --quick    # the same in a few seconds
+    revengine demo --toy            # the full run
+    revengine demo --toy --quick    # the same in a few seconds
 """
 import os
 import statistics
@@ -94,7 +94,7 @@ def time_modes(models: Dict[str, nn.Module], x, y, rounds: int, warmup: int = 2)
     return {m: statistics.median(ts) for m, ts in times.items()}
 
 
-def cmd_demo(args) -> int:
+def run_toy(args) -> int:
     child_env = None
     if args.quick and args.threads is None:
         args.threads = 1  # tiny tensors: thread hand-offs cost more than they save, worst on a busy machine
@@ -162,7 +162,7 @@ def compare_modes(args, state, xtr, ytr, mem_batch: int, time_batch: int, rounds
 
     def measure(m):
         return measure_in_subprocess(
-            "revengine.apps.demo:measure_demo_step",
+            "revengine.apps.demo.toy:measure_demo_step",
             dict(depth=args.depth, width=args.width, seed=args.seed, mode=m, batch=mem_batch, device=args.device),
             env=child_env, timeout=300,
         )
@@ -184,16 +184,3 @@ def compare_modes(args, state, xtr, ytr, mem_batch: int, time_batch: int, rounds
     for m in DEMO_MODES:
         mr = f"{mem[m] / mem['plain']:.2f}x" if mem["plain"] > 0 else "n/a"
         print(f"{m:<11} | {mem[m]:>8.1f} | {mr:>8} | {med[m] * 1e3:>8.2f} | {med[m] / med['plain']:>7.2f}x")
-
-
-def add_arguments(demo) -> None:
-    demo.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
-    demo.add_argument("--depth", type=int, default=8, help="number of reversible couplings (default 8)")
-    demo.add_argument("--width", type=int, default=64, help="stream width; the hidden state is 2*width (default 64)")
-    demo.add_argument("--batch", type=int, default=128, help="training batch size (default 128)")
-    demo.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    demo.add_argument("--mem-batch", type=int, default=8192, help="batch of the memory comparison (default 8192)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the task and the model (default 0)")
-    demo.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; --quick: 1)")
-    demo.add_argument("--device", type=device_arg, default="cpu", help="cpu (default) or cuda[:i]")
-    demo.add_argument("--quick", action="store_true", help="a tiny run (seconds), for tests")
