@@ -15,7 +15,7 @@ from revengine.optim import OPTIMIZER_NAMES, TORCHAO_HINT, WEIGHT_DTYPES, InBack
 def _head_fn(model, batch: int, seq: int):
     """The LM head + cross-entropy alone, on a stand-in hidden state (a detached copy of the head)."""
     w = model.lm_head.weight.detach().clone().requires_grad_(True)
-    hidden = torch.randn(batch, seq, w.shape[1]).to(w.device).requires_grad_(True)
+    hidden = torch.randn(batch, seq, w.shape[1]).to(w.device, w.dtype).requires_grad_(True)
     labels = torch.randint(0, w.shape[0], (batch * (seq - 1),), generator=torch.Generator().manual_seed(2))
     labels = labels.to(w.device)
     if isinstance(model, RevMoEForCausalLM):
