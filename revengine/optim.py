@@ -27,15 +27,149 @@ Gradient clipping (`max_grad_norm`), by `clip`:
 Gradient accumulation is refused (`grad_accumulation` > 1 is a ValueError): every backward is an
 optimizer step, so summing micro-batch gradients would need the full set of gradients this
 optimizer exists to avoid.
+
+Optimizer state off the device (`state_device="cpu"`): each parameter's state lives in host memory
+(pinned when CUDA is available) and is copied to the parameter's device inside that parameter's
+hook, stepped there and copied back, so the device holds the state of one parameter at a time.
+The copies are issued non-blocking on the current stream: they are ordered with the compute (the
+step waits for its state to arrive) but not overlapped with it; prefetching the next layer's state
+on a side stream is what would hide them. When the parameter is already on `state_device` (CPU
+training) nothing moves and the step is the ordinary one.
+
+Low-memory state by name (`optimizer_class`): "adamw" (torch's, fp32 state), "adamw8bit" and
+"adamw4bit" (torchao's block-quantized state, `pip install torchao`); with bf16 weights every name
+maps to a torchao class that updates the weights with stochastic rounding (no fp32 master copy).
+`save_state_dict` / `load_state_dict_file` write and read any optimizer state dict (torchao's
+quantized state tensors included) as safetensors plus JSON: no pickle.
 """
 from __future__ import annotations
 
+import importlib
+import json
 import math
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 CLIP_MODES = ("per_tensor", "global")
+OPTIMIZER_NAMES = ("adamw", "adamw8bit", "adamw4bit")
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TORCHAO_HINT = "pip install 'torchao>=0.18' (or the revengine[lowbit] extra)"
+
+
+def torchao_available() -> bool:
+    """Whether torchao's optimizers can be imported (without importing them)."""
+    return importlib.util.find_spec("torchao") is not None
+
+
+def optimizer_class(name: str, *, weights: str = "fp32", compile: bool = False) -> Tuple[type, Dict[str, Any]]:
+    """(optimizer class, extra keyword arguments) for an optimizer name and weight dtype.
+
+    Args:
+        name: "adamw" (fp32 weights: torch.optim.AdamW), "adamw8bit" or "adamw4bit" (torchao's
+            AdamW8bit / AdamW4bit: first and second moments block-quantized to 8 or 4 bits; tensors
+            under 4096 elements keep them unquantized, as bitsandbytes does).
+        weights: "fp32" or "bf16". With bf16 weights there is no fp32 master copy: the update is
+            computed in fp32 and rounded stochastically to bf16 (torchao's bf16_stochastic_round);
+            "adamw" then means torchao's _AdamW, whose moments have the weights' dtype (bf16).
+        compile: torchao's classes as they are, which torch.compile their update once per
+            parameter shape (fast steps after a slow first one); False (default) runs the same
+            update eagerly (no compile time; slower steps on large tensors).
+
+    Raises:
+        ValueError: an unknown name or weight dtype.
+        ImportError: torchao is needed and not installed (the message says how to install it).
+    """
+    if name not in OPTIMIZER_NAMES:
+        raise ValueError(f"revengine.optim: unknown optimizer {name!r}; known: {', '.join(OPTIMIZER_NAMES)}")
+    if weights not in WEIGHT_DTYPES:
+        raise ValueError(f"revengine.optim: weights must be one of {tuple(WEIGHT_DTYPES)}, got {weights!r}")
+    if name == "adamw" and weights == "fp32":
+        return torch.optim.AdamW, {}
+    try:
+        ao = importlib.import_module("torchao.optim")
+    except ImportError as e:
+        what = f"optimizer {name!r}" if name != "adamw" else "bf16 weights (stochastic rounding)"
+        raise ImportError(f"revengine.optim: {what} needs torchao: {TORCHAO_HINT} ({e})") from None
+    cls = getattr(ao, {"adamw": "_AdamW", "adamw8bit": "AdamW8bit", "adamw4bit": "AdamW4bit"}[name])
+    return (cls if compile else _eager_class(cls)), {"bf16_stochastic_round": weights == "bf16"}
+
+
+_EAGER: Dict[type, type] = {}
+
+
+def _eager_class(cls: type) -> type:
+    """torchao's optimizer class with its per-parameter update run eagerly instead of through
+    torch.compile (same update function, same state layout and state dicts)."""
+    if cls not in _EAGER:
+        from torchao.optim.adam import single_param_adam
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    state = self.state[p]
+                    if len(state) == 0:  # as torchao's step initialises it
+                        state["step"] = torch.tensor(0.0)
+                        state["exp_avg"] = self._new_buffer(p, True)
+                        state["exp_avg_sq"] = self._new_buffer(p, False)
+                        if group["amsgrad"]:
+                            state["max_exp_avg_sq"] = self._new_buffer(p, False)
+                    state["step"] += 1
+                    single_param_adam(p.detach(), p.grad, state["step"], state["exp_avg"], state["exp_avg_sq"],
+                                      state.get("max_exp_avg_sq"), group["lr"], group["betas"][0], group["betas"][1],
+                                      group["weight_decay"], group["eps"], self.is_adamw,
+                                      self.bf16_stochastic_round and p.dtype is torch.bfloat16)
+            return loss
+
+        _EAGER[cls] = type(cls.__name__, (cls,), {"step": step, "__module__": __name__,
+                                                 "__doc__": f"torchao's {cls.__name__}, stepped eagerly."})
+    return _EAGER[cls]
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Sets every param group's learning rate (torchao keeps it as a tensor: filled in place)."""
+    for g in optimizer.param_groups:
+        if isinstance(g["lr"], torch.Tensor):
+            g["lr"].fill_(lr)
+        else:
+            g["lr"] = lr
+
+
+# -- tensors that may be subclasses (torchao's quantized optimizer state) -------------------------
+
+def _is_subclass(t: torch.Tensor) -> bool:
+    return type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter) and \
+        hasattr(t, "__tensor_flatten__")
+
+
+def _map_inner(t: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """fn applied to a plain tensor, or to each inner tensor of a subclass (rebuilt around the results)."""
+    if not _is_subclass(t):
+        return fn(t)
+    names, ctx = t.__tensor_flatten__()
+    return type(t).__tensor_unflatten__({n: _map_inner(getattr(t, n), fn) for n in names}, ctx, t.size(), t.stride())
+
+
+def _copy_inner(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
+    if _is_subclass(dst):
+        for n in dst.__tensor_flatten__()[0]:
+            _copy_inner(getattr(dst, n), getattr(src, n), non_blocking)
+    else:
+        dst.copy_(src, non_blocking=non_blocking)
+
+
+def state_nbytes(t: torch.Tensor) -> int:
+    """Bytes a (possibly quantized subclass) tensor holds."""
+    if _is_subclass(t):
+        return sum(state_nbytes(getattr(t, n)) for n in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
 
 
 class InBackwardOptimizer:
@@ -50,6 +184,9 @@ class InBackwardOptimizer:
         clip: "per_tensor" (each gradient on its own, inside backward) or "global" (exactly
             `clip_grad_norm_`, with `step_two_pass`: one more forward + backward).
         grad_accumulation: must be 1 (every backward is a step).
+        state_device: where the optimizer state lives between steps (None: beside each parameter).
+            "cpu" keeps it in host memory (pinned when CUDA is available); each parameter's state
+            is copied to the parameter's device for its step and back.
         **optimizer_kwargs: passed to every optimizer_cls instance (lr, weight_decay, ...).
 
     Raises:
@@ -65,7 +202,7 @@ class InBackwardOptimizer:
 
     def __init__(self, params: Iterable[torch.nn.Parameter], optimizer_cls=torch.optim.AdamW, *,
                  max_grad_norm: Optional[float] = None, clip: str = "per_tensor", grad_accumulation: int = 1,
-                 **optimizer_kwargs):
+                 state_device=None, **optimizer_kwargs):
         if grad_accumulation != 1:
             raise ValueError(f"InBackwardOptimizer: grad_accumulation={grad_accumulation} is not supported: every backward "
                              "is an optimizer step, and summing micro-batch gradients needs the whole model's gradients "
@@ -86,6 +223,9 @@ class InBackwardOptimizer:
             raise ValueError(f"InBackwardOptimizer: max_grad_norm must be > 0, got {max_grad_norm}")
         self.max_grad_norm, self.clip = max_grad_norm, clip
         self.optimizers = [optimizer_cls([p], **optimizer_kwargs) for p in self.params]
+        self.state_device = torch.device(state_device) if state_device is not None else None
+        self._pin = self.state_device is not None and self.state_device.type == "cpu" and torch.cuda.is_available()
+        self._home: List[Dict[str, torch.Tensor]] = [{} for _ in self.params]  # state_device copies
         self._pass = "step"  # "step" | "norm" (pass 1 of the global clipping) | "off"
         self._sq_norm = 0.0
         self._scale = 1.0
@@ -115,10 +255,55 @@ class InBackwardOptimizer:
                         g.mul_(self.max_grad_norm / (n + 1e-6))
                 elif self._scale != 1.0:
                     g.mul_(self._scale)
-            self.optimizers[i].step()
+            if self.state_device is None:
+                self.optimizers[i].step()
+            else:
+                self._fetch(i, p)
+                self.optimizers[i].step()
+                self._write_back(i, p)
             p.grad = None
             self.steps_taken += 1
         return hook
+
+    # -- state kept on state_device ----------------------------------------------------------------
+
+    def _moved(self, i: int, p: torch.Tensor):
+        """The (key, tensor) pairs of parameter i's state that live apart from the parameter (the step
+        counter stays where the optimizer keeps it)."""
+        st = self.optimizers[i].state.get(p, {})
+        return st, [k for k, v in st.items() if isinstance(v, torch.Tensor) and k != "step" and v.dim() > 0]
+
+    def _fetch(self, i: int, p: torch.Tensor) -> None:
+        """Parameter i's state -> the parameter's device (non-blocking from pinned memory)."""
+        st, keys = self._moved(i, p)
+        for k in keys:
+            if st[k].device != p.device:
+                st[k] = _map_inner(st[k], lambda t: t.to(p.device, non_blocking=True))
+
+    def _write_back(self, i: int, p: torch.Tensor) -> None:
+        """Parameter i's state -> state_device, into the copies kept there (allocated, pinned, once)."""
+        st, keys = self._moved(i, p)
+        home = self._home[i]
+        for k in keys:
+            v = st[k]
+            if v.device == self.state_device:
+                home[k] = v
+                continue
+            if k not in home:
+                home[k] = _map_inner(v, lambda t: torch.empty(t.shape, dtype=t.dtype, device=self.state_device,
+                                                              pin_memory=self._pin))
+            _copy_inner(home[k], v, non_blocking=True)
+            st[k] = home[k]
+
+    def offload_state(self) -> None:
+        """Moves every parameter's state to state_device (after load_state_dict, which puts it beside
+        the parameters); a no-op without state_device."""
+        if self.state_device is None:
+            return
+        for i, p in enumerate(self.params):
+            self._write_back(i, p)
+        if self._pin:
+            torch.cuda.synchronize()
 
     # -- API ------------------------------------------------------------------------------------
 
@@ -158,14 +343,15 @@ class InBackwardOptimizer:
 
     def set_lr(self, lr: float) -> None:
         for opt in self.optimizers:
-            for g in opt.param_groups:
-                g["lr"] = lr
+            set_lr(opt, lr)
 
     @property
     def param_groups(self) -> List[Dict[str, Any]]:
         return [g for opt in self.optimizers for g in opt.param_groups]
 
     def state_dict(self) -> Dict[str, Any]:
+        if self._pin:
+            torch.cuda.synchronize()  # write-backs in flight
         return {"per_parameter": [opt.state_dict() for opt in self.optimizers], "n": len(self.optimizers)}
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
@@ -174,6 +360,7 @@ class InBackwardOptimizer:
                              f"this optimizer has {len(self.optimizers)}")
         for opt, s in zip(self.optimizers, sd["per_parameter"]):
             opt.load_state_dict(s)
+        self.offload_state()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Grads are freed in backward already; clears any left by code outside this optimizer."""
@@ -189,3 +376,111 @@ class InBackwardOptimizer:
     def attach(self) -> None:
         if not self._handles:
             self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(self.params)]
+
+
+# -- optimizer state as safetensors + JSON (no pickle) ------------------------------------------
+
+STATE_META_KEY = "revengine.optimizer_state"
+# the tensor subclasses a state file may rebuild (their classes are looked up by name only here)
+SUBCLASS_MODULES = ("torchao.optim.",)
+
+
+def _encode(obj: Any, prefix: str, tensors: Dict[str, torch.Tensor]) -> Any:
+    """obj as JSON, its tensors moved to `tensors` under path-like keys (subclasses as their inner tensors)."""
+    if isinstance(obj, torch.Tensor):
+        if _is_subclass(obj):
+            cls = type(obj)
+            name = f"{cls.__module__}.{cls.__qualname__}"
+            if not name.startswith(SUBCLASS_MODULES):
+                raise TypeError(f"revengine.optim: cannot save a state tensor of type {name}")
+            names, ctx = obj.__tensor_flatten__()
+            return {"__subclass__": name, "ctx": _encode(list(ctx), prefix + ".ctx", tensors),
+                    "size": list(obj.size()), "stride": list(obj.stride()),
+                    "inner": {n: _encode(getattr(obj, n), f"{prefix}.{n}", tensors) for n in names}}
+        tensors[prefix] = obj.detach().contiguous().cpu()
+        return {"__tensor__": prefix}
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).replace("torch.", "")}
+    if isinstance(obj, torch.Size):
+        return {"__size__": list(obj)}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, f"{prefix}.k{i}", tensors), _encode(v, f"{prefix}.{k}", tensors)]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"revengine.optim: cannot save a value of type {type(obj).__name__} at {prefix}")
+
+
+def _subclass(name: str) -> type:
+    if not name.startswith(SUBCLASS_MODULES):
+        raise ValueError(f"revengine.optim: a state file names tensor type {name!r}, which is not allowed")
+    mod, _, cls = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(mod), cls)
+    except ImportError as e:
+        raise ImportError(f"revengine.optim: the state file holds {cls} tensors, which need torchao: "
+                          f"{TORCHAO_HINT} ({e})") from None
+
+
+def _decode(obj: Any, tensors: Dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__subclass__" in obj:
+        inner = {n: _decode(v, tensors) for n, v in obj["inner"].items()}
+        return _subclass(obj["__subclass__"]).__tensor_unflatten__(inner, _decode(obj["ctx"], tensors),
+                                                                  torch.Size(obj["size"]), tuple(obj["stride"]))
+    if "__dtype__" in obj:
+        dt = getattr(torch, obj["__dtype__"], None)
+        if not isinstance(dt, torch.dtype):
+            raise ValueError(f"revengine.optim: unknown dtype {obj['__dtype__']!r} in a state file")
+        return dt
+    if "__size__" in obj:
+        return torch.Size(obj["__size__"])
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def state_dict_to_tensors(sd: Dict[str, Any]) -> Tuple[Dict[str, torch.Tensor], str]:
+    """(flat {key: plain CPU tensor}, JSON of everything else) for an optimizer state dict; torchao's
+    quantized state tensors become their inner tensors (codes, scales, lookup table)."""
+    tensors: Dict[str, torch.Tensor] = {}
+    meta = _encode(sd, "s", tensors)
+    return tensors, json.dumps(meta, allow_nan=True)
+
+
+def state_dict_from_tensors(tensors: Dict[str, torch.Tensor], meta: str) -> Dict[str, Any]:
+    """The inverse of state_dict_to_tensors (subclass tensors rebuilt; only torchao.optim's are allowed)."""
+    return _decode(json.loads(meta), tensors)
+
+
+def save_state_dict(sd: Dict[str, Any], path: str) -> None:
+    """Writes an optimizer state dict (torch's, InBackwardOptimizer's, torchao's) as one safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors, meta = state_dict_to_tensors(sd)
+    save_file(tensors, path, metadata={STATE_META_KEY: meta})
+
+
+def load_state_dict_file(path: str) -> Dict[str, Any]:
+    """Reads what save_state_dict wrote (CPU tensors; Optimizer.load_state_dict moves them)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as fh:
+        meta = (fh.metadata() or {}).get(STATE_META_KEY)
+        if meta is None:
+            raise ValueError(f"revengine.optim: {path} is not an optimizer state file (no {STATE_META_KEY} metadata)")
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    return state_dict_from_tensors(tensors, meta)

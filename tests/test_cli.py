@@ -55,12 +55,17 @@ def test_no_subcommand(capsys):
     assert "command is required" in capsys.readouterr().err
 
 
+LOWBIT = ["--scheme", "bdia", "--optimizer", "adamw8bit", "--weights", "bf16", "--in-backward"]
+
+
 @pytest.mark.parametrize("extra", [["--scheme", "none", "--gradient-checkpointing"], ["--scheme", "leapfrog"],
-                                   ["--scheme", "revffn", "--optimizer", "adamw-in-backward"]],
-                         ids=["hf-ckpt", "converted", "converted-in-backward"])
+                                   ["--scheme", "revffn", "--optimizer", "adamw-in-backward"], LOWBIT],
+                         ids=["hf-ckpt", "converted", "converted-in-backward", "8bit-bf16-in-backward"])
 def test_breakdown(tmp_path, capsys, extra):
     tf = pytest.importorskip("transformers")
     torch = pytest.importorskip("torch")
+    if extra is LOWBIT:
+        pytest.importorskip("torchao")
     torch.manual_seed(0)
     cfg = tf.MixtralConfig(vocab_size=4000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=24,
@@ -75,9 +80,24 @@ def test_breakdown(tmp_path, capsys, extra):
         values[name.strip()] = float(value)
     assert set(values) == {"weights", "optimizer state", "grads", "activations (layers)", "logits (LM head + loss)",
                            "steady-state peak"}, out
-    assert values["optimizer state"] == pytest.approx(2 * values["weights"], rel=0.05)
-    assert (values["grads"] == 0.0) == ("adamw-in-backward" in extra)
+    in_backward = "adamw-in-backward" in extra or "--in-backward" in extra
+    assert (values["grads"] == 0.0) == in_backward
     assert values["steady-state peak"] >= values["weights"] + values["optimizer state"]
+    bpp = [line for line in out.splitlines() if "bytes per parameter" in line]
+    assert len(bpp) == 1, out
+    if extra is LOWBIT:  # bf16 weights (2 B) + 8-bit moments (2 x ~1 B; small tensors stay bf16)
+        assert "weights 2.00" in bpp[0] and values["optimizer state"] < 0.7 * values["weights"] * 2, out
+    else:
+        assert values["optimizer state"] == pytest.approx(2 * values["weights"], rel=0.05)
+        assert "weights 4.00 + optimizer state 8.00 = 12.00" in bpp[0], out
+
+
+def test_breakdown_without_torchao_is_one_line(tmp_path, capsys, monkeypatch):
+    from revengine.apps import breakdown
+    monkeypatch.setattr(breakdown, "torchao_available", lambda: False)
+    assert cli.main(["breakdown", "--model", str(tmp_path), "--optimizer", "adamw4bit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--optimizer adamw4bit needs torchao" in err and "pip install" in err
 
 
 def test_breakdown_bad_model(tmp_path, capsys):

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -270,7 +271,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, data, 
 
     def strip(p):
         return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in open(p / "log.jsonl")]
-    damages = {"optimizer.pt": truncate, "model.safetensors": os.remove, "rng.pt": truncate,
+    damages = {"optimizer.safetensors": truncate, "model.safetensors": os.remove, "rng.safetensors": truncate,
                "trainer_state.json": lambda p: p.write_text("{not json"), "complete.json": os.remove}
     for name, damage in damages.items():
         run = tmp_path / ("run-" + name)
@@ -285,8 +286,9 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, data, 
         assert (run / "checkpoints" / "damaged-step-000007" / "complete.json").exists() or name == "complete.json"
     # nothing intact: one error naming each checkpoint's damage
     for d in ft.checkpoint_dirs(str(base)):
-        truncate(Path(d) / "optimizer.pt")
-    with pytest.raises(FinetuneError, match=r"no intact checkpoint.*step-000007: optimizer.pt.*step-000006: optim"):
+        truncate(Path(d) / "optimizer.safetensors")
+    with pytest.raises(FinetuneError,
+                       match=r"no intact checkpoint.*step-000007: optimizer.safetensors.*step-000006: optim"):
         ft.run(args(mixtral, data, base, resume=True, **kw))
 
 
@@ -520,7 +522,8 @@ def test_device_option_trains_there_and_resumes_across_devices(tmp_path, data, m
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log if "stage" in r] == list(range(1, 7))
     if device == "cuda":
-        rng = torch.load(sorted((out / "checkpoints").glob("step-*"))[0] / "rng.pt", weights_only=True)
+        from safetensors.torch import load_file
+        rng = load_file(sorted((out / "checkpoints").glob("step-*"))[0] / "rng.safetensors")
         assert "cuda" in rng  # the GPU generator (bdia's signs, dropout) is part of a checkpoint
         s = ft.run(args(mixtral, data, tmp_path / "gpu", scheme="bdia", stage1_steps=0, steps=2, device="cuda"))
         assert s["timings"]["stage2_peak_cuda_mb"] > 0
@@ -633,3 +636,103 @@ def test_converted_model_trains_under_hf_trainer(tmp_path, mixtral):
     assert len(losses) == 25
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
     assert len(grads) == 25 and all(n == len(list(model.parameters())) and ok for n, ok in grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-memory training state: --optimizer adamw|adamw8bit|adamw4bit, --weights fp32|bf16, --in-backward
+
+LOWBIT = [("adamw", "fp32", False), ("adamw", "fp32", True), ("adamw", "bf16", True),
+          ("adamw8bit", "fp32", False), ("adamw8bit", "bf16", False), ("adamw8bit", "bf16", True),
+          ("adamw4bit", "fp32", True), ("adamw4bit", "bf16", True)]
+
+
+@pytest.mark.parametrize("optimizer,wdtype,in_backward", LOWBIT)
+def test_optimizer_weights_and_in_backward_train(tmp_path, data, mixtral, optimizer, wdtype, in_backward):
+    if optimizer != "adamw" or wdtype != "fp32":
+        pytest.importorskip("torchao")
+    out = tmp_path / "out"
+    s = ft.run(args(mixtral, data, out, scheme="bdia", stage1_steps=0, steps=6, lr=1e-2, optimizer=optimizer,
+                    weights=wdtype, in_backward=in_backward))
+    assert s["status"] == "finished" and s["evals"]["final"]["loss"] < s["evals"]["start"]["loss"] - 0.3, s["evals"]
+    sd = weights(str(out))
+    want = torch.bfloat16 if wdtype == "bf16" else torch.float32
+    assert all(t.dtype == want for t in sd.values() if t.is_floating_point())
+    log = [json.loads(line) for line in open(out / "log.jsonl") if "stage" in line]
+    assert len(log) == 6 and all(np.isnan(r["grad_norm"]) == in_backward for r in log)
+
+
+def test_resume_is_bit_identical_with_8bit_state_bf16_weights_in_backward(tmp_path, data, mixtral):
+    pytest.importorskip("torchao")
+    kw = dict(scheme="revffn", stage1_steps=3, steps=5, save_every=2, optimizer="adamw8bit", weights="bf16",
+              in_backward=True)
+    ref = ft.run(args(mixtral, data, tmp_path / "ref", **kw))
+    out = tmp_path / "run"
+    for i, k in enumerate((2, 3)):  # inside stage 1, then across the stage boundary
+        assert ft.run(args(mixtral, data, out, resume=i > 0, stop_after=k, **kw))["status"] == "interrupted"
+    s = ft.run(args(mixtral, data, out, resume=True, **kw))
+    assert s["status"] == "finished" and ref["status"] == "finished"
+    assert same_weights(str(tmp_path / "ref"), str(out))
+
+    def strip(p):
+        return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in open(p / "log.jsonl")]
+    assert strip(tmp_path / "ref") == strip(out)
+    # the quantized state went through a checkpoint: its codes and scales are plain tensors there
+    from safetensors import safe_open
+    ckpt = ft.checkpoint_dirs(str(out))[-1]
+    with safe_open(os.path.join(ckpt, "optimizer.safetensors"), framework="pt") as fh:
+        keys = list(fh.keys())
+        assert any(k.endswith(".codes") for k in keys) and all(fh.get_tensor(k).dtype != torch.uint8 or
+                                                               k.endswith(".codes") for k in keys)
+
+
+def test_checkpoint_files_hold_no_pickle(tmp_path, data, mixtral):
+    pytest.importorskip("torchao")
+    out = tmp_path / "out"
+    ft.run(args(mixtral, data, out, scheme="bdia", stage1_steps=0, steps=4, stop_after=2, optimizer="adamw4bit",
+                weights="bf16", in_backward=True))
+    (ckpt,) = ft.checkpoint_dirs(str(out))
+    names = sorted(os.listdir(ckpt))
+    assert all(n.endswith((".safetensors", ".json")) for n in names), names
+    for n in names:
+        raw = open(os.path.join(ckpt, n), "rb").read()
+        assert not raw.startswith(b"PK") and b"\x80\x02" not in raw[:2], n  # no zip (torch.save), no pickle
+    # the state file is readable without torchao's classes being unpickled: JSON metadata + tensors
+    from revengine.optim import load_state_dict_file
+    sd = load_state_dict_file(os.path.join(ckpt, "optimizer.safetensors"))
+    assert sd["n"] > 0 and type(sd["per_parameter"][0]["state"][0]["exp_avg"]).__name__.startswith(("OptimState",
+                                                                                                      "Tensor"))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(optimizer="adam8bit"), r"--optimizer must be one of \('adamw', 'adamw8bit', 'adamw4bit'\), got 'adam8bit'"),
+    (dict(weights="fp16"), r"--weights must be one of \('fp32', 'bf16'\), got 'fp16'"),
+    (dict(in_backward=True, grad_accum=2), "--in-backward .* use --grad-accum 1"),
+    (dict(state_device="cpu"), "--state-device .* needs --in-backward"),
+    (dict(scheme="leapfrog", weights="bf16"), "--weights bf16 cannot be honoured by --scheme leapfrog"),
+])
+def test_bad_optimizer_settings_are_refused_before_writing(tmp_path, data, mixtral, kw, match):
+    out = tmp_path / "out"
+    with pytest.raises(FinetuneError, match=match):
+        ft.run(args(mixtral, data, out, **kw))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kw,flag", [(dict(optimizer="adamw8bit"), "--optimizer adamw8bit"),
+                                     (dict(weights="bf16"), "--weights bf16")])
+def test_missing_torchao_is_one_clear_error(tmp_path, data, mixtral, monkeypatch, capsys, kw, flag):
+    import revengine.apps.finetune.args as fargs
+    monkeypatch.setattr(fargs, "torchao_available", lambda: False)
+    out = tmp_path / "out"
+    with pytest.raises(FinetuneError, match=f"{flag} needs torchao, which is not installed: pip install"):
+        ft.run(args(mixtral, data, out, **kw))
+    assert not out.exists()
+
+
+def test_bf16_weights_on_a_gpu_without_bf16_are_refused(tmp_path, data, mixtral, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    import revengine.apps.finetune.args as fargs
+    monkeypatch.setattr(fargs.memory, "check_device", lambda d: None)
+    with pytest.raises(FinetuneError, match="--weights bf16: cuda has no bf16 support"):
+        ft.run(args(mixtral, data, tmp_path / "out", weights="bf16", device="cuda"))
+    assert not (tmp_path / "out").exists()

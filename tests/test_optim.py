@@ -174,3 +174,103 @@ def test_breakdown_counts_the_optimizer_state():
     loss_of(model, *data()).backward()
     b = rev.memory.breakdown(model, opt)
     assert b["optimizer_state_bytes"] >= 2 * b["weights_bytes"] and b["grads_bytes"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-memory state: optimizers by name, state kept on a state_device, state files without pickle
+
+def test_optimizer_class_names_and_errors(monkeypatch):
+    from revengine.optim import optimizer_class
+    assert optimizer_class("adamw") == (torch.optim.AdamW, {})
+    with pytest.raises(ValueError, match="unknown optimizer 'adam8'"):
+        optimizer_class("adam8")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        optimizer_class("adamw", weights="fp16")
+    import builtins
+    real_import = builtins.__import__
+
+    def no_torchao(name, *a, **k):
+        if name.startswith("torchao"):
+            raise ImportError("No module named 'torchao'")
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    monkeypatch.setattr("importlib.import_module", lambda name: no_torchao(name))
+    with pytest.raises(ImportError, match="optimizer 'adamw8bit' needs torchao: pip install"):
+        optimizer_class("adamw8bit")
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "adamw4bit"])
+@pytest.mark.parametrize("weights", ["fp32", "bf16"])
+def test_low_bit_state_in_backward_matches_the_plain_optimizer_and_resumes(name, weights, tmp_path):
+    """The same torchao class stepped inside backward and as a plain optimizer: same weights, bit for bit
+    (stochastic rounding draws the same numbers); the state round-trips through a safetensors file."""
+    if name != "adamw" or weights != "fp32":
+        pytest.importorskip("torchao")
+    from revengine.optim import WEIGHT_DTYPES, load_state_dict_file, optimizer_class, save_state_dict, set_lr
+    dt = WEIGHT_DTYPES[weights]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).to(dt)  # 8192 elements: quantized
+    ref = copy.deepcopy(model)
+    cls, kw = optimizer_class(name, weights=weights)
+    fused = InBackwardOptimizer(model.parameters(), cls, lr=1e-2, weight_decay=0.1, **kw)
+    plain = [cls([p], lr=1e-2, weight_decay=0.1, **kw) for p in ref.parameters()]  # the same per-parameter order
+    x = torch.randn(8, 64, dtype=dt)
+
+    def step(m, opts=None, seed=0):
+        torch.manual_seed(seed)
+        m(x).float().square().mean().backward()
+        for o in opts or ():
+            o.step()
+            o.zero_grad(set_to_none=True)
+    for i in range(3):
+        set_lr(fused, 1e-2 / (i + 1))
+        for o in plain:
+            set_lr(o, 1e-2 / (i + 1))
+        step(model, seed=i)
+        # stochastic rounding draws in hook order (last layer first): the plain optimizers in the same order
+        torch.manual_seed(i)
+        ref(x).float().square().mean().backward()
+        for o in reversed(plain):
+            o.step()
+            o.zero_grad(set_to_none=True)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters())), (name, weights, i)
+    save_state_dict(fused.state_dict(), str(tmp_path / "s.safetensors"))
+    resumed_model = copy.deepcopy(model)
+    resumed = InBackwardOptimizer(resumed_model.parameters(), cls, lr=1e-2, weight_decay=0.1, **kw)
+    resumed.load_state_dict(load_state_dict_file(str(tmp_path / "s.safetensors")))
+    step(model, seed=9)
+    step(resumed_model, seed=9)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed_model.parameters()))
+
+
+def test_state_device_keeps_the_state_there_and_steps_the_same():
+    pytest.importorskip("torchao")
+    from revengine.optim import optimizer_class
+    cls, kw = optimizer_class("adamw8bit")
+    a = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64))
+    b = copy.deepcopy(a)
+    oa = InBackwardOptimizer(a.parameters(), cls, lr=1e-2, **kw)
+    ob = InBackwardOptimizer(b.parameters(), cls, lr=1e-2, state_device="cpu", **kw)
+    x = torch.randn(4, 64)
+    for _ in range(2):
+        a(x).square().mean().backward()
+        b(x).square().mean().backward()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(v.device.type == "cpu" for st in ob.state.values() for v in st.values())
+    ob.load_state_dict(ob.state_dict())  # load puts the state beside the parameters; it goes back to the CPU
+    assert all(v.device.type == "cpu" for st in ob.state.values() for v in st.values())
+
+
+def test_state_file_refuses_foreign_tensor_types(tmp_path):
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    from revengine.optim import STATE_META_KEY, load_state_dict_file
+    meta = {"x": {"__subclass__": "os.system", "ctx": [], "size": [1], "stride": [1], "inner": {}}}
+    save_file({"t": torch.zeros(1)}, str(tmp_path / "bad.safetensors"), metadata={STATE_META_KEY: _json.dumps(meta)})
+    with pytest.raises(ValueError, match="not allowed"):
+        load_state_dict_file(str(tmp_path / "bad.safetensors"))
+    save_file({"t": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not an optimizer state file"):
+        load_state_dict_file(str(tmp_path / "plain.safetensors"))

@@ -7,8 +7,16 @@ from typing import Any, Dict, Optional
 
 from revengine import memory
 from revengine.models import BLOCK_TYPES as SCHEMES, FIXED_POINT_FALLBACKS
+from revengine.optim import OPTIMIZER_NAMES, TORCHAO_HINT, WEIGHT_DTYPES, torchao_available
 
 DISTILL = ("none", "stage1", "all")
+# schemes whose reversible layers cannot train with bf16 weights, and why (measured: a 16-layer tiny Mixtral,
+# grads of --reversible-mode reversible against plain, both in bf16)
+BF16_REFUSED: Dict[str, str] = {
+    "leapfrog": "its inverse (p- = 2p - p+ + h^2 f) doubles a stream per layer, so bf16 rounding grows with depth "
+                "(gradients 100% off at 16 layers); use --scheme bdia (or additive, revffn), or "
+                "--reversible-mode checkpoint",
+}
 
 
 class FinetuneError(ValueError):
@@ -34,6 +42,10 @@ class FinetuneArgs:
     max_grad_norm: float = 1.0
     max_length: int = 256
     bf16: bool = False
+    optimizer: str = "adamw"
+    weights: str = "fp32"
+    in_backward: bool = False
+    state_device: Optional[str] = None  # --in-backward: where the optimizer state lives (None: beside the weights)
     distill: str = "stage1"
     kl_weight: float = 1.0
     upcycle_experts: int = 0
@@ -58,7 +70,7 @@ class FinetuneArgs:
 
     # Fields a --resume may change; every other field must match the checkpoint's.
     MUTABLE = ("resume", "save_every", "eval_every", "eval_batch_size", "eval_max_examples", "keep_checkpoints",
-               "progress", "threads", "device", "stop_after")
+               "progress", "threads", "device", "stop_after", "state_device")
 
     def validate(self) -> None:
         if self.scheme not in SCHEMES + ("none",):
@@ -66,6 +78,7 @@ class FinetuneArgs:
         if self.fixed_point_fallback not in FIXED_POINT_FALLBACKS:
             raise FinetuneError(f"--fixed-point-fallback must be one of {FIXED_POINT_FALLBACKS}, "
                                 f"got {self.fixed_point_fallback!r}")
+        self._validate_optimizer()
         if self.distill not in DISTILL:
             raise FinetuneError(f"--distill must be one of {DISTILL}, got {self.distill!r}")
         for name in ("stage1_steps", "steps", "warmup", "save_every", "eval_every", "upcycle_experts"):
@@ -106,6 +119,33 @@ class FinetuneArgs:
             raise FinetuneError(f"--device: {e}") from None
         if self.upcycle_experts and not 1 <= self.upcycle_top_k <= self.upcycle_experts:
             raise FinetuneError(f"--upcycle-top-k must be in [1, {self.upcycle_experts}], got {self.upcycle_top_k}")
+
+    def _validate_optimizer(self) -> None:
+        """--optimizer, --weights, --in-backward and --state-device (torchao's presence included)."""
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise FinetuneError(f"--optimizer must be one of {OPTIMIZER_NAMES}, got {self.optimizer!r}")
+        if self.weights not in WEIGHT_DTYPES:
+            raise FinetuneError(f"--weights must be one of {tuple(WEIGHT_DTYPES)}, got {self.weights!r}")
+        if (self.optimizer != "adamw" or self.weights == "bf16") and not torchao_available():
+            what = f"--optimizer {self.optimizer}" if self.optimizer != "adamw" else "--weights bf16"
+            raise FinetuneError(f"{what} needs torchao, which is not installed: {TORCHAO_HINT}")
+        if self.in_backward and self.grad_accum != 1:
+            raise FinetuneError(f"--in-backward steps every parameter inside backward, so it cannot accumulate "
+                                f"gradients: use --grad-accum 1 (got {self.grad_accum}) and a larger --batch-size")
+        if self.state_device is not None:
+            if not self.in_backward:
+                raise FinetuneError("--state-device moves the optimizer state per parameter inside backward: "
+                                    "it needs --in-backward")
+            if self.state_device != "cpu":
+                raise FinetuneError(f"--state-device must be cpu (state in host memory), got {self.state_device!r}")
+        if self.weights == "bf16":
+            if self.scheme in BF16_REFUSED and self.reversible_mode == "reversible":
+                raise FinetuneError(f"--weights bf16 cannot be honoured by --scheme {self.scheme}: "
+                                    f"{BF16_REFUSED[self.scheme]}")
+            if self.device.startswith("cuda"):
+                import torch
+                if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+                    raise FinetuneError(f"--weights bf16: {self.device} has no bf16 support; use --weights fp32")
 
     # Where the inputs and outputs are, not what is trained: a --resume may spell or move them freely
     # (the run's inputs are identified by content instead: checkpoint.run_inputs).

@@ -12,12 +12,17 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from revengine.optim import load_state_dict_file, save_state_dict
+
 from .args import FinetuneArgs, FinetuneError
 from .model import device_of
 
 STATE_FILE = "trainer_state.json"
 COMPLETE_FILE = "complete.json"  # a checkpoint's checksums, written last
-CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", STATE_FILE)
+# every file is safetensors or JSON: a checkpoint is read without unpickling anything
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", STATE_FILE)
+# the layout of earlier versions (torch.save files, read with weights_only=True)
+LEGACY_CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", STATE_FILE)
 
 
 def atomic_dir(final: str):
@@ -102,7 +107,8 @@ def checkpoint_problem(path: str) -> Optional[str]:
         return f"{COMPLETE_FILE} is missing (a checkpoint of an older revengine, or a damaged one)"
     except (OSError, ValueError, KeyError, TypeError):
         return f"{COMPLETE_FILE} is unreadable"
-    for name in CHECKPOINT_FILES:
+    files = LEGACY_CHECKPOINT_FILES if "optimizer.pt" in sums else CHECKPOINT_FILES
+    for name in files:
         if not os.path.isfile(os.path.join(path, name)):
             return f"{name} is missing"
         if sums.get(name) != sha256_file(os.path.join(path, name)):
@@ -183,18 +189,19 @@ def only_unfinished_leftovers(out: str) -> bool:
 
 def save_checkpoint(out: str, step: int, student, optimizer, state: Dict[str, Any], keep: int) -> str:
     """checkpoints/step-NNNNNN: weights, optimizer state, RNG state and `state`; keeps the newest `keep`."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     final = os.path.join(out, "checkpoints", f"step-{step:06d}")
     os.makedirs(os.path.dirname(final), exist_ok=True)
     with atomic_dir(final) as tmp:
         save_model(student, os.path.join(tmp, "model.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+        # torchao's quantized state tensors are stored as their codes, scales and lookup tables
+        save_state_dict(optimizer.state_dict(), os.path.join(tmp, "optimizer.safetensors"))
         rng = {"torch": torch.get_rng_state()}
         dev = device_of(student)
-        if dev.type == "cuda":  # dropout and bdia's signs draw from the GPU's generator
+        if dev.type == "cuda":  # dropout, bdia's signs and stochastic rounding draw from the GPU's generator
             rng["cuda"] = torch.cuda.get_rng_state(dev)
-        torch.save(rng, os.path.join(tmp, "rng.pt"))
+        save_file(rng, os.path.join(tmp, "rng.safetensors"))
         with open(os.path.join(tmp, STATE_FILE), "w") as fh:
             json.dump(state, fh, indent=1)
         # written last: the checksums let a --resume tell a checkpoint damaged since (a truncated or lost
@@ -217,12 +224,12 @@ def load_state(path: str) -> Dict[str, Any]:
         return json.load(fh)
 
 
-def safetensors_shapes(model_dir: str) -> Dict[str, Tuple[int, ...]]:
-    """{name: shape} of every tensor in the directory's *.safetensors files (headers only)."""
+def safetensors_shapes(model_dir: str, pattern: str = "*.safetensors") -> Dict[str, Tuple[int, ...]]:
+    """{name: shape} of every tensor in the directory's files matching `pattern` (headers only)."""
     from safetensors import safe_open
 
     shapes = {}
-    for f in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+    for f in sorted(glob.glob(os.path.join(model_dir, pattern))):
         with safe_open(f, framework="pt") as fh:
             for k in fh.keys():
                 shapes[k] = tuple(fh.get_slice(k).get_shape())
@@ -234,7 +241,7 @@ def load_checkpoint_weights(student, path: str) -> None:
 
     weights = os.path.join(path, "model.safetensors")
     expected = {k: tuple(v.shape) for k, v in student.state_dict().items()}
-    found = safetensors_shapes(path)
+    found = safetensors_shapes(path, "model.safetensors")
     bad = [f"{k}: checkpoint {found[k]} vs model {expected.get(k)}" for k in found if expected.get(k) != found[k]]
     if bad:
         raise FinetuneError(f"{path}: checkpoint of another shape ({len(bad)} tensors): " + "; ".join(bad[:4]))
@@ -243,12 +250,27 @@ def load_checkpoint_weights(student, path: str) -> None:
 
 def load_optimizer_state(optimizer, path: str) -> None:
     # loaded to the CPU first: Optimizer.load_state_dict moves the state to its parameters' device
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
+    legacy = os.path.join(path, "optimizer.pt")
+    if os.path.isfile(legacy):
+        sd = torch.load(legacy, map_location="cpu", weights_only=True)
+    else:
+        try:
+            sd = load_state_dict_file(os.path.join(path, "optimizer.safetensors"))
+        except ImportError as e:
+            raise FinetuneError(f"--resume: {path}: {e}") from None
+    try:
+        optimizer.load_state_dict(sd)
+    except (ValueError, KeyError) as e:
+        raise FinetuneError(f"--resume: {path}: the optimizer state does not fit this run's optimizer ({e})") from None
 
 
 def restore_rng(path: str, device: torch.device) -> None:
     """The generators as they were when the checkpoint was saved (the GPU's too, when training there)."""
-    rng = torch.load(os.path.join(path, "rng.pt"), map_location="cpu", weights_only=True)
+    if os.path.isfile(os.path.join(path, "rng.pt")):
+        rng = torch.load(os.path.join(path, "rng.pt"), map_location="cpu", weights_only=True)
+    else:
+        from safetensors.torch import load_file
+        rng = load_file(os.path.join(path, "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if device.type == "cuda" and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], device)

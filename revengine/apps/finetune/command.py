@@ -8,6 +8,8 @@ from dataclasses import fields
 from revengine import MODES
 from revengine.models import BLOCK_TYPES as SCHEMES, FIXED_POINT_FALLBACKS
 
+from revengine.optim import OPTIMIZER_NAMES, WEIGHT_DTYPES
+
 from .args import DISTILL, FinetuneArgs, FinetuneError
 from .recipe import run
 
@@ -30,9 +32,22 @@ def add_arguments(p) -> None:
     a("--stage1-lr", type=float, default=None, help="learning rate of stage 1 (default --lr)")
     a("--warmup", type=int, default=0, help="linear warm-up steps at the start of each stage")
     a("--weight-decay", type=float, default=0.0)
-    a("--max-grad-norm", type=float, default=1.0, help="global grad-norm clipping (0: off)")
+    a("--max-grad-norm", type=float, default=1.0,
+      help="global grad-norm clipping (0: off; per parameter with --in-backward)")
     a("--max-length", type=int, default=256, help="tokens per example (longer ones are cut)")
     a("--bf16", action="store_true", help="bf16 autocast (weights, grads and optimizer state stay fp32)")
+    a("--optimizer", default="adamw", choices=OPTIMIZER_NAMES,
+      help="adamw (default: torch AdamW, fp32 state, 8 bytes per parameter), adamw8bit or adamw4bit (torchao's "
+      "block-quantized state, ~2 or ~1 bytes per parameter; pip install torchao)")
+    a("--weights", default="fp32", choices=tuple(WEIGHT_DTYPES),
+      help="fp32 (default) or bf16: the model's weights in bf16, updated with stochastic rounding (no fp32 master "
+      "copy; needs torchao)")
+    a("--in-backward", action="store_true",
+      help="step each parameter inside backward as soon as its gradient is complete (the whole model's gradients "
+      "never exist at once); --max-grad-norm then clips each parameter's gradient on its own; needs --grad-accum 1")
+    a("--state-device", default=None, choices=("cpu",),
+      help="with --in-backward: keep the optimizer state in host memory (pinned with CUDA), copied to the device "
+      "per parameter for its step; a --resume may change it")
     a("--distill", default="stage1", choices=DISTILL, help="add KL(original || model) to the loss (default stage1)")
     a("--kl-weight", type=float, default=1.0)
     a("--upcycle-experts", type=int, default=0, help="turn a dense Llama into an MoE with E experts first")

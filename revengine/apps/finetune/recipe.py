@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from revengine import memory
+from revengine.optim import WEIGHT_DTYPES, InBackwardOptimizer, optimizer_class, set_lr
 
 from .args import FinetuneArgs, FinetuneError
 from .checkpoint import (check_resume, checkpoint_dirs, load_checkpoint_weights, load_optimizer_state, load_state,
@@ -61,6 +62,8 @@ class FinetuneRecipe:
         # the source lives on only as the teacher (when distilling)
         self.teacher = source if (source is not None and args.distill != "none") else None
         self.student.to(self.device)
+        if args.weights != "fp32":  # no fp32 copy: the optimizer rounds its updates to these weights
+            self.student.to(WEIGHT_DTYPES[args.weights])
         if self.teacher is not None:
             self.teacher.to(self.device)
         self.total = args.stage1_steps + args.steps
@@ -106,14 +109,13 @@ class FinetuneRecipe:
                     stage = 2
                     if args.distill != "all":
                         self.teacher = None
-                    self.optimizer = None  # stage 1's state is freed before stage 2's peak starts
+                    self._drop_optimizer()  # stage 1's state is freed before stage 2's peak starts
                     self.optimizer, base_lr = self._make_optimizer(2)
                     self._reset_peaks()
                 t0 = time.perf_counter()
                 in_stage = step - (0 if stage == 1 else args.stage1_steps)
                 lr = base_lr * min(1.0, (in_stage + 1) / args.warmup) if args.warmup else base_lr
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
+                set_lr(self.optimizer, lr)
                 loss_sum = kl_sum = 0.0
                 for _ in range(args.grad_accum):
                     batch = to_device(self.stream.next(), self.device)
@@ -128,9 +130,12 @@ class FinetuneRecipe:
                                                  "(nothing finished is written; the last checkpoint stays)")
                     (objective / args.grad_accum).backward()
                     loss_sum += float(ce.detach())
-                gnorm = self._clip_grads()
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                if args.in_backward:  # every parameter was stepped (and clipped) inside backward
+                    gnorm = float("nan")
+                else:
+                    gnorm = self._clip_grads()
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
                 memory.synchronize(self.device)  # the step's queued GPU work belongs to its time
                 step += 1
                 ran += 1
@@ -181,7 +186,9 @@ class FinetuneRecipe:
         return 1 if step <= self.args.stage1_steps else 2
 
     def _make_optimizer(self, stage: int):
-        """(AdamW over the stage's parameters, its base learning rate); only those parameters require grads."""
+        """(the optimizer over the stage's parameters, its base learning rate); only those parameters require
+        grads. --optimizer and --weights choose the class; --in-backward wraps one instance per parameter
+        into an InBackwardOptimizer, which steps inside backward."""
         args = self.args
         params = self.stage1_params if stage == 1 else list(self.student.parameters())
         for p in self.student.parameters():
@@ -189,7 +196,21 @@ class FinetuneRecipe:
         for p in params:
             p.requires_grad_(True)
         lr = (args.stage1_lr or args.lr) if stage == 1 else args.lr
-        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay), lr
+        try:
+            cls, kw = optimizer_class(args.optimizer, weights=args.weights)
+        except ImportError as e:
+            raise FinetuneError(f"--optimizer {args.optimizer} --weights {args.weights}: {e}") from None
+        if args.in_backward:
+            clip = dict(max_grad_norm=args.max_grad_norm, clip="per_tensor") if args.max_grad_norm > 0 else {}
+            return InBackwardOptimizer(params, cls, lr=lr, weight_decay=args.weight_decay,
+                                       state_device=args.state_device, **clip, **kw), lr
+        return cls(params, lr=lr, weight_decay=args.weight_decay, **kw), lr
+
+    def _drop_optimizer(self) -> None:
+        """Lets go of the optimizer (an in-backward one's hooks too, which would otherwise keep stepping)."""
+        if isinstance(self.optimizer, InBackwardOptimizer):
+            self.optimizer.remove()
+        self.optimizer = None
 
     def _start(self, step: int):
         """Before the first step of this process: the opening evals (of a new run), the optimizer
@@ -299,7 +320,8 @@ class FinetuneRecipe:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        self.optimizer = self.teacher = self.student = None
+        self._drop_optimizer()
+        self.teacher = self.student = None
 
 
 def run(args: FinetuneArgs) -> Dict[str, Any]:
