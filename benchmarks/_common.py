@@ -121,6 +121,30 @@ def square_mean_step(model, x) -> None:
         p.grad = None
 
 
+# -- tiny HF MoE models of each family (convert_gap.py, revffn_contraction.py) ---------------------------
+HF_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def tiny_hf(family: str, layers: int):
+    """A random-weight HF MoE causal LM of `family` (HF_FAMILIES): byte vocabulary, hidden 64, 4 heads
+    (2 KV), 8 experts top-2; the caller seeds."""
+    import transformers as tf
+
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, num_experts_per_tok=2, pad_token_id=None, eos_token_id=None,
+                  bos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "mixtral":
+        return tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=8, intermediate_size=64, **common))
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(num_experts=8, moe_intermediate_size=64,
+                                                        shared_expert_intermediate_size=128, intermediate_size=128,
+                                                        qkv_bias=True, **common))
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(num_experts=8, moe_intermediate_size=64, norm_topk_prob=True,
+                                                        **common))
+    return tf.OlmoeForCausalLM(tf.OlmoeConfig(num_experts=8, intermediate_size=64, **common))
+
+
 # -- qwen-moe-mini as Hugging Face builds it (hf_memory.py, floor.py) --------------------------------
 # RevMoEConfig options of the converted models: none. A plain from_hf(...) chooses its working-set
 # options from the tokens of each batch (RevMoEConfig.working_set: at batch 8 x 1024, experts in

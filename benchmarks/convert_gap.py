@@ -26,28 +26,7 @@ import time
 
 import torch
 
-from _common import table_header
-
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-
-
-def make_hf(family: str, layers: int):
-    import transformers as tf
-
-    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=512, num_experts_per_tok=2, pad_token_id=None, eos_token_id=None,
-                  bos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    if family == "mixtral":
-        return tf.MixtralForCausalLM(tf.MixtralConfig(num_local_experts=8, intermediate_size=64, **common))
-    if family == "qwen2_moe":
-        return tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(num_experts=8, moe_intermediate_size=64,
-                                                        shared_expert_intermediate_size=128, intermediate_size=128,
-                                                        qkv_bias=True, **common))
-    if family == "qwen3_moe":
-        return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(num_experts=8, moe_intermediate_size=64, norm_topk_prob=True,
-                                                        **common))
-    return tf.OlmoeForCausalLM(tf.OlmoeConfig(num_experts=8, intermediate_size=64, **common))
-
+from _common import HF_FAMILIES as FAMILIES, table_header, tiny_hf
 
 def batches(ids: torch.Tensor, batch: int, seq: int, gen: torch.Generator):
     while True:
@@ -111,7 +90,7 @@ def main(argv=None):
     table_header("family", "scheme", "loss_hf", "loss_rev", "gap (nats)", "KL")
     for fam in families:
         torch.manual_seed(0)
-        hf = make_hf(fam, args.layers)
+        hf = tiny_hf(fam, args.layers)
         t0 = time.time()
         final = train(hf, train_ids, steps, 16, seq)
         for scheme, kw in variants:

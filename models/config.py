@@ -73,6 +73,9 @@ class RevMoEConfig:
     bdia_gamma: float = 0.0625
     fixed_point_iters: int = 50  # revffn: iterations of the attention branch's inverse
     fixed_point_tol: Optional[float] = None  # revffn: relative residual that counts as converged
+    # revffn: history length of the inverse's Anderson acceleration (per token; converges where the
+    # attention branch is not a contraction, benchmarks/revffn_contraction.py); 0: damped plain iteration
+    fixed_point_memory: int = 6
     # (None: by the stream dtype, 1e-12 for float64, 1e-5 for float32, 1e-2 below)
     # revffn, when the inverse does not converge: "store" (the default: checked in forward, such layers
     # keep their left input, exact, at the cost of memory and F evaluations; a training run goes on),
@@ -143,6 +146,7 @@ class RevMoEConfig:
         need(self.fixed_point_fallback in FIXED_POINT_FALLBACKS,
              f"fixed_point_fallback must be one of {FIXED_POINT_FALLBACKS}, got {self.fixed_point_fallback!r}")
         need(self.fixed_point_iters >= 1, "fixed_point_iters must be >= 1")
+        need(self.fixed_point_memory >= 0, "fixed_point_memory must be >= 0")
         if self.exact:
             need(self.block_type in EXACT_BLOCK_TYPES and self.stochastic_gamma in (None, 1.0),
                  f"exact=True needs a block type that only adds and subtracts increments {EXACT_BLOCK_TYPES}; "

@@ -58,6 +58,18 @@ def test_train_curves_quick():
     assert "held-out (end)" in out
 
 
+def test_revffn_contraction_quick():
+    pytest.importorskip("transformers")
+    out = _run_bench("revffn_contraction.py", "--quick", "--variants", "default", "no-qk-norm")
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|") for line in out.splitlines()
+            if line.startswith("| qwen")}
+    assert set(rows) == {(f, v) for f in ("qwen2_moe", "qwen3_moe") for v in ("default", "no-qk-norm")}, out
+    lip0 = {k: max(map(float, r[3].split())) for k, r in rows.items()}
+    # the q/k norm is what makes Qwen3-MoE's branch no contraction at conversion (Qwen2-MoE has none)
+    assert lip0["qwen3_moe", "default"] > 1.0 > 10 * lip0["qwen3_moe", "no-qk-norm"], out
+    assert lip0["qwen2_moe", "default"] == lip0["qwen2_moe", "no-qk-norm"] < 1.0, out
+
+
 def test_hf_memory_quick():
     out = _run_bench("hf_memory.py", "--quick", "--contenders", "hf-plain", "hf-ckpt", "rev-revffn", "rev-leapfrog")
     for name in ("hf-plain", "hf-ckpt", "rev-revffn", "rev-leapfrog"):
