@@ -3,6 +3,7 @@ import ...` (running `python benchmarks/NAME.py` puts this folder first on sys.p
 benchmarks themselves need an installed revengine (`pip install .` or `pip install -e .`).
 """
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -210,6 +211,16 @@ def random_ids(vocab_size: int, batch: int, seq: int, device="cpu") -> torch.Ten
 
 
 # -- SmolLM2-135M-Instruct and the arithmetic task (smollm2_finetune.py, bdia_gamma.py) ---------------
+
+
+def hf_benchmark_setup(name: str) -> bool:
+    """For the benchmarks of HF models: False (after saying so) when transformers is missing; else sets
+    torch's threads from OMP_NUM_THREADS (default 2) and returns True."""
+    if importlib.util.find_spec("transformers") is None:
+        print(f"{name}: transformers is not installed (pip install 'revengine[hf]'); nothing to measure")
+        return False
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
+    return True
 
 
 def gguf_dir() -> str:

@@ -20,13 +20,12 @@ else needs fine-tuning / distillation. RevFFN is shown with both adapter inits.
 Prints a table; never asserts.
 """
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-from _common import HF_FAMILIES as FAMILIES, table_header, tiny_hf
+from _common import HF_FAMILIES as FAMILIES, hf_benchmark_setup, table_header, tiny_hf
 
 def batches(ids: torch.Tensor, batch: int, seq: int, gen: torch.Generator):
     while True:
@@ -68,16 +67,12 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--families", nargs="*", default=None, choices=FAMILIES)
     args = ap.parse_args(argv)
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        print("convert_gap: transformers is not installed (pip install 'revengine[hf]'); nothing to measure")
+    if not hf_benchmark_setup("convert_gap"):
         return 0
     from revengine.models import BLOCK_TYPES as SCHEMES
     from revengine.convert import conversion_gap, from_hf
     from revengine.models.corpus import splits
 
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
     steps = args.steps if args.steps is not None else (20 if args.quick else 300)
     families = args.families or (("qwen2_moe",) if args.quick else FAMILIES)
     train_ids, held = splits()

@@ -29,13 +29,12 @@ Variants (--variants):
 Prints tables; never asserts.
 """
 import math
-import os
 import sys
 import time
 
 import torch
 
-from _common import HF_FAMILIES, parser, table_header, tiny_hf
+from _common import HF_FAMILIES, hf_benchmark_setup, parser, table_header, tiny_hf
 from revengine.convert import from_hf
 from revengine.models.corpus import splits
 from revengine.models.revffn import RevFFNLayer
@@ -132,12 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="*", default=["default", "no-qk-norm"], choices=VARIANTS)
     ap.add_argument("--quick", action="store_true", help="Qwen2-MoE and Qwen3-MoE, 2 layers, 6 steps")
     args = ap.parse_args(argv)
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        print("revffn_contraction: transformers is not installed (pip install 'revengine[hf]'); nothing to measure")
+    if not hf_benchmark_setup("revffn_contraction"):
         return 0
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "2"))))
     args.steps = args.steps if args.steps is not None else (6 if args.quick else 200)
     args.layers = args.layers or 2
     families = args.families or (("qwen2_moe", "qwen3_moe") if args.quick else HF_FAMILIES)

@@ -13,7 +13,7 @@ from revengine.memory import device_arg
 
 # (toy, real, real --quick) defaults of the flags the two demos share
 SHARED_DEFAULTS = {
-    "steps": (200, 30, 4),
+    "steps": (200, 20, 4),
     "batch": (128, 8, 4),
     "lr": (3e-3, 2e-4, 2e-4),
     "mem_batch": (8192, 1, 1),
@@ -70,7 +70,7 @@ def add_arguments(demo) -> None:
     demo.add_argument("--toy", action="store_true",
                       help="the synthetic engine check instead (a reversible MLP classifier; no weights needed)")
     demo.add_argument("--quick", action="store_true", help="a tiny run (seconds to a minute), for tests")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default 30; --toy 200)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default 20; --toy 200)")
     demo.add_argument("--batch", type=int, default=None, help="training batch size (default 8; --toy 128)")
     demo.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4; --toy 3e-3)")
     demo.add_argument("--mem-batch", type=int, default=None,

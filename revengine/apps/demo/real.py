@@ -117,7 +117,7 @@ def fine_tune(args, dense_dir: str, device: torch.device) -> Dict:
     print(f"model: {model.config.num_hidden_layers} layers, {args.experts} experts top-{args.top_k} (upcycled), "
           f"{n_params / 1e6:.1f}M parameters, reversible (bdia); built in {time.perf_counter() - t0:.0f} s")
 
-    def report(name):
+    def report(name, model):
         ev = evaluate(model, held, tok, batch_size=32, max_examples=args.n_eval)
         ans = _answer(model, tok, held[0], device)
         print(f"{name}: held-out loss {ev['loss']:.3f}, exact match {ev['exact_match']:.1%} "
@@ -125,7 +125,7 @@ def fine_tune(args, dense_dir: str, device: torch.device) -> Dict:
               f"(expected {held[0].answer!r})", flush=True)
         return {"loss": ev["loss"], "exact_match": ev["exact_match"], "answer": ans}
 
-    before = report("before fine-tuning")
+    before = report("before fine-tuning", model)
     opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=args.lr)
     stream = DataStream(train, args.batch, args.seed, tok.pad_token_id)
     losses: List[float] = []
@@ -142,7 +142,7 @@ def fine_tune(args, dense_dir: str, device: torch.device) -> Dict:
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     bar.close()
     train_s = time.perf_counter() - t1
-    after = report(f"after {args.steps} steps")
+    after = report(f"after {args.steps} steps", model)
     rep = model.fixed_point_report()
     del model, opt
     gc.collect()
@@ -253,6 +253,11 @@ def run_demo(args) -> int:
     print(f"\nheld-out exact match {b['exact_match']:.1%} -> {a['exact_match']:.1%}, loss {b['loss']:.3f} -> "
           f"{a['loss']:.3f}; revengine's peak is {rev / ckpt:.2f}x HF + gradient checkpointing's "
           f"({rev:.0f} vs {ckpt:.0f} MiB)")
+    print("Above the weights and fp32 AdamW state (the same in all three), HF holds every gradient of the model at "
+          "its optimizer step and, without checkpointing, every layer's activations; revengine steps each parameter "
+          "inside backward and rebuilds each layer's input from its output, so it holds one layer's working set. "
+          "`revengine plan` predicts these parts for any MoE config and length; `revengine finetune --optimizer "
+          "adamw8bit --weights bf16 --in-backward` also shrinks the state.")
     png = os.path.join(work, "demo.png")
     with open(os.path.join(work, "results.json"), "w") as fh:
         json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "fine_tune": result,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from revengine import AdditiveCoupling, Sequential
-from revengine.memory import device_arg, measure_in_subprocess, measure_step, time_alternating
+from revengine.memory import measure_in_subprocess, measure_step, time_alternating
 
 DEMO_MODES = ("plain", "checkpoint", "reversible")  # the table's order: the baseline first
 
