@@ -303,10 +303,13 @@ class RevNode : public Node {
   std::string name() const override { return "RevengineLayerBackward"; }
   variable_list apply(variable_list&& grads) override;
   void release_variables() override;
+  // The engine calls this before apply when the graph is not kept (no retain_graph).
+  void will_release_variables() override { releasing_ = true; }
 
  private:
   std::shared_ptr<StackState> st_;
   size_t index_;
+  bool releasing_ = false;
 };
 
 variable_list RevNode::apply(variable_list&& grads) {
@@ -328,9 +331,19 @@ variable_list RevNode::apply(variable_list&& grads) {
                   "forward; its backward reconstructs the inputs from the outputs, so clone the "
                   "output before changing it");
     }
-    // Fresh buffers: the saved outputs stay intact for retain_graph and the user.
-    s.a = st.final_a.clone(at::MemoryFormat::Contiguous);
-    s.b = st.final_b.clone(at::MemoryFormat::Contiguous);
+    // The backward rebuilds the inputs in place. When the graph is released after this backward and
+    // nothing else holds the saved outputs' memory (the user's output tensors are gone), it works in
+    // them directly; otherwise in fresh copies, so the outputs stay intact for retain_graph and the user.
+    auto sole = [](const at::Tensor& t) { return t.is_contiguous() && t.storage().use_count() == 1; };
+    if (releasing_ && sole(st.final_a) && sole(st.final_b)) {
+      s.a = st.final_a;
+      s.b = st.final_b;
+      st.final_a.reset();
+      st.final_b.reset();
+    } else {
+      s.a = st.final_a.clone(at::MemoryFormat::Contiguous);
+      s.b = st.final_b.clone(at::MemoryFormat::Contiguous);
+    }
   }
   TORCH_INTERNAL_ASSERT(s.a.defined() && s.b.defined(),
                         "revengine: backward of ", label, " ran before the layer above it");

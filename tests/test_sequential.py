@@ -305,6 +305,41 @@ def test_output_used_twice_and_retain_graph(mode):
     assert rel_err(grads(same_layers(seq, mode)), grads(same_layers(seq, "plain"))) <= 1e-10
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["float", "exact"])
+def test_backward_consumes_the_outputs_only_when_nobody_holds_them(exact):
+    """Without retain_graph the backward rebuilds the inputs inside the saved outputs' memory when
+    nothing else holds it, else in copies: the grads are the same either way (and plain's), and an
+    output the user still holds keeps its values."""
+    seq = stack("additive", 4, 4)
+    x0 = torch.randn(3, 8, dtype=torch.float64)
+
+    clones = {}
+
+    def grads(s, hold):
+        x = x0.clone().requires_grad_(True)
+        ya, yb = s((x[:, :4], x[:, 4:]))
+        kept = (ya, yb, ya.detach().clone(), yb.detach().clone()) if hold else None
+        loss = (ya * ya).sum() + yb.tanh().sum()
+        del ya, yb
+        with torch.profiler.profile() as prof:
+            loss.backward()
+        clones[hold] = sum(e.count for e in prof.key_averages() if e.key == "aten::clone")
+        if hold:
+            assert torch.equal(kept[0], kept[2]) and torch.equal(kept[1], kept[3])
+        return x.grad
+
+    rev_seq = rev.Sequential(*seq.layers, merge=None, mode="reversible", exact=exact)
+    ref = rev.Sequential(*seq.layers, merge=None, mode="plain")
+    consumed, copied = grads(rev_seq, False), grads(rev_seq, True)
+    assert torch.equal(consumed, copied)
+    # float: the outputs are the streams' memory, copied only while the user holds them; exact: the
+    # user's outputs are float conversions of the fixed-point streams, which are never copied
+    assert clones[True] - clones[False] == (0 if exact else 2), clones
+    assert clones[False] == 0, clones
+    # exact mode rounds every increment to its fixed point (24 fraction bits), plain does not
+    assert rel_err(consumed, grads(ref, False)) <= (1e-4 if exact else 1e-10)
+
+
 def test_second_backward_without_retain_graph_is_a_clear_error():
     seq = stack("additive", 3, 4)
     y = seq(torch.randn(2, 8, dtype=torch.float64, requires_grad=True)).sum()
