@@ -45,6 +45,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from revengine.optim import inner_tensors
+
 __all__ = [
     "MMAP_THRESHOLD",
     "MemoryFigure",
@@ -386,11 +388,7 @@ def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
 def _state_tensors(state) -> Iterable[torch.Tensor]:
     """The plain tensors of an optimizer state (a quantized subclass, torchao's, counts as its inner tensors)."""
     if isinstance(state, torch.Tensor):
-        if type(state) is not torch.Tensor and hasattr(state, "__tensor_flatten__"):
-            for n in state.__tensor_flatten__()[0]:
-                yield from _state_tensors(getattr(state, n))
-        else:
-            yield state
+        yield from inner_tensors(state)
     elif isinstance(state, dict):
         for v in state.values():
             yield from _state_tensors(v)

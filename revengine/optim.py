@@ -47,7 +47,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -157,19 +157,19 @@ def _map_inner(t: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> t
     return type(t).__tensor_unflatten__({n: _map_inner(getattr(t, n), fn) for n in names}, ctx, t.size(), t.stride())
 
 
-def _copy_inner(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
-    if _is_subclass(dst):
-        for n in dst.__tensor_flatten__()[0]:
-            _copy_inner(getattr(dst, n), getattr(src, n), non_blocking)
-    else:
-        dst.copy_(src, non_blocking=non_blocking)
-
-
-def state_nbytes(t: torch.Tensor) -> int:
-    """Bytes a (possibly quantized subclass) tensor holds."""
+def inner_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The plain tensors holding a tensor's data: itself, or a subclass's inner tensors (torchao's
+    quantized state: codes, scales, lookup table), depth first."""
     if _is_subclass(t):
-        return sum(state_nbytes(getattr(t, n)) for n in t.__tensor_flatten__()[0])
-    return t.numel() * t.element_size()
+        for n in t.__tensor_flatten__()[0]:
+            yield from inner_tensors(getattr(t, n))
+    else:
+        yield t
+
+
+def _copy_inner(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
+    for d, s in zip(inner_tensors(dst), inner_tensors(src)):
+        d.copy_(s, non_blocking=non_blocking)
 
 
 class InBackwardOptimizer:
