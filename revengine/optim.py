@@ -62,6 +62,12 @@ def torchao_available() -> bool:
     return importlib.util.find_spec("torchao") is not None
 
 
+def needs_torchao(name: str, weights: str = "fp32") -> bool:
+    """Whether optimizer_class(name, weights=weights) takes its class from torchao: every setting
+    but fp32 AdamW."""
+    return not (name == "adamw" and weights == "fp32")
+
+
 def optimizer_class(name: str, *, weights: str = "fp32", compile: bool = False) -> Tuple[type, Dict[str, Any]]:
     """(optimizer class, extra keyword arguments) for an optimizer name and weight dtype.
 
@@ -84,7 +90,7 @@ def optimizer_class(name: str, *, weights: str = "fp32", compile: bool = False) 
         raise ValueError(f"revengine.optim: unknown optimizer {name!r}; known: {', '.join(OPTIMIZER_NAMES)}")
     if weights not in WEIGHT_DTYPES:
         raise ValueError(f"revengine.optim: weights must be one of {tuple(WEIGHT_DTYPES)}, got {weights!r}")
-    if name == "adamw" and weights == "fp32":
+    if not needs_torchao(name, weights):
         return torch.optim.AdamW, {}
     try:
         ao = importlib.import_module("torchao.optim")

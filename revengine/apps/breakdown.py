@@ -8,8 +8,8 @@ import torch
 from revengine import MODES, convert, memory
 from revengine.memory import device_arg, measure_in_subprocess
 from revengine.models import BLOCK_TYPES, RevMoEForCausalLM, chunked_cross_entropy
-from revengine.optim import OPTIMIZER_NAMES, TORCHAO_HINT, WEIGHT_DTYPES, InBackwardOptimizer, optimizer_class, \
-    torchao_available
+from revengine.optim import OPTIMIZER_NAMES, TORCHAO_HINT, WEIGHT_DTYPES, InBackwardOptimizer, needs_torchao, \
+    optimizer_class, torchao_available
 
 
 def _head_fn(model, batch: int, seq: int):
@@ -55,7 +55,8 @@ def breakdown_child(model: str, scheme: str, batch: int, seq: int, optimizer: st
 def cmd_breakdown(args) -> int:
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
     in_backward = args.in_backward or args.optimizer == "adamw-in-backward"
-    if (args.optimizer not in ("adamw", "adamw-in-backward") or args.weights == "bf16") and not torchao_available():
+    name = "adamw" if args.optimizer == "adamw-in-backward" else args.optimizer
+    if needs_torchao(name, args.weights) and not torchao_available():
         what = f"--optimizer {args.optimizer}" if args.weights == "fp32" else "--weights bf16"
         print(f"revengine breakdown: error: {what} needs torchao, which is not installed: {TORCHAO_HINT}",
               file=sys.stderr)

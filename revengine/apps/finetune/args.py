@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 
 from revengine import memory
 from revengine.models import BLOCK_TYPES as SCHEMES, FIXED_POINT_FALLBACKS
-from revengine.optim import OPTIMIZER_NAMES, TORCHAO_HINT, WEIGHT_DTYPES, torchao_available
+from revengine.optim import OPTIMIZER_NAMES, TORCHAO_HINT, WEIGHT_DTYPES, needs_torchao, torchao_available
 
 DISTILL = ("none", "stage1", "all")
 # schemes whose reversible layers cannot train with bf16 weights, and why (measured: a 16-layer tiny Mixtral,
@@ -126,7 +126,7 @@ class FinetuneArgs:
             raise FinetuneError(f"--optimizer must be one of {OPTIMIZER_NAMES}, got {self.optimizer!r}")
         if self.weights not in WEIGHT_DTYPES:
             raise FinetuneError(f"--weights must be one of {tuple(WEIGHT_DTYPES)}, got {self.weights!r}")
-        if (self.optimizer != "adamw" or self.weights == "bf16") and not torchao_available():
+        if needs_torchao(self.optimizer, self.weights) and not torchao_available():
             what = f"--optimizer {self.optimizer}" if self.optimizer != "adamw" else "--weights bf16"
             raise FinetuneError(f"{what} needs torchao, which is not installed: {TORCHAO_HINT}")
         if self.in_backward and self.grad_accum != 1:
