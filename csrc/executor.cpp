@@ -286,7 +286,6 @@ std::vector<at::Tensor> vjp(const std::vector<at::Tensor>& outputs,
 struct StackState {
   std::vector<LayerPtr> layers;
   std::vector<LayerRecord> records;
-  std::vector<size_t> num_params;
   Ctx ctx;
   ExecOptions opts;
   AutocastState autocast;
@@ -355,7 +354,7 @@ variable_list RevNode::apply(variable_list&& grads) {
   at::Tensor dya = grad_or_zeros(grads[0]);
   at::Tensor dyb = grad_or_zeros(grads[1]);
 
-  const size_t np = st.num_params[index_];
+  const size_t np = st.records[index_].params.size();  // the node's outputs 2 .. 2 + np - 1
   const size_t nc = st.ctx.tensors.size();
   Needs needs;
   needs.streams = should_compute_output(0) || should_compute_output(1);
@@ -506,7 +505,6 @@ ForwardResult reversible_forward(const std::vector<LayerPtr>& layers, const at::
     st->autocast = AutocastState::capture(xa.device().type());
     st->report = result.report;
     st->records.reserve(L);
-    st->num_params.reserve(L);
   }
 
   for (size_t i = 0; i < L; ++i) {
@@ -546,7 +544,6 @@ ForwardResult reversible_forward(const std::vector<LayerPtr>& layers, const at::
     rec.param_versions.reserve(params[i].size());
     for (const auto& p : params[i]) rec.param_versions.push_back(p.defined() ? p._version() : 0);
     st->records.push_back(std::move(rec));
-    st->num_params.push_back(params[i].size());
 
     at::Tensor out_a, out_b;
     if (i + 1 < L) {
