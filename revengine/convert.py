@@ -43,6 +43,7 @@ What is preserved (measured by tests/test_convert.py and benchmarks/convert_gap.
   sub-blocks, so the weights fit, but the HF model then computes a different function). revffn
   cannot be exported at all: its adapters and half-width streams have no HF counterpart.
 """
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -515,6 +516,15 @@ def to_hf(model, family: Optional[str] = None, allow_function_change: bool = Fal
 # Upcycling a dense model
 
 
+def _no_init_weights():
+    """transformers' context that skips weight initialisation, where this version has it."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_weights()
+
+
 @torch.no_grad()
 def upcycle(dense_model, num_experts: int, top_k: int, router_std: Optional[float] = None,
             generator: Optional[torch.Generator] = None, **mixtral_config_kwargs):
@@ -550,7 +560,8 @@ def upcycle(dense_model, num_experts: int, top_k: int, router_std: Optional[floa
     prev = torch.get_default_dtype()
     try:
         torch.set_default_dtype(_build_dtype(p0.dtype))
-        with torch.device(p0.device):
+        # every weight is written below: skip HF's random init (seconds for a real model)
+        with torch.device(p0.device), _no_init_weights():
             moe = tf.MixtralForCausalLM(mc)
     finally:
         torch.set_default_dtype(prev)

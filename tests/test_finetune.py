@@ -566,8 +566,11 @@ class _Oracle(torch.nn.Module):
         self.table = table
         self.training = False
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, labels=None, **kw):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, labels=None,
+                past_key_values=None, use_cache=False, **kw):
         tok = ft.ByteTokenizer()
+        if past_key_values is not None:  # its "cache" is the ids so far: the caller passes only new ones
+            input_ids = torch.cat([past_key_values, input_ids], 1)
         out = torch.full((input_ids.shape[0], 1, 257), -1e9)
         for i, row in enumerate(input_ids.tolist()):
             text = tok.decode([t for t, m in zip(row, attention_mask[i].tolist()) if m])
@@ -577,7 +580,9 @@ class _Oracle(torch.nn.Module):
                     done = text[len(prompt):]
                     nxt = ord(answer[len(done)]) if len(done) < len(answer) else 256
             out[i, 0, nxt] = 0.0
-        return tf.modeling_outputs.CausalLMOutput(logits=out, loss=torch.tensor(0.0) if labels is not None else None)
+        return tf.modeling_outputs.CausalLMOutputWithPast(
+            logits=out, loss=torch.tensor(0.0) if labels is not None else None,
+            past_key_values=input_ids if use_cache else None)
 
 
 def test_exact_match_counts_greedy_answers():
@@ -588,6 +593,41 @@ def test_exact_match_counts_greedy_answers():
     oracle = _Oracle({"Q: 1+1=": "2", "Q: 10+5=": "15", "Q: 7-9=": "-3", "Q: 3+3=": "66"})
     res = ft.evaluate(oracle, exs, tok, batch_size=3)
     assert res["exact_match"] == pytest.approx(0.5) and res["exact_match_n"] == 4
+
+
+def _greedy_without_cache(model, prompts, max_new, pad, eos):
+    """The reference: every step runs the whole left-padded prefix."""
+    n = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (n - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
+    new, done = [[] for _ in prompts], [False] * len(prompts)
+    for _ in range(max_new):
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        nxt = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, -1].argmax(-1)
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                done[i] = t == eos
+                if not done[i]:
+                    new[i].append(t)
+        ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return new
+
+
+@pytest.mark.parametrize("kind", ["hf", "revengine"])
+def test_greedy_continue_with_cache_equals_full_prefix_decoding(kind):
+    """greedy_continue feeds one token per step with the model's key/value cache; with left padding and
+    explicit positions it must pick what decoding the whole prefix every step picks."""
+    from revengine import convert
+
+    torch.manual_seed(0)
+    model = tf.MixtralForCausalLM(tiny_config("mixtral"))
+    if kind == "revengine":
+        model = convert.from_hf(model, scheme="bdia")
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 100, (n,), generator=g).tolist() for n in (3, 7, 5, 1)]
+    got = ft.greedy_continue(model, prompts, max_new=6, pad=0, eos=-1, batch=3)
+    assert got == _greedy_without_cache(model, prompts, 6, 0, -1)
 
 
 def test_collate_masks_prompts_and_padding():

@@ -206,14 +206,14 @@ def test_low_bit_state_in_backward_matches_the_plain_optimizer_and_resumes(name,
     (stochastic rounding draws the same numbers); the state round-trips through a safetensors file."""
     if name != "adamw" or weights != "fp32":
         pytest.importorskip("torchao")
-    from revengine.optim import WEIGHT_DTYPES, load_state_dict_file, optimizer_class, save_state_dict, set_lr
+    from revengine.optim import WEIGHT_DTYPES, create, load_state_dict_file, optimizer_class, save_state_dict, set_lr
     dt = WEIGHT_DTYPES[weights]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).to(dt)  # 8192 elements: quantized
     ref = copy.deepcopy(model)
     cls, kw = optimizer_class(name, weights=weights)
     fused = InBackwardOptimizer(model.parameters(), cls, lr=1e-2, weight_decay=0.1, **kw)
-    plain = [cls([p], lr=1e-2, weight_decay=0.1, **kw) for p in ref.parameters()]  # the same per-parameter order
+    plain = [create(cls, [p], lr=1e-2, weight_decay=0.1, **kw) for p in ref.parameters()]  # the same order
     x = torch.randn(8, 64, dtype=dt)
 
     def step(m, opts=None, seed=0):
@@ -274,3 +274,15 @@ def test_state_file_refuses_foreign_tensor_types(tmp_path):
     save_file({"t": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="not an optimizer state file"):
         load_state_dict_file(str(tmp_path / "plain.safetensors"))
+
+
+def test_adamw_defaults_to_its_fused_kernel_unless_the_caller_chooses():
+    """Fused AdamW is the default for CPU/CUDA floating-point parameters (in backward and plain); an
+    explicit fused/foreach choice, another optimizer or an integer tensor is left alone."""
+    from revengine.optim import create, fused_default
+    lin = nn.Linear(4, 4)
+    assert InBackwardOptimizer(lin.parameters(), torch.optim.AdamW, lr=1e-3).optimizers[0].defaults["fused"] is True
+    assert create(torch.optim.Adam, lin.parameters(), lr=1e-3).defaults["fused"] is True
+    assert create(torch.optim.AdamW, lin.parameters(), lr=1e-3, foreach=True).defaults["fused"] is None
+    assert "fused" not in fused_default(torch.optim.SGD, [lin.weight], {"lr": 1.0})
+    assert "fused" not in fused_default(torch.optim.AdamW, [torch.zeros(2, dtype=torch.long)], {})

@@ -9,7 +9,7 @@ from revengine import MODES, convert, memory
 from revengine.memory import device_arg, measure_in_subprocess
 from revengine.models import BLOCK_TYPES, RevMoEForCausalLM, chunked_cross_entropy
 from revengine.optim import OPTIMIZER_NAMES, TORCHAO_HINT, WEIGHT_DTYPES, InBackwardOptimizer, needs_torchao, \
-    optimizer_class, torchao_available
+    create, optimizer_class, torchao_available
 
 
 def _head_fn(model, batch: int, seq: int):
@@ -46,7 +46,7 @@ def breakdown_child(model: str, scheme: str, batch: int, seq: int, optimizer: st
         optimizer, in_backward = "adamw", True
     cls, kw = optimizer_class(optimizer, weights=weights)
     opt = (InBackwardOptimizer(net.parameters(), cls, lr=1e-6, **kw) if in_backward
-           else cls(net.parameters(), lr=1e-6, **kw))
+           else create(cls, net.parameters(), lr=1e-6, **kw))
     r = memory.training_step_figures(net, opt, lambda: net(input_ids=ids, labels=ids, use_cache=False).loss,
                                      head_fn=_head_fn(net, batch, seq), device=device)
     return {k: v for k, v in r.items() if not k.startswith("figure")} | {"model_class": type(net).__name__}

@@ -1,6 +1,7 @@
 """Held-out evaluation: token loss and greedy exact match."""
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, List
 
 import torch
@@ -15,22 +16,27 @@ from .model import device_of
 @torch.no_grad()
 def greedy_continue(model, prompts: List[List[int]], max_new: int, pad: int, eos: int, batch: int = 16,
                     bf16: bool = False) -> List[List[int]]:
-    """Greedy continuations of left-padded prompts (no cache, explicit positions: any causal LM)."""
+    """Greedy continuations of left-padded prompts, with explicit positions and the model's key/value
+    cache (HF models and revengine's alike), so each new token costs one position, not the prefix."""
     outs: List[List[int]] = []
     dev = device_of(model)
+    # transformers 5 renames the cache argument (and output) from past_key_values to cache
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     for s in range(0, len(prompts), batch):
         chunk = prompts[s:s + batch]
         n = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (n - len(p)) + p for p in chunk], device=dev)
+        step_in = torch.tensor([[pad] * (n - len(p)) + p for p in chunk], device=dev)
         mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in chunk], device=dev)
+        cache = None
         new = [[] for _ in chunk]
         done = [False] * len(chunk)
         for _ in range(max_new):
-            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)[:, -step_in.shape[1]:]
             with autocast(bf16, dev):
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                               logits_to_keep=1).logits[:, -1]
-            nxt = logits.float().argmax(-1)
+                out = model(input_ids=step_in, attention_mask=mask, position_ids=pos, use_cache=True,
+                            logits_to_keep=1, **{cache_name: cache})
+            cache = getattr(out, cache_name)
+            nxt = out.logits[:, -1].float().argmax(-1)
             for i, t in enumerate(nxt.tolist()):
                 if not done[i]:
                     if t == eos:
@@ -39,7 +45,7 @@ def greedy_continue(model, prompts: List[List[int]], max_new: int, pad: int, eos
                         new[i].append(t)
             if all(done):
                 break
-            ids = torch.cat([ids, nxt[:, None]], 1)
+            step_in = nxt[:, None]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         outs.extend(new)
     return outs

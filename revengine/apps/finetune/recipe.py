@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from revengine import memory
-from revengine.optim import WEIGHT_DTYPES, InBackwardOptimizer, optimizer_class, set_lr
+from revengine.optim import WEIGHT_DTYPES, InBackwardOptimizer, create, optimizer_class, set_lr
 
 from .args import FinetuneArgs, FinetuneError
 from .checkpoint import (check_resume, checkpoint_dirs, load_checkpoint_weights, load_optimizer_state, load_state,
@@ -204,7 +204,7 @@ class FinetuneRecipe:
             clip = dict(max_grad_norm=args.max_grad_norm, clip="per_tensor") if args.max_grad_norm > 0 else {}
             return InBackwardOptimizer(params, cls, lr=lr, weight_decay=args.weight_decay,
                                        state_device=args.state_device, **clip, **kw), lr
-        return cls(params, lr=lr, weight_decay=args.weight_decay, **kw), lr
+        return create(cls, params, lr=lr, weight_decay=args.weight_decay, **kw), lr
 
     def _drop_optimizer(self) -> None:
         """Lets go of the optimizer (an in-backward one's hooks too, which would otherwise keep stepping)."""
