@@ -1,7 +1,10 @@
 // Python bindings: adapts Python callables / nn.Modules to the executor's Fn and Layer interfaces.
 #include <pybind11/gil_safe_call_once.h>
 #include <torch/csrc/Exceptions.h>
-#include <torch/extension.h>
+// not <torch/extension.h>: it pulls in the whole C++ frontend (torch/all.h), 30 s of compile time
+#include <pybind11/pybind11.h>
+#include <torch/python.h>
+#include <torch/version.h>
 
 #include "errors.h"
 #include "executor.h"

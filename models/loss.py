@@ -17,6 +17,13 @@ class _ChunkedLinearCE(torch.autograd.Function):
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         n = valid.sum().clamp_min(1).to(acc)
         total = torch.zeros((), dtype=acc, device=h.device)
+        rows = None
+        if not bool(valid.all()):
+            # ignored rows (prompts, padding) add nothing and have zero grads: only the labelled rows
+            # go through the head (a quarter of them in prompt/answer fine-tuning)
+            rows = valid.nonzero()[:, 0]
+            h_all, h, labels = h, h.index_select(0, rows), labels.index_select(0, rows)
+            valid = torch.ones_like(labels, dtype=torch.bool)
         gh = torch.empty_like(h) if want_h else None
         gw = torch.zeros_like(w) if want_w else None
         for s in range(0, h.shape[0], chunk):
@@ -37,6 +44,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 if want_w:
                     gw += (g.t() @ hc).to(gw.dtype)
             del logits, lf
+        if rows is not None and gh is not None:
+            gh = torch.zeros_like(h_all).index_copy_(0, rows, gh)
         ctx.save_for_backward(gh, gw)
         return total / n
 

@@ -126,13 +126,18 @@ def test_chunked_cross_entropy_equals_full_logits():
     h = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
     labels = torch.randint(0, 50, (37,), generator=g)
-    labels[::5] = -100
-    ref = torch.nn.functional.cross_entropy(h @ w.t(), labels, ignore_index=-100)
-    gh, gw = torch.autograd.grad(3 * ref, (h, w))
-    for chunk in (1, 8, 37, 100):
-        out = chunked_cross_entropy(h, w, labels, chunk)
-        ch, cw = torch.autograd.grad(3 * out, (h, w))
-        assert rel(out, ref) < 1e-14 and rel(ch, gh) < 1e-13 and rel(cw, gw) < 1e-13
+    for ignored in (slice(0, 0), slice(None, None, 5), slice(2, None)):  # none, some (the prompt rows), most
+        lab = labels.clone()
+        lab[ignored] = -100
+        ref = torch.nn.functional.cross_entropy(h @ w.t(), lab, ignore_index=-100)
+        gh, gw = torch.autograd.grad(3 * ref, (h, w))
+        for chunk in (1, 8, 37, 100):
+            out = chunked_cross_entropy(h, w, lab, chunk)
+            ch, cw = torch.autograd.grad(3 * out, (h, w))
+            assert rel(out, ref) < 1e-14 and rel(ch, gh) < 1e-13 and rel(cw, gw) < 1e-13
+    out = chunked_cross_entropy(h, w, torch.full_like(labels, -100), 8)  # nothing labelled: 0, zero grads
+    ch, cw = torch.autograd.grad(out, (h, w))
+    assert float(out) == 0.0 and not ch.any() and not cw.any()
 
 
 @pytest.mark.parametrize("block_type", BLOCK_TYPES)

@@ -13,7 +13,7 @@ from revengine.memory import device_arg
 
 # (toy, real, real --quick) defaults of the flags the two demos share
 SHARED_DEFAULTS = {
-    "steps": (200, 20, 4),
+    "steps": (200, 16, 4),
     "batch": (128, 8, 4),
     "lr": (3e-3, 2e-4, 2e-4),
     "mem_batch": (8192, 1, 1),
