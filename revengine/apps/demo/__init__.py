@@ -70,7 +70,7 @@ def add_arguments(demo) -> None:
     demo.add_argument("--toy", action="store_true",
                       help="the synthetic engine check instead (a reversible MLP classifier; no weights needed)")
     demo.add_argument("--quick", action="store_true", help="a tiny run (seconds to a minute), for tests")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default 20; --toy 200)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default 16; --toy 200)")
     demo.add_argument("--batch", type=int, default=None, help="training batch size (default 8; --toy 128)")
     demo.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4; --toy 3e-3)")
     demo.add_argument("--mem-batch", type=int, default=None,
