@@ -42,7 +42,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 if want_h:
                     gh[s:s + chunk] = g @ w
                 if want_w:
-                    gw += (g.t() @ hc).to(gw.dtype)
+                    if gw.dtype == g.dtype:
+                        gw.addmm_(g.t(), hc)  # in place: a [V, d] temporary per chunk cost more than the product
+                    else:
+                        gw += (g.t() @ hc).to(gw.dtype)
             del logits, lf
         if rows is not None and gh is not None:
             gh = torch.zeros_like(h_all).index_copy_(0, rows, gh)
