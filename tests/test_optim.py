@@ -286,3 +286,31 @@ def test_adamw_defaults_to_its_fused_kernel_unless_the_caller_chooses():
     assert create(torch.optim.AdamW, lin.parameters(), lr=1e-3, foreach=True).defaults["fused"] is None
     assert "fused" not in fused_default(torch.optim.SGD, [lin.weight], {"lr": 1.0})
     assert "fused" not in fused_default(torch.optim.AdamW, [torch.zeros(2, dtype=torch.long)], {})
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "adamw4bit"])
+def test_eager_low_bit_update_in_row_slices_equals_the_whole_update(name, monkeypatch):
+    """A large parameter is updated in row slices cut on the quantized moments' block boundaries (the
+    eager update's fp32 temporaries are then a slice's, not the parameter's): same weights and the same
+    state, bit for bit, as updating it whole."""
+    pytest.importorskip("torchao")
+    from revengine import optim
+    cls, kw = optim.optimizer_class(name)
+    results = []
+    pieces = []
+    for limit in (optim.EAGER_UPDATE_ELEMENTS, 1000):  # whole; slices of whole blocks (12 or 14 rows of 64)
+        monkeypatch.setattr(optim, "EAGER_UPDATE_ELEMENTS", limit)
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(96, 64))  # 6144 elements, whole blocks: quantized moments
+        opt = InBackwardOptimizer([w], cls, lr=1e-2, weight_decay=0.1, **kw)
+        for i in range(3):
+            torch.manual_seed(i)
+            (w * torch.randn_like(w)).sum().backward()
+        state = opt.optimizers[0].state[w]
+        pieces.append(len(list(optim._update_rows(w, [state["exp_avg"], state["exp_avg_sq"]]))))
+        results.append((w.detach().clone(), [t.dequantize() if hasattr(t, "dequantize") else t.clone()
+                                             for t in (state["exp_avg"], state["exp_avg_sq"])]))
+    (w1, s1), (w2, s2) = results
+    assert torch.equal(w1, w2) and all(torch.equal(a, b) for a, b in zip(s1, s2))
+    assert pieces == [1, 8 if name == "adamw8bit" else 7], pieces  # blocks of 256 / 128 elements
+    assert type(state["exp_avg"]).__name__.startswith("OptimState"), type(state["exp_avg"])
