@@ -22,13 +22,18 @@ from revengine import convert, memory
 from revengine.models import eval_mode
 from revengine.apps.finetune import (DataStream, arithmetic_records, encode_records, evaluate, greedy_continue,
                                      load_tokenizer, model_losses, vocab_size_of)
-from revengine.optim import InBackwardOptimizer, create
+from revengine.optim import WEIGHT_DTYPES, InBackwardOptimizer, create, optimizer_class
 
 from . import smollm2
 
 CONTENDERS = ("hf-plain", "hf-ckpt", "revengine")
 LABELS = {"hf-plain": "HF plain", "hf-ckpt": "HF + gradient checkpointing",
-          "revengine": "revengine (bdia, AdamW in backward)"}
+          "revengine": "revengine (bdia, AdamW in backward)",
+          "revengine-lowmem": "revengine (bdia, bf16 weights, 8-bit AdamW in backward)",
+          "revengine-4bit": "revengine (bdia, bf16 weights, 4-bit AdamW in backward)"}
+# (optimizer, weights) of the revengine contenders (revengine.optim.optimizer_class's names)
+REV_STATE = {"revengine": ("adamw", "fp32"), "revengine-lowmem": ("adamw8bit", "bf16"),
+             "revengine-4bit": ("adamw4bit", "bf16")}
 BAR_LABELS = {"hf-plain": "HF plain", "hf-ckpt": "HF + gradient\ncheckpointing",
               "revengine": "revengine\n(bdia, AdamW\nin backward)"}
 MAX_LENGTH = 64  # the addition examples are ~12 tokens
@@ -58,15 +63,18 @@ def measure_contender(dense_dir: str, experts: int, top_k: int, seed: int, layer
     activations; the state is allocated by this first step, as in a real run's first step)."""
     torch.manual_seed(seed)
     model = build_moe(dense_dir, experts, top_k, seed, layers)
-    if contender == "revengine":
+    if contender in REV_STATE:
         model = convert.from_hf(model, scheme="bdia")
     elif contender == "hf-ckpt":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif contender != "hf-plain":
         raise ValueError(f"unknown contender {contender!r}")
     model.to(device).train()
-    if contender == "revengine":
-        opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=lr)
+    if contender in REV_STATE:
+        name, weights = REV_STATE[contender]
+        cls, kw = optimizer_class(name, weights=weights)
+        model.to(WEIGHT_DTYPES[weights])
+        opt = InBackwardOptimizer(model.parameters(), cls, lr=lr, **kw)
     else:
         opt = create(torch.optim.AdamW, model.parameters(), lr=lr)  # fused, as HF's Trainer defaults to
     ids = torch.randint(0, vocab_size_of(model), (batch, seq), generator=torch.Generator().manual_seed(seed))
