@@ -271,7 +271,7 @@ class InBackwardOptimizer:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"InBackwardOptimizer: max_grad_norm must be > 0, got {max_grad_norm}")
         self.max_grad_norm, self.clip = max_grad_norm, clip
-        self.optimizers = [optimizer_cls([p], **fused_default(optimizer_cls, [p], optimizer_kwargs)) for p in self.params]
+        self.optimizers = [create(optimizer_cls, [p], **optimizer_kwargs) for p in self.params]
         self.state_device = torch.device(state_device) if state_device is not None else None
         self._pin = self.state_device is not None and self.state_device.type == "cpu" and torch.cuda.is_available()
         self._home: List[Dict[str, torch.Tensor]] = [{} for _ in self.params]  # state_device copies

@@ -42,8 +42,6 @@ def breakdown_child(model: str, scheme: str, batch: int, seq: int, optimizer: st
     net.to(WEIGHT_DTYPES[weights])
     vocab = net.lm_head.weight.shape[0]
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
-    if optimizer == "adamw-in-backward":  # the earlier spelling of --optimizer adamw --in-backward
-        optimizer, in_backward = "adamw", True
     cls, kw = optimizer_class(optimizer, weights=weights)
     opt = (InBackwardOptimizer(net.parameters(), cls, lr=1e-6, **kw) if in_backward
            else create(cls, net.parameters(), lr=1e-6, **kw))
@@ -54,7 +52,7 @@ def breakdown_child(model: str, scheme: str, batch: int, seq: int, optimizer: st
 
 def cmd_breakdown(args) -> int:
     env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
-    in_backward = args.in_backward or args.optimizer == "adamw-in-backward"
+    in_backward = args.in_backward or args.optimizer == "adamw-in-backward"  # its earlier spelling
     name = "adamw" if args.optimizer == "adamw-in-backward" else args.optimizer
     if needs_torchao(name, args.weights) and not torchao_available():
         what = f"--optimizer {args.optimizer}" if args.weights == "fp32" else "--weights bf16"
@@ -63,7 +61,7 @@ def cmd_breakdown(args) -> int:
         return 2
     try:
         r = measure_in_subprocess("revengine.apps.breakdown:breakdown_child", dict(
-            model=args.model, scheme=args.scheme, batch=args.batch, seq=args.seq, optimizer=args.optimizer,
+            model=args.model, scheme=args.scheme, batch=args.batch, seq=args.seq, optimizer=name,
             gradient_checkpointing=args.gradient_checkpointing, reversible_mode=args.reversible_mode,
             moe_chunk_size=args.moe_chunk_size, device=args.device, weights=args.weights, in_backward=in_backward),
             env=env, timeout=7200)
