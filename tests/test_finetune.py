@@ -626,7 +626,11 @@ def test_greedy_continue_with_cache_equals_full_prefix_decoding(kind):
     model.eval()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 100, (n,), generator=g).tolist() for n in (3, 7, 5, 1)]
+    widths = []  # tokens fed per call: the prompt once per batch, then one at a time (the cache is used)
+    hook = model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape[1]), with_kwargs=True)
     got = ft.greedy_continue(model, prompts, max_new=6, pad=0, eos=-1, batch=3)
+    hook.remove()
+    assert widths == [7] + [1] * 5 + [1] + [1] * 5, widths
     assert got == _greedy_without_cache(model, prompts, 6, 0, -1)
 
 
