@@ -39,6 +39,11 @@ training) nothing moves and the step is the ordinary one.
 Low-memory state by name (`optimizer_class`): "adamw" (torch's, fp32 state), "adamw8bit" and
 "adamw4bit" (torchao's block-quantized state, `pip install torchao`); with bf16 weights every name
 maps to a torchao class that updates the weights with stochastic rounding (no fp32 master copy).
+On CPU their update is revengine's fused kernel (`torch.ops.revengine.adam_step_`): torchao's
+arithmetic and state layout in one pass over the parameter, where torchao's eager update makes
+about forty passes over fp32 temporaries and its compiled one costs 20-60 s of compile per
+parameter shape. It gives torchao's codes and scales and its weights up to float rounding; bf16
+stochastic rounding draws its bits from a counter-based hash seeded from torch's generator.
 `save_state_dict` / `load_state_dict_file` write and read any optimizer state dict (torchao's
 quantized state tensors included) as safetensors plus JSON: no pickle.
 """
@@ -79,8 +84,9 @@ def optimizer_class(name: str, *, weights: str = "fp32", compile: bool = False) 
             computed in fp32 and rounded stochastically to bf16 (torchao's bf16_stochastic_round);
             "adamw" then means torchao's _AdamW, whose moments have the weights' dtype (bf16).
         compile: torchao's classes as they are, which torch.compile their update once per
-            parameter shape (fast steps after a slow first one); False (default) runs the same
-            update eagerly (no compile time; slower steps on large tensors).
+            parameter shape (fast steps after a slow first one: the choice on a GPU); False
+            (default) steps CPU parameters with revengine's fused kernel (one pass, no
+            temporaries, no compile time) and others with torchao's update run eagerly.
 
     Raises:
         ValueError: an unknown name or weight dtype.
@@ -143,9 +149,45 @@ def _update_rows(p: torch.Tensor, moments) -> Iterator[Optional[slice]]:
         yield slice(start, min(start + step, n))
 
 
+FUSED_CPU_STEP = True  # False: torchao's own update on CPU too (what runs on other devices)
+
+
+def _fused_step(p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any], is_adamw: bool,
+                stochastic_round: bool) -> bool:
+    """torchao's update of one CPU parameter by revengine's fused kernel (`torch.ops.revengine.adam_step_`:
+    one pass, no temporaries, the state left in torchao's layout). Returns False, having done nothing,
+    where the kernel does not apply (another device, amsgrad, moments or dtypes it does not read)."""
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    if not FUSED_CPU_STEP or p.device.type != "cpu" or group["amsgrad"] or p.dtype not in WEIGHT_DTYPES.values() \
+            or p.grad.dtype not in WEIGHT_DTYPES.values() or not p.is_contiguous() or not p.grad.is_contiguous():
+        return False
+    if _is_subclass(m):
+        bits = {"OptimState8bit": 8, "OptimState4bit": 4}.get(type(m).__name__)
+        if bits is None or type(v) is not type(m):
+            return False
+        moments = (m.codes, m.scale, m.qmap, v.codes, v.scale, v.qmap, bits, m.block_size)
+    elif _is_subclass(v) or m.dtype not in WEIGHT_DTYPES.values() or not (m.is_contiguous() and v.is_contiguous()):
+        return False
+    else:
+        moments = (m, None, None, v, None, None, 0, 0)
+    from . import _ext  # noqa: F401  (registers the kernel)
+
+    beta1, beta2 = group["betas"]
+    lr, step, wd = group["lr"], state["step"], group["weight_decay"]
+    # the scalar coefficients as torchao's single_param_adam computes them (float32 tensor arithmetic)
+    lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=torch.float32)
+    bias_correction1 = float(1 - beta1 ** step)
+    bias_correction2_sqrt = float((1 - beta2 ** step).sqrt())
+    seed = int(torch.randint(0, 1 << 62, ())) if stochastic_round else -1  # from torch's generator: resumable
+    torch.ops.revengine.adam_step_(p.detach(), p.grad, *moments, float(lr_t), float(lr_t * wd), beta1, beta2,
+                                   wd, group["eps"], bias_correction1, bias_correction2_sqrt, is_adamw, seed)
+    return True
+
+
 def _eager_class(cls: type) -> type:
-    """torchao's optimizer class with its per-parameter update run eagerly instead of through
-    torch.compile (same update function, same state layout and state dicts)."""
+    """torchao's optimizer class with its per-parameter update run without torch.compile (same state
+    layout and state dicts): on CPU by revengine's fused kernel, elsewhere by torchao's own update
+    function, eagerly."""
     if cls not in _EAGER:
         from torchao.optim.adam import single_param_adam
 
@@ -167,18 +209,20 @@ def _eager_class(cls: type) -> type:
                         if group["amsgrad"]:
                             state["max_exp_avg_sq"] = self._new_buffer(p, False)
                     state["step"] += 1
+                    sr = self.bf16_stochastic_round and p.dtype is torch.bfloat16
+                    if _fused_step(p, state, group, self.is_adamw, sr):
+                        continue
                     moments = [state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq")]
                     for rows in _update_rows(p, moments):
                         m, v, vmax = (t if t is None or rows is None else t[rows] for t in moments)
                         single_param_adam(p.detach() if rows is None else p.detach()[rows],
                                           p.grad if rows is None else p.grad[rows], state["step"], m, v, vmax,
                                           group["lr"], group["betas"][0], group["betas"][1], group["weight_decay"],
-                                          group["eps"], self.is_adamw,
-                                          self.bf16_stochastic_round and p.dtype is torch.bfloat16)
+                                          group["eps"], self.is_adamw, sr)
             return loss
 
         _EAGER[cls] = type(cls.__name__, (cls,), {"step": step, "__module__": __name__,
-                                                 "__doc__": f"torchao's {cls.__name__}, stepped eagerly."})
+                                                 "__doc__": f"torchao's {cls.__name__}, stepped without compile."})
     return _EAGER[cls]
 
 

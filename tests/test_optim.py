@@ -292,9 +292,10 @@ def test_adamw_defaults_to_its_fused_kernel_unless_the_caller_chooses():
 def test_eager_low_bit_update_in_row_slices_equals_the_whole_update(name, monkeypatch):
     """A large parameter is updated in row slices cut on the quantized moments' block boundaries (the
     eager update's fp32 temporaries are then a slice's, not the parameter's): same weights and the same
-    state, bit for bit, as updating it whole."""
+    state, bit for bit, as updating it whole. (torchao's update, which runs off the CPU.)"""
     pytest.importorskip("torchao")
     from revengine import optim
+    monkeypatch.setattr(optim, "FUSED_CPU_STEP", False)
     cls, kw = optim.optimizer_class(name)
     results = []
     pieces = []
@@ -314,3 +315,103 @@ def test_eager_low_bit_update_in_row_slices_equals_the_whole_update(name, monkey
     assert torch.equal(w1, w2) and all(torch.equal(a, b) for a, b in zip(s1, s2))
     assert pieces == [1, 8 if name == "adamw8bit" else 7], pieces  # blocks of 256 / 128 elements
     assert type(state["exp_avg"]).__name__.startswith("OptimState"), type(state["exp_avg"])
+
+
+def _torchao_state(opt, p):
+    return {"step": torch.tensor(0.0), "exp_avg": opt._new_buffer(p, True), "exp_avg_sq": opt._new_buffer(p, False)}
+
+
+def _codes(t):
+    return (t.codes if hasattr(t, "codes") else t).view(-1)
+
+
+@pytest.mark.parametrize("name,adamw", [("AdamW8bit", True), ("AdamW4bit", True), ("Adam8bit", False),
+                                        ("_AdamW", True)])
+def test_fused_cpu_step_matches_torchao_update(name, adamw, monkeypatch):
+    """The fused CPU kernel against torchao's own update function (fp32 weights, 6 steps from the same
+    state): the quantized moments get the same codes and scales, the weights the same values up to
+    rounding (torch's vectorised sqrt is not correctly rounded; the kernel's is), far below the update."""
+    ao = pytest.importorskip("torchao.optim")
+    from torchao.optim.adam import single_param_adam
+
+    from revengine import optim
+    torch.manual_seed(0)
+    cls = getattr(ao, name)
+    p0 = torch.randn(48, 512)
+    ref, ours = nn.Parameter(p0.clone()), nn.Parameter(p0.clone())
+    opt = optim._eager_class(cls)([ours], lr=3e-3, weight_decay=0.1)
+    st_ref = _torchao_state(opt, ref)
+    for i in range(6):
+        g = torch.randn_like(p0) * (i + 1)
+        st_ref["step"] += 1
+        single_param_adam(ref.detach(), g, st_ref["step"], st_ref["exp_avg"], st_ref["exp_avg_sq"], None,
+                          torch.tensor(3e-3), 0.9, 0.999, 0.1, 1e-8, adamw, False)
+        ours.grad = g
+        opt.step()
+    st = opt.state[ours]
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(_codes(st[k]), _codes(st_ref[k])) if hasattr(st[k], "codes") else \
+            torch.allclose(st[k], st_ref[k], rtol=1e-6, atol=0), k
+        if hasattr(st[k], "scale"):
+            assert torch.equal(st[k].scale, st_ref[k].scale), k
+    moved = (ref.detach() - p0).abs().max()
+    assert (ours.detach() - ref.detach()).abs().max() <= 1e-5 * moved
+    monkeypatch.setattr(optim, "FUSED_CPU_STEP", False)  # the switch really selects torchao's path
+    again = nn.Parameter(p0.clone())
+    o2 = optim._eager_class(cls)([again], lr=3e-3, weight_decay=0.1)
+    again.grad = torch.randn_like(p0)
+    o2.step()
+    assert type(o2.state[again]["exp_avg"]) is type(st["exp_avg"])
+
+
+@pytest.mark.parametrize("levels", [16, 256])
+def test_fused_quantizer_gives_torchao_codes_at_every_boundary(levels):
+    """The kernel's table quantizer against torchao's binary search on the hard values: every qmap
+    entry and every halfway point, one float either side of each, +-0, +-1, +-inf, NaN, and random."""
+    pytest.importorskip("torchao")
+    from torchao.optim import quant_utils as qu
+    from torchao.optim import subclass_4bit, subclass_8bit
+    sub = subclass_8bit if levels == 256 else subclass_4bit
+    quantize = qu.quantize_8bit_with_qmap if levels == 256 else qu.quantize_4bit_with_qmap
+    for qmap_list in (sub.get_qmap_signed(), sub.get_qmap_unsigned()):
+        qmap = torch.tensor(qmap_list, dtype=torch.float32)
+        mids = (qmap[1:] + qmap[:-1]) * 0.5
+        base = torch.cat([qmap, mids, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30])])
+        inf = torch.tensor(float("inf"))
+        x = torch.cat([base, torch.nextafter(base, inf), torch.nextafter(base, -inf),
+                       torch.rand(100_000) * 2 - 1, torch.tensor([float("inf"), -float("inf"), float("nan")])])
+        got = torch.ops.revengine.qmap_codes(x, qmap)
+        assert torch.equal(got, quantize(x, qmap)), (levels, (got != quantize(x, qmap)).sum())
+
+
+def test_fused_stochastic_rounding_is_unbiased_and_thread_independent():
+    """bf16 weights: the kernel rounds the fp32 update up or down to a neighbouring bf16 value, on average
+    to the fp32 result (over 64 seeds); and its result does not depend on the number of threads."""
+    pytest.importorskip("torchao")
+    from revengine import optim
+    cls, kw = optim.optimizer_class("adamw8bit", weights="bf16")
+    torch.manual_seed(0)
+    p0 = torch.randn(64, 256).bfloat16()
+    g = torch.randn(64, 256).bfloat16()
+
+    def one_step(weights_dtype, seed, threads=None):
+        p = nn.Parameter(p0.to(weights_dtype).clone())
+        opt = cls([p], lr=1e-2, **kw)
+        p.grad = g.to(weights_dtype).clone()
+        torch.manual_seed(seed)
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads or old)
+        try:
+            opt.step()
+        finally:
+            torch.set_num_threads(old)
+        return p.detach().float()
+    exact = one_step(torch.float32, 0)  # the same update without rounding
+    runs = torch.stack([one_step(torch.bfloat16, s) for s in range(64)])
+    toward = (exact.view(torch.int32) & -65536).view(torch.float32)  # the bf16 neighbour towards zero
+    away = (toward.view(torch.int32) + 65536).view(torch.float32)
+    assert ((runs == toward) | (runs == away)).all()
+    q = (exact - toward) / (away - toward)  # the probability of rounding away
+    bias = (runs == away).float().mean(0) - q
+    assert abs(float(bias.mean())) < 0.01 and float(bias.abs().mean()) < 0.08, (bias.mean(), bias.abs().mean())
+    assert torch.equal(one_step(torch.bfloat16, 7, threads=1), one_step(torch.bfloat16, 7, threads=2))
