@@ -14,6 +14,8 @@ from .recompute import is_recomputing
 from .sequential import MODES, Sequential
 from . import memory, moe, ops, optim, side, testing  # noqa: E402
 
+memory.bound_onednn_caches()  # before the first bfloat16 matmul on CPU (see memory.ONEDNN_CACHE_ENV)
+
 __version__ = "0.1.0"
 
 __all__ = [
