@@ -71,10 +71,16 @@ def test_revffn_contraction_quick():
 
 
 def test_hf_memory_quick():
-    out = _run_bench("hf_memory.py", "--quick", "--contenders", "hf-plain", "hf-ckpt", "rev-revffn", "rev-leapfrog")
-    for name in ("hf-plain", "hf-ckpt", "rev-revffn", "rev-leapfrog"):
+    pytest.importorskip("torchao")
+    names = ("hf-plain", "hf-ckpt", "rev-revffn", "rev-leapfrog", "rev-bdia-8bit")
+    out = _run_bench("hf_memory.py", "--quick", "--contenders", *names)
+    for name in names:
         assert f"| {name} |" in out, out
-    assert out.count("x hf-ckpt (") == 2, out  # one verdict line per converted contender
+    assert out.count("x hf-ckpt (") == 3, out  # one verdict line per converted contender
+    per_param = float(out.split("rev-bdia-8bit weights + optimizer state ")[1].split()[0])
+    # bf16 weights (2) + moments: 8-bit (2 + scales) in tensors of >= 4096 elements, bf16 (4) in the tiny
+    # model's many smaller ones; fp32 AdamW would be 12
+    assert 4.0 < per_param < 6.0, out
 
 
 def test_smollm2_finetune_explains_missing_weights(monkeypatch):
