@@ -161,13 +161,15 @@ def test_time_alternating_rotates_the_steps_after_warm_up():
     memory.synchronize("cpu")  # nothing to wait for
 
 
-def test_importing_revengine_bounds_onednn_caches_unless_the_user_chose():
+def test_importing_revengine_bounds_onednn_caches_unless_the_user_chose(tmp_path):
     """bfloat16 matmuls on CPU go through oneDNN, whose caches grow with an MoE's per-expert shapes: importing
     revengine sets their capacities, and leaves a value the user set alone."""
     code = "import os, revengine; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ['LRU_CACHE_CAPACITY'])"
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    # cwd: away from a checkout, whose revengine/ (without the built extension) would shadow the installed one
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=tmp_path).stdout
     assert out.split() == ["64", "64"]
     out = subprocess.run([sys.executable, "-c", code], env={**env, "LRU_CACHE_CAPACITY": "7"}, capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, cwd=tmp_path).stdout
     assert out.split() == ["64", "7"]
