@@ -37,6 +37,7 @@ from _common import (  # noqa: F401  (gguf_dir: the tests reach it through this 
 
 # the low-memory training state of the reversible run, and each of its parts alone (all stepped in backward)
 REV_STATES = {"rev-lowmem": ("adamw8bit", "bf16"), "rev-8bit": ("adamw8bit", "fp32"), "rev-bf16": ("adamw", "bf16")}
+REV_CONTENDERS = ("rev", *REV_STATES)
 CONTENDERS = ["rev", "plain", "hf-ckpt", *REV_STATES]
 
 
@@ -49,7 +50,7 @@ def run_contender(name: str, a, dense: str, train: str, held: str) -> dict:
            "--max-length", "32", "--device", a.device]
     if a.bf16:
         cmd.append("--bf16")
-    if name == "rev" or name in REV_STATES:
+    if name in REV_CONTENDERS:
         cmd += ["--scheme", a.scheme, "--stage1-steps", str(a.stage1_steps), "--stage1-lr", str(a.stage1_lr),
                 "--distill", "stage1"]
         if name in REV_STATES:
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     table_header("contender", "original (upcycled)", "converted", "after stage 1", "after stage 2")
     for name, r in res.items():
         ev = r["evals"]
-        rev = name == "rev" or name in REV_STATES
+        rev = name in REV_CONTENDERS
         print(f"| {name} | {cell(ev.get('original') or (ev['start'] if not rev else None), 'x')} | "
               f"{cell(ev['start'], 'x') if rev else '-'} | {cell(ev.get('stage1'), 'x')} | {cell(ev['final'], 'x')} |")
     base = res.get("plain")
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
         pr = f"{t[peak] / base['timings'][peak]:.3f}" if base else "-"
         tr = f"{t['stage2_median_step_s'] / base['timings']['stage2_median_step_s']:.2f}" if base else "-"
         print(f"| {name} | {t[peak]:.0f} | {pr} | {t['stage2_median_step_s']:.2f} | {tr} |")
-    for name in [n for n in res if n == "rev" or n in REV_STATES] if base else []:
+    for name in [n for n in res if n in REV_CONTENDERS] if base else []:
         d = 100 * (res[name]["evals"]["final"]["exact_match"] - base["evals"]["final"]["exact_match"])
         dl = res[name]["evals"]["final"]["loss"] - base["evals"]["final"]["loss"]
         print(f"\n{name} - plain after stage 2: exact match {d:+.1f} points, held-out loss {dl:+.3f}")

@@ -170,8 +170,6 @@ def _fused_step(p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any], i
         return False
     else:
         moments = (m, None, None, v, None, None, 0, 0)
-    from . import _ext  # noqa: F401  (registers the kernel)
-
     beta1, beta2 = group["betas"]
     lr, step, wd = group["lr"], state["step"], group["weight_decay"]
     # the scalar coefficients as torchao's single_param_adam computes them (float32 tensor arithmetic)

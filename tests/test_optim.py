@@ -325,6 +325,14 @@ def _codes(t):
     return (t.codes if hasattr(t, "codes") else t).view(-1)
 
 
+def _record_fused_steps(monkeypatch):
+    """What revengine.optim._fused_step returns on each call (True: the fused kernel stepped the parameter)."""
+    from revengine import optim
+    calls, real = [], optim._fused_step
+    monkeypatch.setattr(optim, "_fused_step", lambda *a: calls.append(real(*a)) or calls[-1])
+    return calls
+
+
 @pytest.mark.parametrize("name,adamw", [("AdamW8bit", True), ("AdamW4bit", True), ("Adam8bit", False),
                                         ("_AdamW", True)])
 def test_fused_cpu_step_matches_torchao_update(name, adamw, monkeypatch):
@@ -341,6 +349,7 @@ def test_fused_cpu_step_matches_torchao_update(name, adamw, monkeypatch):
     ref, ours = nn.Parameter(p0.clone()), nn.Parameter(p0.clone())
     opt = optim._eager_class(cls)([ours], lr=3e-3, weight_decay=0.1)
     st_ref = _torchao_state(opt, ref)
+    fused = _record_fused_steps(monkeypatch)
     for i in range(6):
         g = torch.randn_like(p0) * (i + 1)
         st_ref["step"] += 1
@@ -356,11 +365,13 @@ def test_fused_cpu_step_matches_torchao_update(name, adamw, monkeypatch):
             assert torch.equal(st[k].scale, st_ref[k].scale), k
     moved = (ref.detach() - p0).abs().max()
     assert (ours.detach() - ref.detach()).abs().max() <= 1e-5 * moved
+    assert fused == [True] * 6  # the kernel stepped it (torchao's own path would give the same weights)
     monkeypatch.setattr(optim, "FUSED_CPU_STEP", False)  # the switch really selects torchao's path
     again = nn.Parameter(p0.clone())
     o2 = optim._eager_class(cls)([again], lr=3e-3, weight_decay=0.1)
     again.grad = torch.randn_like(p0)
     o2.step()
+    assert fused[6:] == [False]
     assert type(o2.state[again]["exp_avg"]) is type(st["exp_avg"])
 
 
@@ -384,12 +395,13 @@ def test_fused_quantizer_gives_torchao_codes_at_every_boundary(levels):
         assert torch.equal(got, quantize(x, qmap)), (levels, (got != quantize(x, qmap)).sum())
 
 
-def test_fused_stochastic_rounding_is_unbiased_and_thread_independent():
+def test_fused_stochastic_rounding_is_unbiased_and_thread_independent(monkeypatch):
     """bf16 weights: the kernel rounds the fp32 update up or down to a neighbouring bf16 value, on average
     to the fp32 result (over 64 seeds); and its result does not depend on the number of threads."""
     pytest.importorskip("torchao")
     from revengine import optim
     cls, kw = optim.optimizer_class("adamw8bit", weights="bf16")
+    fused = _record_fused_steps(monkeypatch)
     torch.manual_seed(0)
     p0 = torch.randn(64, 256).bfloat16()
     g = torch.randn(64, 256).bfloat16()
@@ -415,3 +427,4 @@ def test_fused_stochastic_rounding_is_unbiased_and_thread_independent():
     bias = (runs == away).float().mean(0) - q
     assert abs(float(bias.mean())) < 0.01 and float(bias.abs().mean()) < 0.08, (bias.mean(), bias.abs().mean())
     assert torch.equal(one_step(torch.bfloat16, 7, threads=1), one_step(torch.bfloat16, 7, threads=2))
+    assert fused == [True] * len(fused) and len(fused) == 67
