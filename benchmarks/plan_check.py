@@ -12,16 +12,17 @@ Models (random weights of the real shapes: memory does not depend on the values)
     smollm2-moe    SmolLM2-135M-Instruct upcycled to Mixtral, 4 experts top-2, hidden 576, vocab 49152,
                    tied embeddings, here with 12 of its 30 layers (fp32 AdamW on all 30 would need 6 GB
                    before activations; batch 1; also seq 2048, where fewer rows peak in the optimizer step)
-Strategies measured (the ones that exist today; the planner's low-bit optimizers and bf16 weights
-are formulas only):
+Strategies measured:
     hf-plain        HF model, torch.optim.AdamW
     hf-checkpoint   the same with gradient_checkpointing_enable() (non-reentrant)
     rev-bdia        from_hf(scheme="bdia", moe_chunk_size=256, loss_chunk_size=64, attention_recompute=True), AdamW
     rev-bdia-ib     the same with revengine.optim.InBackwardOptimizer(AdamW)
-Each child: build, one warm-up step (AdamW state allocated), grads set to None, then one measured
-step; measured peak = weights + AdamW state + the step's peak RSS delta (MALLOC_MMAP_THRESHOLD_=65536).
+    rev-bdia-8bit   rev-bdia-ib with bf16 weights (stochastic rounding) and 8-bit AdamW (revengine.optim)
+    rev-bdia-4bit   the same with 4-bit AdamW
+Each child: build, one warm-up step (optimizer state allocated), grads set to None, then one measured
+step; measured peak = weights + optimizer state + the step's peak RSS delta (MALLOC_MMAP_THRESHOLD_=65536).
 The planner's constants were fitted on qwen-moe-mini at seq 256 and 1024 (`--fit` prints the
-least-squares refit); seq 512 and smollm2-moe were not used to fit. Prints a table, never asserts.
+least-squares refit); seq 512, smollm2-moe and the low-bit rows were not used to fit. Prints a table, never asserts.
 """
 import concurrent.futures
 import json
@@ -36,7 +37,9 @@ from revengine.apps import plan as planner
 from revengine.memory import measure_in_subprocess, measure_step
 
 STRATEGIES = {"hf-plain": "hf-plain/adamw/fp32", "hf-checkpoint": "hf-checkpoint/adamw/fp32",
-              "rev-bdia": "rev-bdia/adamw/fp32", "rev-bdia-ib": "rev-bdia/adamw/fp32/in-backward"}
+              "rev-bdia": "rev-bdia/adamw/fp32", "rev-bdia-ib": "rev-bdia/adamw/fp32/in-backward",
+              "rev-bdia-8bit": "rev-bdia/adamw8bit/bf16/in-backward",
+              "rev-bdia-4bit": "rev-bdia/adamw4bit/bf16/in-backward"}
 # smollm2-moe also at 2048 tokens: with batch 1 its shorter rows peak in the optimizer step
 MODELS = {"qwen-moe-mini": dict(layers=24, batch=2, seqs=[256, 512, 1024]),
           "smollm2-moe": dict(layers=12, batch=1, seqs=[256, 512, 1024, 2048])}
@@ -58,21 +61,25 @@ def measure(model: str, strategy: str, batch: int, seq: int, layers: int, overri
 
     from revengine.convert import from_hf
     from revengine.memory import breakdown
-    from revengine.optim import InBackwardOptimizer
+    from revengine.optim import InBackwardOptimizer, optimizer_class
 
+    st = planner.Strategy.parse(STRATEGIES[strategy])
     cfg = model_config(model, layers, overrides)
     torch.manual_seed(0)
     net = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.for_model(cfg.pop("model_type"), **cfg))
-    if strategy == "hf-checkpoint":
+    if st.base == "hf-checkpoint":
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif strategy.startswith("rev-"):
+    elif st.scheme:
         hf = net
-        net = from_hf(hf, scheme="bdia", **planner.REV_DEFAULTS)
+        net = from_hf(hf, scheme=st.scheme, **planner.REV_DEFAULTS)
         del hf
     net.train()
-    fused = strategy == "rev-bdia-ib"
-    opt = (InBackwardOptimizer(net.parameters(), torch.optim.AdamW, lr=1e-6) if fused
-           else torch.optim.AdamW(net.parameters(), lr=1e-6))
+    if st.weights == "bf16":
+        net.to(torch.bfloat16)
+    cls, kw = optimizer_class(st.optimizer, weights=st.weights)
+    fused = st.in_backward
+    opt = (InBackwardOptimizer(net.parameters(), cls, lr=1e-6, **kw) if fused
+           else cls(net.parameters(), lr=1e-6, **kw))
     ids = random_ids(net.config.vocab_size, batch, seq)
 
     def step():
@@ -83,8 +90,8 @@ def measure(model: str, strategy: str, batch: int, seq: int, layers: int, overri
 
     step()  # warm-up: optimizer state allocated, grads None again
     fig = measure_step(step)
-    b = breakdown(net, opt if not fused else None)
-    opt_mb = b["optimizer_state_mb"] if not fused else 2 * b["weights_mb"]  # AdamW: two fp32 moments
+    b = breakdown(net, opt)
+    opt_mb = b["optimizer_state_mb"]
     return {"weights_mb": b["weights_mb"], "optimizer_mb": opt_mb, "delta_mb": fig.peak_delta_mb,
             "peak_mb": b["weights_mb"] + opt_mb + fig.peak_delta_mb, "params": b["params"],
             "seconds": fig.seconds, "reliable": fig.reliable}
@@ -140,9 +147,9 @@ def main(argv=None) -> int:
     if a.reuse and a.results and os.path.isfile(a.results):
         with open(a.results) as fh:
             old = {(r["model"], r["strategy"], r["seq"]): r for r in json.load(fh)}
-    print(f"one fp32 fine-tuning step per row, CPU, a fresh process each ({a.threads} threads; "
+    print(f"one fine-tuning step per row, CPU, a fresh process each ({a.threads} threads; "
           f"{len(old)} rows read back from {a.results})" if old else
-          f"one fp32 fine-tuning step per row, CPU, a fresh process each ({a.threads} threads)", flush=True)
+          f"one fine-tuning step per row, CPU, a fresh process each ({a.threads} threads)", flush=True)
     print(f"reversible options {planner.REV_DEFAULTS}", flush=True)
     t0 = time.perf_counter()
     todo = [(model, m, seq, strategy) for model, m in models.items() for seq in (seqs or m["seqs"])

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from revengine.convert import FAMILIES
-from revengine.models.config import read_config_json
+from revengine.models.config import RevMoEConfig, read_config_json
 
 PROG = "revengine plan"
 GiB = float(2**30)
@@ -70,20 +70,28 @@ CAL = {
     "hf_layer": 1.605,     # one HF layer's recompute + backward temporaries / its saved elements
     "rev_layer": 0.525,    # one reversible layer's re-run + backward / its saved elements (the attention
                            # branch is recomputed, the experts run in chunks: not all alive at once)
-    "rev_stream_bytes": 32.0,  # not fitted: bytes per token and hidden unit a reversible stack keeps (BDIA's
-                               # two int64 streams, the stack's input, output and the head's normed input)
+    "rev_stream_bytes": 16.0,  # not fitted: bytes per token and hidden unit a reversible stack keeps in the
+                               # weights' dtype, at fp32, besides its two streams (the stack's input and
+                               # output, the head's normed input and the streams' grad)
     "rev_loss_chunks": 3.0,    # not fitted: [chunk, vocab] fp32 tensors of the chunked loss at once
 }
 # Options of the converted models (RevMoEConfig fields) the reversible strategies assume.
 REV_DEFAULTS = dict(moe_chunk_size=256, loss_chunk_size=64, attention_recompute=True)
+# BDIA's default gamma 2^-k: exact inversion keeps the k bits per element and layer that g * p drops
+BDIA_DROPPED_BITS = round(-math.log2(RevMoEConfig().bdia_gamma))
 
 BASES = ("hf-plain", "hf-checkpoint", "rev-bdia", "rev-revffn")
 OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2.0 + 8.0 / 256, "adamw4bit": 1.0 + 8.0 / 128}  # state bytes per parameter
-# Temporaries of one tensor's update, bytes per element: two fp32 tensors (torch's per-tensor AdamW
-# builds its denominator out of place: sqrt, then the division; measured). The low-bit optimizers are
-# assumed to keep no more (their dequantised moments). The largest tensor sets the step's peak: the
-# whole optimizer step under torch's per-tensor or fused AdamW, one parameter's step in backward.
-OPTIMIZER_TEMPS = {"adamw": 8.0, "adamw8bit": 8.0, "adamw4bit": 8.0}
+# Temporaries of one tensor's update, bytes per element. torch's AdamW (fp32 weights): two fp32
+# tensors (its per-tensor update builds the denominator out of place: sqrt, then the division;
+# measured). Low-bit states and bf16 weights: none, since revengine's CPU update (and torchao's
+# compiled one on a GPU) reads and writes each element once (measured: the plan_check low-bit rows).
+# The largest tensor sets the step's peak: the whole optimizer step after backward, one
+# parameter's step in backward.
+def update_temps(strategy: "Strategy") -> float:
+    return 8.0 if (strategy.optimizer, strategy.weights) == ("adamw", "fp32") else 0.0
+
+
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0}
 DEFAULT_STRATEGIES = (
     "hf-plain/adamw/fp32",
@@ -301,7 +309,7 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
 
     def grads(held_params: float) -> float:
         if st.in_backward:  # one tensor's grad at a time, plus its update's temporaries
-            return s.largest_tensor() * (wb + OPTIMIZER_TEMPS[st.optimizer])
+            return s.largest_tensor() * (wb + update_temps(st))
         return held_params * wb
 
     def phase(grads_b, stored=0.0, layer=0.0, logits=0.0):
@@ -309,7 +317,7 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
 
     # the optimizer step after backward: every grad, and one tensor's update temporaries
     step = {} if st.in_backward else {
-        "optimizer step": phase(P * wb + s.largest_tensor() * OPTIMIZER_TEMPS[st.optimizer])}
+        "optimizer step": phase(P * wb + s.largest_tensor() * update_temps(st))}
 
     if st.base.startswith("hf-"):
         per_layer = s.layer_elements() * T * ab
@@ -326,8 +334,12 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
 
     # reversible: the stack keeps its streams and per-layer records, one layer is re-run at a time
     width = H / 2 if st.scheme == "revffn" else H
-    records = L * T * (8.0 * s.top_k + (0.5 * H if st.scheme == "bdia" else 0.0))  # routing ids; BDIA's 4 bits
-    stored = c["rev_stream_bytes"] * T * width * ab / 4.0 + records
+    bdia = st.scheme == "bdia"
+    # per layer: the replayed top-k ids (uint8 up to 256 experts) and BDIA's dropped bits (k per element)
+    records = L * T * (s.top_k * (1 if s.experts <= 256 else 2) + (H * BDIA_DROPPED_BITS / 8 if bdia else 0.0))
+    # the two streams: int64 fixed point under BDIA (whatever the weights' dtype), else the weights' dtype
+    streams = 16.0 * T * width if bdia else c["rev_stream_bytes"] * T * width * ab / 4.0
+    stored = c["rev_stream_bytes"] * T * width * ab / 4.0 + streams + records
     Tc = min(T, o["moe_chunk_size"]) if o["moe_chunk_size"] else T
     attn = s.attn_elements() * T * ab
     moe = s.moe_elements() * Tc * ab
