@@ -2,8 +2,6 @@
 strategies' formulas, the command line and its one-line errors, the benchmark's smoke run."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
