@@ -12,7 +12,7 @@ from .errors import RecomputeError, ReconstructionError, ReversibleError
 from .integrators import BDIA, EulerStart, Hamiltonian, Leapfrog, Midpoint, StochasticMidpoint
 from .recompute import is_recomputing
 from .sequential import MODES, Sequential
-from . import memory, moe, ops, optim, side, testing  # noqa: E402
+from . import memory, moe, offload, ops, optim, side, testing  # noqa: E402
 
 memory.bound_onednn_caches()  # before the first bfloat16 matmul on CPU (see memory.ONEDNN_CACHE_ENV)
 
@@ -36,6 +36,7 @@ __all__ = [
     "is_recomputing",
     "memory",
     "moe",
+    "offload",
     "ops",
     "optim",
     "side",

@@ -322,6 +322,7 @@ class InBackwardOptimizer:
         self._scale = 1.0
         self.steps_taken = 0  # parameter updates in the last backward
         self._handles = []
+        self._grad_hooks: List[Tuple[Callable, Callable]] = []
         self.attach()
         for p in self.params:
             if p.grad is not None:
@@ -330,31 +331,59 @@ class InBackwardOptimizer:
 
     # -- the hook ------------------------------------------------------------------------------
 
+    def register_grad_hooks(self, before_step: Callable[[torch.Tensor], None],
+                            after_grad: Callable[[torch.Tensor, bool], None]):
+        """Calls before_step(p) right before parameter p is stepped, and after_grad(p, stepped) once
+        its gradient has been consumed in any pass (stepped: whether p was updated). The offload
+        store loads a layer's weights and state with the first and writes them back with the second.
+        Returns a handle whose remove() unregisters them."""
+        pair = (before_step, after_grad)
+        self._grad_hooks.append(pair)
+        hooks = self._grad_hooks
+
+        class Handle:
+            def remove(self) -> None:
+                if pair in hooks:
+                    hooks.remove(pair)
+        return Handle()
+
     def _hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def hook(p: torch.Tensor) -> None:
-            if self._pass == "off":
-                return
-            g = p.grad
-            if self._pass == "norm":
-                self._sq_norm += float(g.detach().double().pow(2).sum())
-                p.grad = None
-                return
-            if self.max_grad_norm is not None:
-                if self.clip == "per_tensor":
-                    n = float(g.detach().norm())
-                    if n > self.max_grad_norm:
-                        g.mul_(self.max_grad_norm / (n + 1e-6))
-                elif self._scale != 1.0:
-                    g.mul_(self._scale)
-            if self.state_device is None:
-                self.optimizers[i].step()
-            else:
-                self._fetch(i, p)
-                self.optimizers[i].step()
-                self._write_back(i, p)
-            p.grad = None
-            self.steps_taken += 1
+            stepped = False
+            try:
+                stepped = self._consume(i, p)
+            finally:
+                for _, after in self._grad_hooks:
+                    after(p, stepped)
         return hook
+
+    def _consume(self, i: int, p: torch.Tensor) -> bool:
+        """Parameter i's gradient, in the current pass: stepped (True), or only measured or dropped."""
+        if self._pass == "off":
+            return False
+        g = p.grad
+        if self._pass == "norm":
+            self._sq_norm += float(g.detach().double().pow(2).sum())
+            p.grad = None
+            return False
+        if self.max_grad_norm is not None:
+            if self.clip == "per_tensor":
+                n = float(g.detach().norm())
+                if n > self.max_grad_norm:
+                    g.mul_(self.max_grad_norm / (n + 1e-6))
+            elif self._scale != 1.0:
+                g.mul_(self._scale)
+        for before, _ in self._grad_hooks:
+            before(p)
+        if self.state_device is None:
+            self.optimizers[i].step()
+        else:
+            self._fetch(i, p)
+            self.optimizers[i].step()
+            self._write_back(i, p)
+        p.grad = None
+        self.steps_taken += 1
+        return True
 
     # -- state kept on state_device ----------------------------------------------------------------
 

@@ -1,0 +1,479 @@
+"""Layer weights and optimizer state kept off the compute device between uses, one layer at a time.
+
+A reversible stack runs its layers one by one in forward and again, in reverse, in backward, and
+`InBackwardOptimizer` steps a layer's parameters as soon as its gradients exist. So between those
+moments a layer's weights and optimizer state need not be in memory at all. `LayerStore` keeps
+them in a tier and brings a layer in just before it runs:
+
+    opt = rev.optim.InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5)
+    store = rev.offload.LayerStore(model, opt, tier="disk", directory="run/store")
+    for batch in data:
+        model(**batch).loss.backward()          # each layer: read, run, re-run, step, written back
+    store.close()                               # everything back in memory, hooks removed
+
+Tiers:
+  - "disk": one safetensors file per layer in `directory`, read with ordinary reads into the
+    layer's own tensors (so file pages are the kernel's cache, not this process's memory), written
+    after the layer's step to a temporary file and renamed. Each layer has two slots: a step writes
+    the slot the last completed step did not, and `store.json` (replaced atomically once every
+    layer of a step is written) names the slots of the last completed step. A process killed in
+    the middle of a step leaves that step's files intact: `LayerStore.open` resumes from them.
+  - "host": pinned host memory, for parameters on a GPU (copies in and out on the current stream).
+  - "none": nothing moves (the same hooks, for tests and benchmarks).
+
+What moves: every parameter of every layer of the model's reversible stacks
+(`revengine.Sequential` in reversible mode) and the tensors of their optimizer state (the plain
+tensors inside torchao's quantized state too); tensors under 4096 elements stay (norm weights,
+quantization tables, step counters), and so do the parameters outside the stacks (embeddings,
+final norm, LM head: the next step streams them in vocabulary chunks). A layer is released after
+its forward (not after the backward's re-run: its vector-Jacobian product still needs it) and
+after the last of its parameters has been stepped. At most two layers are in memory at once.
+
+Exactness: the tensors come back bit for bit, so a run with any tier is bit-identical to one
+without (tests/test_offload.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from . import side
+from .optim import InBackwardOptimizer, inner_tensors
+
+TIERS = ("none", "host", "disk")
+MIN_ELEMENTS = 4096  # smaller tensors stay in memory (norm weights, quantization tables, step counters)
+STORE_FILE = "store.json"
+FORMAT = 1
+
+
+class OffloadError(ValueError):
+    """A store that cannot be used: the message names the file or the setting."""
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: torch.nn.Module
+    params: List[torch.nn.Parameter]
+    parts: List[torch.nn.Module] = field(default_factory=list)  # the stream functions that hold them
+    loaded: bool = True
+    ran: int = 0                 # parts run in the current forward
+    dirty: bool = False          # stepped since it was last written
+    pending: int = 0             # parameters whose gradient this backward has not consumed yet
+    slot: int = 0                # the slot of its last written version (disk)
+    home: Dict[str, torch.Tensor] = field(default_factory=dict)  # host tier: pinned copies
+
+    def __post_init__(self):
+        mine = {id(p) for p in self.params}
+        # the parameters' names inside the module (a tied weight: its last name)
+        self.names = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False) if id(p) in mine}
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    return (t.is_contiguous() and t.storage_offset() == 0
+            and t.untyped_storage().nbytes() in (0, t.numel() * t.element_size()))
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    """The tensor's memory as a writable byte buffer (CPU, contiguous). Through its address, not
+    .numpy(): a storage exported to numpy can no longer be resized, so never released again."""
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B") if n else memoryview(b"")
+
+
+def _write_file(path: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> None:
+    """A safetensors file written beside `path` and renamed over it (the old file survives a failure)."""
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OffloadError(f"{path}: cannot write the layer's file ({os.strerror(e.errno) if e.errno else e}); "
+                           "the last completed step's files are unchanged") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_header(path: str, fh) -> Tuple[dict, int]:
+    head = fh.read(8)
+    if len(head) != 8:
+        raise OffloadError(f"{path}: truncated (no safetensors header)")
+    (n,) = struct.unpack("<Q", head)
+    raw = fh.read(n)
+    if len(raw) != n:
+        raise OffloadError(f"{path}: truncated (header of {n} bytes cut short)")
+    try:
+        return json.loads(raw), 8 + n
+    except ValueError:
+        raise OffloadError(f"{path}: not a safetensors file (unreadable header)") from None
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _read_into(path: str, targets: Dict[str, torch.Tensor]) -> Dict[str, str]:
+    """Reads each named tensor of a safetensors file into the given tensor's memory; returns the metadata."""
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise OffloadError(f"{path}: cannot read the layer's file ({os.strerror(e.errno) if e.errno else e})") from None
+    with fh:
+        header, base = _read_header(path, fh)
+        size = os.fstat(fh.fileno()).st_size
+        for name, t in targets.items():
+            h = header.get(name)
+            if h is None:
+                raise OffloadError(f"{path}: has no tensor {name!r} (a store written by another model or optimizer?)")
+            if _DTYPES.get(h["dtype"]) != t.dtype or list(h["shape"]) != list(t.shape):
+                raise OffloadError(f"{path}: {name} is {h['dtype']} {h['shape']}, the model's is {t.dtype} "
+                                   f"{list(t.shape)} (a store written by another model or optimizer?)")
+            b, e = h["data_offsets"]
+            if base + e > size:
+                raise OffloadError(f"{path}: truncated ({size} bytes, {name} ends at {base + e})")
+            fh.seek(base + b)
+            if fh.readinto(_bytes_view(t)) != e - b:
+                raise OffloadError(f"{path}: truncated while reading {name}")
+    return header.get("__metadata__", {})
+
+
+class LayerStore:
+    """Keeps the layers of a model's reversible stacks, and their optimizer state, in a tier between
+    uses (see the module's docstring).
+
+    Args:
+        model: a module containing `revengine.Sequential` stacks in reversible mode.
+        optimizer: the `InBackwardOptimizer` that steps the model (the store needs the in-backward
+            step: no gradient of a released layer may wait for a later optimizer.step()).
+        tier: "disk", "host" or "none".
+        directory: the folder of the disk tier (created if missing; must be empty of another store).
+
+    Raises:
+        OffloadError: an unknown tier, a missing or unwritable directory, no reversible stack, a
+            stack not in reversible mode, a layer with frozen parameters, or "host" on a CPU model.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: InBackwardOptimizer, tier: str = "disk",
+                 directory: Optional[str] = None, *, _resume: bool = False):
+        if tier not in TIERS:
+            raise OffloadError(f"offload: tier must be one of {', '.join(TIERS)}, got {tier!r}")
+        if not isinstance(optimizer, InBackwardOptimizer):
+            raise OffloadError("offload: the store needs revengine.optim.InBackwardOptimizer (the in-backward step), "
+                               f"got {type(optimizer).__name__}")
+        self.model, self.optimizer, self.tier = model, optimizer, tier
+        self.directory = os.path.abspath(directory) if directory is not None else None
+        self.layers = self._find_layers(model, optimizer)
+        self._of_param = {id(p): layer for layer in self.layers for p in layer.params}
+        # the trained parameters outside the stacks (embeddings, final norm, head) stay in memory; the
+        # disk tier writes them with each completed step, so that the store is a whole checkpoint
+        self.rest = _Layer("rest", model, [p for p in optimizer.params if id(p) not in self._of_param])
+        if tier == "host" and any(p.device.type == "cpu" for layer in self.layers for p in layer.params):
+            raise OffloadError("offload: tier 'host' keeps a GPU model's layers in host memory; this model is on the CPU "
+                               "(use tier 'disk')")
+        if tier == "disk":
+            if self.directory is None:
+                raise OffloadError("offload: tier 'disk' needs a directory (--offload-dir)")
+            self._check_directory(_resume)
+        self.step = 0
+        self._written: set = set()  # layers written in the step not yet committed
+        self._flush_queued = False
+        self.bytes_read = self.bytes_written = 0
+        self._handles = []
+        if _resume:
+            self._load_store_json()
+        elif tier != "none":
+            for layer in self.layers:  # step 0: the weights as they are (no optimizer state yet)
+                self._write(layer, slot=0)
+            if tier == "disk":
+                self._write(self.rest, slot=0)
+            self._commit()
+        for layer in self.layers:
+            self._release(layer)
+        self._attach()
+
+    # -- construction -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _find_layers(model, optimizer) -> List[_Layer]:
+        from .sequential import Sequential
+
+        stacks = [(n, m) for n, m in model.named_modules() if isinstance(m, Sequential)]
+        if not stacks:
+            raise OffloadError("offload: the model has no revengine.Sequential stack: only a reversible stack's layers "
+                               "can be released between forward and backward")
+        trained = {id(p) for p in optimizer.params}
+        layers = []
+        for name, stack in stacks:
+            if stack.mode != "reversible":
+                raise OffloadError(f"offload: {name or 'the stack'} runs in mode {stack.mode!r}; the store needs "
+                                   "reversible mode (other modes keep layer inputs or re-run from stored ones)")
+            for i, layer in enumerate(stack.layers):
+                # the stream functions (f, g) hold the weights and run under hooks; parameters of
+                # the coupling itself (a few scalars) stay in memory
+                parts = [c for c in layer.children() if any(True for _ in c.parameters())]
+                params = [p for c in parts for p in c.parameters()]
+                frozen = [n for n, p in layer.named_parameters() if id(p) not in trained]
+                if frozen:
+                    raise OffloadError(f"offload: {name}.{i} has parameters the optimizer does not train ({frozen[0]}, "
+                                       "...): a released layer's frozen weights would not come back for its re-run")
+                for n, p in layer.named_parameters():
+                    if not _owns_storage(p):
+                        raise OffloadError(f"offload: {name}.{i}.{n} shares its memory with another tensor "
+                                           "(a view or a tied weight); it cannot be released alone")
+                layers.append(_Layer(f"{name}.{i}" if name else str(i), layer, params, parts))
+        return layers
+
+    def _check_directory(self, resume: bool) -> None:
+        d = self.directory
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            raise OffloadError(f"--offload-dir {d}: cannot create it ({os.strerror(e.errno)})") from None
+        if not os.access(d, os.W_OK):
+            raise OffloadError(f"--offload-dir {d}: not writable")
+        if not resume and os.path.exists(os.path.join(d, STORE_FILE)):
+            raise OffloadError(f"--offload-dir {d}: holds a store already ({STORE_FILE}); resume it with "
+                               "LayerStore.open, or choose an empty folder")
+
+    @classmethod
+    def open(cls, model: torch.nn.Module, optimizer: InBackwardOptimizer, directory: str) -> "LayerStore":
+        """Resumes a disk store: the model's layers and their optimizer state as of the store's last
+        completed step (checked against the model: names, shapes, dtypes, optimizer state)."""
+        return cls(model, optimizer, "disk", directory, _resume=True)
+
+    # -- the tensors of a layer --------------------------------------------------------------------
+
+    def _tensors(self, layer: _Layer) -> Dict[str, torch.Tensor]:
+        """What a layer's file holds: its parameters and every tensor of their optimizer state (the
+        plain tensors inside quantized state, step counters included)."""
+        out = {}
+        names = layer.names
+        state = self.optimizer.state
+        for p in layer.params:
+            n = names[id(p)]
+            out[f"param.{n}"] = p.data
+            for key, v in sorted(state.get(p, {}).items()):
+                if isinstance(v, torch.Tensor):
+                    for j, t in enumerate(inner_tensors(v)):
+                        out[f"state.{n}.{key}.{j}"] = t
+        return out
+
+    def _moving(self, layer: _Layer) -> Dict[str, torch.Tensor]:
+        """The tensors whose memory is released between uses: the large ones that own their storage."""
+        return {k: t for k, t in self._tensors(layer).items() if t.numel() >= MIN_ELEMENTS and _owns_storage(t)}
+
+    def _path(self, layer: _Layer, slot: int) -> str:
+        return os.path.join(self.directory, f"{layer.name}.{slot}.safetensors")
+
+    def _fingerprint(self) -> Dict[str, object]:
+        return {"format": FORMAT, "layers": [layer.name for layer in self.layers],
+                "rest": sorted(self.rest.names.values()),
+                "optimizer": type(self.optimizer.optimizers[0]).__name__}
+
+    # -- moving ------------------------------------------------------------------------------------
+
+    def _write(self, layer: _Layer, slot: int) -> None:
+        tensors = self._tensors(layer) if self.tier == "disk" else self._moving(layer)
+        if self.tier == "disk":
+            _write_file(self._path(layer, slot), tensors, {"step": str(self.step), "layer": layer.name})
+            layer.slot = slot
+        elif self.tier == "host":
+            for k, t in tensors.items():
+                if k not in layer.home:
+                    layer.home[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                layer.home[k].copy_(t, non_blocking=True)
+        self.bytes_written += sum(t.numel() * t.element_size() for t in tensors.values())
+        layer.dirty = False
+
+    def _release(self, layer: _Layer) -> None:
+        if not layer.loaded or self.tier == "none":
+            return
+        if layer.dirty:
+            # the slot the last completed step did not write (the same one again within a step)
+            self._write(layer, slot=layer.slot if layer.name in self._written else 1 - layer.slot)
+            self._written.add(layer.name)
+        if self.tier == "host":
+            torch.cuda.current_stream().synchronize()  # the copies out are done before the memory goes
+        for t in self._moving(layer).values():
+            t.untyped_storage().resize_(0)
+        layer.loaded = False
+
+    def _end_of_backward(self) -> None:
+        """Queued by the first re-run of a backward: releases what is still in memory (a layer whose
+        parameters did not all get a gradient) and commits the step."""
+        self._flush_queued = False
+        for layer in self.layers:
+            if layer.loaded:
+                self._release(layer)
+        if self._written:
+            if self.tier == "disk":
+                self._write(self.rest, slot=1 - self.rest.slot)
+            self.step += 1
+            self._commit()
+
+    def _load(self, layer: _Layer) -> None:
+        if layer.loaded:
+            return
+        tensors = self._moving(layer)
+        for t in tensors.values():
+            t.untyped_storage().resize_(t.numel() * t.element_size())
+        if self.tier == "disk":
+            _read_into(self._path(layer, layer.slot), tensors)
+        else:
+            for k, t in tensors.items():
+                t.copy_(layer.home[k], non_blocking=True)
+        self.bytes_read += sum(t.numel() * t.element_size() for t in tensors.values())
+        layer.loaded = True
+
+    def _commit(self) -> None:
+        """store.json: the slots of the last completed step (written only for the disk tier)."""
+        self._written = set()
+        if self.tier != "disk":
+            return
+        doc = dict(self._fingerprint(), step=self.step,
+                   slots={layer.name: layer.slot for layer in self.layers + [self.rest]})
+        path = os.path.join(self.directory, STORE_FILE)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(doc, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            raise OffloadError(f"{path}: cannot write ({os.strerror(e.errno) if e.errno else e}); the last completed "
+                               "step's files are unchanged") from None
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def _load_store_json(self) -> None:
+        path = os.path.join(self.directory, STORE_FILE)
+        try:
+            with open(path) as fh:
+                doc = json.load(fh)
+        except OSError as e:
+            raise OffloadError(f"{path}: cannot read the store ({os.strerror(e.errno) if e.errno else e})") from None
+        except ValueError:
+            raise OffloadError(f"{path}: not a store file (unreadable JSON)") from None
+        mine = self._fingerprint()
+        for k, v in mine.items():
+            if doc.get(k) != v:
+                raise OffloadError(f"{path}: written for another model or optimizer ({k}: {doc.get(k)!r}, "
+                                   f"this run has {v!r})")
+        self.step = int(doc["step"])
+        for layer in self.layers + [self.rest]:
+            layer.slot = int(doc["slots"][layer.name])
+        self._restore_state()
+
+    def _restore_state(self) -> None:
+        """Reads every layer's weights and optimizer state from its committed file. The optimizer's
+        state tensors are created first (by a zero-gradient step that is then undone: reading over it)."""
+        for layer in self.layers + [self.rest]:
+            path = self._path(layer, layer.slot)
+            try:
+                with open(path, "rb") as fh:
+                    header, _ = _read_header(path, fh)
+            except OSError as e:
+                raise OffloadError(f"{path}: cannot read the layer's file ({os.strerror(e.errno)})") from None
+            has_state = any(k.startswith("state.") for k in header if k != "__metadata__")
+            if has_state and not any(p in self.optimizer.state for p in layer.params):
+                self._init_state(layer)
+            tensors = self._tensors(layer)
+            extra = sorted(set(header) - set(tensors) - {"__metadata__"})
+            if extra:
+                raise OffloadError(f"{path}: holds {extra[0]} that this model and optimizer do not have "
+                                   "(a store written by another model or optimizer?)")
+            _read_into(path, tensors)
+
+    def _init_state(self, layer: _Layer) -> None:
+        """Creates the optimizer state of a layer's parameters (its tensors are then read from disk)."""
+        opts = {id(p): o for p, o in zip(self.optimizer.params, self.optimizer.optimizers)}
+        for p in layer.params:
+            opt = opts[id(p)]
+            saved = p.detach().clone()
+            p.grad = torch.zeros_like(p)
+            lr = [g["lr"] for g in opt.param_groups]
+            for g in opt.param_groups:
+                g["lr"] = g["lr"] * 0 if isinstance(g["lr"], torch.Tensor) else 0.0
+            rng = torch.get_rng_state()
+            opt.step()
+            torch.set_rng_state(rng)
+            for g, v in zip(opt.param_groups, lr):
+                g["lr"] = v
+            p.grad = None
+            with torch.no_grad():
+                p.copy_(saved)
+
+    # -- hooks ---------------------------------------------------------------------------------------
+
+    def _attach(self) -> None:
+        for layer in self.layers:
+            for part in layer.parts:  # the executor refuses hooks on a coupling; its f and g take them
+                self._handles.append(part.register_forward_pre_hook(lambda m, a, layer=layer: self._load(layer)))
+                self._handles.append(part.register_forward_hook(lambda m, a, o, layer=layer: self._after_part(layer)))
+        self._grad_hooks = self.optimizer.register_grad_hooks(self._before_step, self._after_grad)
+
+    def _after_part(self, layer: _Layer) -> None:
+        layer.ran += 1
+        if layer.ran < len(layer.parts):
+            return
+        layer.ran = 0
+        if side.is_recomputing():
+            # backward's re-run: the vector-Jacobian product and the step still need the layer
+            layer.pending = len(layer.params)
+            if not self._flush_queued:
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+                self._flush_queued = True
+            return
+        self._release(layer)
+
+    def _before_step(self, p: torch.Tensor) -> None:
+        layer = self._of_param.get(id(p))
+        if layer is not None:
+            self._load(layer)
+
+    def _after_grad(self, p: torch.Tensor, stepped: bool) -> None:
+        layer = self._of_param.get(id(p))
+        if layer is None:
+            return
+        layer.dirty = layer.dirty or stepped
+        layer.pending -= 1
+        if layer.pending <= 0:
+            self._release(layer)
+
+    # -- API ---------------------------------------------------------------------------------------
+
+    def resident_layers(self) -> List[str]:
+        """The layers whose tensors are in memory now."""
+        return [layer.name for layer in self.layers if layer.loaded or self.tier == "none"]
+
+    def close(self) -> None:
+        """Brings every layer back into memory and removes the hooks (the model is ordinary again)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._grad_hooks.remove()
+        for layer in self.layers:
+            self._load(layer)
+
+    def __enter__(self) -> "LayerStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["LayerStore", "OffloadError", "TIERS"]

@@ -1,0 +1,246 @@
+"""revengine.offload.LayerStore: a run whose layers live on disk between uses is bit-identical to one
+whose layers stay in memory; the memory is really released; a process killed in the middle of a
+step resumes from the last completed one bit-identically; bad stores and failing disks are
+one-line errors that leave the last completed step loadable."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import revengine as rev
+from revengine.models import RevMoEConfig, RevMoEForCausalLM
+from revengine.offload import LayerStore, OffloadError
+from revengine.optim import InBackwardOptimizer, optimizer_class
+
+from conftest import child_env
+
+SETTINGS = [("adamw", "fp32"), pytest.param("adamw8bit", "bf16", marks=pytest.mark.skipif(
+    not rev.optim.torchao_available(), reason="torchao is not installed"))]
+
+
+def build(optimizer="adamw", weights="fp32", hidden=64, layers=3):
+    torch.manual_seed(0)
+    cfg = RevMoEConfig.preset("tiny", num_hidden_layers=layers, block_type="bdia", hidden_size=hidden,
+                              moe_intermediate_size=64)
+    model = RevMoEForCausalLM(cfg).train()
+    if weights == "bf16":
+        model.to(torch.bfloat16)
+    cls, kw = optimizer_class(optimizer, weights=weights)
+    return model, InBackwardOptimizer(model.parameters(), cls, lr=1e-3, **kw)
+
+
+def train(model, steps, start=0):
+    losses = []
+    for s in range(start, start + steps):
+        torch.manual_seed(100 + s)  # the batch and BDIA's signs of step s
+        ids = torch.randint(0, model.config.vocab_size, (2, 64))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    return losses
+
+
+def snapshot(model, opt):
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = [{k: [t.clone() for t in rev.optim.inner_tensors(v)] for k, v in st.items() if isinstance(v, torch.Tensor)}
+             for st in opt.state.values()]
+    return weights, state
+
+
+def assert_same(a, b):
+    (wa, sa), (wb, sb) = a, b
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert len(sa) == len(sb)
+    for x, y in zip(sa, sb):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert all(torch.equal(u, v) for u, v in zip(x[k], y[k])), k
+
+
+@pytest.mark.parametrize("optimizer,weights", SETTINGS)
+@pytest.mark.parametrize("tier", ["disk", "none"])
+def test_offloaded_run_is_bit_identical(tmp_path, optimizer, weights, tier):
+    model, opt = build(optimizer, weights)
+    plain = train(model, 6)
+    expect = snapshot(model, opt)
+
+    model, opt = build(optimizer, weights)
+    store = LayerStore(model, opt, tier=tier, directory=str(tmp_path / "store"))
+    losses = train(model, 6)
+    if tier == "disk":
+        assert store.step == 6 and store.resident_layers() == []
+        assert store.bytes_read > 0 and store.bytes_written > 0
+    store.close()
+    assert losses == plain
+    assert_same(snapshot(model, opt), expect)
+
+
+def test_layers_are_released_between_uses(tmp_path):
+    """Between steps the layers' weights and their AdamW moments hold no memory; the embedding, the
+    head and small tensors stay; a forward brings a layer in and lets it go again."""
+    model, opt = build()
+    store = LayerStore(model, opt, tier="disk", directory=str(tmp_path / "s"))
+    train(model, 1)
+    stack = model.model.layers.layers
+    big = [p for p in stack.parameters() if p.numel() >= rev.offload.MIN_ELEMENTS]
+    assert big and all(p.untyped_storage().nbytes() == 0 for p in big)
+    moments = [t for p in big for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.dim() > 0
+               for t in rev.optim.inner_tensors(v)]
+    assert moments and all(t.untyped_storage().nbytes() == 0 for t in moments)
+    assert model.model.embed_tokens.weight.untyped_storage().nbytes() > 0
+    seen = []
+    stack[1].f.register_forward_hook(lambda m, a, o: seen.append(store.resident_layers()), prepend=True)
+    with torch.no_grad():
+        model.eval()(input_ids=torch.randint(0, model.config.vocab_size, (1, 8)))
+    assert seen == [["model.layers.1"]] and store.resident_layers() == []
+    store.close()
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in big)
+
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    import test_offload as t
+    from revengine.offload import LayerStore
+    model, opt = t.build({optimizer!r}, {weights!r})
+    store = LayerStore(model, opt, tier="disk", directory={directory!r})
+    t.train(model, 3)
+    written = []
+    def kill_after_first_write(p, stepped):
+        if stepped:
+            written.append(p)
+            if len(written) == 3:  # some of step 4's layers are written, the rest are not
+                os.kill(os.getpid(), signal.SIGKILL)
+    opt.register_grad_hooks(lambda p: None, kill_after_first_write)
+    t.train(model, 1, start=3)
+    print("not killed")
+""")
+
+
+@pytest.mark.parametrize("optimizer,weights", SETTINGS)
+def test_resume_after_kill_is_bit_identical(tmp_path, optimizer, weights):
+    """kill -9 in the middle of step 4's backward (after one layer's write-back): opening the store
+    gives step 3, and three more steps end where six uninterrupted steps do."""
+    directory = str(tmp_path / "store")
+    code = CHILD.format(tests=os.path.dirname(os.path.abspath(__file__)), optimizer=optimizer, weights=weights,
+                        directory=directory)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(),
+                       cwd=str(tmp_path), timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
+    with open(os.path.join(directory, "store.json")) as fh:
+        assert json.load(fh)["step"] == 3
+
+    model, opt = build(optimizer, weights)
+    store = LayerStore.open(model, opt, directory)
+    assert store.step == 3
+    resumed = train(model, 3, start=3)
+    store.close()
+
+    ref_model, ref_opt = build(optimizer, weights)
+    ref = train(ref_model, 6)
+    assert resumed == ref[3:]
+    assert_same(snapshot(model, opt), snapshot(ref_model, ref_opt))
+
+
+def test_full_disk_is_one_error_and_the_last_step_stays_loadable(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    directory = str(tmp_path / "store")
+    model, opt = build()
+    store = LayerStore(model, opt, tier="disk", directory=directory)
+    train(model, 2)
+    expect = None
+    real = safetensors.torch.save_file
+
+    def full(*a, **k):
+        raise OSError(28, os.strerror(28))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OffloadError, match=r"model\.layers\.2\.\d\.safetensors: cannot write .*No space left"):
+        train(model, 1, start=2)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert not [f for f in os.listdir(directory) if ".tmp" in f]
+
+    # the store still opens at step 2, and equals two uninterrupted steps
+    ref_model, ref_opt = build()
+    train(ref_model, 2)
+    expect = snapshot(ref_model, ref_opt)
+    model, opt = build()
+    store = LayerStore.open(model, opt, directory)
+    assert store.step == 2
+    store.close()
+    assert_same(snapshot(model, opt), expect)
+
+
+def test_truncated_or_vanished_files_name_the_file(tmp_path):
+    directory = str(tmp_path / "store")
+    model, opt = build()
+    store = LayerStore(model, opt, tier="disk", directory=directory)
+    train(model, 1)
+    path = os.path.join(directory, "model.layers.1.1.safetensors")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(size // 2)
+    with pytest.raises(OffloadError, match=r"model\.layers\.1\.1\.safetensors: truncated"):
+        train(model, 1, start=1)
+    model, opt = build()
+    with pytest.raises(OffloadError, match=r"model\.layers\.1\.1\.safetensors: truncated"):
+        LayerStore.open(model, opt, directory)
+
+    os.remove(path)
+    model, opt = build()
+    with pytest.raises(OffloadError, match=r"model\.layers\.1\.1\.safetensors: cannot read"):
+        LayerStore.open(model, opt, directory)
+
+
+def test_a_store_of_another_model_or_optimizer_is_refused(tmp_path):
+    directory = str(tmp_path / "store")
+    model, opt = build()
+    store = LayerStore(model, opt, tier="disk", directory=directory)
+    train(model, 1)
+    store.close()
+    other, other_opt = build(hidden=96)
+    with pytest.raises(OffloadError, match=r"safetensors: param\..* the model's is"):
+        LayerStore.open(other, other_opt, directory)
+    deeper, deeper_opt = build(layers=4)
+    with pytest.raises(OffloadError, match=r"store\.json: written for another model or optimizer \(layers"):
+        LayerStore.open(deeper, deeper_opt, directory)
+    if rev.optim.torchao_available():
+        model8, opt8 = build("adamw8bit", "bf16")
+        with pytest.raises(OffloadError, match=r"store\.json: written for another model or optimizer \(optimizer"):
+            LayerStore.open(model8, opt8, directory)
+    fresh, fresh_opt = build()
+    with pytest.raises(OffloadError, match=r"holds a store already"):
+        LayerStore(fresh, fresh_opt, tier="disk", directory=directory)
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+    model, opt = build()
+    with pytest.raises(OffloadError, match="tier must be one of"):
+        LayerStore(model, opt, tier="ssd", directory=str(tmp_path))
+    with pytest.raises(OffloadError, match="needs a directory"):
+        LayerStore(model, opt, tier="disk")
+    with pytest.raises(OffloadError, match="this model is on the CPU"):
+        LayerStore(model, opt, tier="host")
+    with pytest.raises(OffloadError, match="InBackwardOptimizer"):
+        LayerStore(model, torch.optim.AdamW(model.parameters()), tier="disk", directory=str(tmp_path / "a"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OffloadError, match="--offload-dir .*file/s: cannot create it"):
+        LayerStore(model, opt, tier="disk", directory=str(blocker / "s"))
+    model.model.layers.mode = "checkpoint"
+    with pytest.raises(OffloadError, match="runs in mode 'checkpoint'"):
+        LayerStore(model, opt, tier="disk", directory=str(tmp_path / "b"))
+    model.model.layers.mode = "reversible"
+    model.model.layers.layers[0].f.attn.self_attn.q_proj.weight.requires_grad_(False)
+    frozen_opt = InBackwardOptimizer([p for p in model.parameters() if p.requires_grad], torch.optim.AdamW)
+    with pytest.raises(OffloadError, match=r"model\.layers\.0 has parameters the optimizer does not train"):
+        LayerStore(model, frozen_opt, tier="disk", directory=str(tmp_path / "c"))
+    assert not os.path.exists(tmp_path / "c" / "store.json")
