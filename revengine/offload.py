@@ -34,17 +34,19 @@ without (tests/test_offload.py).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from . import side
-from .optim import InBackwardOptimizer, inner_tensors
+from .optim import InBackwardOptimizer, inner_tensors, map_inner
 
 TIERS = ("none", "host", "disk")
 MIN_ELEMENTS = 4096  # smaller tensors stay in memory (norm weights, quantization tables, step counters)
@@ -62,12 +64,14 @@ class _Layer:
     module: torch.nn.Module
     params: List[torch.nn.Parameter]
     parts: List[torch.nn.Module] = field(default_factory=list)  # the stream functions that hold them
-    loaded: bool = True
+    loaded: bool = True          # its weights are in memory
+    state_loaded: bool = True    # its optimizer state is (read only for the step: forward needs none)
     ran: int = 0                 # parts run in the current forward
     dirty: bool = False          # stepped since it was last written
     pending: int = 0             # parameters whose gradient this backward has not consumed yet
     slot: int = 0                # the slot of its last written version (disk)
     home: Dict[str, torch.Tensor] = field(default_factory=dict)  # host tier: pinned copies
+    ready: Dict[str, Future] = field(default_factory=dict)  # disk: the reads of "param" / "state" in flight
 
     def __post_init__(self):
         mine = {id(p) for p in self.params}
@@ -87,14 +91,30 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B") if n else memoryview(b"")
 
 
-def _write_file(path: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> None:
-    """A safetensors file written beside `path` and renamed over it (the old file survives a failure)."""
-    from safetensors.torch import save_file
+def _write_payload(fh, buffers) -> None:
+    for b in buffers:
+        fh.write(b)
 
+
+def _write_file(path: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, str]) -> None:
+    """A safetensors file written beside `path`, synced and renamed over it (the old file survives a
+    failure). Written here rather than by safetensors.torch.save_file, which first copies every
+    tensor into a bytes object: this writes from the tensors' own memory, without holding the GIL,
+    so the I/O thread's writes overlap the compute (safetensors reads the files: tests)."""
+    header: Dict[str, object] = {"__metadata__": meta}
+    offset = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        with open(tmp, "rb+") as fh:
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(raw)) + raw)
+            _write_payload(fh, [_bytes_view(t) for t in tensors.values()])
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as e:
@@ -122,6 +142,7 @@ def _read_header(path: str, fh) -> Tuple[dict, int]:
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+_CODES = {v: k for k, v in _DTYPES.items()}
 
 
 def _read_into(path: str, targets: Dict[str, torch.Tensor]) -> Dict[str, str]:
@@ -176,6 +197,7 @@ class LayerStore:
         self.directory = os.path.abspath(directory) if directory is not None else None
         self.layers = self._find_layers(model, optimizer)
         self._of_param = {id(p): layer for layer in self.layers for p in layer.params}
+        self._index = {layer.name: i for i, layer in enumerate(self.layers)}
         # the trained parameters outside the stacks (embeddings, final norm, head) stay in memory; the
         # disk tier writes them with each completed step, so that the store is a whole checkpoint
         self.rest = _Layer("rest", model, [p for p in optimizer.params if id(p) not in self._of_param])
@@ -191,6 +213,10 @@ class LayerStore:
         self._flush_queued = False
         self.bytes_read = self.bytes_written = 0
         self._handles = []
+        # disk: one I/O thread runs every read, write-back and release in the order they were asked
+        # for (a layer's read never overtakes its write), beside the compute
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="revengine-offload") if tier == "disk" else None
+        self._jobs: List[Future] = []
         if _resume:
             self._load_store_json()
         elif tier != "none":
@@ -198,8 +224,10 @@ class LayerStore:
                 self._write(layer, slot=0)
             if tier == "disk":
                 self._write(self.rest, slot=0)
+            self._drain()
             self._commit()
         for layer in self.layers:
+            self._own_memory(layer)
             self._release(layer)
         self._attach()
 
@@ -270,9 +298,26 @@ class LayerStore:
                         out[f"state.{n}.{key}.{j}"] = t
         return out
 
-    def _moving(self, layer: _Layer) -> Dict[str, torch.Tensor]:
-        """The tensors whose memory is released between uses: the large ones that own their storage."""
-        return {k: t for k, t in self._tensors(layer).items() if t.numel() >= MIN_ELEMENTS and _owns_storage(t)}
+    def _moving(self, layer: _Layer, kind: str = "") -> Dict[str, torch.Tensor]:
+        """The tensors whose memory is released between uses (the large ones that own their storage);
+        kind "param" or "state" selects the weights or the optimizer state."""
+        return {k: t for k, t in self._tensors(layer).items()
+                if k.startswith(kind) and t.numel() >= MIN_ELEMENTS and _owns_storage(t)}
+
+    def _own_memory(self, layer: _Layer) -> None:
+        """Gives every moving tensor of the layer memory of its own that can be released: tensors read
+        from a file (an HF checkpoint's weights, a loaded optimizer state) may sit in memory torch
+        cannot resize."""
+        def resizable(t):
+            return t.untyped_storage().resizable()
+
+        for p in layer.params:
+            if p.numel() >= MIN_ELEMENTS and not resizable(p):
+                p.data = p.data.clone()
+            st = self.optimizer.state.get(p, {})
+            for k, v in list(st.items()):
+                if isinstance(v, torch.Tensor) and not all(resizable(t) for t in inner_tensors(v)):
+                    st[k] = map_inner(v, lambda t: t.clone())
 
     def _path(self, layer: _Layer, slot: int) -> str:
         return os.path.join(self.directory, f"{layer.name}.{slot}.safetensors")
@@ -284,10 +329,34 @@ class LayerStore:
 
     # -- moving ------------------------------------------------------------------------------------
 
-    def _write(self, layer: _Layer, slot: int) -> None:
+    def _submit(self, fn) -> Future:
+        """Runs fn on the I/O thread (disk), or now (the other tiers)."""
+        if self._io is None:
+            f: Future = Future()
+            f.set_result(fn())
+            return f
+        f = self._io.submit(fn)
+        # keep what is in flight or failed (a failure is raised by the next _drain)
+        self._jobs = [j for j in self._jobs if not j.done() or j.exception() is not None] + [f]
+        return f
+
+    def _drain(self) -> None:
+        """Waits for every queued read and write; the first failure is raised here."""
+        jobs, self._jobs = self._jobs, []
+        for f in jobs:
+            f.result()
+
+    def _write(self, layer: _Layer, slot: int, free: Optional[List[torch.Tensor]] = None) -> None:
+        """Writes the layer back (disk: queued on the I/O thread, which then frees `free`)."""
         tensors = self._tensors(layer) if self.tier == "disk" else self._moving(layer)
         if self.tier == "disk":
-            _write_file(self._path(layer, slot), tensors, {"step": str(self.step), "layer": layer.name})
+            path, meta = self._path(layer, slot), {"step": str(self.step), "layer": layer.name}
+
+            def job():
+                _write_file(path, tensors, meta)
+                for t in free or ():
+                    t.untyped_storage().resize_(0)
+            self._submit(job)
             layer.slot = slot
         elif self.tier == "host":
             for k, t in tensors.items():
@@ -300,15 +369,26 @@ class LayerStore:
     def _release(self, layer: _Layer) -> None:
         if not layer.loaded or self.tier == "none":
             return
-        if layer.dirty:
-            # the slot the last completed step did not write (the same one again within a step)
-            self._write(layer, slot=layer.slot if layer.name in self._written else 1 - layer.slot)
-            self._written.add(layer.name)
-        if self.tier == "host":
+        moving = list(self._moving(layer).values())
+        if self.tier == "disk":
+            def free():
+                for t in moving:
+                    t.untyped_storage().resize_(0)
+            if layer.dirty:
+                # the slot the last completed step did not write (the same one again within a step)
+                self._write(layer, layer.slot if layer.name in self._written else 1 - layer.slot, free=moving)
+                self._written.add(layer.name)
+            else:
+                self._submit(free)
+        else:
+            if layer.dirty:
+                self._write(layer, 0)
+                self._written.add(layer.name)
             torch.cuda.current_stream().synchronize()  # the copies out are done before the memory goes
-        for t in self._moving(layer).values():
-            t.untyped_storage().resize_(0)
-        layer.loaded = False
+            for t in moving:
+                t.untyped_storage().resize_(0)
+        layer.loaded = layer.state_loaded = False
+        layer.ready.clear()
 
     def _end_of_backward(self) -> None:
         """Queued by the first re-run of a backward: releases what is still in memory (a layer whose
@@ -320,22 +400,35 @@ class LayerStore:
         if self._written:
             if self.tier == "disk":
                 self._write(self.rest, slot=1 - self.rest.slot)
+            self._drain()  # every layer's file is complete before store.json names it
             self.step += 1
             self._commit()
-
-    def _load(self, layer: _Layer) -> None:
-        if layer.loaded:
-            return
-        tensors = self._moving(layer)
-        for t in tensors.values():
-            t.untyped_storage().resize_(t.numel() * t.element_size())
-        if self.tier == "disk":
-            _read_into(self._path(layer, layer.slot), tensors)
         else:
-            for k, t in tensors.items():
-                t.copy_(layer.home[k], non_blocking=True)
-        self.bytes_read += sum(t.numel() * t.element_size() for t in tensors.values())
-        layer.loaded = True
+            self._drain()
+
+    def _load(self, layer: _Layer, kind: str = "param", wait: bool = True) -> None:
+        """Brings in a layer's weights (kind "param") or its optimizer state ("state"); wait=False
+        only asks for it (a prefetch: the I/O thread reads it while the compute goes on)."""
+        if not (layer.loaded if kind == "param" else layer.state_loaded) and self.tier != "none":
+            tensors = self._moving(layer, kind)
+            path = self._path(layer, layer.slot) if self.tier == "disk" else None
+
+            def job():
+                for t in tensors.values():
+                    t.untyped_storage().resize_(t.numel() * t.element_size())
+                if path is not None:
+                    _read_into(path, tensors)
+                else:
+                    for k, t in tensors.items():
+                        t.copy_(layer.home[k], non_blocking=True)
+            layer.ready[kind] = self._submit(job)
+            self.bytes_read += sum(t.numel() * t.element_size() for t in tensors.values())
+            if kind == "param":
+                layer.loaded = True
+            else:
+                layer.state_loaded = True
+        if wait and kind in layer.ready:
+            layer.ready.pop(kind).result()
 
     def _commit(self) -> None:
         """store.json: the slots of the last completed step (written only for the disk tier)."""
@@ -422,9 +515,21 @@ class LayerStore:
     def _attach(self) -> None:
         for layer in self.layers:
             for part in layer.parts:  # the executor refuses hooks on a coupling; its f and g take them
-                self._handles.append(part.register_forward_pre_hook(lambda m, a, layer=layer: self._load(layer)))
+                self._handles.append(part.register_forward_pre_hook(lambda m, a, layer=layer: self._before_part(layer)))
                 self._handles.append(part.register_forward_hook(lambda m, a, o, layer=layer: self._after_part(layer)))
         self._grad_hooks = self.optimizer.register_grad_hooks(self._before_step, self._after_grad)
+
+    def _before_part(self, layer: _Layer) -> None:
+        """Brings the layer in, and asks for what comes next: the next layer's weights in forward; in
+        backward's re-run, this layer's optimizer state (for its step) and the layer below's weights."""
+        self._load(layer, "param")
+        i = self._index[layer.name]
+        if side.is_recomputing():
+            self._load(layer, "state", wait=False)
+            if i > 0:
+                self._load(self.layers[i - 1], "param", wait=False)
+        elif i + 1 < len(self.layers):
+            self._load(self.layers[i + 1], "param", wait=False)
 
     def _after_part(self, layer: _Layer) -> None:
         layer.ran += 1
@@ -443,7 +548,8 @@ class LayerStore:
     def _before_step(self, p: torch.Tensor) -> None:
         layer = self._of_param.get(id(p))
         if layer is not None:
-            self._load(layer)
+            self._load(layer, "param")
+            self._load(layer, "state")
 
     def _after_grad(self, p: torch.Tensor, stepped: bool) -> None:
         layer = self._of_param.get(id(p))
@@ -460,14 +566,54 @@ class LayerStore:
         """The layers whose tensors are in memory now."""
         return [layer.name for layer in self.layers if layer.loaded or self.tier == "none"]
 
-    def close(self) -> None:
-        """Brings every layer back into memory and removes the hooks (the model is ordinary again)."""
+    def _load_all(self) -> None:
+        for layer in self.layers:
+            self._load(layer, "param")
+            self._load(layer, "state")
+        self._drain()
+
+    @contextlib.contextmanager
+    def resident(self):
+        """Every layer and its optimizer state in memory inside the block (to save a checkpoint of
+        the whole model, say), released again after it."""
+        self._load_all()
+        try:
+            yield self
+        finally:
+            for layer in self.layers:
+                self._release(layer)
+
+    def detach(self) -> None:
+        """Removes the hooks and leaves the released layers as they are (a model about to be dropped).
+        Writes still queued are finished first."""
         for h in self._handles:
             h.remove()
         self._handles = []
         self._grad_hooks.remove()
-        for layer in self.layers:
-            self._load(layer)
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
+
+    def close(self) -> None:
+        """Brings every layer back into memory and removes the hooks (the model is ordinary again)."""
+        self._load_all()
+        self.detach()
+
+    @staticmethod
+    def remove(directory: str) -> None:
+        """Deletes the store in `directory` (store.json and the layer files it names; nothing else)."""
+        path = os.path.join(directory, STORE_FILE)
+        try:
+            with open(path) as fh:
+                doc = json.load(fh)
+        except (OSError, ValueError):
+            return
+        for name in list(doc.get("layers", [])) + ["rest"]:
+            for slot in (0, 1):
+                f = os.path.join(directory, f"{name}.{slot}.safetensors")
+                if os.path.exists(f):
+                    os.remove(f)
+        os.remove(path)
 
     def __enter__(self) -> "LayerStore":
         return self

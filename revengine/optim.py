@@ -240,12 +240,12 @@ def _is_subclass(t: torch.Tensor) -> bool:
         hasattr(t, "__tensor_flatten__")
 
 
-def _map_inner(t: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def map_inner(t: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """fn applied to a plain tensor, or to each inner tensor of a subclass (rebuilt around the results)."""
     if not _is_subclass(t):
         return fn(t)
     names, ctx = t.__tensor_flatten__()
-    return type(t).__tensor_unflatten__({n: _map_inner(getattr(t, n), fn) for n in names}, ctx, t.size(), t.stride())
+    return type(t).__tensor_unflatten__({n: map_inner(getattr(t, n), fn) for n in names}, ctx, t.size(), t.stride())
 
 
 def inner_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -398,7 +398,7 @@ class InBackwardOptimizer:
         st, keys = self._moved(i, p)
         for k in keys:
             if st[k].device != p.device:
-                st[k] = _map_inner(st[k], lambda t: t.to(p.device, non_blocking=True))
+                st[k] = map_inner(st[k], lambda t: t.to(p.device, non_blocking=True))
 
     def _write_back(self, i: int, p: torch.Tensor) -> None:
         """Parameter i's state -> state_device, into the copies kept there (allocated, pinned, once)."""
@@ -410,7 +410,7 @@ class InBackwardOptimizer:
                 home[k] = v
                 continue
             if k not in home:
-                home[k] = _map_inner(v, lambda t: torch.empty(t.shape, dtype=t.dtype, device=self.state_device,
+                home[k] = map_inner(v, lambda t: torch.empty(t.shape, dtype=t.dtype, device=self.state_device,
                                                               pin_memory=self._pin))
             _copy_inner(home[k], v, non_blocking=True)
             st[k] = home[k]

@@ -780,3 +780,55 @@ def test_bf16_weights_on_a_gpu_without_bf16_are_refused(tmp_path, data, mixtral,
     with pytest.raises(FinetuneError, match="--weights bf16: cuda has no bf16 support"):
         ft.run(args(mixtral, data, tmp_path / "out", weights="bf16", device="cuda"))
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# --offload: stage 2's layers between uses in a store (revengine.offload)
+
+
+@pytest.mark.parametrize("optimizer,wdtype", [("adamw", "fp32"), ("adamw8bit", "bf16")])
+def test_offload_disk_is_bit_identical_and_resumes(tmp_path, data, mixtral, optimizer, wdtype):
+    """Stage 1 in memory, stage 2 with every layer on disk between uses: the same weights, losses and
+    evals as without; stopped and resumed (the checkpoint, not the store, is what a resume reads),
+    still the same. The store is in <out>/offload."""
+    if optimizer != "adamw":
+        pytest.importorskip("torchao")
+    kw = dict(scheme="bdia", stage1_steps=2, steps=4, save_every=2, in_backward=True, optimizer=optimizer,
+              weights=wdtype)
+    ref = ft.run(args(mixtral, data, tmp_path / "ref", **kw))
+    out = tmp_path / "run"
+    assert ft.run(args(mixtral, data, out, offload="disk", stop_after=4, **kw))["status"] == "interrupted"
+    assert (out / "offload" / "store.json").exists()
+    s = ft.run(args(mixtral, data, out, offload="disk", resume=True, **kw))
+    assert s["status"] == "finished" and ref["status"] == "finished"
+    assert same_weights(str(tmp_path / "ref"), str(out))
+
+    def strip(p):
+        return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in open(p / "log.jsonl")]
+    assert strip(tmp_path / "ref") == strip(out)
+    with open(out / "offload" / "store.json") as fh:
+        assert json.load(fh)["step"] == 2  # the resumed process's two stage-2 steps
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(offload="ssd"), r"--offload must be one of \('none', 'host', 'disk'\), got 'ssd'"),
+    (dict(offload="disk"), "--offload disk .* needs --in-backward"),
+    (dict(offload="disk", in_backward=True, reversible_mode="checkpoint"), "--reversible-mode reversible"),
+    (dict(offload="host", in_backward=True), r"--offload host .* \(--device cuda\); on the CPU use --offload disk"),
+    (dict(offload_dir="x", in_backward=True), "--offload-dir is the folder of --offload disk"),
+    (dict(offload="disk", in_backward=True, state_device="cpu"), "drop --state-device"),
+])
+def test_bad_offload_settings_are_refused_before_writing(tmp_path, data, mixtral, kw, match):
+    out = tmp_path / "out"
+    with pytest.raises(FinetuneError, match=match):
+        ft.run(args(mixtral, data, out, scheme="bdia", **kw))
+    assert not out.exists()
+
+
+def test_unwritable_offload_dir_is_one_error(tmp_path, data, mixtral):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = tmp_path / "out"
+    with pytest.raises(FinetuneError, match=r"--offload-dir .*file/store: cannot create it"):
+        ft.run(args(mixtral, data, out, scheme="bdia", stage1_steps=0, steps=2, in_backward=True, offload="disk",
+                    offload_dir=str(blocker / "store")))

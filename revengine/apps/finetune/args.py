@@ -46,6 +46,8 @@ class FinetuneArgs:
     weights: str = "fp32"
     in_backward: bool = False
     state_device: Optional[str] = None  # --in-backward: where the optimizer state lives (None: beside the weights)
+    offload: str = "none"  # stage 2: where the layers and their optimizer state live between uses
+    offload_dir: Optional[str] = None  # --offload disk: the store's folder (None: <out>/offload)
     distill: str = "stage1"
     kl_weight: float = 1.0
     upcycle_experts: int = 0
@@ -70,7 +72,7 @@ class FinetuneArgs:
 
     # Fields a --resume may change; every other field must match the checkpoint's.
     MUTABLE = ("resume", "save_every", "eval_every", "eval_batch_size", "eval_max_examples", "keep_checkpoints",
-               "progress", "threads", "device", "stop_after", "state_device")
+               "progress", "threads", "device", "stop_after", "state_device", "offload", "offload_dir")
 
     def validate(self) -> None:
         if self.scheme not in SCHEMES + ("none",):
@@ -138,6 +140,7 @@ class FinetuneArgs:
                                     "it needs --in-backward")
             if self.state_device != "cpu":
                 raise FinetuneError(f"--state-device must be cpu (state in host memory), got {self.state_device!r}")
+        self._validate_offload()
         if self.weights == "bf16":
             if self.scheme in BF16_REFUSED and self.reversible_mode == "reversible":
                 raise FinetuneError(f"--weights bf16 cannot be honoured by --scheme {self.scheme}: "
@@ -146,6 +149,29 @@ class FinetuneArgs:
                 import torch
                 if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
                     raise FinetuneError(f"--weights bf16: {self.device} has no bf16 support; use --weights fp32")
+
+    def _validate_offload(self) -> None:
+        """--offload and --offload-dir."""
+        from revengine.offload import TIERS
+
+        if self.offload not in TIERS:
+            raise FinetuneError(f"--offload must be one of {TIERS}, got {self.offload!r}")
+        if self.offload_dir is not None and self.offload != "disk":
+            raise FinetuneError("--offload-dir is the folder of --offload disk; add --offload disk")
+        if self.offload == "none":
+            return
+        if not self.in_backward:
+            raise FinetuneError(f"--offload {self.offload} writes each layer back right after its step inside "
+                                "backward: it needs --in-backward")
+        if self.scheme == "none" or self.reversible_mode != "reversible":
+            raise FinetuneError(f"--offload {self.offload} releases a layer between its forward and its re-run in "
+                                "backward, which only a reversible model has: use a --scheme other than none and "
+                                "--reversible-mode reversible")
+        if self.state_device is not None:
+            raise FinetuneError(f"--offload {self.offload} moves the optimizer state with the layers; drop --state-device")
+        if self.offload == "host" and not self.device.startswith("cuda"):
+            raise FinetuneError("--offload host keeps the layers in host memory for a GPU run (--device cuda); "
+                                "on the CPU use --offload disk")
 
     # Where the inputs and outputs are, not what is trained: a --resume may spell or move them freely
     # (the run's inputs are identified by content instead: checkpoint.run_inputs).

@@ -48,6 +48,11 @@ def add_arguments(p) -> None:
     a("--state-device", default=None, choices=("cpu",),
       help="with --in-backward: keep the optimizer state in host memory (pinned with CUDA), copied to the device "
       "per parameter for its step; a --resume may change it")
+    a("--offload", default="none", choices=("none", "host", "disk"),
+      help="stage 2 with --in-backward: keep each layer's weights and optimizer state off the device between uses "
+      "(disk: a file per layer in --offload-dir; host: pinned host memory, for --device cuda), read just before "
+      "the layer runs and written back after its step; the run is bit-identical; a --resume may change it")
+    a("--offload-dir", default=None, help="--offload disk: the folder of the layer files (default <out>/offload)")
     a("--distill", default="stage1", choices=DISTILL, help="add KL(original || model) to the loss (default stage1)")
     a("--kl-weight", type=float, default=1.0)
     a("--upcycle-experts", type=int, default=0, help="turn a dense Llama into an MoE with E experts first")

@@ -1,6 +1,7 @@
 """FinetuneRecipe: one fine-tuning run, as setup() -> train() -> cleanup() (run() does all three)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -10,6 +11,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from revengine import memory
+from revengine.offload import LayerStore, OffloadError
 from revengine.optim import WEIGHT_DTYPES, InBackwardOptimizer, create, optimizer_class, set_lr
 
 from .args import FinetuneArgs, FinetuneError
@@ -32,6 +34,7 @@ class FinetuneRecipe:
     def __init__(self, args: FinetuneArgs):
         self.args = args
         self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.store: Optional[LayerStore] = None  # --offload: stage 2's layers between uses
         self._bar = None
 
     # -- setup ----------------------------------------------------------------------------------
@@ -111,6 +114,7 @@ class FinetuneRecipe:
                         self.teacher = None
                     self._drop_optimizer()  # stage 1's state is freed before stage 2's peak starts
                     self.optimizer, base_lr = self._make_optimizer(2)
+                    self._offload(2)
                     self._reset_peaks()
                 t0 = time.perf_counter()
                 in_stage = step - (0 if stage == 1 else args.stage1_steps)
@@ -206,8 +210,28 @@ class FinetuneRecipe:
                                        state_device=args.state_device, **clip, **kw), lr
         return create(cls, params, lr=lr, weight_decay=args.weight_decay, **kw), lr
 
+    def _offload(self, stage: int) -> None:
+        """--offload: stage 2's layers and their optimizer state go to the store (after the optimizer
+        state of a resumed run is loaded: the checkpoint, not an earlier store, is what the run resumes from)."""
+        args = self.args
+        if args.offload == "none" or stage != 2:
+            return
+        directory = args.offload_dir or os.path.join(args.out, "offload")
+        LayerStore.remove(directory)  # an earlier run's store: this one starts from the weights in memory
+        try:
+            self.store = LayerStore(self.student, self.optimizer, tier=args.offload, directory=directory)
+        except OffloadError as e:
+            raise FinetuneError(str(e)) from None
+
+    def _whole_model(self):
+        """A block in which every layer is in memory (checkpoints and the final save read the whole model)."""
+        return self.store.resident() if self.store is not None else contextlib.nullcontext()
+
     def _drop_optimizer(self) -> None:
         """Lets go of the optimizer (an in-backward one's hooks too, which would otherwise keep stepping)."""
+        if self.store is not None:
+            self.store.detach()
+            self.store = None
         if isinstance(self.optimizer, InBackwardOptimizer):
             self.optimizer.remove()
         self.optimizer = None
@@ -227,6 +251,7 @@ class FinetuneRecipe:
             if step < self.total and self._stage_of(step) == stage and step > 0:
                 load_optimizer_state(self.optimizer, self.resume_from)
             restore_rng(self.resume_from, self.device)
+        self._offload(stage)
         if stage == 2 and self.teacher is not None and args.distill != "all":
             self.teacher = None
         print(f"revengine finetune: {type(self.student).__name__} ({self.kind}, scheme {args.scheme}) on "
@@ -304,7 +329,8 @@ class FinetuneRecipe:
             print(f"revffn fixed point: {state['fixed_point']['stored']}/{len(rep)} layers stored their input in "
                   f"the last step (the rest inverted in <= {state['fixed_point']['max_iterations']} iterations)",
                   flush=True)
-        save_final(self.args.out, self.student, self.tok, state)
+        with self._whole_model():
+            save_final(self.args.out, self.student, self.tok, state)
         summary.update(evals=state["evals"], timings=state["timings"])
         return summary
 
@@ -312,8 +338,9 @@ class FinetuneRecipe:
 
     def save_checkpoint(self) -> str:
         """checkpoints/step-NNNNNN for the current step (the older ones beyond --keep-checkpoints go)."""
-        return save_checkpoint(self.args.out, self.state["step"], self.student, self.optimizer, self.state,
-                               self.args.keep_checkpoints)
+        with self._whole_model():
+            return save_checkpoint(self.args.out, self.state["step"], self.student, self.optimizer, self.state,
+                                   self.args.keep_checkpoints)
 
     def cleanup(self) -> None:
         """Closes the progress bar and lets go of the models and the optimizer state."""

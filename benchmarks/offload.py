@@ -1,0 +1,151 @@
+"""Layers on disk between uses (revengine.offload.LayerStore): peak resident memory of a training step
+against depth, with and without the store, and the step time against its two lower bounds (the
+compute of the same model without the store, and the bytes the store moves over the measured disk
+bandwidth).
+
+Workload: qwen-moe-mini (HF Qwen2-MoE: hidden 256, 16 experts top-4 + a shared expert, vocab 16384)
+converted with from_hf(scheme="bdia"), at 12, 24 and 48 layers, batch 1 x 512 tokens, fp32 AdamW
+stepped inside backward (revengine.optim.InBackwardOptimizer). Contenders:
+
+    none   every layer in memory (the ordinary in-backward run)
+    disk   LayerStore(tier="disk") in a temporary folder: each layer's weights are read before its
+           forward and its re-run, its AdamW state before its step, and both written back after it
+
+Each figure is a fresh subprocess (MALLOC_MMAP_THRESHOLD_=65536): build, one warm-up step (AdamW
+state), then --steps measured steps. Peak = the process's resident set size at the top of a step
+(VmRSS before it + its peak rise, the largest over the steps: what the machine must have); time =
+the median step. Bandwidth: the store's own write (safetensors + fsync + rename) and read (reads
+into existing tensors) of a 64 MiB file, repeated, in the same process. Reads usually come from
+the kernel's page cache (the files were just written), which is not the process's memory.
+
+    python benchmarks/offload.py                       # 12 24 48 layers (about 15 min on 2 cores)
+    python benchmarks/offload.py --depths 12 48 --steps 2
+    python benchmarks/offload.py --quick               # tiny config, seconds (the tests run it)
+
+Prints a table and PASS/FAIL lines; never asserts.
+"""
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from _common import child_env, hf_contender, parser, random_ids, summary, table_header, verdict
+from revengine.memory import measure_in_subprocess, measure_step, proc_status_kb
+
+TIERS = ("none", "disk")
+MIB = float(2**20)
+
+
+def io_bandwidth(directory: str, mib: int = 64, rounds: int = 4) -> dict:
+    """MB/s of the store's own write and read path on a file of `mib` MiB in `directory`."""
+    from revengine.offload import _read_into, _write_file
+
+    t = {"x": torch.randn(mib * 2**18)}
+    path = os.path.join(directory, "bandwidth.safetensors")
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        _write_file(path, t, {})
+    w = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        _read_into(path, t)
+    r = time.perf_counter() - t0
+    os.remove(path)
+    return {"write_mb_s": rounds * mib / w, "read_mb_s": rounds * mib / r}
+
+
+def measure(tier: str, quick: bool, layers: int, seq: int, steps: int, threads=None) -> dict:
+    """Runs in a fresh subprocess."""
+    from revengine.offload import LayerStore
+    from revengine.optim import InBackwardOptimizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = hf_contender("rev-bdia", quick, layers).train()
+    opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5)
+    ids = random_ids(model.config.vocab_size, 1, seq)
+    directory = tempfile.mkdtemp(prefix="revengine-offload-")
+    try:
+        store = LayerStore(model, opt, tier=tier, directory=os.path.join(directory, "store"))
+
+        def step(ids=ids):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            return float(loss)
+
+        step(ids[:, :64])  # warm-up: the AdamW state exists afterwards
+        peaks, times, losses = [], [], []
+        read0, written0 = store.bytes_read, store.bytes_written
+        for _ in range(steps):
+            before = proc_status_kb("VmRSS")["VmRSS"] / 1024.0
+            fig = measure_step(step)
+            peaks.append(before + fig.peak_delta_mb)
+            times.append(fig.seconds)
+            losses.append(fig.result)
+        moved = (store.bytes_read - read0 + store.bytes_written - written0) / steps
+        bw = io_bandwidth(directory) if tier == "disk" else {}
+        store.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    params = sum(p.numel() for p in model.parameters())
+    return {"tier": tier, "layers": layers, "seq": seq, "peak_mb": max(peaks), "seconds": statistics.median(times),
+            "losses": losses, "moved_mb": moved / MIB, "params": params, "state_mb": 12 * params / MIB,
+            "reliable": fig.reliable, **bw}
+
+
+def main(argv=None) -> int:
+    ap = parser(__doc__)
+    ap.add_argument("--quick", action="store_true", help="tiny config, 2 and 4 layers, 64 tokens (seconds)")
+    ap.add_argument("--depths", type=int, nargs="*", default=None, help="layers (default 12 24 48)")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per step (default 512)")
+    ap.add_argument("--steps", type=int, default=3, help="measured steps per figure (default 3)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    a = ap.parse_args(argv)
+    depths = a.depths or ([2, 4] if a.quick else [12, 24, 48])
+    seq = a.seq or (64 if a.quick else 512)
+    env = child_env(a.threads)
+    t0 = time.perf_counter()
+    print(f"{'tiny' if a.quick else 'qwen-moe-mini'} converted with bdia, batch 1 x {seq}, fp32 AdamW in backward, "
+          f"{a.steps} measured steps per figure, a fresh process each; depths {depths}", flush=True)
+    rows = {}
+    for d in depths:
+        for tier in TIERS:
+            rows[(tier, d)] = r = measure_in_subprocess(
+                os.path.abspath(__file__) + ":measure",
+                dict(tier=tier, quick=a.quick, layers=d, seq=seq, steps=a.steps, threads=a.threads),
+                env=env, timeout=7200)
+            print(f"  measured {tier} at {d} layers ({time.perf_counter() - t0:.0f} s): peak {r['peak_mb']:.0f} MiB, "
+                  f"{r['seconds']:.1f} s/step", flush=True)
+    print()
+    table_header("layers", "parameters", "weights + AdamW state MiB", "peak MiB, none", "peak MiB, disk",
+                 "disk / none", "s/step, none", "s/step, disk", "MiB moved/step", "write / read MB/s",
+                 "lower bound s", "disk / bound")
+    ok = []
+    for d in depths:
+        n, k = rows[("none", d)], rows[("disk", d)]
+        io_s = k["moved_mb"] * MIB / 1e6 / min(k["write_mb_s"], k["read_mb_s"])
+        bound = max(n["seconds"], io_s)
+        k["bound_s"] = bound
+        print(f"| {d} | {n['params'] / 1e6:.1f}M | {n['state_mb']:.0f} | {n['peak_mb']:.0f} | {k['peak_mb']:.0f} | "
+              f"{k['peak_mb'] / n['peak_mb']:.3f} | {n['seconds']:.1f} | {k['seconds']:.1f} | {k['moved_mb']:.0f} | "
+              f"{k['write_mb_s']:.0f} / {k['read_mb_s']:.0f} | {bound:.1f} | {k['seconds'] / bound:.2f} |")
+    for d in depths:
+        ok.append(verdict(rows[("disk", d)]["losses"] == rows[("none", d)]["losses"],
+                          f"{d} layers: the disk run's losses equal the in-memory run's bit for bit"))
+    lo, hi = rows[("disk", depths[0])], rows[("disk", depths[-1])]
+    growth = hi["peak_mb"] / lo["peak_mb"] - 1
+    ok.append(verdict(growth <= 0.10, f"disk peak from {depths[0]} to {depths[-1]} layers: {lo['peak_mb']:.0f} -> "
+                                      f"{hi['peak_mb']:.0f} MiB ({100 * growth:+.1f}%, target within 10%)"))
+    worst = max(rows[("disk", d)]["seconds"] / rows[("disk", d)]["bound_s"] for d in depths)
+    ok.append(verdict(worst <= 1.3, f"disk step time <= 1.3 x max(compute without the store, bytes moved / "
+                                    f"bandwidth): worst {worst:.2f}"))
+    summary(t0, ok)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
