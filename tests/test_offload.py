@@ -185,7 +185,7 @@ def test_full_disk_is_one_error_and_the_last_step_stays_loadable(tmp_path, monke
 def test_truncated_or_vanished_files_name_the_file(tmp_path):
     directory = str(tmp_path / "store")
     model, opt = build()
-    store = LayerStore(model, opt, tier="disk", directory=directory)
+    LayerStore(model, opt, tier="disk", directory=directory)
     train(model, 1)
     path = os.path.join(directory, "model.layers.1.1.safetensors")
     size = os.path.getsize(path)
