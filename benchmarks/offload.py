@@ -24,6 +24,7 @@ the kernel's page cache (the files were just written), which is not the process'
 
 Prints a table and PASS/FAIL lines; never asserts.
 """
+import importlib
 import os
 import shutil
 import statistics
@@ -65,6 +66,10 @@ def measure(tier: str, quick: bool, layers: int, seq: int, steps: int, threads=N
 
     if threads:
         torch.set_num_threads(threads)
+    for name in ("transformers", "revengine.convert"):  # imported before the baseline: runtime, not model
+        importlib.import_module(name)
+
+    base_mb = proc_status_kb("VmRSS")["VmRSS"] / 1024.0  # the interpreter, torch, transformers, revengine
     model = hf_contender("rev-bdia", quick, layers).train()
     opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5)
     ids = random_ids(model.config.vocab_size, 1, seq)
@@ -94,7 +99,20 @@ def measure(tier: str, quick: bool, layers: int, seq: int, steps: int, threads=N
     params = sum(p.numel() for p in model.parameters())
     return {"tier": tier, "layers": layers, "seq": seq, "peak_mb": max(peaks), "seconds": statistics.median(times),
             "losses": losses, "moved_mb": moved / MIB, "params": params, "state_mb": 12 * params / MIB,
-            "reliable": fig.reliable, **bw}
+            "base_mb": base_mb, "reliable": fig.reliable, **bw}
+
+
+def predicted_mb(quick: bool, layers: int, seq: int, tier: str) -> float:
+    """`revengine plan`'s peak for this workload (weights + state held + the step's rise; no runtime)."""
+    from revengine.apps import plan as planner
+    from revengine.convert import hf_config_from_revmoe
+    from revengine.models import RevMoEConfig
+
+    cfg = hf_config_from_revmoe(RevMoEConfig.preset("tiny" if quick else "qwen-moe-mini", num_hidden_layers=layers),
+                                "qwen2_moe").to_dict()
+    shapes = planner.Shapes.from_config(cfg, name="qwen-moe-mini")
+    st = planner.Strategy.parse("rev-bdia/adamw/fp32/in-backward" + ("/offload-disk" if tier == "disk" else ""))
+    return planner.peak(shapes, st, 1, seq)[2] / MIB
 
 
 def main(argv=None) -> int:
@@ -124,6 +142,7 @@ def main(argv=None) -> int:
     table_header("layers", "parameters", "weights + AdamW state MiB", "peak MiB, none", "peak MiB, disk",
                  "disk / none", "s/step, none", "s/step, disk", "MiB moved/step", "write / read MB/s",
                  "lower bound s", "disk / bound")
+    checks = []
     ok = []
     for d in depths:
         n, k = rows[("none", d)], rows[("disk", d)]
@@ -133,6 +152,12 @@ def main(argv=None) -> int:
         print(f"| {d} | {n['params'] / 1e6:.1f}M | {n['state_mb']:.0f} | {n['peak_mb']:.0f} | {k['peak_mb']:.0f} | "
               f"{k['peak_mb'] / n['peak_mb']:.3f} | {n['seconds']:.1f} | {k['seconds']:.1f} | {k['moved_mb']:.0f} | "
               f"{k['write_mb_s']:.0f} / {k['read_mb_s']:.0f} | {bound:.1f} | {k['seconds'] / bound:.2f} |")
+        for tier, r in (("none", n), ("disk", k)):
+            checks.append((d, tier, r["peak_mb"] - r["base_mb"], predicted_mb(a.quick, d, seq, tier)))
+    print("\nthe planner (`revengine plan`) against the peak above the runtime's own memory (VmRSS before the model):")
+    table_header("layers", "tier", "measured MiB", "predicted MiB", "error")
+    for d, tier, m, p in checks:
+        print(f"| {d} | {tier} | {m:.0f} | {p:.0f} | {100 * (p / m - 1):+.1f}% |")
     for d in depths:
         ok.append(verdict(rows[("disk", d)]["losses"] == rows[("none", d)]["losses"],
                           f"{d} layers: the disk run's losses equal the in-memory run's bit for bit"))
@@ -143,6 +168,8 @@ def main(argv=None) -> int:
     worst = max(rows[("disk", d)]["seconds"] / rows[("disk", d)]["bound_s"] for d in depths)
     ok.append(verdict(worst <= 1.3, f"disk step time <= 1.3 x max(compute without the store, bytes moved / "
                                     f"bandwidth): worst {worst:.2f}"))
+    worst_plan = max(abs(p / m - 1) for _, _, m, p in checks)
+    ok.append(verdict(worst_plan <= 0.10, f"planner within {100 * worst_plan:.1f}% of the measured peaks (target 10%)"))
     summary(t0, ok)
     return 0
 

@@ -202,3 +202,12 @@ def test_context_quick(tmp_path):
     assert {(f["name"], f["layers"]) for f in res["fits"]} == {("rev", 2), ("ckpt", 2)}
     assert len(res["figures"]) == 4 and all(f["peak_mb"] > 0 for f in res["figures"])
     assert png.exists() or "no plot written" in out
+
+
+def test_offload_quick():
+    out = _run_bench("offload.py", "--quick", "--steps", "1", "--threads", "1")
+    rows = [line for line in out.splitlines() if line.startswith(("| 2 |", "| 4 |"))]
+    assert len(rows) == 2, out
+    assert "PASS: 2 layers: the disk run's losses equal the in-memory run's bit for bit" in out
+    assert "PASS: 4 layers: the disk run's losses equal the in-memory run's bit for bit" in out
+    assert "disk peak from 2 to 4 layers" in out

@@ -38,7 +38,7 @@ def train(model, steps, start=0):
     losses = []
     for s in range(start, start + steps):
         torch.manual_seed(100 + s)  # the batch and BDIA's signs of step s
-        ids = torch.randint(0, model.config.vocab_size, (2, 64))
+        ids = torch.randint(0, model.config.vocab_size, (2, 64)).to(next(model.parameters()).device)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         losses.append(loss.item())
@@ -247,3 +247,21 @@ def test_bad_settings_are_one_line_errors(tmp_path):
     with pytest.raises(OffloadError, match=r"model\.layers\.0 has parameters the optimizer does not train"):
         LayerStore(model, frozen_opt, tier="disk", directory=str(tmp_path / "c"))
     assert not os.path.exists(tmp_path / "c" / "store.json")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the host tier keeps a GPU model's layers in host memory")
+def test_host_tier_on_a_gpu_is_bit_identical():
+    model, opt = build()
+    model.cuda()
+    opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
+    plain = train(model, 3)
+    expect = snapshot(model, opt)
+    model, opt = build()
+    model.cuda()
+    opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
+    store = LayerStore(model, opt, tier="host")
+    losses = train(model, 3)
+    assert store.resident_layers() == []
+    store.close()
+    assert losses == plain
+    assert_same(snapshot(model, opt), expect)

@@ -213,3 +213,39 @@ def test_presets_ship_as_package_data():
         data = tomllib.load(fh)["tool"]["setuptools"]["package-data"]["revengine.apps"]
     shipped = {os.path.basename(p) for pattern in data for p in glob.glob(os.path.join(root, "revengine", "apps", pattern))}
     assert shipped == {name + ".json" for name in plan.presets()}
+
+
+def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
+    """Under offload the device holds two layers' weights and one layer's state beside what stays; the
+    store keeps every layer (two slots on disk) and moves 3 weight + 2 state copies per layer and step."""
+    s = plan.load_shapes("mixtral-8x7b")
+    on = plan.Strategy.parse("rev-bdia/adamw8bit/bf16/in-backward")
+    off = plan.Strategy.parse("rev-bdia/adamw8bit/bf16/in-backward/offload-disk")
+    assert off.offload == "disk" and off.name.endswith("/offload-disk")
+    P, Lp, L = s.params("bdia"), s.layer_params("bdia"), s.layers
+    a, b = plan.phases(s, on, 1, 4096)["loss"], plan.phases(s, off, 1, 4096)["loss"]
+    assert b["weights"] == (P - (L - 2) * Lp) * 2.0
+    assert b["optimizer"] == pytest.approx((P - (L - 1) * Lp) * plan.OPTIMIZERS["adamw8bit"])
+    assert {k: v for k, v in a.items() if k not in ("weights", "optimizer")} == \
+        {k: v for k, v in b.items() if k not in ("weights", "optimizer")}
+    fig = plan.store_figures(s, off)
+    ob = plan.OPTIMIZERS["adamw8bit"]
+    assert fig["moved_bytes_per_step"] == pytest.approx(L * Lp * (3 * 2 + 2 * ob) + (P - L * Lp) * (2 + ob))
+    assert fig["store_bytes"] == pytest.approx(2 * P * (2 + ob))
+    assert plan.store_figures(s, on) == {}
+    import argparse
+    ap = argparse.ArgumentParser()
+    plan.add_arguments(ap)
+    assert plan.cmd_plan(ap.parse_args(["--config", "mixtral-8x7b", "--strategy", off.name, "--bandwidth", "2"])) == 0
+    out = capsys.readouterr().out
+    assert f"{off.name}: {fig['store_bytes'] / 2**30:.2f} GiB on disk (two slots per layer)" in out
+    assert f"at least {fig['moved_bytes_per_step'] / 2e9:.1f} s per step at 2 GB/s" in out
+
+
+@pytest.mark.parametrize("text,why", [
+    ("hf-checkpoint/adamw/fp32/in-backward/offload-disk", "only a reversible model's layers"),
+    ("rev-bdia/adamw/fp32/in-backward/offload-ssd", "the fifth part can only be offload-disk or offload-host"),
+])
+def test_bad_offload_strategies(text, why):
+    with pytest.raises(plan.PlanError, match=why):
+        plan.Strategy.parse(text)

@@ -23,6 +23,11 @@ A strategy is `BASE/OPTIMIZER/WEIGHTS[/in-backward]`:
                activations in the weights' dtype, the loss in fp32
     in-backward  the optimizer steps each parameter as soon as its grad is complete
                (revengine.optim.InBackwardOptimizer): the model's grads never exist at once
+    offload-disk / offload-host  (reversible, in-backward) the layers and their optimizer state live on
+               disk or in host memory between uses (revengine.offload.LayerStore): the device holds
+               two layers' weights, one layer's state and what stays (embeddings, head); printed
+               below the table: the store's bytes and the bytes moved per step (with --bandwidth,
+               the step time they bound)
 
 The parts, in the phase of the step that holds the peak:
 
@@ -253,20 +258,24 @@ def load_shapes(spec: str) -> Shapes:
 # -- strategies ------------------------------------------------------------------------------------
 
 
+OFFLOAD = ("offload-disk", "offload-host")
+
+
 @dataclass(frozen=True)
 class Strategy:
     base: str
     optimizer: str = "adamw"
     weights: str = "fp32"
     in_backward: bool = False
+    offload: str = ""  # "disk" or "host": the layers live there between uses (revengine.offload)
 
     @classmethod
     def parse(cls, text: str) -> "Strategy":
         parts = text.strip().split("/")
-        bad = lambda why: PlanError(f"--strategy {text!r}: {why} (BASE/OPTIMIZER/WEIGHTS[/in-backward], e.g. "  # noqa: E731
-                                    "rev-bdia/adamw8bit/bf16/in-backward)")
-        if not 1 <= len(parts) <= 4:
-            raise bad("expected 1 to 4 parts")
+        bad = lambda why: PlanError(f"--strategy {text!r}: {why} (BASE/OPTIMIZER/WEIGHTS[/in-backward[/offload-disk"  # noqa: E731
+                                    "|offload-host]], e.g. rev-bdia/adamw8bit/bf16/in-backward)")
+        if not 1 <= len(parts) <= 5:
+            raise bad("expected 1 to 5 parts")
         base = parts[0]
         opt = parts[1] if len(parts) > 1 else "adamw"
         w = parts[2] if len(parts) > 2 else "fp32"
@@ -276,13 +285,21 @@ class Strategy:
             raise bad(f"optimizer must be one of {', '.join(OPTIMIZERS)}")
         if w not in WEIGHT_BYTES:
             raise bad(f"weights must be one of {', '.join(WEIGHT_BYTES)}")
-        if len(parts) == 4 and parts[3] != "in-backward":
+        if len(parts) >= 4 and parts[3] != "in-backward":
             raise bad("the fourth part can only be in-backward")
-        return cls(base, opt, w, len(parts) == 4)
+        offload = ""
+        if len(parts) == 5:
+            if parts[4] not in OFFLOAD:
+                raise bad(f"the fifth part can only be {' or '.join(OFFLOAD)}")
+            if not base.startswith("rev-"):
+                raise bad("only a reversible model's layers can live off the device between uses")
+            offload = parts[4][len("offload-"):]
+        return cls(base, opt, w, len(parts) >= 4, offload)
 
     @property
     def name(self) -> str:
-        return f"{self.base}/{self.optimizer}/{self.weights}" + ("/in-backward" if self.in_backward else "")
+        return (f"{self.base}/{self.optimizer}/{self.weights}" + ("/in-backward" if self.in_backward else "")
+                + (f"/offload-{self.offload}" if self.offload else ""))
 
     @property
     def scheme(self) -> str:
@@ -305,7 +322,9 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
     P = s.params(st.scheme)
     layer_p = s.layer_params(st.scheme)
     head_p = V * H
-    base = {"weights": P * wb, "optimizer": P * OPTIMIZERS[st.optimizer]}
+    # with the layers off the device between uses: two layers' weights and one layer's state on it
+    held_w, held_o = (P - (L - 2) * layer_p, P - (L - 1) * layer_p) if st.offload else (P, P)
+    base = {"weights": held_w * wb, "optimizer": held_o * OPTIMIZERS[st.optimizer]}
 
     def grads(held_params: float) -> float:
         if st.in_backward:  # one tensor's grad at a time, plus its update's temporaries
@@ -359,11 +378,28 @@ class Prediction:
     fits: Dict[str, bool]      # per device memory given (its GiB as a string)
     max_seq: Dict[str, int]    # the longest sequence that fits each, 0 if none
     params: int
+    store: Dict[str, float]    # offload strategies: store_figures (bytes)
 
     def as_dict(self) -> dict:
         g = {k: v / GiB for k, v in self.parts.items()}
         return {"strategy": self.strategy, "peak_phase": self.phase, "params": self.params,
-                "parts_gib": g, "total_gib": self.total / GiB, "fits": self.fits, "max_seq": self.max_seq}
+                "parts_gib": g, "total_gib": self.total / GiB, "fits": self.fits, "max_seq": self.max_seq,
+                **{k.replace("_bytes", "_gib"): v / GiB for k, v in self.store.items()}}
+
+
+def store_figures(shapes: Shapes, strategy: Strategy) -> Dict[str, float]:
+    """Bytes the layer store keeps off the device and moves per step (revengine.offload): each layer's
+    weights read twice (forward, re-run), its state once, both written back once; the disk tier keeps
+    two slots per layer and writes the parameters outside the stacks (embeddings, head) every step."""
+    if not strategy.offload:
+        return {}
+    L, layer_p = shapes.layers, shapes.layer_params(strategy.scheme)
+    wb, ob = WEIGHT_BYTES[strategy.weights], OPTIMIZERS[strategy.optimizer]
+    rest = shapes.params(strategy.scheme) - L * layer_p
+    disk = strategy.offload == "disk"
+    kept = L * layer_p * (wb + ob) * (2 if disk else 1) + (2 * rest * (wb + ob) if disk else 0.0)
+    moved = L * layer_p * (3 * wb + 2 * ob) + (rest * (wb + ob) if disk else 0.0)
+    return {"store_bytes": kept, "moved_bytes_per_step": moved}
 
 
 def peak(shapes: Shapes, strategy: Strategy, batch: int, seq: int, **kw) -> Tuple[str, Dict[str, float], float]:
@@ -400,7 +436,7 @@ def plan(shapes: Shapes, strategies, batch: int, seq: int, memories=(), **kw) ->
         name, parts, total = peak(shapes, st, batch, seq, **kw)
         fits = {_label(m): total <= m for m in memories}
         ms = {_label(m): max_seq(shapes, st, batch, m, **kw) for m in memories}
-        out.append(Prediction(st.name, name, parts, total, fits, ms, shapes.params(st.scheme)))
+        out.append(Prediction(st.name, name, parts, total, fits, ms, shapes.params(st.scheme), store_figures(shapes, st)))
     return out
 
 
@@ -446,7 +482,7 @@ def _positive_or_zero(flag):
 
 
 def format_table(shapes: Shapes, preds: List[Prediction], batch: int, seq: int, memories=(),
-                 rev_options: Optional[dict] = None) -> str:
+                 rev_options: Optional[dict] = None, bandwidth: Optional[float] = None) -> str:
     lines = [f"{shapes.name} ({shapes.model_type}): {shapes.params() / 1e9:.2f}B parameters, {shapes.layers} layers, "
              f"hidden {shapes.hidden}, {shapes.experts} experts top-{shapes.top_k}, vocab {shapes.vocab}; "
              f"batch {batch} x seq {seq}"]
@@ -463,6 +499,14 @@ def format_table(shapes: Shapes, preds: List[Prediction], batch: int, seq: int, 
         lines.append("| " + " | ".join(row) + " |")
     lines.append(f"(GiB at the peak of one step; reversible models with {dict(REV_DEFAULTS, **(rev_options or {}))}; "
                  "parts of the phase that holds the peak)")
+    for p in preds:
+        if p.store:
+            where = p.strategy.rsplit("-", 1)[1]
+            moved = p.store["moved_bytes_per_step"]
+            bound = f": at least {moved / (bandwidth * 1e9):.1f} s per step at {bandwidth:g} GB/s" if bandwidth else ""
+            place = "on disk (two slots per layer)" if where == "disk" else "in host memory"
+            lines.append(f"{p.strategy}: {p.store['store_bytes'] / GiB:.2f} GiB {place}, {moved / GiB:.2f} GiB "
+                         f"moved per step{bound}")
     return "\n".join(lines)
 
 
@@ -485,7 +529,7 @@ def cmd_plan(args) -> int:
                           "memory_gib": [m / GiB for m in memories], "rev_options": rev_options,
                           "strategies": [p.as_dict() for p in preds]}, indent=2))
     else:
-        print(format_table(shapes, preds, batch, seq, memories, rev_options))
+        print(format_table(shapes, preds, batch, seq, memories, rev_options, args.bandwidth))
     return 0
 
 
@@ -499,6 +543,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", action="append", metavar="BASE/OPTIMIZER/WEIGHTS[/in-backward]",
                    help=f"repeatable; default: {', '.join(DEFAULT_STRATEGIES)}")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.add_argument("--bandwidth", type=float, default=None, metavar="GB/s",
+                   help="offload strategies: the disk's or host copies' bandwidth, for the step time's lower bound")
     p.add_argument("--moe-chunk-size", default=str(REV_DEFAULTS["moe_chunk_size"]),
                    help="reversible models: tokens per expert chunk (0: off; default %(default)s)")
     p.add_argument("--loss-chunk-size", default=str(REV_DEFAULTS["loss_chunk_size"]),
