@@ -12,7 +12,7 @@ def test_selftest_passes_on_cpu(capsys):
     assert cli.main(["selftest"]) == 0
     out = capsys.readouterr().out
     assert "FAIL" not in out and "hint" not in out
-    for name in ("op:coupling_update", "op:moe_scatter_combine_backward", "model:bdia", "exact"):
+    for name in ("op:coupling_update", "op:moe_scatter_combine_backward", "model:bdia", "exact", "offload"):
         assert name in out
 
 

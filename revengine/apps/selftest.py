@@ -13,7 +13,13 @@ Checks, one row each:
                (float32): the largest relative difference of the parameter grads;
 * exact        revengine.Sequential(..., exact=True, debug=True): reconstruction error (must be 0);
 * memory       CUDA only: the growth of a reversible step's peak allocated memory from 4 to 16
-               layers, as a fraction of one layer's activation per added layer (flat: about 0).
+               layers, as a fraction of one layer's activation per added layer (flat: about 0);
+* offload      three AdamW steps of a tiny model with its layers in revengine.offload.LayerStore
+               (on disk on the CPU, in host memory on a GPU) against the same steps without: the
+               largest weight difference (must be 0);
+* offload-memory  CUDA only: with the layers in host memory, the growth of the step's peak allocated
+               memory (weights and state included) from 4 to 16 layers, as a fraction of one
+               layer's weights + AdamW state per added layer (flat: about 0).
 Exit status 1 when a check fails.
 """
 import json
@@ -272,6 +278,61 @@ def memory_row(dev: torch.device) -> Row:
         return Row("memory", float("inf"), MEMORY_TOL, False, f"{type(e).__name__}: {e}"[:200])
 
 
+def _offload_run(dev: torch.device, layers: int, tier: str, directory: str, steps: int = 3):
+    """(weights after `steps` AdamW steps in backward, the last step's peak allocated CUDA memory or 0,
+    the bytes of one layer's weights + AdamW state)."""
+    from revengine.models import RevMoEConfig, RevMoEForCausalLM
+    from revengine.offload import LayerStore
+
+    cfg = RevMoEConfig.preset("tiny", block_type="bdia", num_hidden_layers=layers)
+    torch.manual_seed(0)
+    model = RevMoEForCausalLM(cfg).to(dev).train()
+    opt = rev.optim.InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
+    store = LayerStore(model, opt, tier=tier, directory=directory) if tier != "none" else None
+    peak = 0
+    for s in range(steps):
+        torch.manual_seed(10 + s)
+        ids = torch.randint(0, cfg.vocab_size, (2, 12)).to(dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        model(ids, labels=ids).loss.backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            peak = torch.cuda.max_memory_allocated(dev)
+    if store is not None:
+        store.close()
+    layer = model.model.layers.layers[0]
+    per_layer = 3 * sum(p.numel() * p.element_size() for p in layer.parameters())
+    return [p.detach().clone() for p in model.parameters()], peak, per_layer
+
+
+def offload_row(dev: torch.device) -> Row:
+    """Layers in the store (disk on the CPU, host memory on a GPU): bit-identical weights after three steps."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            plain, _, _ = _offload_run(dev, 4, "none", d)
+            stored, _, _ = _offload_run(dev, 4, "host" if dev.type == "cuda" else "disk", d + "/store")
+        err = max(float((a - b).abs().max()) for a, b in zip(plain, stored))
+        return Row("offload", err, 0.0, err == 0.0)
+    except Exception as e:
+        return Row("offload", float("inf"), 0.0, False, f"{type(e).__name__}: {e}"[:200])
+
+
+def offload_memory_row(dev: torch.device) -> Row:
+    """CUDA, layers in host memory: peak allocated from 4 to 16 layers per added layer, as a fraction
+    of one layer's weights + AdamW state (what keeping it on the device would add)."""
+    try:
+        _, p4, per_layer = _offload_run(dev, 4, "host", "")
+        _, p16, _ = _offload_run(dev, 16, "host", "")
+        err = (p16 - p4) / (12 * per_layer)
+        return Row("offload-memory", max(err, 0.0), MEMORY_TOL, err <= MEMORY_TOL)
+    except Exception as e:
+        return Row("offload-memory", float("inf"), MEMORY_TOL, False, f"{type(e).__name__}: {e}"[:200])
+
+
 def run_checks(device: str) -> List[Row]:
     """Every check on `device`: the op rows (custom kernels against references), then the model,
     exact and (CUDA) memory rows with the kernels the process selected."""
@@ -284,8 +345,10 @@ def run_checks(device: str) -> List[Row]:
         rev.ops.use_kernels(selected)
     rows += model_rows(dev)
     rows.append(exact_row(dev))
+    rows.append(offload_row(dev))
     if dev.type == "cuda":
         rows.append(memory_row(dev))
+        rows.append(offload_memory_row(dev))
     return rows
 
 
