@@ -41,7 +41,7 @@ import os
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -88,6 +88,9 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
     """The tensor's memory as a writable byte buffer (CPU, contiguous). Through its address, not
     .numpy(): a storage exported to numpy can no longer be resized, so never released again."""
     n = t.numel() * t.element_size()
+    if n and (t.device.type != "cpu" or not t.is_contiguous() or t.untyped_storage().nbytes() < n):
+        raise OffloadError(f"offload: a {t.device.type} tensor of {tuple(t.shape)} without its memory cannot be "
+                           "read or written (a released or meta tensor)")
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B") if n else memoryview(b"")
 
 
@@ -170,6 +173,29 @@ def _read_into(path: str, targets: Dict[str, torch.Tensor]) -> Dict[str, str]:
     return header.get("__metadata__", {})
 
 
+def _write_json(path: str, doc: dict) -> None:
+    """store.json, replaced atomically (synced first)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(doc, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OffloadError(f"{path}: cannot write ({os.strerror(e.errno) if e.errno else e}); the last completed "
+                           "step's files are unchanged") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _fingerprint(layers: List[_Layer], rest: _Layer, optimizer: Optional[str]) -> Dict[str, object]:
+    """What store.json records of the model and optimizer it was written for."""
+    return {"format": FORMAT, "layers": [layer.name for layer in layers], "rest": sorted(rest.names.values()),
+            "optimizer": optimizer}
+
+
 class LayerStore:
     """Keeps the layers of a model's reversible stacks, and their optimizer state, in a tier between
     uses (see the module's docstring).
@@ -241,7 +267,7 @@ class LayerStore:
         if not stacks:
             raise OffloadError("offload: the model has no revengine.Sequential stack: only a reversible stack's layers "
                                "can be released between forward and backward")
-        trained = {id(p) for p in optimizer.params}
+        trained = {id(p) for p in optimizer.params} if optimizer is not None else None
         layers = []
         for name, stack in stacks:
             if stack.mode != "reversible":
@@ -252,7 +278,7 @@ class LayerStore:
                 # the coupling itself (a few scalars) stay in memory
                 parts = [c for c in layer.children() if any(True for _ in c.parameters())]
                 params = [p for c in parts for p in c.parameters()]
-                frozen = [n for n, p in layer.named_parameters() if id(p) not in trained]
+                frozen = [n for n, p in layer.named_parameters() if trained is not None and id(p) not in trained]
                 if frozen:
                     raise OffloadError(f"offload: {name}.{i} has parameters the optimizer does not train ({frozen[0]}, "
                                        "...): a released layer's frozen weights would not come back for its re-run")
@@ -264,7 +290,10 @@ class LayerStore:
         return layers
 
     def _check_directory(self, resume: bool) -> None:
-        d = self.directory
+        self._check_directory_at(self.directory, resume)
+
+    @staticmethod
+    def _check_directory_at(d: str, resume: bool) -> None:
         try:
             os.makedirs(d, exist_ok=True)
         except OSError as e:
@@ -274,6 +303,40 @@ class LayerStore:
         if not resume and os.path.exists(os.path.join(d, STORE_FILE)):
             raise OffloadError(f"--offload-dir {d}: holds a store already ({STORE_FILE}); resume it with "
                                "LayerStore.open, or choose an empty folder")
+
+    @staticmethod
+    def build(model: torch.nn.Module, directory: str, fill: Callable[[int, torch.nn.Module], None]) -> None:
+        """Writes a store for `model` one layer at a time, so that the whole model never exists in
+        memory: each layer of its reversible stacks is given memory (`to_empty` when it is on the
+        meta device), filled by `fill(index, layer)` (an initialisation, or weights read from a
+        checkpoint), written and released again. The parameters outside the stacks must be real
+        already. Then `LayerStore.open(model, optimizer, directory)` trains it.
+
+        Raises:
+            OffloadError: as LayerStore(): no reversible stack, a directory that is not writable or
+                holds a store already.
+        """
+        layers = LayerStore._find_layers(model, None)
+        mine = {id(p) for layer in layers for p in layer.params}
+        rest = _Layer("rest", model, [p for p in model.parameters() if id(p) not in mine])
+        directory = os.path.abspath(directory)
+        LayerStore._check_directory_at(directory, resume=False)
+        for i, layer in enumerate(layers):
+            if any(p.is_meta for p in layer.params):
+                for part in layer.parts:
+                    part.to_empty(device="cpu")  # new Parameter objects (meta ones cannot take CPU data)
+                layer = _Layer(layer.name, layer.module, [p for c in layer.parts for p in c.parameters()], layer.parts)
+            with torch.no_grad():
+                fill(i, layer.module)
+            tensors = {f"param.{layer.names[id(p)]}": p.data for p in layer.params}
+            _write_file(os.path.join(directory, f"{layer.name}.0.safetensors"), tensors, {"step": "0", "layer": layer.name})
+            for t in tensors.values():
+                if t.numel() >= MIN_ELEMENTS and _owns_storage(t):
+                    t.untyped_storage().resize_(0)
+        _write_file(os.path.join(directory, "rest.0.safetensors"),
+                    {f"param.{rest.names[id(p)]}": p.data for p in rest.params}, {"step": "0", "layer": "rest"})
+        doc = dict(_fingerprint(layers, rest, None), step=0, slots={layer.name: 0 for layer in layers + [rest]})
+        _write_json(os.path.join(directory, STORE_FILE), doc)
 
     @classmethod
     def open(cls, model: torch.nn.Module, optimizer: InBackwardOptimizer, directory: str) -> "LayerStore":
@@ -323,9 +386,7 @@ class LayerStore:
         return os.path.join(self.directory, f"{layer.name}.{slot}.safetensors")
 
     def _fingerprint(self) -> Dict[str, object]:
-        return {"format": FORMAT, "layers": [layer.name for layer in self.layers],
-                "rest": sorted(self.rest.names.values()),
-                "optimizer": type(self.optimizer.optimizers[0]).__name__}
+        return _fingerprint(self.layers, self.rest, type(self.optimizer.optimizers[0]).__name__)
 
     # -- moving ------------------------------------------------------------------------------------
 
@@ -437,20 +498,7 @@ class LayerStore:
             return
         doc = dict(self._fingerprint(), step=self.step,
                    slots={layer.name: layer.slot for layer in self.layers + [self.rest]})
-        path = os.path.join(self.directory, STORE_FILE)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "w") as fh:
-                json.dump(doc, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            raise OffloadError(f"{path}: cannot write ({os.strerror(e.errno) if e.errno else e}); the last completed "
-                               "step's files are unchanged") from None
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        _write_json(os.path.join(self.directory, STORE_FILE), doc)
 
     def _load_store_json(self) -> None:
         path = os.path.join(self.directory, STORE_FILE)
@@ -462,6 +510,8 @@ class LayerStore:
         except ValueError:
             raise OffloadError(f"{path}: not a store file (unreadable JSON)") from None
         mine = self._fingerprint()
+        if doc.get("optimizer") is None and int(doc.get("step", -1)) == 0:
+            mine.pop("optimizer")  # a store built before any optimizer existed (LayerStore.build)
         for k, v in mine.items():
             if doc.get(k) != v:
                 raise OffloadError(f"{path}: written for another model or optimizer ({k}: {doc.get(k)!r}, "
@@ -481,6 +531,9 @@ class LayerStore:
                     header, _ = _read_header(path, fh)
             except OSError as e:
                 raise OffloadError(f"{path}: cannot read the layer's file ({os.strerror(e.errno)})") from None
+            for p in layer.params:  # a layer built released (LayerStore.build) gets its memory back
+                if p.untyped_storage().nbytes() == 0 and p.numel():
+                    p.untyped_storage().resize_(p.numel() * p.element_size())
             has_state = any(k.startswith("state.") for k in header if k != "__metadata__")
             if has_state and not any(p in self.optimizer.state for p in layer.params):
                 self._init_state(layer)
@@ -490,6 +543,11 @@ class LayerStore:
                 raise OffloadError(f"{path}: holds {extra[0]} that this model and optimizer do not have "
                                    "(a store written by another model or optimizer?)")
             _read_into(path, tensors)
+            if layer is not self.rest:  # one layer in memory at a time: a model larger than memory resumes
+                self._own_memory(layer)
+                for t in self._moving(layer).values():
+                    t.untyped_storage().resize_(0)
+                layer.loaded = layer.state_loaded = False
 
     def _init_state(self, layer: _Layer) -> None:
         """Creates the optimizer state of a layer's parameters (its tensors are then read from disk)."""
