@@ -25,9 +25,12 @@ What moves: every parameter of every layer of the model's reversible stacks
 (`revengine.Sequential` in reversible mode) and the tensors of their optimizer state (the plain
 tensors inside torchao's quantized state too); tensors under 4096 elements stay (norm weights,
 quantization tables, step counters), and so do the parameters outside the stacks (embeddings,
-final norm, LM head: the next step streams them in vocabulary chunks). A layer is released after
-its forward (not after the backward's re-run: its vector-Jacobian product still needs it) and
-after the last of its parameters has been stepped. At most two layers are in memory at once.
+final norm, LM head). A layer is released after its forward (in training not the last one:
+backward re-runs it first) and after the last of its parameters has been stepped (not after the
+backward's re-run: its vector-Jacobian product still needs it). The next layer's weights are read
+ahead (in backward with this layer's optimizer state): at most three layers' weights and two
+layers' state are in memory (the one stepped, the one below, the one above until its write-back
+has landed). A reader and a writer thread do the I/O; a layer's read waits for its last write-back.
 
 Exactness: the tensors come back bit for bit, so a run with any tier is bit-identical to one
 without (tests/test_offload.py).
@@ -72,6 +75,7 @@ class _Layer:
     slot: int = 0                # the slot of its last written version (disk)
     home: Dict[str, torch.Tensor] = field(default_factory=dict)  # host tier: pinned copies
     ready: Dict[str, Future] = field(default_factory=dict)  # disk: the reads of "param" / "state" in flight
+    released: Optional[Future] = None  # disk: its last write-back / release (a read of it waits for it)
 
     def __post_init__(self):
         mine = {id(p) for p in self.params}
@@ -239,9 +243,11 @@ class LayerStore:
         self._flush_queued = False
         self.bytes_read = self.bytes_written = 0
         self._handles = []
-        # disk: one I/O thread runs every read, write-back and release in the order they were asked
-        # for (a layer's read never overtakes its write), beside the compute
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="revengine-offload") if tier == "disk" else None
+        # disk: a reader thread and a writer thread beside the compute, so that the next layer's read
+        # does not queue behind the last one's write-back; a layer's read waits for its own last
+        # release, and a release for the reads asked before it
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="revengine-read") if tier == "disk" else None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="revengine-write") if tier == "disk" else None
         self._jobs: List[Future] = []
         if _resume:
             self._load_store_json()
@@ -390,13 +396,13 @@ class LayerStore:
 
     # -- moving ------------------------------------------------------------------------------------
 
-    def _submit(self, fn) -> Future:
-        """Runs fn on the I/O thread (disk), or now (the other tiers)."""
-        if self._io is None:
+    def _submit(self, fn, pool: Optional[ThreadPoolExecutor]) -> Future:
+        """Runs fn on the reader or writer thread (disk), or now (the other tiers)."""
+        if pool is None:
             f: Future = Future()
             f.set_result(fn())
             return f
-        f = self._io.submit(fn)
+        f = pool.submit(fn)
         # keep what is in flight or failed (a failure is raised by the next _drain)
         self._jobs = [j for j in self._jobs if not j.done() or j.exception() is not None] + [f]
         return f
@@ -408,16 +414,20 @@ class LayerStore:
             f.result()
 
     def _write(self, layer: _Layer, slot: int, free: Optional[List[torch.Tensor]] = None) -> None:
-        """Writes the layer back (disk: queued on the I/O thread, which then frees `free`)."""
+        """Writes the layer back (disk: queued on the writer thread, which then frees `free`, once the
+        layer's reads asked for before have landed)."""
         tensors = self._tensors(layer) if self.tier == "disk" else self._moving(layer)
         if self.tier == "disk":
             path, meta = self._path(layer, slot), {"step": str(self.step), "layer": layer.name}
+            reads = list(layer.ready.values())
 
             def job():
+                for f in reads:
+                    f.result()
                 _write_file(path, tensors, meta)
                 for t in free or ():
                     t.untyped_storage().resize_(0)
-            self._submit(job)
+            layer.released = self._submit(job, self._writer)
             layer.slot = slot
         elif self.tier == "host":
             for k, t in tensors.items():
@@ -432,7 +442,11 @@ class LayerStore:
             return
         moving = list(self._moving(layer).values())
         if self.tier == "disk":
+            reads = list(layer.ready.values())
+
             def free():
+                for f in reads:
+                    f.result()
                 for t in moving:
                     t.untyped_storage().resize_(0)
             if layer.dirty:
@@ -440,7 +454,7 @@ class LayerStore:
                 self._write(layer, layer.slot if layer.name in self._written else 1 - layer.slot, free=moving)
                 self._written.add(layer.name)
             else:
-                self._submit(free)
+                layer.released = self._submit(free, self._writer)
         else:
             if layer.dirty:
                 self._write(layer, 0)
@@ -466,6 +480,7 @@ class LayerStore:
             self._commit()
         else:
             self._drain()
+        self._load(self.layers[0], "param", wait=False)  # the next forward starts there
 
     def _load(self, layer: _Layer, kind: str = "param", wait: bool = True) -> None:
         """Brings in a layer's weights (kind "param") or its optimizer state ("state"); wait=False
@@ -473,8 +488,11 @@ class LayerStore:
         if not (layer.loaded if kind == "param" else layer.state_loaded) and self.tier != "none":
             tensors = self._moving(layer, kind)
             path = self._path(layer, layer.slot) if self.tier == "disk" else None
+            before = layer.released
 
             def job():
+                if before is not None:
+                    before.result()  # its last write-back and release come first
                 for t in tensors.values():
                     t.untyped_storage().resize_(t.numel() * t.element_size())
                 if path is not None:
@@ -482,7 +500,7 @@ class LayerStore:
                 else:
                     for k, t in tensors.items():
                         t.copy_(layer.home[k], non_blocking=True)
-            layer.ready[kind] = self._submit(job)
+            layer.ready[kind] = self._submit(job, self._reader)
             self.bytes_read += sum(t.numel() * t.element_size() for t in tensors.values())
             if kind == "param":
                 layer.loaded = True
@@ -601,6 +619,8 @@ class LayerStore:
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
                 self._flush_queued = True
             return
+        if layer.module.training and layer is self.layers[-1]:
+            return  # training: backward re-runs this layer first, so it stays for that
         self._release(layer)
 
     def _before_step(self, p: torch.Tensor) -> None:
@@ -648,9 +668,10 @@ class LayerStore:
             h.remove()
         self._handles = []
         self._grad_hooks.remove()
-        if self._io is not None:
-            self._io.shutdown(wait=True)
-            self._io = None
+        for pool in (self._reader, self._writer):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._reader = self._writer = None
 
     def close(self) -> None:
         """Brings every layer back into memory and removes the hooks (the model is ordinary again)."""

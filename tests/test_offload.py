@@ -75,7 +75,7 @@ def test_offloaded_run_is_bit_identical(tmp_path, optimizer, weights, tier):
     store = LayerStore(model, opt, tier=tier, directory=str(tmp_path / "store"))
     losses = train(model, 6)
     if tier == "disk":
-        assert store.step == 6 and store.resident_layers() == []
+        assert store.step == 6 and store.resident_layers() == ["model.layers.0"]  # read ahead for the next step
         assert store.bytes_read > 0 and store.bytes_written > 0
         # the files are safetensors: safetensors itself reads them
         from safetensors.torch import load_file
@@ -87,15 +87,17 @@ def test_offloaded_run_is_bit_identical(tmp_path, optimizer, weights, tier):
 
 
 def test_layers_are_released_between_uses(tmp_path):
-    """Between steps the layers' weights and their AdamW moments hold no memory; the embedding, the
-    head and small tensors stay; a forward brings a layer in and lets it go again."""
+    """Between steps the layers' weights (but the first's, read ahead for the next step) and their AdamW
+    moments hold no memory; the embedding, the head and small tensors stay; a forward brings a layer
+    in and lets it go again."""
     model, opt = build()
     store = LayerStore(model, opt, tier="disk", directory=str(tmp_path / "s"))
     train(model, 1)
     stack = model.model.layers.layers
-    big = [p for p in stack.parameters() if p.numel() >= rev.offload.MIN_ELEMENTS]
+    big = [p for p in stack[1:].parameters() if p.numel() >= rev.offload.MIN_ELEMENTS]
     assert big and all(p.untyped_storage().nbytes() == 0 for p in big)
-    moments = [t for p in big for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.dim() > 0
+    moments = [t for p in stack.parameters() if p.numel() >= rev.offload.MIN_ELEMENTS
+               for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.dim() > 0
                for t in rev.optim.inner_tensors(v)]
     assert moments and all(t.untyped_storage().nbytes() == 0 for t in moments)
     assert model.model.embed_tokens.weight.untyped_storage().nbytes() > 0
@@ -103,10 +105,15 @@ def test_layers_are_released_between_uses(tmp_path):
     stack[1].f.register_forward_hook(lambda m, a, o: seen.append(store.resident_layers()), prepend=True)
     with torch.no_grad():
         model.eval()(input_ids=torch.randint(0, model.config.vocab_size, (1, 8)))
-    # layer 1 runs, layer 2 is being read for what comes next; nothing stays after the forward
+    # layer 1 runs, layer 2 is being read for what comes next; nothing stays after an eval forward
     assert seen == [["model.layers.1", "model.layers.2"]] and store.resident_layers() == []
     store.close()
     assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in big)
+    # in training the last layer stays after forward: backward re-runs it first
+    store = LayerStore(model, opt, tier="disk", directory=str(tmp_path / "t"))
+    model.train()(input_ids=torch.randint(0, model.config.vocab_size, (1, 8)))
+    assert store.resident_layers() == ["model.layers.2"]
+    store.close()
 
 
 CHILD = textwrap.dedent("""

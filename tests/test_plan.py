@@ -216,7 +216,8 @@ def test_presets_ship_as_package_data():
 
 
 def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
-    """Under offload the device holds two layers' weights and one layer's state beside what stays; the
+    """Under offload the device holds three layers' weights and two layers' state (disk; host: two and
+    one) beside what stays; the
     store keeps every layer (two slots on disk) and moves 3 weight + 2 state copies per layer and step."""
     s = plan.load_shapes("mixtral-8x7b")
     on = plan.Strategy.parse("rev-bdia/adamw8bit/bf16/in-backward")
@@ -224,8 +225,10 @@ def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
     assert off.offload == "disk" and off.name.endswith("/offload-disk")
     P, Lp, L = s.params("bdia"), s.layer_params("bdia"), s.layers
     a, b = plan.phases(s, on, 1, 4096)["loss"], plan.phases(s, off, 1, 4096)["loss"]
-    assert b["weights"] == (P - (L - 2) * Lp) * 2.0
-    assert b["optimizer"] == pytest.approx((P - (L - 1) * Lp) * plan.OPTIMIZERS["adamw8bit"])
+    assert b["weights"] == (P - (L - 3) * Lp) * 2.0  # stepped, read ahead, being written back
+    assert b["optimizer"] == pytest.approx((P - (L - 2) * Lp) * plan.OPTIMIZERS["adamw8bit"])
+    host = plan.phases(s, plan.Strategy.parse(on.name + "/offload-host"), 1, 4096)["loss"]
+    assert host["weights"] == (P - (L - 2) * Lp) * 2.0
     assert {k: v for k, v in a.items() if k not in ("weights", "optimizer")} == \
         {k: v for k, v in b.items() if k not in ("weights", "optimizer")}
     fig = plan.store_figures(s, off)

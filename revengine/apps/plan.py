@@ -25,7 +25,8 @@ A strategy is `BASE/OPTIMIZER/WEIGHTS[/in-backward]`:
                (revengine.optim.InBackwardOptimizer): the model's grads never exist at once
     offload-disk / offload-host  (reversible, in-backward) the layers and their optimizer state live on
                disk or in host memory between uses (revengine.offload.LayerStore): the device holds
-               two layers' weights, one layer's state and what stays (embeddings, head); printed
+               three layers' weights and two layers' state (host: two and one) and what stays
+               (embeddings, head); printed
                below the table: the store's bytes and the bytes moved per step (with --bandwidth,
                the step time they bound)
 
@@ -322,8 +323,10 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
     P = s.params(st.scheme)
     layer_p = s.layer_params(st.scheme)
     head_p = V * H
-    # with the layers off the device between uses: two layers' weights and one layer's state on it
-    held_w, held_o = (P - (L - 2) * layer_p, P - (L - 1) * layer_p) if st.offload else (P, P)
+    # with the layers off the device between uses: the layer being stepped (weights and state), the
+    # one below (its weights read ahead) and on disk the one above until its write-back has landed
+    win_w, win_o = {"disk": (3, 2), "host": (2, 1)}.get(st.offload, (L, L))
+    held_w, held_o = P - (L - win_w) * layer_p, P - (L - win_o) * layer_p
     base = {"weights": held_w * wb, "optimizer": held_o * OPTIMIZERS[st.optimizer]}
 
     def grads(held_params: float) -> float:
