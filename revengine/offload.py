@@ -249,6 +249,7 @@ class LayerStore:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="revengine-read") if tier == "disk" else None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="revengine-write") if tier == "disk" else None
         self._jobs: List[Future] = []
+        self._last_write: Optional[Future] = None
         if _resume:
             self._load_store_json()
         elif tier != "none":
@@ -450,9 +451,14 @@ class LayerStore:
                 for t in moving:
                     t.untyped_storage().resize_(0)
             if layer.dirty:
+                # one write-back in flight at most: when the disk is slower than the compute, the
+                # compute waits here rather than queueing layers in memory (the window stays three)
+                if self._last_write is not None:
+                    self._last_write.exception()
                 # the slot the last completed step did not write (the same one again within a step)
                 self._write(layer, layer.slot if layer.name in self._written else 1 - layer.slot, free=moving)
                 self._written.add(layer.name)
+                self._last_write = layer.released
             else:
                 layer.released = self._submit(free, self._writer)
         else:
