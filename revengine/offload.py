@@ -116,17 +116,26 @@ def _write_file(path: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, str
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+
+    def write(fh):
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        _write_payload(fh, [_bytes_view(t) for t in tensors.values()])
+    _replace(path, "wb", write, "the layer's file")
+
+
+def _replace(path: str, mode: str, write: Callable, what: str) -> None:
+    """write(fh) into a temporary file beside `path`, synced, then renamed over it: `path` is the old
+    file or the whole new one, whatever happens."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(struct.pack("<Q", len(raw)) + raw)
-            _write_payload(fh, [_bytes_view(t) for t in tensors.values()])
+        with open(tmp, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise OffloadError(f"{path}: cannot write the layer's file ({os.strerror(e.errno) if e.errno else e}); "
-                           "the last completed step's files are unchanged") from None
+        raise OffloadError(f"{path}: cannot write {what} ({os.strerror(e.errno) if e.errno else e}); the last "
+                           "completed step's files are unchanged") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -179,19 +188,7 @@ def _read_into(path: str, targets: Dict[str, torch.Tensor]) -> Dict[str, str]:
 
 def _write_json(path: str, doc: dict) -> None:
     """store.json, replaced atomically (synced first)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(doc, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OffloadError(f"{path}: cannot write ({os.strerror(e.errno) if e.errno else e}); the last completed "
-                           "step's files are unchanged") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _replace(path, "w", lambda fh: json.dump(doc, fh, indent=1), "the store")
 
 
 def _fingerprint(layers: List[_Layer], rest: _Layer, optimizer: Optional[str]) -> Dict[str, object]:
