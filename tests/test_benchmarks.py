@@ -207,7 +207,8 @@ def test_context_quick(tmp_path):
 def test_offload_quick():
     out = _run_bench("offload.py", "--quick", "--steps", "1", "--threads", "1")
     rows = [line for line in out.splitlines() if line.startswith(("| 2 |", "| 4 |"))]
-    assert len(rows) == 2, out
+    assert len(rows) == 2 + 4, out  # the depths' rows, then the planner's (none and disk at each)
+    assert sum("| disk |" in line for line in rows) == 2
     assert "PASS: 2 layers: the disk run's losses equal the in-memory run's bit for bit" in out
     assert "PASS: 4 layers: the disk run's losses equal the in-memory run's bit for bit" in out
     assert "disk peak from 2 to 4 layers" in out
