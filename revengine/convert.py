@@ -5,6 +5,9 @@
         RevMoEForCausalLM. Every pretrained tensor is copied (the user's model is never modified):
         embeddings, per-layer norms, q/k/v/o (with q/k/v biases), q/k norms, router, fused experts,
         shared expert and its sigmoid gate, final norm, LM head (or the tied embedding).
+    stream_from_hf(model_dir, store_dir, ...)
+        the same conversion from a checkpoint folder into a `revengine.offload.LayerStore`, one
+        decoder layer at a time: a model larger than memory is converted without ever being whole.
     to_hf(model, hf_config=None, allow_function_change=False)
         RevMoEForCausalLM -> the HF class, where that is the same function (see below).
     upcycle(dense_model, num_experts, top_k)
@@ -47,7 +50,7 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -57,7 +60,7 @@ from revengine.models.blocks import AttnBranch, MoEBranch
 from revengine.models.config import read_config_json
 from revengine.models.revffn import RevFFNLayer
 
-__all__ = ["from_hf", "to_hf", "upcycle", "init_revffn_adapters", "conversion_gap", "hf_family", "revmoe_config_from_hf",
+__all__ = ["from_hf", "stream_from_hf", "to_hf", "upcycle", "init_revffn_adapters", "conversion_gap", "hf_family", "revmoe_config_from_hf",
            "hf_config_from_revmoe", "hf_parameter_map", "new_parameters", "load_hf", "read_model_config", "Family",
            "FAMILIES"]
 
@@ -76,12 +79,15 @@ class Family:
     always_renormalise: bool = False   # top-k weights renormalised whatever norm_topk_prob says
     qkv_bias: Optional[str] = None  # the config field that adds q/k/v biases, if the family has one
     head_dim_field: bool = True     # the config has head_dim (else head_dim = hidden_size / heads)
+    # a checkpoint file's experts (what save_pretrained writes and the hub holds): one matrix per
+    # expert, "{block}.experts.{e}.{gate|up|down}.weight" inside decoder layer i
+    expert_files: Tuple[str, str, str, str] = ("mlp", "gate_proj", "up_proj", "down_proj")
 
 
 # model_type -> Family: the one table every conversion, check and CLI choice reads.
 FAMILIES: Dict[str, Family] = {
     "mixtral": Family("MixtralForCausalLM", "MixtralConfig", "num_local_experts", "intermediate_size",
-                      always_renormalise=True),
+                      always_renormalise=True, expert_files=("block_sparse_moe", "w1", "w3", "w2")),
     "qwen2_moe": Family("Qwen2MoeForCausalLM", "Qwen2MoeConfig", "num_experts", "moe_intermediate_size",
                         shared_expert=True, qkv_bias="qkv_bias", head_dim_field=False),
     "qwen3_moe": Family("Qwen3MoeForCausalLM", "Qwen3MoeConfig", "num_experts", "moe_intermediate_size", qk_norm="head"),
@@ -385,6 +391,166 @@ def from_hf(model_or_path, scheme: str = "bdia", reversible_mode: str = "reversi
     model.hf_model_type = fam  # remembered for to_hf
     model.train(hf.training)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming conversion: a checkpoint larger than memory, one decoder layer at a time
+
+
+class _CheckpointFiles:
+    """The tensors of a safetensors checkpoint folder (model.safetensors, or the shards that
+    model.safetensors.index.json names), read by name without mapping the whole folder."""
+
+    def __init__(self, model_dir: str):
+        from safetensors import safe_open
+
+        self._open = safe_open
+        index = os.path.join(model_dir, "model.safetensors.index.json")
+        single = os.path.join(model_dir, "model.safetensors")
+        if os.path.isfile(index):
+            try:
+                weight_map = read_config_json(index)["weight_map"]
+            except (KeyError, TypeError):
+                raise ValueError(f"{index}: no weight_map (not a safetensors index)") from None
+            self.file_of = {k: os.path.join(model_dir, f) for k, f in weight_map.items()}
+        elif os.path.isfile(single):
+            self.file_of = {k: single for k in self._keys(single)}
+        else:
+            raise ValueError(f"{model_dir}: no model.safetensors or model.safetensors.index.json (stream_from_hf "
+                             "reads safetensors checkpoints)")
+        for path in sorted(set(self.file_of.values())):
+            if not os.path.isfile(path):
+                raise ValueError(f"{path}: named by the checkpoint's index but missing")
+
+    def _keys(self, path: str) -> List[str]:
+        try:
+            with self._open(path, "pt") as fh:
+                return list(fh.keys())
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+    def read(self, keys: List[str]) -> Dict[str, torch.Tensor]:
+        """The named tensors (copies), each file opened once and closed again."""
+        by_file: Dict[str, List[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.file_of[k], []).append(k)
+        out = {}
+        for path, names in by_file.items():
+            try:
+                with self._open(path, "pt") as fh:
+                    for k in names:
+                        out[k] = fh.get_tensor(k).clone()  # a copy: the file's mapping goes with the close
+            except Exception as e:
+                raise ValueError(f"{path}: cannot read {names[0]} ({e}); a truncated or damaged shard?") from None
+        return out
+
+
+def _checkpoint_sources(fam: str, target: str, shape: Tuple[int, ...]) -> Tuple[List[str], Callable]:
+    """The checkpoint file's keys that make the converted model's tensor `target` (HF's in-memory
+    name), and how: the fused experts stack one matrix per expert ([E, 2I, d] = gate rows, then up
+    rows, per expert; [E, d, I] = down), everything else is one key under its own name."""
+    block, gate, up, down = FAMILIES[fam].expert_files
+    prefix, sep, leaf = target.rpartition(".mlp.experts.")
+    if sep and leaf in ("gate_up_proj", "down_proj"):
+        base = f"{prefix}.{block}.experts"
+        if leaf == "down_proj":
+            keys = [f"{base}.{e}.{down}.weight" for e in range(shape[0])]
+            return keys, lambda ts: torch.stack(ts)
+        keys = [f"{base}.{e}.{w}.weight" for e in range(shape[0]) for w in (gate, up)]
+        return keys, lambda ts: torch.stack([torch.cat(ts[i:i + 2]) for i in range(0, len(ts), 2)])
+    if block != "mlp" and ".mlp." in target:
+        target = target.replace(".mlp.", f".{block}.")
+    return [target], lambda ts: ts[0]
+
+
+@torch.no_grad()
+def stream_from_hf(model_dir: str, store_dir: str, scheme: str = "bdia", reversible_mode: str = "reversible",
+                   dtype: Union[torch.dtype, str] = "auto", **config_overrides):
+    """Converts an HF MoE checkpoint folder into a `revengine.offload.LayerStore` in `store_dir`,
+    one decoder layer at a time: each layer is given memory, filled from the checkpoint's
+    safetensors files (the hub's one-matrix-per-expert layout, or HF's fused one), written to the
+    store and released, so that peak memory is one layer plus the embeddings and the LM head,
+    whatever the model's size. The result is what `from_hf` makes, bit for bit.
+
+    Args:
+        model_dir: a folder with config.json and model.safetensors (or sharded files with
+            model.safetensors.index.json).
+        store_dir: the store's folder (created; must not hold a store already).
+        scheme, reversible_mode, **config_overrides: as `from_hf`.
+        dtype: the converted model's dtype ("auto": the checkpoint's, from config.json).
+
+    Returns:
+        The RevMoEForCausalLM, in training mode, with its embeddings, final norm and LM head in
+        memory and its decoder layers released (empty): train it through the store,
+
+            model = stream_from_hf("ckpt", "run/store", dtype=torch.float32)
+            opt = revengine.optim.InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5)
+            store = revengine.offload.LayerStore.open(model, opt, "run/store")
+
+    Raises:
+        ValueError: no config.json or safetensors files, an unsupported architecture, a tensor the
+            checkpoint lacks or has in another shape, or one the model has no place for (named);
+            nothing is written then. A truncated or damaged shard (named), found while reading.
+        revengine.offload.OffloadError: the store folder cannot be written or holds a store already.
+    """
+    from revengine.offload import LayerStore
+
+    if scheme not in BLOCK_TYPES:
+        raise ValueError(f"stream_from_hf: scheme must be one of {BLOCK_TYPES}, got {scheme!r}")
+    read_model_config(model_dir)  # a clear error for a folder without config.json
+    hf_config = _transformers().AutoConfig.from_pretrained(model_dir)
+    fam = hf_family(hf_config)
+    config = revmoe_config_from_hf(hf_config, scheme, reversible_mode, **config_overrides)
+    if dtype == "auto":
+        dtype = getattr(hf_config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    files = _CheckpointFiles(model_dir)
+
+    prev = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(_build_dtype(dtype))
+        with torch.device("meta"):  # shapes only: no layer has memory until its turn
+            model = RevMoEForCausalLM(config)
+    finally:
+        torch.set_default_dtype(prev)
+    model.to(dtype=dtype)
+    targets = hf_parameter_map(model)
+    sources = {name: _checkpoint_sources(fam, name, tuple(p.shape)) for name, p in targets.items()}
+    wanted = {k for keys, _ in sources.values() for k in keys}
+    missing = sorted(wanted - set(files.file_of))
+    unused = sorted(k for k in set(files.file_of) - wanted
+                    if not k.endswith("rotary_emb.inv_freq") and not (k == "lm_head.weight" and config.tie_word_embeddings))
+    if missing or unused:
+        _unsupported(fam, f"checkpoint tensors without a counterpart: file-only {unused[:6]}, missing {missing[:6]}")
+
+    def fill(name: str, dst: torch.Tensor) -> None:
+        keys, combine = sources[name]
+        got = files.read(keys)
+        src = combine([got[k] for k in keys])
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ValueError(f"{model_dir}: {name} is {tuple(src.shape)} in the checkpoint, the RevMoE config "
+                             f"makes it {tuple(dst.shape)} (check the config overrides)")
+        dst.copy_(src)
+
+    # the tensors outside the decoder layers: real now, and filled (a tied head is the embedding)
+    for name in MODEL_KEYS:
+        module_name = name.rpartition(".")[0]
+        module = model.get_submodule(module_name)
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device="cpu", recurse=False)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for name in MODEL_KEYS:
+        if name in targets:
+            fill(name, model.get_parameter(name))
+
+    def fill_layer(i: int, layer: nn.Module) -> None:
+        for kind, branch in _branches(layer).items():
+            for name, p in branch.named_parameters():
+                fill(f"model.layers.{i}.{name}", p)
+    LayerStore.build(model, store_dir, fill_layer)
+    model.hf_model_type = fam
+    return model.train()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -328,7 +328,9 @@ class LayerStore:
         for i, layer in enumerate(layers):
             if any(p.is_meta for p in layer.params):
                 for part in layer.parts:
-                    part.to_empty(device="cpu")  # new Parameter objects (meta ones cannot take CPU data)
+                    for m in part.modules():  # new Parameter objects (meta ones cannot take CPU data)
+                        if any(p.is_meta for p in m.parameters(recurse=False)):
+                            m.to_empty(device="cpu", recurse=False)
                 layer = _Layer(layer.name, layer.module, [p for c in layer.parts for p in c.parameters()], layer.parts)
             with torch.no_grad():
                 fill(i, layer.module)

@@ -383,3 +383,58 @@ def test_revffn_inverts_q_k_normed_attention_that_is_no_contraction(family):
     worst = max(float((p.grad - g0[n]).abs().max() / g0[n].abs().max().clamp_min(1e-300))
                 for n, p in model.named_parameters() if p.grad is not None)
     assert worst <= 1e-9, worst
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stream_from_hf_is_from_hf_one_layer_at_a_time(family, tmp_path):
+    """A sharded checkpoint (one matrix per expert, as the hub holds it) streamed into a layer store
+    is from_hf's model bit for bit, and no decoder layer keeps memory after its turn."""
+    from revengine.convert import stream_from_hf
+    from revengine.offload import MIN_ELEMENTS, LayerStore
+    from revengine.optim import InBackwardOptimizer
+
+    hf = hf_model(family, layers=3, tie_word_embeddings=family == "qwen3_moe").float()
+    hf.save_pretrained(tmp_path / "ckpt", max_shard_size="40KB")
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
+    expect = from_hf(hf, scheme="bdia").state_dict()
+    model = stream_from_hf(str(tmp_path / "ckpt"), str(tmp_path / "store"))
+    assert model.training and next(model.parameters()).dtype == torch.float32
+    assert all(p.untyped_storage().nbytes() == 0 for p in model.model.layers.parameters() if p.numel() >= MIN_ELEMENTS)
+    if family == "qwen3_moe":
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
+    store = LayerStore.open(model, opt, str(tmp_path / "store"))
+    store.close()
+    got = model.state_dict()
+    assert got.keys() == expect.keys()
+    for k in expect:
+        assert torch.equal(got[k], expect[k]), k
+
+
+def test_stream_from_hf_errors_name_the_file_and_write_nothing(tmp_path):
+    from revengine.convert import stream_from_hf
+
+    hf = hf_model("mixtral", layers=2).float()
+    ckpt = tmp_path / "ckpt"
+    hf.save_pretrained(ckpt, max_shard_size="40KB")
+    shards = sorted(p for p in ckpt.iterdir() if p.suffix == ".safetensors")
+    with pytest.raises(ValueError, match="no config.json"):
+        stream_from_hf(str(tmp_path), str(tmp_path / "s0"))
+    # a checkpoint of another shape: refused before anything is written
+    import json
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "num_local_experts": 8}))
+    with pytest.raises(ValueError, match="missing"):
+        stream_from_hf(str(ckpt), str(tmp_path / "s1"))
+    assert not (tmp_path / "s1" / "store.json").exists()
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    # a shard cut short: named
+    data = shards[-1].read_bytes()
+    shards[-1].write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=shards[-1].name):
+        stream_from_hf(str(ckpt), str(tmp_path / "s2"))
+    assert not (tmp_path / "s2" / "store.json").exists()
+    # a shard the index names but the folder lacks
+    shards[-1].unlink()
+    with pytest.raises(ValueError, match=f"{shards[-1].name}: named by the checkpoint's index but missing"):
+        stream_from_hf(str(ckpt), str(tmp_path / "s3"))
