@@ -158,6 +158,7 @@ def main():
     layers = 4 if args.quick else args.layers
     t_all = time.perf_counter()
     work = args.dir or tempfile.mkdtemp(prefix="revengine-beyond-")
+    os.makedirs(work, exist_ok=True)
     ckpt, store = os.path.join(work, "checkpoint"), os.path.join(work, "store")
     for d in (ckpt, store):
         if os.path.exists(d):

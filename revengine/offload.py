@@ -73,6 +73,7 @@ class _Layer:
     dirty: bool = False          # stepped since it was last written
     pending: int = 0             # parameters whose gradient this backward has not consumed yet
     slot: int = 0                # the slot of its last written version (disk)
+    written_at: int = 0          # the step whose weights and state that version holds
     home: Dict[str, torch.Tensor] = field(default_factory=dict)  # host tier: pinned copies
     ready: Dict[str, Future] = field(default_factory=dict)  # disk: the reads of "param" / "state" in flight
     released: Optional[Future] = None  # disk: its last write-back / release (a read of it waits for it)
@@ -96,6 +97,15 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
         raise OffloadError(f"offload: a {t.device.type} tensor of {tuple(t.shape)} without its memory cannot be "
                            "read or written (a released or meta tensor)")
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B") if n else memoryview(b"")
+
+
+def _materialize(parts: List[torch.nn.Module]) -> None:
+    """CPU parameters for the meta ones in these modules (new Parameter objects: a meta tensor cannot
+    take CPU data); only modules that hold meta parameters themselves."""
+    for part in parts:
+        for m in part.modules():
+            if any(p.is_meta for p in m.parameters(recurse=False)):
+                m.to_empty(device="cpu", recurse=False)
 
 
 def _write_payload(fh, buffers) -> None:
@@ -214,7 +224,7 @@ class LayerStore:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: InBackwardOptimizer, tier: str = "disk",
-                 directory: Optional[str] = None, *, _resume: bool = False):
+                 directory: Optional[str] = None, *, _resume: bool = False, _step: Optional[int] = None):
         if tier not in TIERS:
             raise OffloadError(f"offload: tier must be one of {', '.join(TIERS)}, got {tier!r}")
         if not isinstance(optimizer, InBackwardOptimizer):
@@ -247,13 +257,14 @@ class LayerStore:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="revengine-write") if tier == "disk" else None
         self._jobs: List[Future] = []
         self._last_write: Optional[Future] = None
+        self._previous: Optional[dict] = None  # store.json's record of the step before the last
         if _resume:
-            self._load_store_json()
+            self._load_store_json(_step)
         elif tier != "none":
             for layer in self.layers:  # step 0: the weights as they are (no optimizer state yet)
-                self._write(layer, slot=0)
+                self._write(layer, slot=0, step=0)
             if tier == "disk":
-                self._write(self.rest, slot=0)
+                self._write(self.rest, slot=0, step=0)
             self._drain()
             self._commit()
         for layer in self.layers:
@@ -327,10 +338,7 @@ class LayerStore:
         LayerStore._check_directory_at(directory, resume=False)
         for i, layer in enumerate(layers):
             if any(p.is_meta for p in layer.params):
-                for part in layer.parts:
-                    for m in part.modules():  # new Parameter objects (meta ones cannot take CPU data)
-                        if any(p.is_meta for p in m.parameters(recurse=False)):
-                            m.to_empty(device="cpu", recurse=False)
+                _materialize(layer.parts)
                 layer = _Layer(layer.name, layer.module, [p for c in layer.parts for p in c.parameters()], layer.parts)
             with torch.no_grad():
                 fill(i, layer.module)
@@ -341,14 +349,31 @@ class LayerStore:
                     t.untyped_storage().resize_(0)
         _write_file(os.path.join(directory, "rest.0.safetensors"),
                     {f"param.{rest.names[id(p)]}": p.data for p in rest.params}, {"step": "0", "layer": "rest"})
-        doc = dict(_fingerprint(layers, rest, None), step=0, slots={layer.name: 0 for layer in layers + [rest]})
+        names = [layer.name for layer in layers + [rest]]
+        doc = dict(_fingerprint(layers, rest, None), step=0, slots=dict.fromkeys(names, 0), steps=dict.fromkeys(names, 0))
         _write_json(os.path.join(directory, STORE_FILE), doc)
 
+    @staticmethod
+    def empty_layers(model: torch.nn.Module) -> None:
+        """Gives the layers of a model built on the meta device CPU parameters without memory (and
+        the rest of the model none: fill it, or let `open` read it): the model of an existing store,
+        made without ever holding it whole, for `LayerStore.open`."""
+        for layer in LayerStore._find_layers(model, None):
+            if any(p.is_meta for p in layer.params):
+                _materialize(layer.parts)
+                for part in layer.parts:
+                    for p in part.parameters():
+                        p.untyped_storage().resize_(0)
+
     @classmethod
-    def open(cls, model: torch.nn.Module, optimizer: InBackwardOptimizer, directory: str) -> "LayerStore":
+    def open(cls, model: torch.nn.Module, optimizer: InBackwardOptimizer, directory: str,
+             step: Optional[int] = None) -> "LayerStore":
         """Resumes a disk store: the model's layers and their optimizer state as of the store's last
-        completed step (checked against the model: names, shapes, dtypes, optimizer state)."""
-        return cls(model, optimizer, "disk", directory, _resume=True)
+        completed step (checked against the model: names, shapes, dtypes, optimizer state), or as
+        of `step` when that is the step before it (its files stay intact until the next step
+        starts writing: a trainer killed between the store's commit and its own checkpoint
+        resumes from the checkpoint's step)."""
+        return cls(model, optimizer, "disk", directory, _resume=True, _step=step)
 
     # -- the tensors of a layer --------------------------------------------------------------------
 
@@ -413,12 +438,13 @@ class LayerStore:
         for f in jobs:
             f.result()
 
-    def _write(self, layer: _Layer, slot: int, free: Optional[List[torch.Tensor]] = None) -> None:
-        """Writes the layer back (disk: queued on the writer thread, which then frees `free`, once the
-        layer's reads asked for before have landed)."""
+    def _write(self, layer: _Layer, slot: int, step: int, free: Optional[List[torch.Tensor]] = None) -> None:
+        """Writes the layer as of `step` back (disk: queued on the writer thread, which then frees
+        `free`, once the layer's reads asked for before have landed)."""
         tensors = self._tensors(layer) if self.tier == "disk" else self._moving(layer)
         if self.tier == "disk":
-            path, meta = self._path(layer, slot), {"step": str(self.step), "layer": layer.name}
+            path, meta = self._path(layer, slot), {"step": str(step), "layer": layer.name}
+            layer.written_at = step
             reads = list(layer.ready.values())
 
             def job():
@@ -455,14 +481,15 @@ class LayerStore:
                 if self._last_write is not None:
                     self._last_write.exception()
                 # the slot the last completed step did not write (the same one again within a step)
-                self._write(layer, layer.slot if layer.name in self._written else 1 - layer.slot, free=moving)
+                self._write(layer, layer.slot if layer.name in self._written else 1 - layer.slot, self.step + 1,
+                            free=moving)
                 self._written.add(layer.name)
                 self._last_write = layer.released
             else:
                 layer.released = self._submit(free, self._writer)
         else:
             if layer.dirty:
-                self._write(layer, 0)
+                self._write(layer, 0, self.step + 1)
                 self._written.add(layer.name)
             torch.cuda.current_stream().synchronize()  # the copies out are done before the memory goes
             for t in moving:
@@ -479,7 +506,7 @@ class LayerStore:
                 self._release(layer)
         if self._written:
             if self.tier == "disk":
-                self._write(self.rest, slot=1 - self.rest.slot)
+                self._write(self.rest, slot=1 - self.rest.slot, step=self.step + 1)
             self._drain()  # every layer's file is complete before store.json names it
             self.step += 1
             self._commit()
@@ -519,11 +546,15 @@ class LayerStore:
         self._written = set()
         if self.tier != "disk":
             return
-        doc = dict(self._fingerprint(), step=self.step,
-                   slots={layer.name: layer.slot for layer in self.layers + [self.rest]})
+        everything = self.layers + [self.rest]
+        doc = dict(self._fingerprint(), step=self.step, slots={layer.name: layer.slot for layer in everything},
+                   steps={layer.name: layer.written_at for layer in everything})
+        if self._previous is not None and self._previous["step"] == self.step - 1:
+            doc["previous"] = self._previous
         _write_json(os.path.join(self.directory, STORE_FILE), doc)
+        self._previous = {k: doc[k] for k in ("step", "slots", "steps")}
 
-    def _load_store_json(self) -> None:
+    def _load_store_json(self, step: Optional[int] = None) -> None:
         path = os.path.join(self.directory, STORE_FILE)
         try:
             with open(path) as fh:
@@ -539,9 +570,16 @@ class LayerStore:
             if doc.get(k) != v:
                 raise OffloadError(f"{path}: written for another model or optimizer ({k}: {doc.get(k)!r}, "
                                    f"this run has {v!r})")
+        if step is not None and step != int(doc["step"]):
+            if int((doc.get("previous") or {}).get("step", -1)) != step:
+                raise OffloadError(f"{path}: holds step {doc['step']}" + (f" (and {doc['previous']['step']})"
+                                   if doc.get("previous") else "") + f", not step {step}")
+            doc = doc["previous"]
         self.step = int(doc["step"])
         for layer in self.layers + [self.rest]:
             layer.slot = int(doc["slots"][layer.name])
+            layer.written_at = int(doc.get("steps", {}).get(layer.name, -1))
+        self._previous = {k: doc[k] for k in ("step", "slots", "steps")} if "steps" in doc else None
         self._restore_state()
 
     def _restore_state(self) -> None:
@@ -565,7 +603,10 @@ class LayerStore:
             if extra:
                 raise OffloadError(f"{path}: holds {extra[0]} that this model and optimizer do not have "
                                    "(a store written by another model or optimizer?)")
-            _read_into(path, tensors)
+            meta = _read_into(path, tensors)
+            if layer.written_at >= 0 and meta.get("step") != str(layer.written_at):
+                raise OffloadError(f"{path}: holds step {meta.get('step')}, the store names step {layer.written_at} "
+                                   "(overwritten by a later step)")
             if layer is not self.rest:  # one layer in memory at a time: a model larger than memory resumes
                 self._own_memory(layer)
                 for t in self._moving(layer).values():
@@ -665,6 +706,42 @@ class LayerStore:
         finally:
             for layer in self.layers:
                 self._release(layer)
+
+    def save_weights(self, path: str, metadata: Optional[Dict[str, str]] = None) -> None:
+        """Writes the model's parameters (named as in `model.named_parameters()`, a tied weight once)
+        as one safetensors file, bringing in one layer at a time: a model larger than memory is
+        saved without being whole. Written beside `path` and renamed over it.
+
+        Raises:
+            OffloadError: the file cannot be written (named); `path` is then unchanged.
+        """
+        named = list(self.model.named_parameters())
+        header: Dict[str, object] = {"__metadata__": dict(metadata or {})}
+        offset = 0
+        for k, p in named:
+            n = p.numel() * p.element_size()
+            header[k] = {"dtype": _CODES[p.dtype], "shape": list(p.shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+
+        def write(fh):
+            fh.write(struct.pack("<Q", len(raw)) + raw)
+            current = None  # the layer brought in for this save
+            for _, p in named:
+                layer = self._of_param.get(id(p))
+                if layer is not current and current is not None:
+                    self._release(current)
+                    current = None
+                if layer is not None:
+                    if not layer.loaded:
+                        current = layer
+                    self._load(layer, "param")  # waits for a read ahead in flight too
+                fh.write(_bytes_view(p.data))
+            if current is not None:
+                self._release(current)
+            self._drain()
+        _replace(path, "wb", write, "the model's weights")
 
     def detach(self) -> None:
         """Removes the hooks and leaves the released layers as they are (a model about to be dropped).

@@ -331,3 +331,70 @@ def test_build_writes_a_model_one_layer_at_a_time(tmp_path):
     assert train(model, 3) == expect
     store.close()
     assert_same(snapshot(model, opt), snapshot(ref, ref_opt))
+
+
+def test_the_step_before_the_last_opens_until_the_next_step_writes(tmp_path):
+    """A trainer killed between the store's commit of step 3 and its own checkpoint of it resumes at
+    step 2: open(step=2) reads the other slots, and continues bit-identically. Once step 4 has written
+    over step 2's files, asking for step 2 is an error naming the file, never a mix of steps."""
+    directory = str(tmp_path / "store")
+    model, opt = build()
+    store = LayerStore(model, opt, tier="disk", directory=directory)
+    train(model, 3)
+    store.detach()
+    with open(os.path.join(directory, "store.json")) as fh:
+        doc = json.load(fh)
+    assert doc["step"] == 3 and doc["previous"]["step"] == 2
+
+    ref_model, ref_opt = build()
+    ref = train(ref_model, 5)
+    model, opt = build()
+    store = LayerStore.open(model, opt, directory, step=2)
+    assert store.step == 2
+    assert train(model, 2, start=2) == ref[2:4]  # steps 3 and 4 again, over step 3's slots
+    store.detach()
+    model, opt = build()
+    with pytest.raises(OffloadError, match=r"store\.json: holds step 4 \(and 3\), not step 2"):
+        LayerStore.open(model, opt, directory, step=2)
+    # killed inside step 5 after its writes went over step 3's slots, before its commit: store.json
+    # still names steps 4 and 3, and step 3's files say they hold step 5
+    saved = open(os.path.join(directory, "store.json")).read()
+    store = LayerStore.open(model, opt, directory)
+    train(model, 1, start=4)
+    store.detach()
+    open(os.path.join(directory, "store.json"), "w").write(saved)
+    model, opt = build()
+    with pytest.raises(OffloadError, match=r"\.safetensors: holds step 5, the store names step 3"):
+        LayerStore.open(model, opt, directory, step=3)
+    model, opt = build()
+    assert LayerStore.open(model, opt, directory).step == 4  # the last completed step is intact
+
+
+def test_save_weights_and_empty_layers(tmp_path):
+    """save_weights writes the model's parameters through the store one layer at a time (safetensors
+    reads them back equal to the model's); empty_layers makes a meta-built model that open() fills."""
+    from safetensors.torch import load_file
+
+    directory = str(tmp_path / "store")
+    model, opt = build()
+    store = LayerStore(model, opt, tier="disk", directory=directory)
+    train(model, 2)
+    store.save_weights(str(tmp_path / "w.safetensors"), {"format": "pt"})
+    assert store.resident_layers() == ["model.layers.0"]  # what was released stays released
+    store.detach()
+    saved = load_file(str(tmp_path / "w.safetensors"))
+    model2, opt2 = build()
+    LayerStore.open(model2, opt2, directory).close()
+    assert saved.keys() == dict(model2.named_parameters()).keys()
+    assert all(torch.equal(saved[k], p) for k, p in model2.named_parameters())
+
+    with torch.device("meta"):
+        skeleton = RevMoEForCausalLM(model.config)
+    for name in ("model.embed_tokens", "model.norm", "lm_head"):
+        skeleton.get_submodule(name).to_empty(device="cpu")
+    LayerStore.empty_layers(skeleton)
+    assert not any(p.is_meta for p in skeleton.parameters())
+    assert all(p.untyped_storage().nbytes() == 0 for p in skeleton.model.layers.parameters())
+    opt3 = InBackwardOptimizer(skeleton.train().parameters(), torch.optim.AdamW, lr=1e-3)
+    LayerStore.open(skeleton, opt3, directory).close()
+    assert_same(snapshot(skeleton, opt3), snapshot(model2, opt2))
