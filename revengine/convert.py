@@ -465,7 +465,7 @@ def _checkpoint_sources(fam: str, target: str, shape: Tuple[int, ...]) -> Tuple[
 
 @torch.no_grad()
 def stream_from_hf(model_dir: str, store_dir: str, scheme: str = "bdia", reversible_mode: str = "reversible",
-                   dtype: Union[torch.dtype, str] = "auto", **config_overrides):
+                   dtype: Union[torch.dtype, str] = "auto", build: bool = True, **config_overrides):
     """Converts an HF MoE checkpoint folder into a `revengine.offload.LayerStore` in `store_dir`,
     one decoder layer at a time: each layer is given memory, filled from the checkpoint's
     safetensors files (the hub's one-matrix-per-expert layout, or HF's fused one), written to the
@@ -478,6 +478,8 @@ def stream_from_hf(model_dir: str, store_dir: str, scheme: str = "bdia", reversi
         store_dir: the store's folder (created; must not hold a store already).
         scheme, reversible_mode, **config_overrides: as `from_hf`.
         dtype: the converted model's dtype ("auto": the checkpoint's, from config.json).
+        build: False: write nothing and read no weights: the model of a store built before, for
+            `LayerStore.open` to fill (a resumed run).
 
     Returns:
         The RevMoEForCausalLM, in training mode, with its embeddings, final norm and LM head in
@@ -497,6 +499,9 @@ def stream_from_hf(model_dir: str, store_dir: str, scheme: str = "bdia", reversi
 
     if scheme not in BLOCK_TYPES:
         raise ValueError(f"stream_from_hf: scheme must be one of {BLOCK_TYPES}, got {scheme!r}")
+    if scheme == "revffn":
+        raise ValueError("stream_from_hf: scheme 'revffn' adds adapters that are initialised from the whole model; "
+                         "convert it with from_hf, or stream a scheme without new parameters (bdia)")
     read_model_config(model_dir)  # a clear error for a folder without config.json
     hf_config = _transformers().AutoConfig.from_pretrained(model_dir)
     fam = hf_family(hf_config)
@@ -504,8 +509,6 @@ def stream_from_hf(model_dir: str, store_dir: str, scheme: str = "bdia", reversi
     if dtype == "auto":
         dtype = getattr(hf_config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    files = _CheckpointFiles(model_dir)
-
     prev = torch.get_default_dtype()
     try:
         torch.set_default_dtype(_build_dtype(dtype))
@@ -514,6 +517,15 @@ def stream_from_hf(model_dir: str, store_dir: str, scheme: str = "bdia", reversi
     finally:
         torch.set_default_dtype(prev)
     model.to(dtype=dtype)
+    model.hf_model_type = fam
+    if not build:
+        for name in MODEL_KEYS:
+            model.get_submodule(name.rpartition(".")[0]).to_empty(device="cpu", recurse=False)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        LayerStore.empty_layers(model)
+        return model.train()
+    files = _CheckpointFiles(model_dir)
     targets = hf_parameter_map(model)
     sources = {name: _checkpoint_sources(fam, name, tuple(p.shape)) for name, p in targets.items()}
     wanted = {k for keys, _ in sources.values() for k in keys}
@@ -545,11 +557,15 @@ def stream_from_hf(model_dir: str, store_dir: str, scheme: str = "bdia", reversi
             fill(name, model.get_parameter(name))
 
     def fill_layer(i: int, layer: nn.Module) -> None:
+        filled = set()
         for kind, branch in _branches(layer).items():
             for name, p in branch.named_parameters():
                 fill(f"model.layers.{i}.{name}", p)
+                filled.add(id(p))
+        left = [n for n, p in layer.named_parameters() if id(p) not in filled]
+        if left:  # no scheme but revffn has any; a new one must say how they start
+            raise ValueError(f"stream_from_hf: layer {i}'s {left[0]} has no pretrained counterpart")
     LayerStore.build(model, store_dir, fill_layer)
-    model.hf_model_type = fam
     return model.train()
 
 

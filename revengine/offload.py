@@ -16,8 +16,10 @@ Tiers:
     layer's own tensors (so file pages are the kernel's cache, not this process's memory), written
     after the layer's step to a temporary file and renamed. Each layer has two slots: a step writes
     the slot the last completed step did not, and `store.json` (replaced atomically once every
-    layer of a step is written) names the slots of the last completed step. A process killed in
-    the middle of a step leaves that step's files intact: `LayerStore.open` resumes from them.
+    layer of a step is written) names the slots of the last completed step, and those of the step
+    before (intact until the next step writes over them; each file records its step). A process
+    killed in the middle of a step leaves that step's files intact: `LayerStore.open` resumes
+    from them (or from the step before, for a trainer whose own checkpoint is one step behind).
   - "host": pinned host memory, for parameters on a GPU (copies in and out on the current stream).
   - "none": nothing moves (the same hooks, for tests and benchmarks).
 
@@ -31,6 +33,10 @@ backward's re-run: its vector-Jacobian product still needs it). The next layer's
 ahead (in backward with this layer's optimizer state): at most three layers' weights and two
 layers' state are in memory (the one stepped, the one below, the one above until its write-back
 has landed). A reader and a writer thread do the I/O; a layer's read waits for its last write-back.
+
+A model that never exists whole: `LayerStore.build` (or `revengine.convert.stream_from_hf`, from
+an HF checkpoint) writes a store one layer at a time, `LayerStore.open` trains it, and
+`save_weights` writes the model's weights as one safetensors file, one layer at a time.
 
 Exactness: the tensors come back bit for bit, so a run with any tier is bit-identical to one
 without (tests/test_offload.py).

@@ -212,3 +212,12 @@ def test_offload_quick():
     assert "PASS: 2 layers: the disk run's losses equal the in-memory run's bit for bit" in out
     assert "PASS: 4 layers: the disk run's losses equal the in-memory run's bit for bit" in out
     assert "disk peak from 2 to 4 layers" in out
+
+
+@pytest.mark.parametrize("cli", [False, True])
+def test_beyond_memory_quick(cli):
+    """The larger-than-memory benchmark on 4 tiny layers: created, streamed into the store and trained
+    (through the Python API, or `revengine finetune --offload disk`), every check printed."""
+    out = _run_bench("beyond_memory.py", "--quick", *(["--cli"] if cli else []))
+    assert "3/3 PASS" in out, out
+    assert ("finetune:" in out) == cli and ("train:   losses" in out) != cli

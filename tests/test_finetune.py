@@ -3,6 +3,7 @@ checkpoints and bit-identical --resume (also after Ctrl-C), eval loss and exact 
 and a converted model under HF Trainer. Tiny random models saved to tmp dirs; no download."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from revengine.apps.finetune import FinetuneArgs, FinetuneError  # noqa: E402
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 from revengine.models import BLOCK_TYPES as SCHEMES  # noqa: E402
+from revengine.models import RevMoEForCausalLM  # noqa: E402
 from conftest import child_env  # noqa: E402  (a subprocess imports the revengine under test)
 
 
@@ -832,3 +834,35 @@ def test_unwritable_offload_dir_is_one_error(tmp_path, data, mixtral):
     with pytest.raises(FinetuneError, match=r"--offload-dir .*file/store: cannot create it"):
         ft.run(args(mixtral, data, out, scheme="bdia", stage1_steps=0, steps=2, in_backward=True, offload="disk",
                     offload_dir=str(blocker / "store")))
+
+
+@pytest.mark.parametrize("optimizer,wdtype", [("adamw", "fp32"), ("adamw8bit", "bf16")])
+def test_offload_disk_streams_the_checkpoint_into_the_store(tmp_path, data, optimizer, wdtype):
+    """--offload disk from an HF checkpoint without stage 1: the decoder layers go from the checkpoint's
+    files into the store one at a time (the whole model is never in memory), the store is the checkpoint
+    of weights and optimizer state, the final model is written a layer at a time. Same weights, losses and
+    evals as the in-memory run; stopped, and resumed from a checkpoint one step behind the store (a kill
+    between the store's commit and the checkpoint), still the same."""
+    if optimizer != "adamw":
+        pytest.importorskip("torchao")
+    model = save_tiny(tmp_path / "qwen", "qwen2_moe")
+    kw = dict(scheme="bdia", stage1_steps=0, steps=5, in_backward=True, optimizer=optimizer, weights=wdtype,
+              eval_every=2, distill="none")
+    ref = ft.run(args(model, data, tmp_path / "ref", **kw))
+    out = tmp_path / "run"
+    assert ft.run(args(model, data, out, offload="disk", stop_after=3, **kw))["status"] == "interrupted"
+    ckpts = ft.checkpoint_dirs(str(out))
+    assert [os.path.basename(c) for c in ckpts] == ["step-000002", "step-000003"]
+    assert not os.path.exists(os.path.join(ckpts[-1], "model.safetensors"))  # the store holds the weights
+    shutil.rmtree(ckpts[-1])  # killed after the store committed step 3, before the checkpoint of it
+    s = ft.run(args(model, data, out, offload="disk", resume=True, **kw))
+    assert s["status"] == "finished" and ref["status"] == "finished"
+    assert same_weights(str(tmp_path / "ref"), str(out))
+    assert RevMoEForCausalLM.from_pretrained(str(out)).config.block_type == "bdia"
+
+    def strip(p):
+        return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in open(p / "log.jsonl")]
+    assert strip(tmp_path / "ref") == strip(out)
+    # a resume that would not stream cannot use these checkpoints
+    with pytest.raises(FinetuneError, match="keeps its weights in the layer store .*resume with --offload disk"):
+        ft.run(args(model, data, out, resume=True, **{**kw, "steps": 6}))

@@ -21,6 +21,8 @@ STATE_FILE = "trainer_state.json"
 COMPLETE_FILE = "complete.json"  # a checkpoint's checksums, written last
 # every file is safetensors or JSON: a checkpoint is read without unpickling anything
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", STATE_FILE)
+# a run whose layer store holds the weights and the optimizer state (--offload disk, streamed)
+STORE_CHECKPOINT_FILES = ("rng.safetensors", STATE_FILE)
 # the layout of earlier versions (torch.save files, read with weights_only=True)
 LEGACY_CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", STATE_FILE)
 
@@ -107,7 +109,8 @@ def checkpoint_problem(path: str) -> Optional[str]:
         return f"{COMPLETE_FILE} is missing (a checkpoint of an older revengine, or a damaged one)"
     except (OSError, ValueError, KeyError, TypeError):
         return f"{COMPLETE_FILE} is unreadable"
-    files = LEGACY_CHECKPOINT_FILES if "optimizer.pt" in sums else CHECKPOINT_FILES
+    files = (LEGACY_CHECKPOINT_FILES if "optimizer.pt" in sums else
+             STORE_CHECKPOINT_FILES if "model.safetensors" not in sums else CHECKPOINT_FILES)
     for name in files:
         if not os.path.isfile(os.path.join(path, name)):
             return f"{name} is missing"
@@ -188,17 +191,19 @@ def only_unfinished_leftovers(out: str) -> bool:
 
 
 def save_checkpoint(out: str, step: int, student, optimizer, state: Dict[str, Any], keep: int) -> str:
-    """checkpoints/step-NNNNNN: weights, optimizer state, RNG state and `state`; keeps the newest `keep`."""
+    """checkpoints/step-NNNNNN: weights, optimizer state, RNG state and `state`; keeps the newest `keep`.
+    student and optimizer None: RNG and `state` only (a layer store holds the rest, at state["store_step"])."""
     from safetensors.torch import save_file, save_model
 
     final = os.path.join(out, "checkpoints", f"step-{step:06d}")
     os.makedirs(os.path.dirname(final), exist_ok=True)
     with atomic_dir(final) as tmp:
-        save_model(student, os.path.join(tmp, "model.safetensors"))
-        # torchao's quantized state tensors are stored as their codes, scales and lookup tables
-        save_state_dict(optimizer.state_dict(), os.path.join(tmp, "optimizer.safetensors"))
+        if student is not None:
+            save_model(student, os.path.join(tmp, "model.safetensors"))
+            # torchao's quantized state tensors are stored as their codes, scales and lookup tables
+            save_state_dict(optimizer.state_dict(), os.path.join(tmp, "optimizer.safetensors"))
         rng = {"torch": torch.get_rng_state()}
-        dev = device_of(student)
+        dev = device_of(student) if student is not None else torch.device("cpu")
         if dev.type == "cuda":  # dropout, bdia's signs and stochastic rounding draw from the GPU's generator
             rng["cuda"] = torch.cuda.get_rng_state(dev)
         save_file(rng, os.path.join(tmp, "rng.safetensors"))
@@ -206,7 +211,8 @@ def save_checkpoint(out: str, step: int, student, optimizer, state: Dict[str, An
             json.dump(state, fh, indent=1)
         # written last: the checksums let a --resume tell a checkpoint damaged since (a truncated or lost
         # file) from a good one, and fall back to the one before
-        sums = {n: sha256_file(os.path.join(tmp, n)) for n in CHECKPOINT_FILES}
+        sums = {n: sha256_file(os.path.join(tmp, n)) for n in (CHECKPOINT_FILES if student is not None
+                                                                else STORE_CHECKPOINT_FILES)}
         with open(os.path.join(tmp, COMPLETE_FILE), "w") as fh:
             json.dump({"sha256": sums}, fh, indent=1)
     prune_checkpoints(out, keep)
@@ -311,12 +317,13 @@ def remove_leftovers(out: str, keep: int) -> None:
         os.remove(os.path.join(out, "log.jsonl.tmp"))
 
 
-def save_final(out: str, student, tok, state: Dict[str, Any]) -> None:
-    """The finished model, written to a temporary folder and moved into --out; config.json last."""
+def save_final(out: str, student, tok, state: Dict[str, Any], save_model=None) -> None:
+    """The finished model, written to a temporary folder and moved into --out; config.json last.
+    save_model(folder): how the model is written (default student.save_pretrained)."""
     tmp = tempfile.mkdtemp(prefix=".tmp-final-", dir=out)
     os.chmod(tmp, 0o755)
     try:
-        student.save_pretrained(tmp)
+        (save_model or student.save_pretrained)(tmp)
         tok.save(tmp)
         with open(os.path.join(tmp, "eval.json"), "w") as fh:
             json.dump({k: state.get(k) for k in ("evals", "timings", "fixed_point", "args")}, fh, indent=1)

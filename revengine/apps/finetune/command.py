@@ -51,7 +51,9 @@ def add_arguments(p) -> None:
     a("--offload", default="none", choices=("none", "host", "disk"),
       help="stage 2 with --in-backward: keep each layer's weights and optimizer state off the device between uses "
       "(disk: a file per layer in --offload-dir; host: pinned host memory, for --device cuda), read just before "
-      "the layer runs and written back after its step; the run is bit-identical; a --resume may change it")
+      "the layer runs and written back after its step; the run is bit-identical. disk from an HF MoE folder with "
+      "a scheme without new parameters (bdia), --stage1-steps 0 and no --distill all: the checkpoint is streamed into "
+      "the store a layer at a time, and the store is the run's checkpoint (a model larger than memory trains)")
     a("--offload-dir", default=None, help="--offload disk: the folder of the layer files (default <out>/offload)")
     a("--distill", default="stage1", choices=DISTILL, help="add KL(original || model) to the loss (default stage1)")
     a("--kl-weight", type=float, default=1.0)

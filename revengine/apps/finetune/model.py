@@ -1,6 +1,7 @@
 """The models of a run: the student (converted, or the HF model itself) and its source (the teacher)."""
 from __future__ import annotations
 
+import os
 from typing import List
 
 import torch
@@ -8,16 +9,40 @@ from torch import nn
 
 from revengine import convert
 from revengine.models import RevMoEForCausalLM
+from revengine.optim import WEIGHT_DTYPES
 
 from .args import FinetuneArgs, FinetuneError
 
 
-def load_source(args: FinetuneArgs):
-    """(source HF model or None, student model, kind) where kind is 'revmoe' or 'hf'."""
+def store_dir(args: FinetuneArgs) -> str:
+    """The folder of --offload disk's layer store."""
+    return args.offload_dir or os.path.join(args.out, "offload")
+
+
+def streams(args: FinetuneArgs) -> bool:
+    """Whether the run converts the HF checkpoint straight into the layer store, one decoder layer at a
+    time, and never holds the whole model: --offload disk on the CPU from an HF MoE folder, without what
+    needs the whole model in memory (stage 1 with its teacher, --distill all, --upcycle-experts, revffn's
+    adapters)."""
+    if args.offload != "disk" or args.upcycle_experts or args.stage1_steps or args.distill == "all" \
+            or args.scheme in ("none", "revffn") or not args.device.startswith("cpu"):
+        return False
+    try:
+        return convert.read_model_config(args.model).get("model_type") in convert.FAMILIES
+    except ValueError:
+        return False
+
+
+def load_source(args: FinetuneArgs, resuming: bool = False):
+    """(source HF model or None, student model, kind) where kind is 'revmoe' or 'hf'. When `streams(args)`,
+    the student's decoder layers live in the store (built now, or on a resume opened later) and there is
+    no source."""
     try:
         cfg = convert.read_model_config(args.model)
     except ValueError as e:
         raise FinetuneError(str(e)) from None
+    if streams(args):
+        return None, _stream(args, build=not resuming), "revmoe"
     mtype = cfg.get("model_type")
     if mtype == "revmoe":
         return None, _load_revmoe(args, cfg), "revmoe"
@@ -51,6 +76,23 @@ def load_source(args: FinetuneArgs):
     for p in source.parameters():
         p.requires_grad_(False)
     return source, student, "revmoe"
+
+
+def _stream(args: FinetuneArgs, build: bool) -> RevMoEForCausalLM:
+    from revengine.offload import LayerStore, OffloadError
+
+    directory = store_dir(args)
+    if build:
+        LayerStore.remove(directory)  # an earlier run's store: this one starts from the checkpoint
+    try:
+        extra = {} if args.bdia_gamma is None or args.scheme != "bdia" else {"bdia_gamma": args.bdia_gamma}
+        return convert.stream_from_hf(args.model, directory, scheme=args.scheme, reversible_mode=args.reversible_mode,
+                                      dtype=WEIGHT_DTYPES[args.weights], build=build, moe_chunk_size=args.moe_chunk_size,
+                                      fixed_point_fallback=args.fixed_point_fallback, **extra)
+    except OffloadError as e:
+        raise FinetuneError(str(e)) from None
+    except ValueError as e:
+        raise FinetuneError(f"{args.model}: cannot convert: {e}") from None
 
 
 def _load_revmoe(args: FinetuneArgs, cfg: dict) -> RevMoEForCausalLM:

@@ -22,7 +22,7 @@ from .data import DataStream, load_splits, load_tokenizer, to_device
 from .evaluate import evaluate
 from .interrupt import Interrupt
 from .loss import autocast, model_losses, token_kl
-from .model import is_revmoe, load_source, new_parameters, vocab_size_of
+from .model import is_revmoe, load_source, new_parameters, store_dir, streams, vocab_size_of
 
 
 class FinetuneRecipe:
@@ -50,7 +50,13 @@ class FinetuneRecipe:
         self.device = torch.device(args.device)
         torch.manual_seed(args.seed)
         self.tok = load_tokenizer(args.model)
-        source, self.student, self.kind = load_source(args)
+        # --offload disk from an HF checkpoint: the layers go straight into the store, which is then
+        # also the checkpoint of the weights and the optimizer state
+        self.streamed = streams(args)
+        source, self.student, self.kind = load_source(args, resuming=self.resume_from is not None)
+        # the run's draws (dropout, BDIA's signs) start here: a model built in memory (whose
+        # initialisation draws) and one streamed into the store train alike
+        torch.manual_seed(args.seed)
         vocab = vocab_size_of(self.student)
         if len(self.tok) > vocab:
             raise FinetuneError(f"vocabulary mismatch: the tokenizer has {len(self.tok)} tokens but the model's "
@@ -64,8 +70,9 @@ class FinetuneRecipe:
         self.stage1_what = f"{sum(p.numel() for p in new)} new parameters" if new else "all parameters (no new ones)"
         # the source lives on only as the teacher (when distilling)
         self.teacher = source if (source is not None and args.distill != "none") else None
-        self.student.to(self.device)
-        if args.weights != "fp32":  # no fp32 copy: the optimizer rounds its updates to these weights
+        if not self.streamed:  # (streamed: built on the CPU in --weights' dtype, its layers released)
+            self.student.to(self.device)
+        if args.weights != "fp32" and not self.streamed:  # no fp32 copy: the optimizer rounds its updates to these weights
             self.student.to(WEIGHT_DTYPES[args.weights])
         if self.teacher is not None:
             self.teacher.to(self.device)
@@ -88,8 +95,14 @@ class FinetuneRecipe:
     def _load_checkpoint_state(self) -> None:
         """The run's state, weights and data position from the checkpoint (whose settings must match)."""
         self.state = load_state(self.resume_from)
-        # shapes first: another model of another shape is best told as such
-        load_checkpoint_weights(self.student, self.resume_from)
+        in_store = "store_step" in self.state
+        if in_store != self.streamed:
+            raise FinetuneError(f"--resume: {self.resume_from} " + (
+                f"keeps its weights in the layer store ({self.state.get('store_dir')}): resume with --offload disk"
+                if in_store else "holds the whole model's weights; this run would stream the model into a layer "
+                "store (--offload disk): resume with the checkpoint's --offload"))
+        if not in_store:  # shapes first: another model of another shape is best told as such
+            load_checkpoint_weights(self.student, self.resume_from)
         check_resume(self.args, self.state, self.inputs, self.resume_from)
         self.state["args"] = self.args.record()  # today's paths, and --steps when raised
         self.stream.load(self.state["data"])
@@ -159,7 +172,7 @@ class FinetuneRecipe:
                     self._evaluate(name)
                 stop = intr.requested or (args.stop_after is not None and ran >= args.stop_after and step < self.total)
                 if (stop or (args.save_every and step % args.save_every == 0) or step == args.stage1_steps
-                        or step == self.total):
+                        or step == self.total or self.streamed):  # streamed: the store moves on every step
                     self.save_checkpoint()
                 if stop:
                     status = "interrupted"
@@ -216,16 +229,21 @@ class FinetuneRecipe:
         args = self.args
         if args.offload == "none" or stage != 2:
             return
-        directory = args.offload_dir or os.path.join(args.out, "offload")
-        LayerStore.remove(directory)  # an earlier run's store: this one starts from the weights in memory
+        directory = store_dir(args)
         try:
+            if self.streamed:  # the store holds the run: opened at the checkpoint's step
+                self.store = LayerStore.open(self.student, self.optimizer, directory,
+                                             step=self.state.get("store_step", 0))
+                return
+            LayerStore.remove(directory)  # an earlier run's store: this one starts from the weights in memory
             self.store = LayerStore(self.student, self.optimizer, tier=args.offload, directory=directory)
         except OffloadError as e:
             raise FinetuneError(str(e)) from None
 
     def _whole_model(self):
-        """A block in which every layer is in memory (checkpoints and the final save read the whole model)."""
-        return self.store.resident() if self.store is not None else contextlib.nullcontext()
+        """A block in which every layer is in memory (checkpoints and the final save read the whole model;
+        not when streamed: the store is the checkpoint, and the final save reads a layer at a time)."""
+        return self.store.resident() if self.store is not None and not self.streamed else contextlib.nullcontext()
 
     def _drop_optimizer(self) -> None:
         """Lets go of the optimizer (an in-backward one's hooks too, which would otherwise keep stepping)."""
@@ -244,20 +262,24 @@ class FinetuneRecipe:
         if step == 0:
             if self.teacher is not None:
                 self._evaluate("original", self.teacher)
-            self._evaluate("start")
+            if not self.streamed:  # (streamed: once the store has brought the layers)
+                self._evaluate("start")
         stage = self._stage_of(step + 1) if step < self.total else 2
         self.optimizer, base_lr = self._make_optimizer(stage)
         if self.resume_from is not None:
-            if step < self.total and self._stage_of(step) == stage and step > 0:
+            if step < self.total and self._stage_of(step) == stage and step > 0 and not self.streamed:
                 load_optimizer_state(self.optimizer, self.resume_from)
             restore_rng(self.resume_from, self.device)
         self._offload(stage)
+        if step == 0 and self.streamed:
+            self._evaluate("start")
         if stage == 2 and self.teacher is not None and args.distill != "all":
             self.teacher = None
         print(f"revengine finetune: {type(self.student).__name__} ({self.kind}, scheme {args.scheme}) on "
               f"{self.device}, {sum(p.numel() for p in self.student.parameters())} parameters; stage 1 trains "
               f"{self.stage1_what}; {len(self.train_examples)} train / {len(self.eval_examples)} eval examples; "
-              f"steps {step}/{self.total}", flush=True)
+              f"steps {step}/{self.total}" + (f"; its layers live in the store {self.store.directory}, never all in "
+                                                "memory" if self.streamed else ""), flush=True)
         if self.resume_from is not None and 0 < step < self.total and (name := self._eval_due(step)):
             # the checkpoint's step may call for an eval it does not record: the last step of a run now
             # extended (evaluated as "final" then, now a step of the schedule), or --eval-every changed.
@@ -330,7 +352,8 @@ class FinetuneRecipe:
                   f"the last step (the rest inverted in <= {state['fixed_point']['max_iterations']} iterations)",
                   flush=True)
         with self._whole_model():
-            save_final(self.args.out, self.student, self.tok, state)
+            save_final(self.args.out, self.student, self.tok, state,
+                       save_model=self._save_streamed if self.streamed else None)
         summary.update(evals=state["evals"], timings=state["timings"])
         return summary
 
@@ -338,9 +361,18 @@ class FinetuneRecipe:
 
     def save_checkpoint(self) -> str:
         """checkpoints/step-NNNNNN for the current step (the older ones beyond --keep-checkpoints go)."""
+        if self.streamed:  # the weights and the optimizer state are the store's, at this step
+            self.state.update(store_step=self.store.step, store_dir=self.store.directory)
+            return save_checkpoint(self.args.out, self.state["step"], None, None, self.state,
+                                   self.args.keep_checkpoints)
         with self._whole_model():
             return save_checkpoint(self.args.out, self.state["step"], self.student, self.optimizer, self.state,
                                    self.args.keep_checkpoints)
+
+    def _save_streamed(self, directory: str) -> None:
+        """The finished model as save_pretrained writes it, its weights read from the store a layer at a time."""
+        self.student.config.save(directory)
+        self.store.save_weights(os.path.join(directory, "model.safetensors"), {"format": "pt", "model_type": "revmoe"})
 
     def cleanup(self) -> None:
         """Closes the progress bar and lets go of the models and the optimizer state."""
