@@ -39,9 +39,12 @@ from _finetune_forkserver import Lines  # noqa: E402
 SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_finetune_forkserver.py")
 STAGE1, STAGE2 = 3, 6
 TOTAL = STAGE1 + STAGE2
-FLAGS = ["--scheme", "revffn", "--stage1-steps", str(STAGE1), "--steps", str(STAGE2), "--lr", "3e-3",
-         "--stage1-lr", "1e-2", "--batch-size", "8", "--save-every", "1", "--keep-checkpoints", "2",
-         "--eval-every", "2", "--eval-max-examples", "4", "--threads", "1", "--no-progress"]
+COMMON = ["--lr", "3e-3", "--batch-size", "8", "--save-every", "1", "--keep-checkpoints", "2",
+          "--eval-every", "2", "--eval-max-examples", "4", "--threads", "1", "--no-progress"]
+FLAGS = ["--scheme", "revffn", "--stage1-steps", str(STAGE1), "--steps", str(STAGE2), "--stage1-lr", "1e-2", *COMMON]
+# the checkpoint streamed into a layer store that is the run's checkpoint of weights and optimizer state
+STREAMED = ["--scheme", "bdia", "--stage1-steps", "0", "--steps", str(TOTAL), "--in-backward", "--offload", "disk",
+            *COMMON]
 
 
 class ForkServer:
@@ -110,8 +113,8 @@ class Campaign:
     """Runs the command in `folder`/run-N, killing it at the planned triggers and resuming, and checks each
     run folder after each kill and each finished run against the uninterrupted reference."""
 
-    def __init__(self, folder: Path, model: str, data: str, seed: int):
-        self.folder, self.model, self.data, self.seed = folder, model, data, seed
+    def __init__(self, folder: Path, model: str, data: str, seed: int, flags=FLAGS):
+        self.folder, self.model, self.data, self.seed, self.flags = folder, model, data, seed, flags
         self.rng = random.Random(seed)
         self.server = ForkServer(folder)
         self.kills = []  # (trigger, where it landed)
@@ -121,7 +124,7 @@ class Campaign:
         self.t_setup, self.t_step = self._reference()
 
     def argv(self, out: Path, resume: bool):
-        return ["finetune", "--model", self.model, "--data", self.data, "--out", str(out), *FLAGS] + \
+        return ["finetune", "--model", self.model, "--data", self.data, "--out", str(out), *self.flags] + \
             (["--resume"] if resume else [])
 
     def _run(self, out: Path, resume: bool, trigger=None):
@@ -257,9 +260,9 @@ def inputs(tmp_path_factory):
     return save_tiny(d / "mixtral"), str(d / "train.jsonl")
 
 
-def campaign(tmp_path, inputs, kinds, inside_writes):
+def campaign(tmp_path, inputs, kinds, inside_writes, flags=FLAGS):
     seed = int(os.environ.get("REVENGINE_FAULT_SEED") or random.SystemRandom().randrange(2**32))
-    c = Campaign(tmp_path, *inputs, seed)
+    c = Campaign(tmp_path, *inputs, seed, flags)
     t0 = time.monotonic()
     try:
         c.run(kinds, inside_writes)
@@ -286,3 +289,15 @@ def test_kill9_and_resume_three_times(tmp_path, inputs):
 def test_kill9_and_resume_twenty_times(tmp_path, inputs):
     kinds = ["save-now"] * 3 + ["save"] * 3 + ["final"] * 2 + ["time"] * 4 + ["step"] * 8
     campaign(tmp_path, inputs, kinds, inside_writes=4)
+
+
+def test_kill9_and_resume_a_streamed_run(tmp_path, inputs):
+    """--offload disk from the HF checkpoint: the store is the checkpoint of weights and optimizer state, so
+    a kill lands between a layer's write-back, the store's commit and the run's own checkpoint too."""
+    campaign(tmp_path, inputs, ["save-now", "step", "time"], inside_writes=1, flags=STREAMED)
+
+
+@pytest.mark.slow
+def test_kill9_and_resume_a_streamed_run_twenty_times(tmp_path, inputs):
+    kinds = ["save-now"] * 3 + ["save"] * 3 + ["final"] * 2 + ["time"] * 4 + ["step"] * 8
+    campaign(tmp_path, inputs, kinds, inside_writes=4, flags=STREAMED)

@@ -177,8 +177,9 @@ def _is_run_log(path: str) -> bool:
 
 
 def only_unfinished_leftovers(out: str) -> bool:
-    """True when --out holds only what a run writes before its first checkpoint: its log.jsonl, and a
-    checkpoints/ folder with nothing but the .tmp-* folders of a save that never finished. Such a run
+    """True when --out holds only what a run writes before its first checkpoint: its log.jsonl, a
+    checkpoints/ folder with nothing but the .tmp-* folders of a save that never finished, and a streamed
+    run's offload/ store (--offload disk). Such a run
     left nothing to resume, so a new run may start over there (its log is replaced)."""
     for name in os.listdir(out):
         path = os.path.join(out, name)
@@ -186,8 +187,15 @@ def only_unfinished_leftovers(out: str) -> bool:
             continue
         if name == "checkpoints" and os.path.isdir(path) and all(n.startswith(".tmp-") for n in os.listdir(path)):
             continue
+        if name == "offload" and os.path.isdir(path) and all(_is_store_file(n) for n in os.listdir(path)):
+            continue  # a streamed run's layer store, written before its first checkpoint: built again
         return False
     return True
+
+
+def _is_store_file(name: str) -> bool:
+    """A name a layer store (revengine.offload) writes: store.json, layer files, their temporaries."""
+    return name == "store.json" or name.endswith(".safetensors") or ".tmp-" in name
 
 
 def save_checkpoint(out: str, step: int, student, optimizer, state: Dict[str, Any], keep: int) -> str:
