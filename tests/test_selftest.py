@@ -14,6 +14,8 @@ def test_selftest_passes_on_cpu(capsys):
     assert "FAIL" not in out and "hint" not in out
     for name in ("op:coupling_update", "op:moe_scatter_combine_backward", "model:bdia", "exact", "offload"):
         assert name in out
+    stream = [line for line in out.splitlines() if line.startswith("stream ")]
+    assert len(stream) == 1 and stream[0].split()[1:4] == ["0", "0", "pass"], out  # the test extra has transformers
 
 
 def test_broken_kernel_fails_naming_the_op(monkeypatch, capsys):

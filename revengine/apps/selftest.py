@@ -17,6 +17,9 @@ Checks, one row each:
 * offload      three AdamW steps of a tiny model with its layers in revengine.offload.LayerStore
                (on disk on the CPU, in host memory on a GPU) against the same steps without: the
                largest weight difference (must be 0);
+* stream       a sharded HF checkpoint converted into a layer store one decoder layer at a time
+               (revengine.convert.stream_from_hf) against from_hf: the largest weight difference
+               (must be 0; skipped without transformers);
 * offload-memory  CUDA only: with the layers in host memory, the growth of the step's peak allocated
                memory (weights and state included) from 4 to 16 layers, as a fraction of one
                layer's weights + AdamW state per added layer (flat: about 0).
@@ -321,6 +324,39 @@ def offload_row(dev: torch.device) -> Row:
         return Row("offload", float("inf"), 0.0, False, f"{type(e).__name__}: {e}"[:200])
 
 
+def stream_row() -> Row:
+    """A sharded HF checkpoint (Qwen2-MoE, hub layout) streamed into a layer store one decoder layer at a
+    time (revengine.convert.stream_from_hf) against from_hf of the same folder: the largest weight
+    difference (must be 0). Skipped (passing, with a note) without transformers."""
+    import tempfile
+
+    try:
+        import transformers
+    except ImportError:
+        return Row("stream", 0.0, 0.0, True, "skipped: transformers is not installed (pip install 'revengine[hf]')")
+    from revengine.convert import from_hf, stream_from_hf
+    from revengine.offload import LayerStore
+
+    try:
+        torch.manual_seed(0)
+        cfg = transformers.Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                          num_experts_per_tok=2, moe_intermediate_size=24,
+                                          shared_expert_intermediate_size=40, qkv_bias=True)
+        with tempfile.TemporaryDirectory() as d:
+            transformers.Qwen2MoeForCausalLM(cfg).save_pretrained(d + "/hf", max_shard_size="40KB")
+            expect = from_hf(d + "/hf").state_dict()
+            model = stream_from_hf(d + "/hf", d + "/store")
+            opt = rev.optim.InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
+            LayerStore.open(model, opt, d + "/store").close()
+            got = model.state_dict()
+        err = max(float((got[k] - v).abs().max()) for k, v in expect.items()) if got.keys() == expect.keys() \
+            else float("inf")
+        return Row("stream", err, 0.0, err == 0.0)
+    except Exception as e:
+        return Row("stream", float("inf"), 0.0, False, f"{type(e).__name__}: {e}"[:200])
+
+
 def offload_memory_row(dev: torch.device) -> Row:
     """CUDA, layers in host memory: peak allocated from 4 to 16 layers per added layer, as a fraction
     of one layer's weights + AdamW state (what keeping it on the device would add)."""
@@ -346,6 +382,7 @@ def run_checks(device: str) -> List[Row]:
     rows += model_rows(dev)
     rows.append(exact_row(dev))
     rows.append(offload_row(dev))
+    rows.append(stream_row())
     if dev.type == "cuda":
         rows.append(memory_row(dev))
         rows.append(offload_memory_row(dev))
