@@ -789,7 +789,7 @@ def test_bf16_weights_on_a_gpu_without_bf16_are_refused(tmp_path, data, mixtral,
 
 
 @pytest.mark.parametrize("optimizer,wdtype", [("adamw", "fp32"), ("adamw8bit", "bf16")])
-def test_offload_disk_is_bit_identical_and_resumes(tmp_path, data, mixtral, optimizer, wdtype):
+def test_offload_disk_is_bit_identical_and_resumes(tmp_path, data, mixtral, optimizer, wdtype, capsys):
     """Stage 1 in memory, stage 2 with every layer on disk between uses: the same weights, losses and
     evals as without; stopped and resumed (the checkpoint, not the store, is what a resume reads),
     still the same. The store is in <out>/offload."""
@@ -801,6 +801,8 @@ def test_offload_disk_is_bit_identical_and_resumes(tmp_path, data, mixtral, opti
     out = tmp_path / "run"
     assert ft.run(args(mixtral, data, out, offload="disk", stop_after=4, **kw))["status"] == "interrupted"
     assert (out / "offload" / "store.json").exists()
+    assert ("--offload disk: the whole model is built in memory first, and its layers go to the store for stage 2 "
+            "(stage 1 (--stage1-steps) trains in memory)") in capsys.readouterr().out
     s = ft.run(args(mixtral, data, out, offload="disk", resume=True, **kw))
     assert s["status"] == "finished" and ref["status"] == "finished"
     assert same_weights(str(tmp_path / "ref"), str(out))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -19,18 +19,29 @@ def store_dir(args: FinetuneArgs) -> str:
     return args.offload_dir or os.path.join(args.out, "offload")
 
 
-def streams(args: FinetuneArgs) -> bool:
-    """Whether the run converts the HF checkpoint straight into the layer store, one decoder layer at a
-    time, and never holds the whole model: --offload disk on the CPU from an HF MoE folder, without what
-    needs the whole model in memory (stage 1 with its teacher, --distill all, --upcycle-experts, revffn's
-    adapters)."""
-    if args.offload != "disk" or args.upcycle_experts or args.stage1_steps or args.distill == "all" \
-            or args.scheme in ("none", "revffn") or not args.device.startswith("cpu"):
-        return False
+def why_not_streamed(args: FinetuneArgs) -> Optional[str]:
+    """None when the run converts the HF checkpoint straight into the layer store, one decoder layer at
+    a time, and never holds the whole model (--offload disk on the CPU from an HF MoE folder); else what
+    needs the whole model in memory."""
+    if args.offload != "disk":
+        return "no --offload disk"
+    reasons = [(args.upcycle_experts, "--upcycle-experts builds the MoE from the whole dense model"),
+               (args.stage1_steps, "stage 1 (--stage1-steps) trains in memory"),
+               (args.distill == "all", "--distill all keeps the original model as the teacher"),
+               (args.scheme == "revffn", "--scheme revffn initialises its adapters from the whole model"),
+               (not args.device.startswith("cpu"), "the disk tier keeps the layers of a CPU run")]
+    for cond, why in reasons:
+        if cond:
+            return why
     try:
-        return convert.read_model_config(args.model).get("model_type") in convert.FAMILIES
+        mtype = convert.read_model_config(args.model).get("model_type")
     except ValueError:
-        return False
+        return "no config.json"
+    return None if mtype in convert.FAMILIES else f"{args.model} is not an HF MoE checkpoint ({mtype})"
+
+
+def streams(args: FinetuneArgs) -> bool:
+    return why_not_streamed(args) is None
 
 
 def load_source(args: FinetuneArgs, resuming: bool = False):

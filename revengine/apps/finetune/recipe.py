@@ -22,7 +22,7 @@ from .data import DataStream, load_splits, load_tokenizer, to_device
 from .evaluate import evaluate
 from .interrupt import Interrupt
 from .loss import autocast, model_losses, token_kl
-from .model import is_revmoe, load_source, new_parameters, store_dir, streams, vocab_size_of
+from .model import is_revmoe, load_source, new_parameters, store_dir, streams, vocab_size_of, why_not_streamed
 
 
 class FinetuneRecipe:
@@ -53,6 +53,9 @@ class FinetuneRecipe:
         # --offload disk from an HF checkpoint: the layers go straight into the store, which is then
         # also the checkpoint of the weights and the optimizer state
         self.streamed = streams(args)
+        if args.offload == "disk" and not self.streamed:
+            print(f"revengine finetune: --offload disk: the whole model is built in memory first, and its layers go "
+                  f"to the store for stage 2 ({why_not_streamed(args)})", flush=True)
         source, self.student, self.kind = load_source(args, resuming=self.resume_from is not None)
         # the run's draws (dropout, BDIA's signs) start here: a model built in memory (whose
         # initialisation draws) and one streamed into the store train alike
