@@ -411,6 +411,22 @@ def test_stream_from_hf_is_from_hf_one_layer_at_a_time(family, tmp_path):
         assert torch.equal(got[k], expect[k]), k
 
 
+def test_stream_from_hf_reads_one_file_and_casts(tmp_path):
+    """An unsharded model.safetensors, converted to bfloat16 on the way: from_hf's model cast the same way."""
+    from revengine.convert import stream_from_hf
+    from revengine.offload import LayerStore
+    from revengine.optim import InBackwardOptimizer
+
+    hf = hf_model("olmoe", layers=2).float()
+    hf.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").exists()
+    expect = from_hf(hf, scheme="bdia").to(torch.bfloat16).state_dict()
+    model = stream_from_hf(str(tmp_path / "ckpt"), str(tmp_path / "store"), dtype=torch.bfloat16)
+    LayerStore.open(model, InBackwardOptimizer(model.parameters(), torch.optim.AdamW), str(tmp_path / "store")).close()
+    got = model.state_dict()
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], v) for k, v in expect.items())
+
+
 def test_stream_from_hf_errors_name_the_file_and_write_nothing(tmp_path):
     from revengine.convert import stream_from_hf
 
