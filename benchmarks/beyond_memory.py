@@ -174,6 +174,19 @@ def finetune_cli(ckpt: str, work: str, steps: int, lr: float) -> dict:
             "model_gb": os.path.getsize(os.path.join(out, "model.safetensors")) / GB}
 
 
+def predicted(ckpt: str, tokens: int) -> dict:
+    """`revengine plan`'s figures for this step, from the checkpoint's config.json (GB)."""
+    from revengine.apps import plan as planner
+    from revengine.convert import read_model_config
+
+    shapes = planner.Shapes.from_config(read_model_config(ckpt), os.path.join(ckpt, "config.json"))
+    disk = "rev-bdia/adamw/fp32/in-backward/offload-disk"
+    out = {name: planner.peak(shapes, planner.Strategy.parse(name), 1, tokens)[2] / GB
+           for name in (disk, "rev-bdia/adamw/fp32/in-backward")}
+    out.update({k: v / GB for k, v in planner.store_figures(shapes, planner.Strategy.parse(disk)).items()})
+    return out
+
+
 def main():
     ap = parser(__doc__)
     ap.add_argument("--dir", default=None, help="the working folder (checkpoint + store; default a temporary folder)")
@@ -204,6 +217,9 @@ def main():
     print(f"create:  {c['params'] / 1e9:.3f} B parameters, {c['bytes'] / GB:.2f} GB bf16 checkpoint in "
           f"{c['seconds']:.0f} s, peak RSS {c['peak_gb']:.2f} GB; fp32 weights + AdamW state = {fp32_adamw:.2f} GB",
           flush=True)
+    plan = predicted(ckpt, args.tokens)
+    print("plan:    peak " + "; ".join(f"{k}: {v:.2f} GB" for k, v in plan.items()) + " (`revengine plan`, no runtime "
+          "memory)", flush=True)
     if args.cli:
         f = finetune_cli(ckpt, work, args.steps, args.lr)
         print(f"finetune: {f['seconds']:.0f} s; step losses {' '.join(f'{x:.4f}' for x in f['losses'])}; eval loss "
