@@ -165,7 +165,8 @@ def finetune_cli(ckpt: str, work: str, steps: int, lr: float) -> dict:
            "--scheme", "bdia", "--stage1-steps", "0", "--steps", str(steps), "--in-backward", "--offload", "disk",
            "--batch-size", "1", "--lr", str(lr), "--eval-max-examples", "4", "--eval-batch-size", "4", "--no-progress"]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    # cwd: `python -m` puts it first on sys.path, where a source checkout's revengine/ would shadow the install
+    subprocess.run(cmd, check=True, cwd=work, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     seconds = time.perf_counter() - t0
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     evals = {r["eval"]: r["loss"] for r in log if "eval" in r}
