@@ -21,6 +21,7 @@ the kernel's page cache (the files were just written), which is not the process'
     python benchmarks/offload.py                       # 12 24 48 layers (about 15 min on 2 cores)
     python benchmarks/offload.py --depths 12 48 --steps 2
     python benchmarks/offload.py --quick               # tiny config, seconds (the tests run it)
+    python benchmarks/offload.py --clip global         # with global grad-norm clipping (two passes per step)
 
 Prints a table and PASS/FAIL lines; never asserts.
 """
@@ -59,7 +60,7 @@ def io_bandwidth(directory: str, mib: int = 64, rounds: int = 4) -> dict:
     return {"write_mb_s": rounds * mib / w, "read_mb_s": rounds * mib / r}
 
 
-def measure(tier: str, quick: bool, layers: int, seq: int, steps: int, threads=None) -> dict:
+def measure(tier: str, quick: bool, layers: int, seq: int, steps: int, threads=None, clip: str = "none") -> dict:
     """Runs in a fresh subprocess."""
     from revengine.offload import LayerStore
     from revengine.optim import InBackwardOptimizer
@@ -71,13 +72,16 @@ def measure(tier: str, quick: bool, layers: int, seq: int, steps: int, threads=N
 
     base_mb = proc_status_kb("VmRSS")["VmRSS"] / 1024.0  # the interpreter, torch, transformers, revengine
     model = hf_contender("rev-bdia", quick, layers).train()
-    opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5)
+    clipping = {} if clip == "none" else dict(max_grad_norm=1.0, clip=clip.replace("-", "_"))
+    opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5, **clipping)
     ids = random_ids(model.config.vocab_size, 1, seq)
     directory = tempfile.mkdtemp(prefix="revengine-offload-")
     try:
         store = LayerStore(model, opt, tier=tier, directory=os.path.join(directory, "store"))
 
         def step(ids=ids):
+            if clip == "global":  # a forward + backward that measures the norm, then one that steps
+                return float(opt.step_two_pass(lambda: model(input_ids=ids, labels=ids, use_cache=False).loss))
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
             return float(loss)
@@ -122,19 +126,22 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=None, help="tokens per step (default 512)")
     ap.add_argument("--steps", type=int, default=3, help="measured steps per figure (default 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--clip", default="none", choices=("none", "per-tensor", "global"),
+                    help="gradient clipping to norm 1 (global: InBackwardOptimizer.step_two_pass, two passes)")
     a = ap.parse_args(argv)
     depths = a.depths or ([2, 4] if a.quick else [12, 24, 48])
     seq = a.seq or (64 if a.quick else 512)
     env = child_env(a.threads)
     t0 = time.perf_counter()
     print(f"{'tiny' if a.quick else 'qwen-moe-mini'} converted with bdia, batch 1 x {seq}, fp32 AdamW in backward, "
-          f"{a.steps} measured steps per figure, a fresh process each; depths {depths}", flush=True)
+          f"{a.steps} measured steps per figure, a fresh process each; depths {depths}"
+          + ("" if a.clip == "none" else f"; clipping {a.clip}"), flush=True)
     rows = {}
     for d in depths:
         for tier in TIERS:
             rows[(tier, d)] = r = measure_in_subprocess(
                 os.path.abspath(__file__) + ":measure",
-                dict(tier=tier, quick=a.quick, layers=d, seq=seq, steps=a.steps, threads=a.threads),
+                dict(tier=tier, quick=a.quick, layers=d, seq=seq, steps=a.steps, threads=a.threads, clip=a.clip),
                 env=env, timeout=7200)
             print(f"  measured {tier} at {d} layers ({time.perf_counter() - t0:.0f} s): peak {r['peak_mb']:.0f} MiB, "
                   f"{r['seconds']:.1f} s/step", flush=True)

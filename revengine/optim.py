@@ -457,6 +457,11 @@ class InBackwardOptimizer:
         return loss
 
     @property
+    def measuring_norm(self) -> bool:
+        """True during step_two_pass's first pass, whose gradients are only measured (nothing is stepped)."""
+        return self._pass == "norm"
+
+    @property
     def state(self) -> Dict[torch.Tensor, Dict[str, Any]]:
         """Every parameter's optimizer state (as torch.optim.Optimizer.state; memory.breakdown reads it)."""
         return {p: st for opt in self.optimizers for p, st in opt.state.items()}

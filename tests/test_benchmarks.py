@@ -204,8 +204,9 @@ def test_context_quick(tmp_path):
     assert png.exists() or "no plot written" in out
 
 
-def test_offload_quick():
-    out = _run_bench("offload.py", "--quick", "--steps", "1", "--threads", "1")
+@pytest.mark.parametrize("clip", ["none", "global"])
+def test_offload_quick(clip):
+    out = _run_bench("offload.py", "--quick", "--steps", "1", "--threads", "1", "--clip", clip)
     rows = [line for line in out.splitlines() if line.startswith(("| 2 |", "| 4 |"))]
     assert len(rows) == 2 + 4, out  # the depths' rows, then the planner's (none and disk at each)
     assert sum("| disk |" in line for line in rows) == 2

@@ -868,3 +868,41 @@ def test_offload_disk_streams_the_checkpoint_into_the_store(tmp_path, data, opti
     # a resume that would not stream cannot use these checkpoints
     with pytest.raises(FinetuneError, match="keeps its weights in the layer store .*resume with --offload disk"):
         ft.run(args(model, data, out, resume=True, **{**kw, "steps": 6}))
+
+
+def test_in_backward_global_clipping_is_torchs_also_streamed(tmp_path, data):
+    """--in-backward --clip global clips by the whole model's gradient norm (a first forward + backward
+    measures it, a second one steps): the same norms as torch's clip_grad_norm_ in a run without
+    --in-backward and the same weights up to float rounding, while per-tensor clipping ends elsewhere;
+    with the layers streamed into the store (--offload disk), bit-identical to the run in memory."""
+    model = save_tiny(tmp_path / "qwen", "qwen2_moe")
+    kw = dict(scheme="bdia", stage1_steps=0, steps=3, max_grad_norm=0.05, distill="none", eval_max_examples=0)
+    runs = {"plain": {}, "global": dict(in_backward=True, clip="global"),
+            "streamed": dict(in_backward=True, clip="global", offload="disk"), "per-tensor": dict(in_backward=True)}
+    for name, extra in runs.items():
+        assert ft.run(args(model, data, tmp_path / name, **kw, **extra))["status"] == "finished"
+    log = {name: [r for r in map(json.loads, open(tmp_path / name / "log.jsonl")) if "grad_norm" in r] for name in runs}
+    norms = [r["grad_norm"] for r in log["plain"]]
+    assert min(norms) > 0.05  # clipping was active at every step
+    assert [r["grad_norm"] for r in log["global"]] == pytest.approx(norms, rel=1e-5)
+    assert [r["loss"] for r in log["global"]] == pytest.approx([r["loss"] for r in log["plain"]], rel=1e-5)
+    assert same_weights(str(tmp_path / "global"), str(tmp_path / "streamed"))
+    assert [r["loss"] for r in log["global"]] == [r["loss"] for r in log["streamed"]]
+    ref = weights(str(tmp_path / "plain"))
+
+    def off(name):
+        w = weights(str(tmp_path / name))
+        return max(float((w[k] - ref[k]).abs().max()) for k in ref)
+    assert off("global") < 1e-6 and off("per-tensor") > 100 * max(off("global"), 1e-6), (off("global"), off("per-tensor"))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(clip="global"), "--clip chooses how --in-backward clips"),
+    (dict(clip="norm", in_backward=True), r"--clip must be one of \('per-tensor', 'global'\), got 'norm'"),
+    (dict(clip="global", in_backward=True, max_grad_norm=0.0), "--clip global clips to --max-grad-norm"),
+])
+def test_bad_clip_settings_are_refused_before_writing(tmp_path, data, mixtral, kw, match):
+    out = tmp_path / "out"
+    with pytest.raises(FinetuneError, match=match):
+        ft.run(args(mixtral, data, out, scheme="bdia", **kw))
+    assert not out.exists()

@@ -10,6 +10,9 @@ from revengine.models import BLOCK_TYPES as SCHEMES, FIXED_POINT_FALLBACKS
 from revengine.optim import OPTIMIZER_NAMES, TORCHAO_HINT, WEIGHT_DTYPES, needs_torchao, torchao_available
 
 DISTILL = ("none", "stage1", "all")
+# --in-backward's gradient clipping: each parameter's gradient on its own (inside the one backward), or the
+# global norm of torch's clip_grad_norm_ (a first forward + backward measures it, a second one steps)
+CLIP_CHOICES = ("per-tensor", "global")
 # schemes whose reversible layers cannot train with bf16 weights, and why (measured: a 16-layer tiny Mixtral,
 # grads of --reversible-mode reversible against plain, both in bf16)
 BF16_REFUSED: Dict[str, str] = {
@@ -45,6 +48,7 @@ class FinetuneArgs:
     optimizer: str = "adamw"
     weights: str = "fp32"
     in_backward: bool = False
+    clip: Optional[str] = None  # --in-backward's clipping: "per-tensor" (None: the default) or "global" (two passes)
     state_device: Optional[str] = None  # --in-backward: where the optimizer state lives (None: beside the weights)
     offload: str = "none"  # stage 2: where the layers and their optimizer state live between uses
     offload_dir: Optional[str] = None  # --offload disk: the store's folder (None: <out>/offload)
@@ -134,6 +138,14 @@ class FinetuneArgs:
         if self.in_backward and self.grad_accum != 1:
             raise FinetuneError(f"--in-backward steps every parameter inside backward, so it cannot accumulate "
                                 f"gradients: use --grad-accum 1 (got {self.grad_accum}) and a larger --batch-size")
+        if self.clip is not None:
+            if self.clip not in CLIP_CHOICES:
+                raise FinetuneError(f"--clip must be one of {CLIP_CHOICES}, got {self.clip!r}")
+            if not self.in_backward:
+                raise FinetuneError("--clip chooses how --in-backward clips; without --in-backward the clipping is "
+                                    "already global (torch's clip_grad_norm_ over the whole model's gradients)")
+            if self.clip == "global" and not self.max_grad_norm > 0:
+                raise FinetuneError("--clip global clips to --max-grad-norm: set it above 0")
         if self.state_device is not None:
             if not self.in_backward:
                 raise FinetuneError("--state-device moves the optimizer state per parameter inside backward: "

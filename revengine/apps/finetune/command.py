@@ -10,7 +10,7 @@ from revengine.models import BLOCK_TYPES as SCHEMES, FIXED_POINT_FALLBACKS
 
 from revengine.optim import OPTIMIZER_NAMES, WEIGHT_DTYPES
 
-from .args import DISTILL, FinetuneArgs, FinetuneError
+from .args import CLIP_CHOICES, DISTILL, FinetuneArgs, FinetuneError
 from .recipe import run
 
 
@@ -33,7 +33,7 @@ def add_arguments(p) -> None:
     a("--warmup", type=int, default=0, help="linear warm-up steps at the start of each stage")
     a("--weight-decay", type=float, default=0.0)
     a("--max-grad-norm", type=float, default=1.0,
-      help="global grad-norm clipping (0: off; per parameter with --in-backward)")
+      help="global grad-norm clipping (0: off; with --in-backward per parameter unless --clip global)")
     a("--max-length", type=int, default=256, help="tokens per example (longer ones are cut)")
     a("--bf16", action="store_true", help="bf16 autocast (weights, grads and optimizer state stay fp32)")
     a("--optimizer", default="adamw", choices=OPTIMIZER_NAMES,
@@ -44,7 +44,12 @@ def add_arguments(p) -> None:
       "copy; needs torchao)")
     a("--in-backward", action="store_true",
       help="step each parameter inside backward as soon as its gradient is complete (the whole model's gradients "
-      "never exist at once); --max-grad-norm then clips each parameter's gradient on its own; needs --grad-accum 1")
+      "never exist at once); --max-grad-norm then clips each parameter's gradient on its own (see --clip); needs "
+      "--grad-accum 1")
+    a("--clip", default=None, choices=CLIP_CHOICES,
+      help="with --in-backward: per-tensor (default: each gradient clipped to --max-grad-norm on its own, inside the "
+      "one backward) or global (torch's clip_grad_norm_ over the whole model: a first forward + backward only "
+      "measures the norm, a second one steps; about twice the step time)")
     a("--state-device", default=None, choices=("cpu",),
       help="with --in-backward: keep the optimizer state in host memory (pinned with CUDA), copied to the device "
       "per parameter for its step; a --resume may change it")

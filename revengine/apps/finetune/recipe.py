@@ -139,19 +139,17 @@ class FinetuneRecipe:
                 loss_sum = kl_sum = 0.0
                 for _ in range(args.grad_accum):
                     batch = to_device(self.stream.next(), self.device)
-                    with autocast(args.bf16, self.device):
-                        out, objective, ce = model_losses(self.student, batch, want_logits=self.teacher is not None)
-                        if self.teacher is not None:
-                            kl = self._kl_to_teacher(batch, out.logits)
-                            objective = objective + args.kl_weight * kl
-                            kl_sum += float(kl.detach())
-                    if not torch.isfinite(objective):
-                        raise FloatingPointError(f"step {step + 1}: the loss is {float(objective)}; stopping "
-                                                 "(nothing finished is written; the last checkpoint stays)")
-                    (objective / args.grad_accum).backward()
+                    if args.in_backward and args.clip == "global":  # a pass that measures the norm, one that steps
+                        losses = []
+                        self.optimizer.step_two_pass(lambda: losses.append(self._losses(batch, step)) or losses[-1][0])
+                        objective, ce, kl = losses[-1]
+                    else:
+                        objective, ce, kl = self._losses(batch, step)
+                        (objective / args.grad_accum).backward()
                     loss_sum += float(ce.detach())
+                    kl_sum += float(kl.detach()) if kl is not None else 0.0
                 if args.in_backward:  # every parameter was stepped (and clipped) inside backward
-                    gnorm = float("nan")
+                    gnorm = self.optimizer.last_grad_norm if args.clip == "global" else float("nan")
                 else:
                     gnorm = self._clip_grads()
                     self.optimizer.step()
@@ -221,7 +219,8 @@ class FinetuneRecipe:
         except ImportError as e:
             raise FinetuneError(f"--optimizer {args.optimizer} --weights {args.weights}: {e}") from None
         if args.in_backward:
-            clip = dict(max_grad_norm=args.max_grad_norm, clip="per_tensor") if args.max_grad_norm > 0 else {}
+            clip = (dict(max_grad_norm=args.max_grad_norm, clip="global" if args.clip == "global" else "per_tensor")
+                    if args.max_grad_norm > 0 else {})
             return InBackwardOptimizer(params, cls, lr=lr, weight_decay=args.weight_decay,
                                        state_device=args.state_device, **clip, **kw), lr
         return create(cls, params, lr=lr, weight_decay=args.weight_decay, **kw), lr
@@ -303,6 +302,20 @@ class FinetuneRecipe:
             t_logits = self.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                     use_cache=False).logits
         return token_kl(t_logits, student_logits, batch["attention_mask"])
+
+    def _losses(self, batch, step: int):
+        """(the objective to differentiate, the cross-entropy, the KL to the teacher or None) of one micro-batch."""
+        args = self.args
+        kl = None
+        with autocast(args.bf16, self.device):
+            out, objective, ce = model_losses(self.student, batch, want_logits=self.teacher is not None)
+            if self.teacher is not None:
+                kl = self._kl_to_teacher(batch, out.logits)
+                objective = objective + args.kl_weight * kl
+        if not torch.isfinite(objective):
+            raise FloatingPointError(f"step {step + 1}: the loss is {float(objective)}; stopping "
+                                     "(nothing finished is written; the last checkpoint stays)")
+        return objective, ce, kl
 
     def _clip_grads(self) -> float:
         """The global grad norm before clipping to --max-grad-norm (nan when clipping is off)."""
