@@ -483,7 +483,8 @@ def stream_from_hf(model_dir: str, store_dir: str, scheme: str = "bdia", reversi
 
     Returns:
         The RevMoEForCausalLM, in training mode, with its embeddings, final norm and LM head in
-        memory and its decoder layers released (empty): train it through the store,
+        memory (`open` releases an untied embedding and head too) and its decoder layers released
+        (empty): train it through the store,
 
             model = stream_from_hf("ckpt", "run/store", dtype=torch.float32)
             opt = revengine.optim.InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5)

@@ -24,11 +24,14 @@ Tiers:
   - "none": nothing moves (the same hooks, for tests and benchmarks).
 
 What moves: every parameter of every layer of the model's reversible stacks
-(`revengine.Sequential` in reversible mode) and the tensors of their optimizer state (the plain
-tensors inside torchao's quantized state too); tensors under 4096 elements stay (norm weights,
-quantization tables, step counters), and so do the parameters outside the stacks (embeddings,
-final norm, LM head). A layer is released after its forward (in training not the last one:
-backward re-runs it first) and after the last of its parameters has been stepped (not after the
+(`revengine.Sequential` in reversible mode), the model's input embedding and output head when they
+are trained and not tied (`get_input_embeddings()`, an nn.Embedding, in memory for its forward and
+its step, the last of the backward; `get_output_embeddings()`, an nn.Linear, from the end of the
+last stack's forward, when the loss reads it, to its step, the first of the backward), and the
+tensors of their optimizer state (the plain tensors inside torchao's quantized state too); tensors
+under 4096 elements stay (norm weights, quantization tables, step counters), and so do the other
+parameters outside the stacks (the final norm, a tied embedding). A layer is released after its
+forward (in training not the last one: backward re-runs it first) and after the last of its parameters has been stepped (not after the
 backward's re-run: its vector-Jacobian product still needs it). The next layer's weights are read
 ahead (in backward with this layer's optimizer state): at most three layers' weights and two
 layers' state are in memory (the one stepped, the one below, the one above until its write-back
@@ -60,7 +63,7 @@ from .optim import InBackwardOptimizer, inner_tensors, map_inner
 TIERS = ("none", "host", "disk")
 MIN_ELEMENTS = 4096  # smaller tensors stay in memory (norm weights, quantization tables, step counters)
 STORE_FILE = "store.json"
-FORMAT = 1
+FORMAT = 2  # 2: the input embedding and the output head have files of their own ("ends")
 
 
 class OffloadError(ValueError):
@@ -73,6 +76,7 @@ class _Layer:
     module: torch.nn.Module
     params: List[torch.nn.Parameter]
     parts: List[torch.nn.Module] = field(default_factory=list)  # the stream functions that hold them
+    role: str = "layer"          # a stack's layer, or an end of the model: "input" embedding, "output" head
     loaded: bool = True          # its weights are in memory
     state_loaded: bool = True    # its optimizer state is (read only for the step: forward needs none)
     ran: int = 0                 # parts run in the current forward
@@ -207,10 +211,10 @@ def _write_json(path: str, doc: dict) -> None:
     _replace(path, "w", lambda fh: json.dump(doc, fh, indent=1), "the store")
 
 
-def _fingerprint(layers: List[_Layer], rest: _Layer, optimizer: Optional[str]) -> Dict[str, object]:
+def _fingerprint(layers: List[_Layer], ends: List[_Layer], rest: _Layer, optimizer: Optional[str]) -> Dict[str, object]:
     """What store.json records of the model and optimizer it was written for."""
-    return {"format": FORMAT, "layers": [layer.name for layer in layers], "rest": sorted(rest.names.values()),
-            "optimizer": optimizer}
+    return {"format": FORMAT, "layers": [layer.name for layer in layers], "ends": [end.name for end in ends],
+            "rest": sorted(rest.names.values()), "optimizer": optimizer}
 
 
 class LayerStore:
@@ -239,10 +243,13 @@ class LayerStore:
         self.model, self.optimizer, self.tier = model, optimizer, tier
         self.directory = os.path.abspath(directory) if directory is not None else None
         self.layers = self._find_layers(model, optimizer)
-        self._of_param = {id(p): layer for layer in self.layers for p in layer.params}
+        self.ends = self._find_ends(model, optimizer, self.layers)  # the input embedding, the output head
+        self._input = next((e for e in self.ends if e.role == "input"), None)
+        self._output = next((e for e in self.ends if e.role == "output"), None)
+        self._of_param = {id(p): layer for layer in self.layers + self.ends for p in layer.params}
         self._index = {layer.name: i for i, layer in enumerate(self.layers)}
-        # the trained parameters outside the stacks (embeddings, final norm, head) stay in memory; the
-        # disk tier writes them with each completed step, so that the store is a whole checkpoint
+        # the other trained parameters (the final norm, a tied embedding) stay in memory; the disk
+        # tier writes them with each completed step, so that the store is a whole checkpoint
         self.rest = _Layer("rest", model, [p for p in optimizer.params if id(p) not in self._of_param])
         if tier == "host" and any(p.device.type == "cpu" for layer in self.layers for p in layer.params):
             raise OffloadError("offload: tier 'host' keeps a GPU model's layers in host memory; this model is on the CPU "
@@ -267,13 +274,13 @@ class LayerStore:
         if _resume:
             self._load_store_json(_step)
         elif tier != "none":
-            for layer in self.layers:  # step 0: the weights as they are (no optimizer state yet)
+            for layer in self.layers + self.ends:  # step 0: the weights as they are (no optimizer state yet)
                 self._write(layer, slot=0, step=0)
             if tier == "disk":
                 self._write(self.rest, slot=0, step=0)
             self._drain()
             self._commit()
-        for layer in self.layers:
+        for layer in self.layers + self.ends:
             self._own_memory(layer)
             self._release(layer)
         self._attach()
@@ -310,6 +317,34 @@ class LayerStore:
                 layers.append(_Layer(f"{name}.{i}" if name else str(i), layer, params, parts))
         return layers
 
+    @staticmethod
+    def _find_ends(model, optimizer, layers: List[_Layer]) -> List[_Layer]:
+        """The model's input embedding and output head (`get_input_embeddings()` /
+        `get_output_embeddings()`: an nn.Embedding, whose backward needs no weight, and an nn.Linear),
+        stored like a layer when the optimizer trains them, they are not tied and own their memory;
+        otherwise they stay in memory with the rest."""
+        mine = {id(p) for layer in layers for p in layer.params}
+        trained = {id(p) for p in optimizer.params} if optimizer is not None else None
+        names = {id(m): n for n, m in model.named_modules()}
+        ends = []
+        for role, getter, cls in (("input", "get_input_embeddings", torch.nn.Embedding),
+                                  ("output", "get_output_embeddings", torch.nn.Linear)):
+            fn = getattr(model, getter, None)
+            try:
+                module = fn() if callable(fn) else None
+            except (NotImplementedError, AttributeError):
+                module = None
+            if type(module) is not cls or id(module) not in names:
+                continue
+            params = list(module.parameters())
+            if (any(id(p) in mine or (trained is not None and id(p) not in trained) or not _owns_storage(p)
+                    for p in params) or sum(p.numel() for p in params) < MIN_ELEMENTS):
+                continue
+            ends.append(_Layer(names[id(module)], module, params, role=role))
+        if len(ends) == 2 and {id(p) for p in ends[0].params} & {id(p) for p in ends[1].params}:
+            return []  # tied: the one weight is used at both ends of every step
+        return ends
+
     def _check_directory(self, resume: bool) -> None:
         self._check_directory_at(self.directory, resume)
 
@@ -338,7 +373,8 @@ class LayerStore:
                 holds a store already.
         """
         layers = LayerStore._find_layers(model, None)
-        mine = {id(p) for layer in layers for p in layer.params}
+        ends = LayerStore._find_ends(model, None, layers)
+        mine = {id(p) for layer in layers + ends for p in layer.params}
         rest = _Layer("rest", model, [p for p in model.parameters() if id(p) not in mine])
         directory = os.path.abspath(directory)
         LayerStore._check_directory_at(directory, resume=False)
@@ -353,10 +389,12 @@ class LayerStore:
             for t in tensors.values():
                 if t.numel() >= MIN_ELEMENTS and _owns_storage(t):
                     t.untyped_storage().resize_(0)
-        _write_file(os.path.join(directory, "rest.0.safetensors"),
-                    {f"param.{rest.names[id(p)]}": p.data for p in rest.params}, {"step": "0", "layer": "rest"})
-        names = [layer.name for layer in layers + [rest]]
-        doc = dict(_fingerprint(layers, rest, None), step=0, slots=dict.fromkeys(names, 0), steps=dict.fromkeys(names, 0))
+        for end in ends + [rest]:
+            _write_file(os.path.join(directory, f"{end.name}.0.safetensors"),
+                        {f"param.{end.names[id(p)]}": p.data for p in end.params}, {"step": "0", "layer": end.name})
+        names = [layer.name for layer in layers + ends + [rest]]
+        doc = dict(_fingerprint(layers, ends, rest, None), step=0, slots=dict.fromkeys(names, 0),
+                   steps=dict.fromkeys(names, 0))
         _write_json(os.path.join(directory, STORE_FILE), doc)
 
     @staticmethod
@@ -423,7 +461,7 @@ class LayerStore:
         return os.path.join(self.directory, f"{layer.name}.{slot}.safetensors")
 
     def _fingerprint(self) -> Dict[str, object]:
-        return _fingerprint(self.layers, self.rest, type(self.optimizer.optimizers[0]).__name__)
+        return _fingerprint(self.layers, self.ends, self.rest, type(self.optimizer.optimizers[0]).__name__)
 
     # -- moving ------------------------------------------------------------------------------------
 
@@ -507,7 +545,7 @@ class LayerStore:
         """Queued by the first re-run of a backward: releases what is still in memory (a layer whose
         parameters did not all get a gradient) and commits the step."""
         self._flush_queued = False
-        for layer in self.layers:
+        for layer in self.layers + self.ends:
             if layer.loaded:
                 self._release(layer)
         if self._written:
@@ -518,7 +556,9 @@ class LayerStore:
             self._commit()
         else:
             self._drain()
-        self._load(self.layers[0], "param", wait=False)  # the next forward starts there
+        if self._input is not None:  # the next forward starts there
+            self._load(self._input, "param", wait=False)
+        self._load(self.layers[0], "param", wait=False)
 
     def _load(self, layer: _Layer, kind: str = "param", wait: bool = True) -> None:
         """Brings in a layer's weights (kind "param") or its optimizer state ("state"); wait=False
@@ -552,7 +592,7 @@ class LayerStore:
         self._written = set()
         if self.tier != "disk":
             return
-        everything = self.layers + [self.rest]
+        everything = self.layers + self.ends + [self.rest]
         doc = dict(self._fingerprint(), step=self.step, slots={layer.name: layer.slot for layer in everything},
                    steps={layer.name: layer.written_at for layer in everything})
         if self._previous is not None and self._previous["step"] == self.step - 1:
@@ -582,7 +622,7 @@ class LayerStore:
                                    if doc.get("previous") else "") + f", not step {step}")
             doc = doc["previous"]
         self.step = int(doc["step"])
-        for layer in self.layers + [self.rest]:
+        for layer in self.layers + self.ends + [self.rest]:
             layer.slot = int(doc["slots"][layer.name])
             layer.written_at = int(doc.get("steps", {}).get(layer.name, -1))
         self._previous = {k: doc[k] for k in ("step", "slots", "steps")} if "steps" in doc else None
@@ -591,7 +631,7 @@ class LayerStore:
     def _restore_state(self) -> None:
         """Reads every layer's weights and optimizer state from its committed file. The optimizer's
         state tensors are created first (by a zero-gradient step that is then undone: reading over it)."""
-        for layer in self.layers + [self.rest]:
+        for layer in self.layers + self.ends + [self.rest]:
             path = self._path(layer, layer.slot)
             try:
                 with open(path, "rb") as fh:
@@ -645,19 +685,61 @@ class LayerStore:
             for part in layer.parts:  # the executor refuses hooks on a coupling; its f and g take them
                 self._handles.append(part.register_forward_pre_hook(lambda m, a, layer=layer: self._before_part(layer)))
                 self._handles.append(part.register_forward_hook(lambda m, a, o, layer=layer: self._after_part(layer)))
+        for end in self.ends:
+            self._handles.append(end.module.register_forward_pre_hook(lambda m, a, end=end: self._load(end, "param")))
+            self._handles.append(end.module.register_forward_hook(lambda m, a, o, end=end: self._after_end(end)))
+        if self._output is not None:
+            # a causal LM's loss may read the head's weight without calling the head (a chunked
+            # cross-entropy): the head is brought in when the last stack has run
+            from .sequential import Sequential
+
+            top = self.layers[-1].module
+            stack = next(m for m in self.model.modules() if isinstance(m, Sequential) and any(x is top for x in m.layers))
+            self._handles.append(stack.register_forward_hook(lambda m, a, o: self._head_needed()))
         self._grad_hooks = self.optimizer.register_grad_hooks(self._before_step, self._after_grad)
+
+    def _trains(self) -> bool:
+        """Whether the forward running now will be followed by this model's backward."""
+        return torch.is_grad_enabled() and self.model.training
+
+    def _head_needed(self) -> None:
+        """After the last stack's forward: the head in memory (and its state, for the step that its
+        gradient, the first of the backward, brings); it stays until that step."""
+        out = self._output
+        self._load(out, "param")
+        if self._trains():
+            if not self.optimizer.measuring_norm:
+                self._load(out, "state", wait=False)
+            out.pending = len(out.params)
+
+    def _after_end(self, end: _Layer) -> None:
+        """After the embedding's or the head's own forward. In training the embedding goes (its
+        backward needs no weight: it comes back for its step) and the head stays (the loss's backward
+        re-reads it); otherwise both go."""
+        if not self._trains():
+            self._release(end)
+        elif end.role == "input":
+            end.pending = len(end.params)
+            self._release(end)
 
     def _before_part(self, layer: _Layer) -> None:
         """Brings the layer in, and asks for what comes next: the next layer's weights in forward; in
         backward's re-run, this layer's optimizer state (for its step) and the layer below's weights."""
         self._load(layer, "param")
         i = self._index[layer.name]
+        stepping = not self.optimizer.measuring_norm  # (global clipping's first pass steps nothing)
         if side.is_recomputing():
-            self._load(layer, "state", wait=False)
+            if stepping:
+                self._load(layer, "state", wait=False)
             if i > 0:
                 self._load(self.layers[i - 1], "param", wait=False)
+            elif self._input is not None and stepping:  # the embedding's step comes last
+                self._load(self._input, "param", wait=False)
+                self._load(self._input, "state", wait=False)
         elif i + 1 < len(self.layers):
             self._load(self.layers[i + 1], "param", wait=False)
+        elif self._output is not None:
+            self._load(self._output, "param", wait=False)
 
     def _after_part(self, layer: _Layer) -> None:
         layer.ran += 1
@@ -693,11 +775,12 @@ class LayerStore:
     # -- API ---------------------------------------------------------------------------------------
 
     def resident_layers(self) -> List[str]:
-        """The layers whose tensors are in memory now."""
-        return [layer.name for layer in self.layers if layer.loaded or self.tier == "none"]
+        """The layers (and ends: the embedding first, the head last) whose tensors are in memory now."""
+        ordered = [e for e in self.ends if e.role == "input"] + self.layers + [e for e in self.ends if e.role == "output"]
+        return [layer.name for layer in ordered if layer.loaded or self.tier == "none"]
 
     def _load_all(self) -> None:
-        for layer in self.layers:
+        for layer in self.layers + self.ends:
             self._load(layer, "param")
             self._load(layer, "state")
         self._drain()
@@ -710,7 +793,7 @@ class LayerStore:
         try:
             yield self
         finally:
-            for layer in self.layers:
+            for layer in self.layers + self.ends:
                 self._release(layer)
 
     def save_weights(self, path: str, metadata: Optional[Dict[str, str]] = None) -> None:
@@ -775,7 +858,7 @@ class LayerStore:
                 doc = json.load(fh)
         except (OSError, ValueError):
             return
-        for name in list(doc.get("layers", [])) + ["rest"]:
+        for name in list(doc.get("layers", [])) + list(doc.get("ends", [])) + ["rest"]:
             for slot in (0, 1):
                 f = os.path.join(directory, f"{name}.{slot}.safetensors")
                 if os.path.exists(f):

@@ -363,7 +363,11 @@ class InBackwardOptimizer:
             return False
         g = p.grad
         if self._pass == "norm":
-            self._sq_norm += float(g.detach().double().pow(2).sum())
+            # each tensor's norm in its own dtype (at least fp32), as clip_grad_norm_ takes them: no
+            # float64 copy of the gradient (+2x the largest tensor on the peak)
+            n = float(torch.linalg.vector_norm(g.detach(), dtype=None if g.dtype in (torch.float32, torch.float64)
+                                               else torch.float32))
+            self._sq_norm += n * n
             p.grad = None
             return False
         if self.max_grad_norm is not None:

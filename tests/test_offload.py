@@ -23,10 +23,10 @@ SETTINGS = [("adamw", "fp32"), pytest.param("adamw8bit", "bf16", marks=pytest.ma
     not rev.optim.torchao_available(), reason="torchao is not installed"))]
 
 
-def build(optimizer="adamw", weights="fp32", hidden=64, layers=3):
+def build(optimizer="adamw", weights="fp32", hidden=64, layers=3, **config):
     torch.manual_seed(0)
     cfg = RevMoEConfig.preset("tiny", num_hidden_layers=layers, block_type="bdia", hidden_size=hidden,
-                              moe_intermediate_size=64)
+                              moe_intermediate_size=64, **config)
     model = RevMoEForCausalLM(cfg).train()
     if weights == "bf16":
         model.to(torch.bfloat16)
@@ -75,7 +75,8 @@ def test_offloaded_run_is_bit_identical(tmp_path, optimizer, weights, tier):
     store = LayerStore(model, opt, tier=tier, directory=str(tmp_path / "store"))
     losses = train(model, 6)
     if tier == "disk":
-        assert store.step == 6 and store.resident_layers() == ["model.layers.0"]  # read ahead for the next step
+        # read ahead for the next step: the embedding and the first layer
+        assert store.step == 6 and store.resident_layers() == ["model.embed_tokens", "model.layers.0"]
         assert store.bytes_read > 0 and store.bytes_written > 0
         # the files are safetensors: safetensors itself reads them
         from safetensors.torch import load_file
@@ -87,9 +88,9 @@ def test_offloaded_run_is_bit_identical(tmp_path, optimizer, weights, tier):
 
 
 def test_layers_are_released_between_uses(tmp_path):
-    """Between steps the layers' weights (but the first's, read ahead for the next step) and their AdamW
-    moments hold no memory; the embedding, the head and small tensors stay; a forward brings a layer
-    in and lets it go again."""
+    """Between steps the layers' weights (but the first's and the embedding's, read ahead for the next
+    step), the head's and their AdamW moments hold no memory; small tensors stay; a forward brings a
+    layer in and lets it go again."""
     model, opt = build()
     store = LayerStore(model, opt, tier="disk", directory=str(tmp_path / "s"))
     train(model, 1)
@@ -100,7 +101,11 @@ def test_layers_are_released_between_uses(tmp_path):
                for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.dim() > 0
                for t in rev.optim.inner_tensors(v)]
     assert moments and all(t.untyped_storage().nbytes() == 0 for t in moments)
-    assert model.model.embed_tokens.weight.untyped_storage().nbytes() > 0
+    assert store.resident_layers() == ["model.embed_tokens", "model.layers.0"]  # being read ahead
+    head = model.lm_head.weight
+    assert head.untyped_storage().nbytes() == 0
+    assert all(t.untyped_storage().nbytes() == 0 for v in opt.state[head].values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0 for t in rev.optim.inner_tensors(v))
     seen = []
     stack[1].f.register_forward_hook(lambda m, a, o: seen.append(store.resident_layers()), prepend=True)
     with torch.no_grad():
@@ -112,8 +117,40 @@ def test_layers_are_released_between_uses(tmp_path):
     # in training the last layer stays after forward: backward re-runs it first
     store = LayerStore(model, opt, tier="disk", directory=str(tmp_path / "t"))
     model.train()(input_ids=torch.randint(0, model.config.vocab_size, (1, 8)))
-    assert store.resident_layers() == ["model.layers.2"]
+    assert store.resident_layers() == ["model.layers.2", "lm_head"]  # and the head, for the loss's backward
     store.close()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_embedding_and_the_head_are_stored_unless_tied(tmp_path, tied):
+    """An untied embedding and head have files of their own, like a layer: the embedding is in memory
+    for its forward and its step, the head from the loss to its step (the first of the backward). A
+    tied one is used at both ends of every step: it stays in memory with the rest. Bit-identical."""
+    model, opt = build(tie_word_embeddings=tied)
+    plain = train(model, 3)
+    expect = snapshot(model, opt)
+
+    model, opt = build(tie_word_embeddings=tied)
+    directory = tmp_path / "store"
+    store = LayerStore(model, opt, tier="disk", directory=str(directory))
+    after_forward = []
+    model.register_forward_hook(lambda m, a, o: after_forward.append(store.resident_layers()))
+    losses = train(model, 3)
+    files = set(os.listdir(directory))
+    ends = {"model.embed_tokens.0.safetensors", "model.embed_tokens.1.safetensors", "lm_head.0.safetensors",
+            "lm_head.1.safetensors"}
+    head = model.lm_head.weight
+    if tied:
+        assert not ends & files and store.ends == []
+        assert after_forward[-1] == ["model.layers.2"] and head.untyped_storage().nbytes() > 0
+    else:
+        assert ends <= files
+        assert after_forward[-1] == ["model.layers.2", "lm_head"]  # the embedding went after its forward
+        assert store.resident_layers() == ["model.embed_tokens", "model.layers.0"]  # read ahead for the next step
+        assert head.untyped_storage().nbytes() == 0
+    store.close()
+    assert losses == plain
+    assert_same(snapshot(model, opt), expect)
 
 
 CHILD = textwrap.dedent("""
@@ -172,7 +209,7 @@ def test_full_disk_is_one_error_and_the_last_step_stays_loadable(tmp_path, monke
         raise OSError(28, os.strerror(28))
 
     monkeypatch.setattr(rev.offload, "_write_payload", full)
-    with pytest.raises(OffloadError, match=r"model\.layers\.2\.\d\.safetensors: cannot write .*No space left"):
+    with pytest.raises(OffloadError, match=r"lm_head\.\d\.safetensors: cannot write .*No space left"):
         train(model, 1, start=2)
     monkeypatch.undo()
     store.detach()
@@ -380,7 +417,7 @@ def test_save_weights_and_empty_layers(tmp_path):
     store = LayerStore(model, opt, tier="disk", directory=directory)
     train(model, 2)
     store.save_weights(str(tmp_path / "w.safetensors"), {"format": "pt"})
-    assert store.resident_layers() == ["model.layers.0"]  # what was released stays released
+    assert store.resident_layers() == ["model.embed_tokens", "model.layers.0"]  # what was released stays released
     store.detach()
     saved = load_file(str(tmp_path / "w.safetensors"))
     model2, opt2 = build()

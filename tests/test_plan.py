@@ -217,23 +217,25 @@ def test_presets_ship_as_package_data():
 
 def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
     """Under offload the device holds three layers' weights and two layers' state (disk; host: two and
-    one) beside what stays; the
-    store keeps every layer (two slots on disk) and moves 3 weight + 2 state copies per layer and step."""
+    one), one end of the model (Mixtral's untied embedding or head, with its state) and what stays; the
+    store keeps every layer and both ends (two slots on disk) and moves 3 weight + 2 state copies of each
+    per step."""
     s = plan.load_shapes("mixtral-8x7b")
     on = plan.Strategy.parse("rev-bdia/adamw8bit/bf16/in-backward")
     off = plan.Strategy.parse("rev-bdia/adamw8bit/bf16/in-backward/offload-disk")
-    assert off.offload == "disk" and off.name.endswith("/offload-disk")
-    P, Lp, L = s.params("bdia"), s.layer_params("bdia"), s.layers
+    assert off.offload == "disk" and off.name.endswith("/offload-disk") and not s.tied
+    P, Lp, L, E = s.params("bdia"), s.layer_params("bdia"), s.layers, s.vocab * s.hidden
     a, b = plan.phases(s, on, 1, 4096)["loss"], plan.phases(s, off, 1, 4096)["loss"]
-    assert b["weights"] == (P - (L - 3) * Lp) * 2.0  # stepped, read ahead, being written back
-    assert b["optimizer"] == pytest.approx((P - (L - 2) * Lp) * plan.OPTIMIZERS["adamw8bit"])
+    assert b["weights"] == (P - (L - 3) * Lp - E) * 2.0  # stepped, read ahead, being written back; one end
+    assert b["optimizer"] == pytest.approx((P - (L - 2) * Lp - E) * plan.OPTIMIZERS["adamw8bit"])
     host = plan.phases(s, plan.Strategy.parse(on.name + "/offload-host"), 1, 4096)["loss"]
-    assert host["weights"] == (P - (L - 2) * Lp) * 2.0
+    assert host["weights"] == (P - (L - 2) * Lp - E) * 2.0
     assert {k: v for k, v in a.items() if k not in ("weights", "optimizer")} == \
         {k: v for k, v in b.items() if k not in ("weights", "optimizer")}
     fig = plan.store_figures(s, off)
     ob = plan.OPTIMIZERS["adamw8bit"]
-    assert fig["moved_bytes_per_step"] == pytest.approx(L * Lp * (3 * 2 + 2 * ob) + (P - L * Lp) * (2 + ob))
+    rest = P - L * Lp - 2 * E  # the final norm
+    assert fig["moved_bytes_per_step"] == pytest.approx((L * Lp + 2 * E) * (3 * 2 + 2 * ob) + rest * (2 + ob))
     assert fig["store_bytes"] == pytest.approx(2 * P * (2 + ob))
     assert plan.store_figures(s, on) == {}
     import argparse

@@ -25,8 +25,8 @@ A strategy is `BASE/OPTIMIZER/WEIGHTS[/in-backward]`:
                (revengine.optim.InBackwardOptimizer): the model's grads never exist at once
     offload-disk / offload-host  (reversible, in-backward) the layers and their optimizer state live on
                disk or in host memory between uses (revengine.offload.LayerStore): the device holds
-               three layers' weights and two layers' state (host: two and one) and what stays
-               (embeddings, head); printed
+               three layers' weights and two layers' state (host: two and one), one end of the
+               model (an untied embedding or head, with its state) and what stays; printed
                below the table: the store's bytes and the bytes moved per step (with --bandwidth,
                the step time they bound)
 
@@ -327,7 +327,11 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
     # one below (its weights read ahead) and on disk the one above until its write-back has landed
     win_w, win_o = {"disk": (3, 2), "host": (2, 1)}.get(st.offload, (L, L))
     held_w, held_o = P - (L - win_w) * layer_p, P - (L - win_o) * layer_p
-    base = {"weights": held_w * wb, "optimizer": held_o * OPTIMIZERS[st.optimizer]}
+    # the store streams an untied embedding and head too: the head is in memory (with its state) from
+    # the loss to its step, the first of the backward; the embedding for its step, the last
+    ends = head_p if st.offload and not s.tied else 0.0
+    base = {"weights": (held_w - 2 * ends) * wb, "optimizer": (held_o - 2 * ends) * OPTIMIZERS[st.optimizer]}
+    end_held = {"weights": ends * wb, "optimizer": ends * OPTIMIZERS[st.optimizer]}
 
     def grads(held_params: float) -> float:
         if st.in_backward:  # one tensor's grad at a time, plus its update's temporaries
@@ -335,7 +339,8 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
         return held_params * wb
 
     def phase(grads_b, stored=0.0, layer=0.0, logits=0.0):
-        return dict(base, grads=grads_b, stored=stored, layer=layer, logits=logits)
+        held = {k: v + end_held[k] for k, v in base.items()}  # one end of the model at a time
+        return dict(held, grads=grads_b, stored=stored, layer=layer, logits=logits)
 
     # the optimizer step after backward: every grad, and one tensor's update temporaries
     step = {} if st.in_backward else {
@@ -392,16 +397,18 @@ class Prediction:
 
 def store_figures(shapes: Shapes, strategy: Strategy) -> Dict[str, float]:
     """Bytes the layer store keeps off the device and moves per step (revengine.offload): each layer's
-    weights read twice (forward, re-run), its state once, both written back once; the disk tier keeps
-    two slots per layer and writes the parameters outside the stacks (embeddings, head) every step."""
+    weights read twice (forward, re-run), its state once, both written back once; an untied embedding
+    and head are read (weights twice: forward, step) and written once each, like a layer; the disk tier
+    keeps two slots per file and writes the other parameters outside the stacks every step."""
     if not strategy.offload:
         return {}
     L, layer_p = shapes.layers, shapes.layer_params(strategy.scheme)
     wb, ob = WEIGHT_BYTES[strategy.weights], OPTIMIZERS[strategy.optimizer]
-    rest = shapes.params(strategy.scheme) - L * layer_p
+    ends = 0 if shapes.tied else 2 * shapes.vocab * shapes.hidden
+    rest = shapes.params(strategy.scheme) - L * layer_p - ends
     disk = strategy.offload == "disk"
-    kept = L * layer_p * (wb + ob) * (2 if disk else 1) + (2 * rest * (wb + ob) if disk else 0.0)
-    moved = L * layer_p * (3 * wb + 2 * ob) + (rest * (wb + ob) if disk else 0.0)
+    kept = (L * layer_p + ends) * (wb + ob) * (2 if disk else 1) + (2 * rest * (wb + ob) if disk else 0.0)
+    moved = (L * layer_p + ends) * (3 * wb + 2 * ob) + (rest * (wb + ob) if disk else 0.0)
     return {"store_bytes": kept, "moved_bytes_per_step": moved}
 
 
