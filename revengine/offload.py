@@ -31,11 +31,12 @@ last stack's forward, when the loss reads it, to its step, the first of the back
 tensors of their optimizer state (the plain tensors inside torchao's quantized state too); tensors
 under 4096 elements stay (norm weights, quantization tables, step counters), and so do the other
 parameters outside the stacks (the final norm, a tied embedding). A layer is released after its
-forward (in training not the last one: backward re-runs it first) and after the last of its parameters has been stepped (not after the
-backward's re-run: its vector-Jacobian product still needs it). The next layer's weights are read
-ahead (in backward with this layer's optimizer state): at most three layers' weights and two
-layers' state are in memory (the one stepped, the one below, the one above until its write-back
-has landed). A reader and a writer thread do the I/O; a layer's read waits for its last write-back.
+forward (in training not the last one: backward re-runs it first) and after the last of its
+parameters has been stepped (not after the backward's re-run: its vector-Jacobian product still
+needs it). The next layer's weights are read ahead (in backward with this layer's optimizer state).
+A reader and a writer thread do the I/O; a read waits for its layer's last write-back and for the
+write-back in flight, so at most two layers' weights and one layer's state are in memory (the one
+stepped and the one below; at the bottom, layer 0's and the embedding's).
 
 A model that never exists whole: `LayerStore.build` (or `revengine.convert.stream_from_hf`, from
 an HF checkpoint) writes a store one layer at a time, `LayerStore.open` trains it, and
@@ -51,7 +52,7 @@ import ctypes
 import json
 import os
 import struct
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_for
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -567,10 +568,16 @@ class LayerStore:
             tensors = self._moving(layer, kind)
             path = self._path(layer, layer.slot) if self.tier == "disk" else None
             before = layer.released
+            # the write-back in flight (another layer's) frees its memory before this read takes more:
+            # the window is then two layers' weights and one layer's state, not three and two; reads
+            # from the page cache are fast against a write, so the compute hardly waits for it
+            in_flight = self._last_write
 
             def job():
                 if before is not None:
                     before.result()  # its last write-back and release come first
+                if in_flight is not None:
+                    wait_for([in_flight])  # (its failure is raised by _drain, not by this read)
                 for t in tensors.values():
                     t.untyped_storage().resize_(t.numel() * t.element_size())
                 if path is not None:

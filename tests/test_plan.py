@@ -216,22 +216,30 @@ def test_presets_ship_as_package_data():
 
 
 def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
-    """Under offload the device holds three layers' weights and two layers' state (disk; host: two and
-    one), one end of the model (Mixtral's untied embedding or head, with its state) and what stays; the
-    store keeps every layer and both ends (two slots on disk) and moves 3 weight + 2 state copies of each
-    per step."""
+    """Under offload the device holds two layers' weights and one layer's state (the one stepped, the one
+    below read ahead) and what stays; an untied embedding or head comes in beside one layer in place of
+    the layer below, which for Mixtral's 1.4B-parameter layers is less. The store keeps every layer and
+    both ends (two slots on disk) and moves 3 weight + 2 state copies of each per step."""
     s = plan.load_shapes("mixtral-8x7b")
     on = plan.Strategy.parse("rev-bdia/adamw8bit/bf16/in-backward")
     off = plan.Strategy.parse("rev-bdia/adamw8bit/bf16/in-backward/offload-disk")
     assert off.offload == "disk" and off.name.endswith("/offload-disk") and not s.tied
     P, Lp, L, E = s.params("bdia"), s.layer_params("bdia"), s.layers, s.vocab * s.hidden
     a, b = plan.phases(s, on, 1, 4096)["loss"], plan.phases(s, off, 1, 4096)["loss"]
-    assert b["weights"] == (P - (L - 3) * Lp - E) * 2.0  # stepped, read ahead, being written back; one end
-    assert b["optimizer"] == pytest.approx((P - (L - 2) * Lp - E) * plan.OPTIMIZERS["adamw8bit"])
+    assert b["weights"] == (P - (L - 2) * Lp - 2 * E) * 2.0  # stepped, read ahead
+    assert b["optimizer"] == pytest.approx((P - (L - 1) * Lp - 2 * E) * plan.OPTIMIZERS["adamw8bit"])
     host = plan.phases(s, plan.Strategy.parse(on.name + "/offload-host"), 1, 4096)["loss"]
-    assert host["weights"] == (P - (L - 2) * Lp - E) * 2.0
+    assert host["weights"] == b["weights"]
     assert {k: v for k, v in a.items() if k not in ("weights", "optimizer")} == \
         {k: v for k, v in b.items() if k not in ("weights", "optimizer")}
+    # an end larger than a layer's weights: it counts in place of the layer below
+    big = plan.load_shapes("qwen-moe-mini")
+    fp32 = plan.Strategy.parse("rev-bdia/adamw/fp32/in-backward/offload-disk")
+    Pm, Lm, Em, Ln = big.params("bdia"), big.layer_params("bdia"), big.vocab * big.hidden, big.layers
+    assert Em * 12 > Lm * 4 and not big.tied
+    held = plan.phases(big, fp32, 1, 512)["loss"]
+    assert held["weights"] + held["optimizer"] == pytest.approx(
+        (Pm - (Ln - 2) * Lm - 2 * Em) * 4 + (Pm - (Ln - 1) * Lm - 2 * Em) * 8 + Em * 12 - Lm * 4)
     fig = plan.store_figures(s, off)
     ob = plan.OPTIMIZERS["adamw8bit"]
     rest = P - L * Lp - 2 * E  # the final norm

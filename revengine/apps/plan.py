@@ -25,8 +25,8 @@ A strategy is `BASE/OPTIMIZER/WEIGHTS[/in-backward]`:
                (revengine.optim.InBackwardOptimizer): the model's grads never exist at once
     offload-disk / offload-host  (reversible, in-backward) the layers and their optimizer state live on
                disk or in host memory between uses (revengine.offload.LayerStore): the device holds
-               three layers' weights and two layers' state (host: two and one), one end of the
-               model (an untied embedding or head, with its state) and what stays; printed
+               two layers' weights and one layer's state (at the embedding's step: one layer's
+               and the embedding's, when larger) and what stays; printed
                below the table: the store's bytes and the bytes moved per step (with --bandwidth,
                the step time they bound)
 
@@ -323,15 +323,18 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
     P = s.params(st.scheme)
     layer_p = s.layer_params(st.scheme)
     head_p = V * H
-    # with the layers off the device between uses: the layer being stepped (weights and state), the
-    # one below (its weights read ahead) and on disk the one above until its write-back has landed
-    win_w, win_o = {"disk": (3, 2), "host": (2, 1)}.get(st.offload, (L, L))
+    # with the layers off the device between uses: the layer being stepped (weights and state) and
+    # the one below (its weights read ahead once the write-back of the one above has landed)
+    win_w, win_o = (2, 1) if st.offload else (L, L)
     held_w, held_o = P - (L - win_w) * layer_p, P - (L - win_o) * layer_p
-    # the store streams an untied embedding and head too: the head is in memory (with its state) from
-    # the loss to its step, the first of the backward; the embedding for its step, the last
+    # the store streams an untied embedding and head too: the embedding's weights and state come in
+    # for its step beside layer 0's (in place of a layer below); the head's beside the last layer's
     ends = head_p if st.offload and not s.tied else 0.0
-    base = {"weights": (held_w - 2 * ends) * wb, "optimizer": (held_o - 2 * ends) * OPTIMIZERS[st.optimizer]}
-    end_held = {"weights": ends * wb, "optimizer": ends * OPTIMIZERS[st.optimizer]}
+    ob = OPTIMIZERS[st.optimizer]
+    base = {"weights": (held_w - 2 * ends) * wb, "optimizer": (held_o - 2 * ends) * ob}
+    extra = max(0.0, ends * (wb + ob) - layer_p * wb)
+    end_w = max(0.0, (ends - layer_p) * wb)
+    end_held = {"weights": end_w, "optimizer": extra - end_w}
 
     def grads(held_params: float) -> float:
         if st.in_backward:  # one tensor's grad at a time, plus its update's temporaries
