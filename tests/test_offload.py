@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -118,6 +119,39 @@ def test_layers_are_released_between_uses(tmp_path):
     store = LayerStore(model, opt, tier="disk", directory=str(tmp_path / "t"))
     model.train()(input_ids=torch.randint(0, model.config.vocab_size, (1, 8)))
     assert store.resident_layers() == ["model.layers.2", "lm_head"]  # and the head, for the loss's backward
+    store.close()
+
+
+def test_backward_holds_two_layers_weights_and_one_layers_state(tmp_path, monkeypatch):
+    """At every step inside backward the memory held is the stepped layer's weights and state and the
+    weights of the layer below (read once the write-back of the one above has freed its memory), or
+    at the bottom layer 0's and the embedding's: never three layers' weights or two layers' state."""
+    model, opt = build(layers=6)
+    store = LayerStore(model, opt, tier="disk", directory=str(tmp_path / "s"))
+    write = rev.offload._write_payload
+
+    def slow_disk(fh, buffers):  # writes slower than the compute: reads would otherwise overtake them
+        time.sleep(0.05)
+        write(fh, buffers)
+    monkeypatch.setattr(rev.offload, "_write_payload", slow_disk)
+    held = []
+
+    def count(p):
+        big = [(layer.name, kind) for layer in store.layers + store.ends
+               for k, t in store._tensors(layer).items() if t.numel() >= rev.offload.MIN_ELEMENTS
+               for kind in ("param", "state") if k.startswith(kind) and t.untyped_storage().nbytes()]
+        held.append({kind: {n for n, k in big if k == kind} for kind in ("param", "state")})
+    opt.register_grad_hooks(count, lambda p, stepped: None)  # after the store's: the layer is in
+    train(model, 3)
+    assert len(held) == 3 * len(opt.params)
+    ends = {e.name for e in store.ends}
+    assert ends == {"model.embed_tokens", "lm_head"}
+    for h in held:
+        layers = {kind: h[kind] - ends for kind in h}
+        end = (h["param"] | h["state"]) & ends
+        assert len(end) <= 1, h
+        assert len(layers["state"]) <= 1 and len(layers["param"]) <= (1 if end else 2), h
+    assert max(len(h["param"]) for h in held) == 2  # the window is full at times
     store.close()
 
 
