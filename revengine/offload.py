@@ -701,7 +701,8 @@ class LayerStore:
             from .sequential import Sequential
 
             top = self.layers[-1].module
-            stack = next(m for m in self.model.modules() if isinstance(m, Sequential) and any(x is top for x in m.layers))
+            stack = next(m for m in self.model.modules()
+                         if isinstance(m, Sequential) and any(x is top for x in m.layers))
             self._handles.append(stack.register_forward_hook(lambda m, a, o: self._head_needed()))
         self._grad_hooks = self.optimizer.register_grad_hooks(self._before_step, self._after_grad)
 
@@ -783,7 +784,8 @@ class LayerStore:
 
     def resident_layers(self) -> List[str]:
         """The layers (and ends: the embedding first, the head last) whose tensors are in memory now."""
-        ordered = [e for e in self.ends if e.role == "input"] + self.layers + [e for e in self.ends if e.role == "output"]
+        ordered = ([e for e in self.ends if e.role == "input"] + self.layers
+                   + [e for e in self.ends if e.role == "output"])
         return [layer.name for layer in ordered if layer.loaded or self.tier == "none"]
 
     def _load_all(self) -> None:
