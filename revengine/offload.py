@@ -247,7 +247,8 @@ class LayerStore:
         self.ends = self._find_ends(model, optimizer, self.layers)  # the input embedding, the output head
         self._input = next((e for e in self.ends if e.role == "input"), None)
         self._output = next((e for e in self.ends if e.role == "output"), None)
-        self._of_param = {id(p): layer for layer in self.layers + self.ends for p in layer.params}
+        self._stored = self.layers + self.ends  # what moves between the tier and memory
+        self._of_param = {id(p): layer for layer in self._stored for p in layer.params}
         self._index = {layer.name: i for i, layer in enumerate(self.layers)}
         # the other trained parameters (the final norm, a tied embedding) stay in memory; the disk
         # tier writes them with each completed step, so that the store is a whole checkpoint
@@ -275,13 +276,13 @@ class LayerStore:
         if _resume:
             self._load_store_json(_step)
         elif tier != "none":
-            for layer in self.layers + self.ends:  # step 0: the weights as they are (no optimizer state yet)
+            for layer in self._stored:  # step 0: the weights as they are (no optimizer state yet)
                 self._write(layer, slot=0, step=0)
             if tier == "disk":
                 self._write(self.rest, slot=0, step=0)
             self._drain()
             self._commit()
-        for layer in self.layers + self.ends:
+        for layer in self._stored:
             self._own_memory(layer)
             self._release(layer)
         self._attach()
@@ -546,7 +547,7 @@ class LayerStore:
         """Queued by the first re-run of a backward: releases what is still in memory (a layer whose
         parameters did not all get a gradient) and commits the step."""
         self._flush_queued = False
-        for layer in self.layers + self.ends:
+        for layer in self._stored:
             if layer.loaded:
                 self._release(layer)
         if self._written:
@@ -599,7 +600,7 @@ class LayerStore:
         self._written = set()
         if self.tier != "disk":
             return
-        everything = self.layers + self.ends + [self.rest]
+        everything = self._stored + [self.rest]
         doc = dict(self._fingerprint(), step=self.step, slots={layer.name: layer.slot for layer in everything},
                    steps={layer.name: layer.written_at for layer in everything})
         if self._previous is not None and self._previous["step"] == self.step - 1:
@@ -629,7 +630,7 @@ class LayerStore:
                                    if doc.get("previous") else "") + f", not step {step}")
             doc = doc["previous"]
         self.step = int(doc["step"])
-        for layer in self.layers + self.ends + [self.rest]:
+        for layer in self._stored + [self.rest]:
             layer.slot = int(doc["slots"][layer.name])
             layer.written_at = int(doc.get("steps", {}).get(layer.name, -1))
         self._previous = {k: doc[k] for k in ("step", "slots", "steps")} if "steps" in doc else None
@@ -638,7 +639,7 @@ class LayerStore:
     def _restore_state(self) -> None:
         """Reads every layer's weights and optimizer state from its committed file. The optimizer's
         state tensors are created first (by a zero-gradient step that is then undone: reading over it)."""
-        for layer in self.layers + self.ends + [self.rest]:
+        for layer in self._stored + [self.rest]:
             path = self._path(layer, layer.slot)
             try:
                 with open(path, "rb") as fh:
@@ -784,12 +785,11 @@ class LayerStore:
 
     def resident_layers(self) -> List[str]:
         """The layers (and ends: the embedding first, the head last) whose tensors are in memory now."""
-        ordered = ([e for e in self.ends if e.role == "input"] + self.layers
-                   + [e for e in self.ends if e.role == "output"])
+        ordered = [e for e in (self._input, *self.layers, self._output) if e is not None]
         return [layer.name for layer in ordered if layer.loaded or self.tier == "none"]
 
     def _load_all(self) -> None:
-        for layer in self.layers + self.ends:
+        for layer in self._stored:
             self._load(layer, "param")
             self._load(layer, "state")
         self._drain()
@@ -802,7 +802,7 @@ class LayerStore:
         try:
             yield self
         finally:
-            for layer in self.layers + self.ends:
+            for layer in self._stored:
                 self._release(layer)
 
     def save_weights(self, path: str, metadata: Optional[Dict[str, str]] = None) -> None:

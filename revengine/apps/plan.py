@@ -223,6 +223,11 @@ class Shapes:
         emb = self.vocab * self.hidden
         return emb * (1 if self.tied else 2) + self.hidden + self.layers * self.layer_params(scheme)
 
+    def stored_end(self) -> int:
+        """The parameters of one end of the model (the embedding or the head) that the layer store
+        keeps off the device: vocab x hidden when they are untied; a tied one stays (0)."""
+        return 0 if self.tied else self.vocab * self.hidden
+
     def largest_tensor(self) -> int:
         return max(self.vocab * self.hidden, 2 * self.experts * self.expert_width * self.hidden,
                    self.hidden * self.shared_width)
@@ -329,12 +334,12 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
     held_w, held_o = P - (L - win_w) * layer_p, P - (L - win_o) * layer_p
     # the store streams an untied embedding and head too: the embedding's weights and state come in
     # for its step beside layer 0's (in place of a layer below); the head's beside the last layer's
-    ends = head_p if st.offload and not s.tied else 0.0
+    # (one end at a time)
+    ends = s.stored_end() if st.offload else 0.0
     ob = OPTIMIZERS[st.optimizer]
-    base = {"weights": (held_w - 2 * ends) * wb, "optimizer": (held_o - 2 * ends) * ob}
     extra = max(0.0, ends * (wb + ob) - layer_p * wb)
     end_w = max(0.0, (ends - layer_p) * wb)
-    end_held = {"weights": end_w, "optimizer": extra - end_w}
+    base = {"weights": (held_w - 2 * ends) * wb + end_w, "optimizer": (held_o - 2 * ends) * ob + (extra - end_w)}
 
     def grads(held_params: float) -> float:
         if st.in_backward:  # one tensor's grad at a time, plus its update's temporaries
@@ -342,8 +347,7 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
         return held_params * wb
 
     def phase(grads_b, stored=0.0, layer=0.0, logits=0.0):
-        held = {k: v + end_held[k] for k, v in base.items()}  # one end of the model at a time
-        return dict(held, grads=grads_b, stored=stored, layer=layer, logits=logits)
+        return dict(base, grads=grads_b, stored=stored, layer=layer, logits=logits)
 
     # the optimizer step after backward: every grad, and one tensor's update temporaries
     step = {} if st.in_backward else {
@@ -407,7 +411,7 @@ def store_figures(shapes: Shapes, strategy: Strategy) -> Dict[str, float]:
         return {}
     L, layer_p = shapes.layers, shapes.layer_params(strategy.scheme)
     wb, ob = WEIGHT_BYTES[strategy.weights], OPTIMIZERS[strategy.optimizer]
-    ends = 0 if shapes.tied else 2 * shapes.vocab * shapes.hidden
+    ends = 2 * shapes.stored_end()
     rest = shapes.params(strategy.scheme) - L * layer_p - ends
     disk = strategy.offload == "disk"
     kept = (L * layer_p + ends) * (wb + ob) * (2 if disk else 1) + (2 * rest * (wb + ob) if disk else 0.0)

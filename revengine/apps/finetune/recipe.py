@@ -140,9 +140,13 @@ class FinetuneRecipe:
                 for _ in range(args.grad_accum):
                     batch = to_device(self.stream.next(), self.device)
                     if args.in_backward and args.clip == "global":  # a pass that measures the norm, one that steps
-                        losses = []
-                        self.optimizer.step_two_pass(lambda: losses.append(self._losses(batch, step)) or losses[-1][0])
-                        objective, ce, kl = losses[-1]
+                        passes = []
+
+                        def objective_of_pass(batch=batch):
+                            passes.append(self._losses(batch, step))
+                            return passes[-1][0]
+                        self.optimizer.step_two_pass(objective_of_pass)
+                        objective, ce, kl = passes[-1]  # the stepping pass's
                     else:
                         objective, ce, kl = self._losses(batch, step)
                         (objective / args.grad_accum).backward()
