@@ -260,6 +260,43 @@ def test_full_disk_is_one_error_and_the_last_step_stays_loadable(tmp_path, monke
     assert_same(snapshot(model, opt), expect)
 
 
+def test_a_failed_flush_is_one_error_and_the_last_step_stays_loadable(tmp_path, monkeypatch):
+    # layer files reach the disk on a thread of their own after their memory is freed; an I/O error
+    # there (a disk that fails late, a network folder gone) is still raised by the step, names the
+    # file, and store.json keeps naming the last step whose files were all flushed
+    directory = str(tmp_path / "store")
+    model, opt = build()
+    store = LayerStore(model, opt, tier="disk", directory=directory)
+    train(model, 2)
+    fsync = os.fsync
+    failing = os.path.join(directory, "model.layers.1.")
+    names = {}
+
+    def flaky(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.startswith(failing):
+            names[fd] = path
+            raise OSError(5, os.strerror(5))
+        return fsync(fd)
+
+    monkeypatch.setattr(rev.offload.os, "fsync", flaky)
+    with pytest.raises(OffloadError, match=r"model\.layers\.1\.\d\.safetensors: cannot write .*Input/output error"):
+        train(model, 1, start=2)
+    monkeypatch.undo()
+    assert names, "the layer file's flush was never asked for"
+    store.detach()
+    with open(os.path.join(directory, "store.json")) as fh:
+        assert json.load(fh)["step"] == 2
+
+    ref_model, ref_opt = build()
+    train(ref_model, 2)
+    model, opt = build()
+    store = LayerStore.open(model, opt, directory)
+    assert store.step == 2
+    store.close()
+    assert_same(snapshot(model, opt), snapshot(ref_model, ref_opt))
+
+
 def test_truncated_or_vanished_files_name_the_file(tmp_path):
     directory = str(tmp_path / "store")
     model, opt = build()
