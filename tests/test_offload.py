@@ -4,6 +4,7 @@ step resumes from the last completed one bit-identically; bad stores and failing
 one-line errors that leave the last completed step loadable."""
 import json
 import os
+import threading
 import signal
 import subprocess
 import sys
@@ -258,6 +259,38 @@ def test_full_disk_is_one_error_and_the_last_step_stays_loadable(tmp_path, monke
     assert store.step == 2
     store.close()
     assert_same(snapshot(model, opt), expect)
+
+
+def test_store_json_names_only_files_already_flushed(tmp_path, monkeypatch):
+    # a write-back leaves its file in the page cache and frees the layer at once; the flush comes
+    # later on its own thread. store.json must still never name a file (or a rename) not yet on
+    # the disk: what a power loss would otherwise break
+    directory = str(tmp_path / "store")
+    events, lock = [], threading.Lock()
+    sync, write_json = rev.offload._sync_file, rev.offload._write_json
+
+    def recording_sync(path, *args):
+        sync(path, *args)
+        with lock:
+            events.append(("synced", os.path.realpath(path), os.stat(path).st_ino))
+
+    def checking_json(path, doc):
+        with lock:
+            synced = {(p, ino) for kind, p, ino in events if kind == "synced"}
+        for name, slot in doc["slots"].items():
+            f = os.path.realpath(os.path.join(directory, f"{name}.{slot}.safetensors"))
+            assert (f, os.stat(f).st_ino) in synced, f"store.json of step {doc['step']} names {f}, not flushed yet"
+        assert (os.path.realpath(directory), os.stat(directory).st_ino) in synced, "the folder's renames"
+        events.append(("json", doc["step"], None))
+        write_json(path, doc)
+
+    monkeypatch.setattr(rev.offload, "_sync_file", recording_sync)
+    monkeypatch.setattr(rev.offload, "_write_json", checking_json)
+    model, opt = build()
+    store = LayerStore(model, opt, tier="disk", directory=directory)
+    train(model, 3)
+    store.close()
+    assert [e[1] for e in events if e[0] == "json"] == [0, 1, 2, 3]
 
 
 def test_a_failed_flush_is_one_error_and_the_last_step_stays_loadable(tmp_path, monkeypatch):
