@@ -54,6 +54,7 @@ import ctypes
 import json
 import os
 import struct
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_for
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -114,11 +115,13 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
 
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14
-try:
-    _madvise = ctypes.CDLL(None, use_errno=True).madvise
-    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-except (OSError, AttributeError):  # not Linux / glibc
-    _madvise = None
+_madvise = None
+if sys.platform.startswith("linux"):  # MADV_HUGEPAGE's number is Linux's
+    try:
+        _madvise = ctypes.CDLL(None, use_errno=True).madvise
+        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    except (OSError, AttributeError):
+        _madvise = None
 
 
 def _advise_huge_pages(t: torch.Tensor) -> None:
