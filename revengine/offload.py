@@ -184,8 +184,7 @@ def _replace(path: str, mode: str, write: Callable, what: str, sync: bool = True
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        raise OffloadError(f"{path}: cannot write {what} ({os.strerror(e.errno) if e.errno else e}); the last "
-                           "completed step's files are unchanged") from None
+        raise _cannot_write(path, what, e) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -203,8 +202,14 @@ def _sync_file(path: str, what: str = "the layer's file") -> None:
         finally:
             os.close(fd)
     except OSError as e:
-        raise OffloadError(f"{path}: cannot write {what} ({os.strerror(e.errno) if e.errno else e}); "
-                           "the last completed step's files are unchanged") from None
+        raise _cannot_write(path, what, e) from None
+
+
+def _cannot_write(path: str, what: str, e: OSError) -> OffloadError:
+    """The one-line error of a failed write or flush (the files of the last completed step are never
+    the ones written)."""
+    return OffloadError(f"{path}: cannot write {what} ({os.strerror(e.errno) if e.errno else e}); the last "
+                        "completed step's files are unchanged")
 
 
 def _read_header(path: str, fh) -> Tuple[dict, int]:
