@@ -330,6 +330,30 @@ def test_a_failed_flush_is_one_error_and_the_last_step_stays_loadable(tmp_path, 
     assert_same(snapshot(model, opt), snapshot(ref_model, ref_opt))
 
 
+def test_reads_ask_for_huge_pages_inside_their_buffers(tmp_path, monkeypatch):
+    # the advice covers exactly the whole 2 MiB pages inside a buffer: never memory around it
+    calls = []
+    monkeypatch.setattr(rev.offload, "_madvise", lambda start, n, advice: calls.append((start, n, advice)))
+    huge = 2 << 20
+    t = torch.empty(5 * huge // 4)
+    rev.offload._advise_huge_pages(t)
+    (start, n, advice), = calls
+    lo = -(-t.data_ptr() // huge) * huge
+    assert (start, advice) == (lo, 14) and n == (t.data_ptr() + 5 * huge - lo) // huge * huge
+    calls.clear()
+    rev.offload._advise_huge_pages(torch.empty(huge // 8))  # no whole huge page inside: nothing asked
+    assert calls == []
+
+    # every buffer a read brings back is advised before the read lands in it
+    advised = []
+    monkeypatch.setattr(rev.offload, "_advise_huge_pages", lambda t: advised.append(t.untyped_storage().nbytes()))
+    model, opt = build()
+    store = LayerStore(model, opt, tier="disk", directory=str(tmp_path / "store"))
+    train(model, 1)
+    store.close()
+    assert advised and all(n > 0 for n in advised)
+
+
 def test_truncated_or_vanished_files_name_the_file(tmp_path):
     directory = str(tmp_path / "store")
     model, opt = build()
