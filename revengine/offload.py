@@ -20,7 +20,12 @@ Tiers:
     before (intact until the next step writes over them; each file records its step). A process
     killed in the middle of a step leaves that step's files intact: `LayerStore.open` resumes
     from them (or from the step before, for a trainer whose own checkpoint is one step behind).
-  - "host": pinned host memory, for parameters on a GPU (copies in and out on the current stream).
+  - "host": pinned host memory, for parameters on a GPU. The copies run on a stream of their own:
+    the next layer's weights come in while this one computes (the compute stream waits for their
+    event at first use only), and a stepped layer goes out while the next one computes. The store's
+    tensors are allocated on the copy stream, and a load first waits (on the CPU) for the compute
+    to finish with the layer released last, so that the allocator reuses its memory instead of
+    taking more: the device holds two layers' weights and one layer's state, as on disk.
   - "none": nothing moves (the same hooks, for tests and benchmarks).
 
 What moves: every parameter of every layer of the model's reversible stacks
@@ -89,6 +94,7 @@ class _Layer:
     slot: int = 0                # the slot of its last written version (disk)
     written_at: int = 0          # the step whose weights and state that version holds
     home: Dict[str, torch.Tensor] = field(default_factory=dict)  # host tier: pinned copies
+    copied: Dict[str, "torch.cuda.Event"] = field(default_factory=dict)  # host: the copies in of "param" / "state"
     ready: Dict[str, Future] = field(default_factory=dict)  # disk: the reads of "param" / "state" in flight
     released: Optional[Future] = None  # disk: its last write-back / release (a read of it waits for it)
 
@@ -324,6 +330,10 @@ class LayerStore:
         self._jobs: List[Future] = []
         self._last_write: Optional[Future] = None
         self._previous: Optional[dict] = None  # store.json's record of the step before the last
+        # host: the copies' stream, and an event on the compute stream after the last release's use
+        device = next((p.device for layer in self._stored for p in layer.params), None)
+        self._copy = torch.cuda.Stream(device) if tier == "host" else None
+        self._freed: Optional["torch.cuda.Event"] = None
         if _resume:
             self._load_store_json(_step)
         elif tier != "none":
@@ -534,6 +544,8 @@ class LayerStore:
         jobs, self._jobs = self._jobs, []
         for f in jobs:
             f.result()
+        if self._copy is not None:
+            self._copy.synchronize()
 
     def _write(self, layer: _Layer, slot: int, step: int, free: Optional[List[torch.Tensor]] = None) -> None:
         """Writes the layer as of `step` back (disk: queued on the writer thread, which then frees
@@ -558,10 +570,13 @@ class LayerStore:
             self._submit(sync, self._syncer)  # _drain (before store.json) waits for it
             layer.slot = slot
         elif self.tier == "host":
-            for k, t in tensors.items():
-                if k not in layer.home:
-                    layer.home[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                layer.home[k].copy_(t, non_blocking=True)
+            self._copy.wait_stream(torch.cuda.current_stream(self._copy.device))  # after the step that wrote it
+            with torch.cuda.stream(self._copy):
+                for k, t in tensors.items():
+                    if k not in layer.home:
+                        layer.home[k] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    layer.home[k].copy_(t, non_blocking=True)
+                    t.record_stream(self._copy)  # its memory is not reused before the copy is done
         self.bytes_written += sum(t.numel() * t.element_size() for t in tensors.values())
         layer.dirty = False
 
@@ -593,9 +608,13 @@ class LayerStore:
             if layer.dirty:
                 self._write(layer, 0, self.step + 1)
                 self._written.add(layer.name)
-            torch.cuda.current_stream().synchronize()  # the copies out are done before the memory goes
+            # freed now; the allocator hands the memory out again once the compute (and the copy
+            # out: record_stream) is done with it, and the next load waits for that on the CPU
+            self._freed = torch.cuda.Event()
+            self._freed.record(torch.cuda.current_stream(self._copy.device))
             for t in moving:
                 t.untyped_storage().resize_(0)
+            layer.copied.clear()
         layer.loaded = layer.state_loaded = False
         layer.ready.clear()
 
@@ -638,12 +657,11 @@ class LayerStore:
                 for t in tensors.values():
                     t.untyped_storage().resize_(t.numel() * t.element_size())
                     _advise_huge_pages(t)
-                if path is not None:
-                    _read_into(path, tensors)
-                else:
-                    for k, t in tensors.items():
-                        t.copy_(layer.home[k], non_blocking=True)
-            layer.ready[kind] = self._submit(job, self._reader)
+                _read_into(path, tensors)
+            if self.tier == "host":
+                self._copy_in(layer, kind, tensors)
+            else:
+                layer.ready[kind] = self._submit(job, self._reader)
             self.bytes_read += sum(t.numel() * t.element_size() for t in tensors.values())
             if kind == "param":
                 layer.loaded = True
@@ -651,6 +669,25 @@ class LayerStore:
                 layer.state_loaded = True
         if wait and kind in layer.ready:
             layer.ready.pop(kind).result()
+        if wait and kind in layer.copied:
+            torch.cuda.current_stream(self._copy.device).wait_event(layer.copied.pop(kind))
+
+    def _copy_in(self, layer: _Layer, kind: str, tensors: Dict[str, torch.Tensor]) -> None:
+        """Host tier: the layer's tensors allocated on the copy stream (after the compute has finished
+        with the layer released last, so that they take its memory) and copied in there; the compute
+        stream waits for the copies' event when it first uses them (`_load(wait=True)`)."""
+        if self._freed is not None:
+            self._freed.synchronize()
+            self._freed = None
+        compute = torch.cuda.current_stream(self._copy.device)
+        with torch.cuda.stream(self._copy):
+            for k, t in tensors.items():
+                t.untyped_storage().resize_(t.numel() * t.element_size())
+                t.copy_(layer.home[k], non_blocking=True)
+                t.record_stream(compute)
+            done = torch.cuda.Event()
+            done.record(self._copy)
+        layer.copied[kind] = done
 
     def _commit(self) -> None:
         """store.json: the slots of the last completed step (written only for the disk tier)."""
@@ -893,7 +930,7 @@ class LayerStore:
                     if not layer.loaded:
                         current = layer
                     self._load(layer, "param")  # waits for a read ahead in flight too
-                fh.write(_bytes_view(p.data))
+                fh.write(_bytes_view(p.data if p.device.type == "cpu" else p.data.cpu()))
             if current is not None:
                 self._release(current)
             self._drain()

@@ -433,7 +433,7 @@ def test_host_tier_on_a_gpu_is_bit_identical():
     opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
     store = LayerStore(model, opt, tier="host")
     losses = train(model, 3)
-    assert store.resident_layers() == []
+    assert store.resident_layers() == ["model.embed_tokens", "model.layers.0"]  # read ahead for the next step
     store.close()
     assert losses == plain
     assert_same(snapshot(model, opt), expect)
