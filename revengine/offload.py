@@ -32,8 +32,9 @@ What moves: every parameter of every layer of the model's reversible stacks
 (`revengine.Sequential` in reversible mode), the model's input embedding and output head when they
 are trained and not tied (`get_input_embeddings()`, an nn.Embedding, in memory for its forward and
 its step, the last of the backward; `get_output_embeddings()`, an nn.Linear, from the end of the
-last stack's forward, when the loss reads it, to its step, the first of the backward), and the
-tensors of their optimizer state (the plain tensors inside torchao's quantized state too); tensors
+last stack's forward, when the loss reads it, to its step, the first of the backward; on disk their
+state, when the optimizer steps them in row slices, comes a slice at a time inside the step and is
+never whole in memory: `_StateRows`), and the tensors of their optimizer state (the plain tensors inside torchao's quantized state too); tensors
 under 4096 elements stay (norm weights, quantization tables, step counters), and so do the other
 parameters outside the stacks (the final norm, a tied embedding). A layer is released after its
 forward (in training not the last one: backward re-runs it first) and after the last of its
@@ -57,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 import struct
 import sys
@@ -97,6 +99,8 @@ class _Layer:
     copied: Dict[str, "torch.cuda.Event"] = field(default_factory=dict)  # host: the copies in of "param" / "state"
     ready: Dict[str, Future] = field(default_factory=dict)  # disk: the reads of "param" / "state" in flight
     released: Optional[Future] = None  # disk: its last write-back / release (a read of it waits for it)
+    sliced: bool = False         # disk, an end: its state is stepped in row slices, never whole (_StateRows)
+    partial: Optional["_StateRows"] = None  # the file of its next version, its state rows written so far
 
     def __post_init__(self):
         mine = {id(p) for p in self.params}
@@ -157,25 +161,41 @@ def _write_payload(fh, buffers) -> None:
         fh.write(b)
 
 
+def _write_at(fd: int, data: memoryview, offset: int) -> None:
+    """All of `data` at `offset` of an open file (pwrite may write less than it was given)."""
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
 def _write_file(path: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, str], sync: bool = True) -> None:
     """A safetensors file written beside `path`, synced (unless sync=False: see `_sync_file`) and
     renamed over it (the old file survives a failure). Written here rather than by
     safetensors.torch.save_file, which first copies every tensor into a bytes object: this writes from
     the tensors' own memory, without holding the GIL, so the I/O thread's writes overlap the compute
     (safetensors reads the files: tests)."""
+    head, _ = _layout({k: (t.dtype, t.shape) for k, t in tensors.items()}, meta)
+
+    def write(fh):
+        fh.write(head)
+        _write_payload(fh, [_bytes_view(t) for t in tensors.values()])
+    _replace(path, "wb", write, "the layer's file", sync=sync)
+
+
+def _layout(specs: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]], meta: Dict[str, str]) -> Tuple[bytes, Dict[str, int]]:
+    """A safetensors file's header for tensors of these dtypes and shapes, in this order, and where
+    each tensor's data starts in the file."""
     header: Dict[str, object] = {"__metadata__": meta}
-    offset = 0
-    for k, t in tensors.items():
-        n = t.numel() * t.element_size()
-        header[k] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+    offset, starts = 0, {}
+    for k, (dtype, shape) in specs.items():
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[k] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        starts[k] = offset
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-
-    def write(fh):
-        fh.write(struct.pack("<Q", len(raw)) + raw)
-        _write_payload(fh, [_bytes_view(t) for t in tensors.values()])
-    _replace(path, "wb", write, "the layer's file", sync=sync)
+    base = 8 + len(raw)
+    return struct.pack("<Q", len(raw)) + raw, {k: base + v for k, v in starts.items()}
 
 
 def _replace(path: str, mode: str, write: Callable, what: str, sync: bool = True) -> None:
@@ -263,6 +283,111 @@ def _read_into(path: str, targets: Dict[str, torch.Tensor]) -> Dict[str, str]:
     return header.get("__metadata__", {})
 
 
+class _StateRows:
+    """The optimizer state of a stored end (the embedding or the head, one weight), row slices at a
+    time, for `InBackwardOptimizer.set_row_source`: each slice's rows are read from the file of the
+    end's last written version and, once stepped, written into the file of its next version, so
+    the state is never whole in memory. The weight and the scalars (the step counter) complete that
+    file at the end's release (`finish`), which renames it into place."""
+
+    def __init__(self, store: "LayerStore", layer: _Layer):
+        self.store, self.layer = store, layer
+        self.param = layer.params[0]
+        self.prefix = f"state.{layer.names[id(self.param)]}."
+        self.fd: Optional[int] = None
+
+    def _row_bytes(self, dtype: torch.dtype) -> int:
+        return self.param[0].numel() * torch.empty((), dtype=dtype).element_size()
+
+    def _per_row(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() == self.param.dim() and t.shape[1:] == self.param.shape[1:]
+
+    def read(self, rows: slice) -> Dict[str, torch.Tensor]:
+        layer = self.layer
+        path = self.store._path(layer, layer.slot)
+        if layer.released is not None:
+            layer.released.result()  # its last version is complete
+        out = {}
+        try:
+            with open(path, "rb") as fh:
+                header, base = _read_header(path, fh)
+                for name, h in header.items():
+                    if not name.startswith(self.prefix) or list(h["shape"]) != list(self.param.shape):
+                        continue
+                    dtype = _DTYPES[h["dtype"]]
+                    t = torch.empty((rows.stop - rows.start, *self.param.shape[1:]), dtype=dtype)
+                    fh.seek(base + h["data_offsets"][0] + rows.start * self._row_bytes(dtype))
+                    if fh.readinto(_bytes_view(t)) != t.numel() * t.element_size():
+                        raise OffloadError(f"{path}: truncated while reading {name}")
+                    out[name[len(self.prefix):].rsplit(".", 1)[0]] = t
+        except OSError as e:
+            raise OffloadError(f"{path}: cannot read the layer's file ({os.strerror(e.errno) if e.errno else e})") from None
+        self.store.bytes_read += sum(t.numel() * t.element_size() for t in out.values())
+        return out
+
+    def write(self, rows: slice, state: Dict[str, object]) -> None:
+        if self.fd is None:
+            self._open(state)
+        try:
+            for key, t in state.items():
+                if self._per_row(t):
+                    _write_at(self.fd, _bytes_view(t.contiguous()),
+                              self.starts[f"{self.prefix}{key}.0"] + rows.start * self._row_bytes(t.dtype))
+        except OSError as e:
+            self._abandon()
+            raise _cannot_write(self.path, "the layer's file", e) from None
+
+    def _open(self, state: Dict[str, object]) -> None:
+        """The next version's file, laid out as the store writes an end (the weight, then the state
+        entries by key; per-row ones at the weight's shape). The state dict gets a tensor without
+        memory for each per-row entry (what the store's file names and `close` reads back into)."""
+        store, layer, p = self.store, self.layer, self.param
+        st = store.optimizer.state[p]
+        for key, t in state.items():
+            if self._per_row(t) and not (isinstance(st.get(key), torch.Tensor) and st[key].shape == p.shape):
+                st[key] = torch.empty(p.shape, dtype=t.dtype)
+                st[key].untyped_storage().resize_(0)
+        specs = {f"param.{layer.names[id(p)]}": (p.dtype, p.shape)}
+        for key, t in sorted(state.items()):
+            if isinstance(t, torch.Tensor):
+                specs[f"{self.prefix}{key}.0"] = (t.dtype, p.shape if self._per_row(t) else t.shape)
+        self.slot = layer.slot if layer.name in store._written else 1 - layer.slot
+        self.path = store._path(layer, self.slot)
+        self.step = store.step + 1
+        head, self.starts = _layout(specs, {"step": str(self.step), "layer": layer.name})
+        self.rows = {k for k in specs if k.startswith(self.prefix) and specs[k][1] == p.shape}
+        self.tmp = f"{self.path}.tmp-{os.getpid()}"
+        try:
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            _write_at(self.fd, memoryview(head), 0)
+        except OSError as e:
+            self._abandon()
+            raise _cannot_write(self.path, "the layer's file", e) from None
+        layer.partial = self
+
+    def finish(self, tensors: Dict[str, torch.Tensor]) -> None:
+        """Writes the weight and the scalars, and renames the file into place (not synced: the
+        store's flush thread does that, as for a layer's file)."""
+        try:
+            for k, t in tensors.items():
+                if k not in self.rows:
+                    _write_at(self.fd, _bytes_view(t), self.starts[k])
+            os.close(self.fd)
+            self.fd = None
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self._abandon()
+            raise _cannot_write(self.path, "the layer's file", e) from None
+
+    def _abandon(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+        self.layer.partial = None
+
+
 def _write_json(path: str, doc: dict) -> None:
     """store.json, replaced atomically (synced first)."""
     _replace(path, "w", lambda fh: json.dump(doc, fh, indent=1), "the store")
@@ -304,6 +429,8 @@ class LayerStore:
         self._input = next((e for e in self.ends if e.role == "input"), None)
         self._output = next((e for e in self.ends if e.role == "output"), None)
         self._stored = self.layers + self.ends  # what moves between the tier and memory
+        for end in self.ends:  # on disk an end's state is stepped in row slices, never whole in memory
+            end.sliced = tier == "disk" and len(end.params) == 1 and optimizer.row_slices(end.params[0]) is not None
         self._of_param = {id(p): layer for layer in self._stored for p in layer.params}
         self._index = {layer.name: i for i, layer in enumerate(self.layers)}
         # the other trained parameters (the final norm, a tied embedding) stay in memory; the disk
@@ -555,11 +682,15 @@ class LayerStore:
             path, meta = self._path(layer, slot), {"step": str(step), "layer": layer.name}
             layer.written_at = step
             reads = list(layer.ready.values())
+            part, layer.partial = layer.partial, None  # a sliced end: its state rows are in the file already
 
             def job():
                 for f in reads:
                     f.result()
-                _write_file(path, tensors, meta, sync=False)
+                if part is not None:
+                    part.finish(tensors)
+                else:
+                    _write_file(path, tensors, meta, sync=False)
                 for t in free or ():
                     t.untyped_storage().resize_(0)
             written = layer.released = self._submit(job, self._writer)
@@ -801,6 +932,9 @@ class LayerStore:
                          if isinstance(m, Sequential) and any(x is top for x in m.layers))
             self._handles.append(stack.register_forward_hook(lambda m, a, o: self._head_needed()))
         self._grad_hooks = self.optimizer.register_grad_hooks(self._before_step, self._after_grad)
+        for end in self.ends:
+            if end.sliced:
+                self.optimizer.set_row_source(end.params[0], _StateRows(self, end))
 
     def _trains(self) -> bool:
         """Whether the forward running now will be followed by this model's backward."""
@@ -812,7 +946,7 @@ class LayerStore:
         out = self._output
         self._load(out, "param")
         if self._trains():
-            if not self.optimizer.measuring_norm:
+            if not self.optimizer.measuring_norm and not out.sliced:
                 self._load(out, "state", wait=False)
             out.pending = len(out.params)
 
@@ -839,7 +973,8 @@ class LayerStore:
                 self._load(self.layers[i - 1], "param", wait=False)
             elif self._input is not None and stepping:  # the embedding's step comes last
                 self._load(self._input, "param", wait=False)
-                self._load(self._input, "state", wait=False)
+                if not self._input.sliced:
+                    self._load(self._input, "state", wait=False)
         elif i + 1 < len(self.layers):
             self._load(self.layers[i + 1], "param", wait=False)
         elif self._output is not None:
@@ -865,7 +1000,8 @@ class LayerStore:
         layer = self._of_param.get(id(p))
         if layer is not None:
             self._load(layer, "param")
-            self._load(layer, "state")
+            if not layer.sliced:  # (its state comes in row slices inside the step: _StateRows)
+                self._load(layer, "state")
 
     def _after_grad(self, p: torch.Tensor, stepped: bool) -> None:
         layer = self._of_param.get(id(p))
@@ -943,6 +1079,9 @@ class LayerStore:
             h.remove()
         self._handles = []
         self._grad_hooks.remove()
+        for end in self.ends:
+            if end.sliced:
+                self.optimizer.set_row_source(end.params[0], None)
         for pool in (self._reader, self._writer, self._syncer):
             if pool is not None:
                 pool.shutdown(wait=True)

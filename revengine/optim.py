@@ -24,6 +24,14 @@ Gradient clipping (`max_grad_norm`), by `clip`:
     forward + backward and only accumulates the squared norms (grads freed as they come); pass 2
     replays the RNG state and steps with the global scale. It costs one more forward + backward.
 
+Large parameters are stepped in row slices (`row_slices`: torch's Adam, AdamW and SGD, whose update
+of an element reads only that element's state, above SLICE_ELEMENTS elements), each slice by an
+optimizer of the same class and hyperparameters over views of the parameter, its gradient and its
+state: the same result bit for bit, with the update's temporaries bounded by one slice (AdamW's
+fp32 step holds about two of them: 64 MiB for a 151936 x 2048 head at once, 8 MiB in slices).
+`set_row_source(p, source)` hands the slices' state to another owner (the offload store reads and
+writes a stored embedding's or head's state rows from its file, so that state is never whole).
+
 Gradient accumulation is refused (`grad_accumulation` > 1 is a ValueError): every backward is an
 optimizer step, so summing micro-batch gradients would need the full set of gradients this
 optimizer exists to avoid.
@@ -57,6 +65,10 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 import torch
 
 CLIP_MODES = ("per_tensor", "global")
+# updates that read only each element's own gradient and state: steppable in row slices
+SLICED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+SLICE_ELEMENTS = 1 << 20  # a larger parameter of those is stepped in row slices of about this many elements
+SLICE_ALIGN = 64  # slices start on multiples of this many elements (whole vector units of every kernel)
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "adamw4bit")
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TORCHAO_HINT = "pip install 'torchao>=0.18' (or the revengine[lowbit] extra)"
@@ -323,6 +335,8 @@ class InBackwardOptimizer:
         self.steps_taken = 0  # parameter updates in the last backward
         self._handles = []
         self._grad_hooks: List[Tuple[Callable, Callable]] = []
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._row_sources: Dict[int, Any] = {}
         self.attach()
         for p in self.params:
             if p.grad is not None:
@@ -380,7 +394,7 @@ class InBackwardOptimizer:
         for before, _ in self._grad_hooks:
             before(p)
         if self.state_device is None:
-            self.optimizers[i].step()
+            self._step(i, p)
         else:
             self._fetch(i, p)
             self.optimizers[i].step()
@@ -388,6 +402,69 @@ class InBackwardOptimizer:
         p.grad = None
         self.steps_taken += 1
         return True
+
+    # -- steps in row slices -----------------------------------------------------------------------
+
+    def row_slices(self, p: torch.Tensor) -> Optional[List[slice]]:
+        """The row slices (dim 0) parameter p is stepped in, or None (stepped whole): torch's Adam,
+        AdamW and SGD over a dense parameter of more than SLICE_ELEMENTS elements and several rows,
+        without state_device."""
+        i = self._index.get(id(p))
+        if i is None or self.state_device is not None or type(self.optimizers[i]) not in SLICED_OPTIMIZERS \
+                or p.dim() < 1 or p.shape[0] < 2 or p.numel() <= SLICE_ELEMENTS or p.is_sparse:
+            return None
+        stride = p.numel() // p.shape[0]
+        unit = SLICE_ALIGN // math.gcd(stride, SLICE_ALIGN)  # rows per whole number of aligned units
+        step = max(unit, SLICE_ELEMENTS // stride // unit * unit)
+        return [slice(a, min(a + step, p.shape[0])) for a in range(0, p.shape[0], step)]
+
+    def set_row_source(self, p: torch.Tensor, source) -> None:
+        """Parameter p's state rows come from `source` when it is stepped in slices: source.read(rows)
+        returns {state key: tensor of those rows} (None: no state yet, the first step creates it),
+        source.write(rows, state) takes the slice's state after its step (tensors of those rows and
+        the scalars, such as the step counter). The state dict then keeps only the scalars; the
+        per-row tensors are the source's. None: the state lives in the state dict again."""
+        if source is None:
+            self._row_sources.pop(id(p), None)
+        else:
+            self._row_sources[id(p)] = source
+
+    def _step(self, i: int, p: torch.Tensor) -> None:
+        opt = self.optimizers[i]
+        rows = self.row_slices(p)
+        if rows is None or p.grad is None or p.grad.is_sparse:
+            opt.step()
+            return
+        source = self._row_sources.get(id(p))
+        st = opt.state[p]
+        scalars = {k: v for k, v in st.items() if not (isinstance(v, torch.Tensor) and v.shape == p.shape)}
+        started = len(st) > 0  # (a source's state keeps only the scalars in the state dict)
+        hyper = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        flat, grad = p.detach(), p.grad
+        new: Dict[str, Any] = {}
+        for r in rows:
+            view = flat[r]
+            view.grad = grad[r]
+            sliced = type(opt)([dict(hyper, params=[view])])
+            if started:
+                rows_state = source.read(r) if source is not None else \
+                    {k: v[r] for k, v in st.items() if k not in scalars}
+                sliced.state[view] = {**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()},
+                                      **rows_state}
+            sliced.step()
+            new = sliced.state[view]
+            if source is not None:
+                source.write(r, new)
+            elif not started:  # the first step: the whole state, filled slice by slice
+                for k, v in new.items():
+                    if isinstance(v, torch.Tensor) and v.shape == view.shape:
+                        if k not in st:
+                            st[k] = torch.empty(p.shape, dtype=v.dtype, device=v.device)
+                        st[k][r] = v
+            view.grad = None
+        for k, v in new.items():  # the scalars (step counters) advanced as every slice's did
+            if not (isinstance(v, torch.Tensor) and v.shape == flat[rows[-1]].shape):
+                st[k] = v
 
     # -- state kept on state_device ----------------------------------------------------------------
 

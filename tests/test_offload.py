@@ -25,6 +25,16 @@ SETTINGS = [("adamw", "fp32"), pytest.param("adamw8bit", "bf16", marks=pytest.ma
     not rev.optim.torchao_available(), reason="torchao is not installed"))]
 
 
+# the tiny models' embedding and head (vocab x 64) are stepped in row slices of 32 rows here, as a
+# real model's are (SLICE_ELEMENTS = 1M elements): on disk their state is then never whole
+SMALL_SLICES = 2048
+
+
+@pytest.fixture(autouse=True)
+def small_slices(monkeypatch):
+    monkeypatch.setattr(rev.optim, "SLICE_ELEMENTS", SMALL_SLICES)
+
+
 def build(optimizer="adamw", weights="fp32", hidden=64, layers=3, **config):
     torch.manual_seed(0)
     cfg = RevMoEConfig.preset("tiny", num_hidden_layers=layers, block_type="bdia", hidden_size=hidden,
@@ -188,11 +198,44 @@ def test_the_embedding_and_the_head_are_stored_unless_tied(tmp_path, tied):
     assert_same(snapshot(model, opt), expect)
 
 
+def test_the_ends_state_is_stepped_in_row_slices_never_whole(tmp_path, monkeypatch):
+    """On disk the embedding's and the head's AdamW state comes in row slices inside their step (read
+    from the last version's file, written into the next one's): it never has memory in the store's
+    run, and the run ends bit-identical to one that steps every tensor whole, without a store."""
+    monkeypatch.setattr(rev.optim, "SLICE_ELEMENTS", 1 << 30)
+    model, opt = build()
+    plain = train(model, 3)
+    expect = snapshot(model, opt)
+    monkeypatch.setattr(rev.optim, "SLICE_ELEMENTS", SMALL_SLICES)
+
+    model, opt = build()
+    ends = [model.model.embed_tokens.weight, model.lm_head.weight]
+    slices = [len(opt.row_slices(p)) for p in ends]
+    assert min(slices) >= 4
+    store = LayerStore(model, opt, tier="disk", directory=str(tmp_path / "store"))
+    reads, state_bytes = [], []
+    real_read = rev.offload._StateRows.read
+    monkeypatch.setattr(rev.offload._StateRows, "read", lambda self, rows: reads.append(rows) or real_read(self, rows))
+
+    def after(p, stepped):
+        if any(p is e for e in ends) and stepped:
+            state_bytes.append(sum(t.untyped_storage().nbytes() for k, t in opt.state[p].items() if k != "step"))
+    opt.register_grad_hooks(lambda p: None, after)
+    losses = train(model, 3)
+    assert len(reads) == 2 * sum(slices)  # steps 2 and 3 read every slice of both (step 1 creates the state)
+    assert len(state_bytes) == 6 and set(state_bytes) == {0}
+    store.close()
+    assert losses == plain
+    assert_same(snapshot(model, opt), expect)
+
+
 CHILD = textwrap.dedent("""
     import os, signal, sys, torch
     sys.path.insert(0, {tests!r})
     import test_offload as t
+    import revengine.optim
     from revengine.offload import LayerStore
+    revengine.optim.SLICE_ELEMENTS = t.SMALL_SLICES
     model, opt = t.build({optimizer!r}, {weights!r})
     store = LayerStore(model, opt, tier="disk", directory={directory!r})
     t.train(model, 3)
@@ -233,7 +276,10 @@ def test_resume_after_kill_is_bit_identical(tmp_path, optimizer, weights):
     assert_same(snapshot(model, opt), snapshot(ref_model, ref_opt))
 
 
-def test_full_disk_is_one_error_and_the_last_step_stays_loadable(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["layer", "head rows"])
+def test_full_disk_is_one_error_and_the_last_step_stays_loadable(tmp_path, monkeypatch, where):
+    """The disk fills up while the first file of step 3 is written: a layer's (written whole), or the
+    head's (its state written row slice by row slice inside its step, then completed at its release)."""
     directory = str(tmp_path / "store")
     model, opt = build()
     store = LayerStore(model, opt, tier="disk", directory=directory)
@@ -243,8 +289,16 @@ def test_full_disk_is_one_error_and_the_last_step_stays_loadable(tmp_path, monke
         fh.write(bytes(buffers[0])[:100])
         raise OSError(28, os.strerror(28))
 
-    monkeypatch.setattr(rev.offload, "_write_payload", full)
-    with pytest.raises(OffloadError, match=r"lm_head\.\d\.safetensors: cannot write .*No space left"):
+    def full_at(fd, data, offset):
+        raise OSError(28, os.strerror(28))
+
+    if where == "layer":  # the head is first in backward, but it does not write through _write_payload
+        monkeypatch.setattr(rev.offload, "_write_payload", full)
+        match = r"model\.layers\.2\.\d\.safetensors: cannot write .*No space left"
+    else:
+        monkeypatch.setattr(rev.offload, "_write_at", full_at)
+        match = r"lm_head\.\d\.safetensors: cannot write .*No space left"
+    with pytest.raises(OffloadError, match=match):
         train(model, 1, start=2)
     monkeypatch.undo()
     store.detach()

@@ -288,6 +288,37 @@ def test_adamw_defaults_to_its_fused_kernel_unless_the_caller_chooses():
     assert "fused" not in fused_default(torch.optim.AdamW, [torch.zeros(2, dtype=torch.long)], {})
 
 
+@pytest.mark.parametrize("cls,kw", [(torch.optim.AdamW, {"weight_decay": 0.1}), (torch.optim.AdamW, {"foreach": False}),
+                                    (torch.optim.Adam, {}), (torch.optim.SGD, {"momentum": 0.9})],
+                         ids=["adamw-fused", "adamw-loop", "adam-fused", "sgd-momentum"])
+def test_large_parameters_step_in_row_slices_bit_identically(cls, kw, monkeypatch):
+    """Above SLICE_ELEMENTS a parameter is stepped in row slices (views of it, its gradient and its
+    state; the update's temporaries one slice at a time): the weights and the state equal the whole
+    step's bit for bit, from the step that creates the state on. Slices start on whole 64-element
+    units, here with 70-element rows and both threads running each slice's update."""
+    monkeypatch.setattr(rev.optim, "SLICE_ELEMENTS", 20000)
+    torch.manual_seed(0)
+    w0 = torch.randn(3001, 70)
+    whole, sliced = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    ref = rev.optim.create(cls, [whole], lr=1e-2, **kw)
+    opt = InBackwardOptimizer([sliced], cls, lr=1e-2, **kw)
+    rows = opt.row_slices(sliced)
+    assert len(rows) >= 10 and rows[0].start == 0 and rows[-1].stop == 3001
+    assert all(r.start * 70 % 64 == 0 and r.stop == n.start for r, n in zip(rows, rows[1:]))
+    small = nn.Parameter(torch.randn(100, 70))
+    assert InBackwardOptimizer([small], cls, lr=1e-2, **kw).row_slices(small) is None
+    for step in range(3):
+        g = torch.randn(3001, 70) * (step + 1)
+        (whole * g).sum().backward()
+        ref.step()
+        ref.zero_grad()
+        (sliced * g).sum().backward()
+        assert torch.equal(whole, sliced)
+        assert ref.state[whole].keys() == opt.state[sliced].keys()
+        for k, v in ref.state[whole].items():
+            assert torch.equal(v, opt.state[sliced][k]), k
+
+
 @pytest.mark.parametrize("name", ["adamw8bit", "adamw4bit"])
 def test_eager_low_bit_update_in_row_slices_equals_the_whole_update(name, monkeypatch):
     """A large parameter is updated in row slices cut on the quantized moments' block boundaries (the

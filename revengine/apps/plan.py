@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from revengine.convert import FAMILIES
+from revengine.optim import SLICE_ELEMENTS
 from revengine.models.config import RevMoEConfig, read_config_json
 
 PROG = "revengine plan"
@@ -96,6 +97,12 @@ OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2.0 + 8.0 / 256, "adamw4bit": 1.0 + 8.0
 # parameter's step in backward.
 def update_temps(strategy: "Strategy") -> float:
     return 8.0 if (strategy.optimizer, strategy.weights) == ("adamw", "fp32") else 0.0
+
+
+def sliced_update(strategy: "Strategy") -> bool:
+    """Whether the optimizer is torch's AdamW (fp32 weights), which InBackwardOptimizer steps in row
+    slices; with bf16 weights or low-bit state it is torchao's."""
+    return (strategy.optimizer, strategy.weights) == ("adamw", "fp32")
 
 
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0}
@@ -228,9 +235,21 @@ class Shapes:
         keeps off the device: vocab x hidden when they are untied; a tied one stays (0)."""
         return 0 if self.tied else self.vocab * self.hidden
 
+    def _large_tensors(self) -> List[Tuple[int, int]]:
+        """(elements, elements per row) of the tensors that can be the largest: the embedding or head,
+        an expert stack (gate and up), the shared expert's."""
+        H = self.hidden
+        return [(self.vocab * H, H), (2 * self.experts * self.expert_width * H, 2 * self.expert_width * H),
+                (H * self.shared_width, H)]
+
     def largest_tensor(self) -> int:
-        return max(self.vocab * self.hidden, 2 * self.experts * self.expert_width * self.hidden,
-                   self.hidden * self.shared_width)
+        return max(n for n, _ in self._large_tensors())
+
+    def end_slice(self) -> int:
+        """Elements of the stored embedding's or head's row slice (its state on disk is read and
+        stepped one slice at a time: revengine.offload)."""
+        n, row = self._large_tensors()[0]
+        return min(n, max(row, SLICE_ELEMENTS // row * row))
 
     # activations: elements per token ---------------------------------------------------------------
     def attn_elements(self) -> float:
@@ -337,7 +356,10 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
     # (one end at a time)
     ends = s.stored_end() if st.offload else 0.0
     ob = OPTIMIZERS[st.optimizer]
-    extra = max(0.0, ends * (wb + ob) - layer_p * wb)
+    # on disk, torch's AdamW state of an end comes in row slices inside its step (never whole)
+    sliced_ends = st.offload == "disk" and sliced_update(st)
+    end_state = min(ends, s.end_slice()) * ob if sliced_ends else ends * ob
+    extra = max(0.0, ends * wb + end_state - layer_p * wb)
     end_w = max(0.0, (ends - layer_p) * wb)
     base = {"weights": (held_w - 2 * ends) * wb + end_w, "optimizer": (held_o - 2 * ends) * ob + (extra - end_w)}
 
