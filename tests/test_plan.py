@@ -216,37 +216,44 @@ def test_presets_ship_as_package_data():
 
 
 def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
-    """Under offload the device holds two layers' weights and one layer's state (the one stepped, the one
-    below read ahead) and what stays; an untied embedding or head comes in beside one layer in place of
-    the layer below, which for Mixtral's 1.4B-parameter layers is less. The store keeps every layer and
-    both ends (two slots on disk) and moves 3 weight + 2 state copies of each per step."""
+    """Under offload the device holds, besides what stays (the final norm), at the loss the last layer's
+    weights and the head's weights, grads and state; in a layer's re-run two layers' weights, one
+    layer's state and its grads; at the end of backward layer 0's weights, state and grads and the
+    embedding's weights and state. On disk torch's AdamW state of an end comes a row slice at a time.
+    The activations and the loss are those of the model without the store. The store keeps every
+    layer and both ends (two slots on disk) and moves 3 weight + 2 state copies of each per step."""
     s = plan.load_shapes("mixtral-8x7b")
     on = plan.Strategy.parse("rev-bdia/adamw8bit/bf16/in-backward")
     off = plan.Strategy.parse("rev-bdia/adamw8bit/bf16/in-backward/offload-disk")
     assert off.offload == "disk" and off.name.endswith("/offload-disk") and not s.tied
     P, Lp, L, E = s.params("bdia"), s.layer_params("bdia"), s.layers, s.vocab * s.hidden
-    a, b = plan.phases(s, on, 1, 4096)["loss"], plan.phases(s, off, 1, 4096)["loss"]
-    assert b["weights"] == (P - (L - 2) * Lp - 2 * E) * 2.0  # stepped, read ahead
-    assert b["optimizer"] == pytest.approx((P - (L - 1) * Lp - 2 * E) * plan.OPTIMIZERS["adamw8bit"])
-    host = plan.phases(s, plan.Strategy.parse(on.name + "/offload-host"), 1, 4096)["loss"]
-    assert host["weights"] == b["weights"]
-    assert {k: v for k, v in a.items() if k not in ("weights", "optimizer")} == \
-        {k: v for k, v in b.items() if k not in ("weights", "optimizer")}
-    # an end larger than a layer's weights: it counts in place of the layer below
-    big = plan.load_shapes("qwen-moe-mini")
-    fp32 = plan.Strategy.parse("rev-bdia/adamw/fp32/in-backward/offload-disk")
-    Pm, Lm, Em, Ln = big.params("bdia"), big.layer_params("bdia"), big.vocab * big.hidden, big.layers
-    assert Em * 12 > Lm * 4 and not big.tied
-    held = plan.phases(big, fp32, 1, 512)["loss"]
-    kept = (Pm - (Ln - 2) * Lm - 2 * Em) * 4 + (Pm - (Ln - 1) * Lm - 2 * Em) * 8 - Lm * 4
-    # on disk torch's AdamW state of an end is read a row slice at a time (1M elements: 4096 rows of 256)
-    assert big.end_slice() == 4096 * 256 < Em
-    assert held["weights"] + held["optimizer"] == pytest.approx(kept + Em * 4 + big.end_slice() * 8)
-    host = plan.phases(big, plan.Strategy.parse("rev-bdia/adamw/fp32/in-backward/offload-host"), 1, 512)["loss"]
-    assert host["weights"] + host["optimizer"] == pytest.approx(kept + Em * 12)  # whole in host memory's window
-    fig = plan.store_figures(s, off)
     ob = plan.OPTIMIZERS["adamw8bit"]
     rest = P - L * Lp - 2 * E  # the final norm
+    a, ph = plan.phases(s, on, 1, 4096), plan.phases(s, off, 1, 4096)
+    assert set(ph) == {"loss", "layer re-run", "end of backward"}
+    assert ph["loss"]["weights"] == (rest + Lp + E) * 2.0 and ph["loss"]["optimizer"] == pytest.approx((rest + E) * ob)
+    assert ph["loss"]["grads"] == 2 * E * 2.0
+    rerun = ph["layer re-run"]
+    assert rerun["weights"] == (rest + 2 * Lp) * 2.0 and rerun["optimizer"] == pytest.approx((rest + Lp) * ob)
+    assert rerun["grads"] == Lp * 2.0  # the low-bit update makes no temporaries
+    bottom = ph["end of backward"]
+    assert bottom["weights"] == (rest + Lp + E) * 2.0 and bottom["optimizer"] == pytest.approx((rest + Lp + E) * ob)
+    for name in ("stored", "logits"):
+        assert ph["loss"][name] == a["loss"][name]
+    assert rerun["layer"] == a["end of backward"]["layer"] and rerun["stored"] == a["loss"]["stored"]
+    host = plan.phases(s, plan.Strategy.parse(on.name + "/offload-host"), 1, 4096)
+    assert host == ph  # torchao's low-bit state: whole on both tiers
+    # torch's AdamW: on disk an end's state is read a row slice at a time (1M elements: 4096 rows of 256)
+    big = plan.load_shapes("qwen-moe-mini")
+    Lm, Em = big.layer_params("bdia"), big.vocab * big.hidden
+    assert big.end_slice() == 4096 * 256 < Em and not big.tied
+    disk = plan.phases(big, plan.Strategy.parse("rev-bdia/adamw/fp32/in-backward/offload-disk"), 1, 512)
+    host = plan.phases(big, plan.Strategy.parse("rev-bdia/adamw/fp32/in-backward/offload-host"), 1, 512)
+    assert host["loss"]["optimizer"] - disk["loss"]["optimizer"] == pytest.approx((Em - big.end_slice()) * 8)
+    # a layer's grads at once, and the update temporaries (two fp32 copies) of its largest tensor:
+    # the experts' gate and up projections, 16 x 352 x 256
+    assert disk["layer re-run"]["grads"] == Lm * 4 + 16 * 352 * 256 * 8
+    fig = plan.store_figures(s, off)
     assert fig["moved_bytes_per_step"] == pytest.approx((L * Lp + 2 * E) * (3 * 2 + 2 * ob) + rest * (2 + ob))
     assert fig["store_bytes"] == pytest.approx(2 * P * (2 + ob))
     assert plan.store_figures(s, on) == {}

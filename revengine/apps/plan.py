@@ -347,21 +347,8 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
     P = s.params(st.scheme)
     layer_p = s.layer_params(st.scheme)
     head_p = V * H
-    # with the layers off the device between uses: the layer being stepped (weights and state) and
-    # the one below (its weights read ahead once the write-back of the one above has landed)
-    win_w, win_o = (2, 1) if st.offload else (L, L)
-    held_w, held_o = P - (L - win_w) * layer_p, P - (L - win_o) * layer_p
-    # the store streams an untied embedding and head too: the embedding's weights and state come in
-    # for its step beside layer 0's (in place of a layer below); the head's beside the last layer's
-    # (one end at a time)
-    ends = s.stored_end() if st.offload else 0.0
     ob = OPTIMIZERS[st.optimizer]
-    # on disk, torch's AdamW state of an end comes in row slices inside its step (never whole)
-    sliced_ends = st.offload == "disk" and sliced_update(st)
-    end_state = min(ends, s.end_slice()) * ob if sliced_ends else ends * ob
-    extra = max(0.0, ends * wb + end_state - layer_p * wb)
-    end_w = max(0.0, (ends - layer_p) * wb)
-    base = {"weights": (held_w - 2 * ends) * wb + end_w, "optimizer": (held_o - 2 * ends) * ob + (extra - end_w)}
+    base = {"weights": P * wb, "optimizer": P * ob}
 
     def grads(held_params: float) -> float:
         if st.in_backward:  # one tensor's grad at a time, plus its update's temporaries
@@ -402,8 +389,38 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
     chunk_inputs = T * H * ab if o["moe_chunk_size"] else 0.0
     layer = c["rev_layer"] * ((max(attn, moe) if o["attention_recompute"] else attn + moe) + chunk_inputs)
     logits = c["rev_loss_chunks"] * min(T, o["loss_chunk_size"]) * V * 4.0 + 2 * T * H * 4.0
+    if st.offload:
+        return store_phases(s, st, stored, layer, logits)
     return {"loss": phase(grads(head_p), stored=stored, logits=logits),
             "end of backward": phase(grads(P), stored=stored, layer=layer), **step}
+
+
+def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: float) -> Dict[str, Dict[str, float]]:
+    """The phases of a step whose layers live in the store between uses (revengine.offload): what is
+    in memory then, besides the parameters outside the stacks and the ends (the final norm, a tied
+    embedding) and their state.
+      - loss: the last layer's weights (backward re-runs it first), the head's weights and its
+        gradient twice (the loss's and the parameter's), and for its step the head's state (on
+        disk, torch's AdamW state a row slice at a time);
+      - a layer's re-run: its weights and state, the weights of the layer below (read ahead), the
+        gradients of all its parameters (its vector-Jacobian product returns them together) and the
+        largest one's update temporaries, its working set;
+      - end of backward: layer 0's weights and state and its gradients, the embedding's weights
+        (read ahead for its step, the last) and its state, and the working set.
+    One layer's place in the window is taken by an end at each end of the backward."""
+    wb, ob = WEIGHT_BYTES[st.weights], OPTIMIZERS[st.optimizer]
+    L, layer_p, head_p, end = s.layers, s.layer_params(st.scheme), s.vocab * s.hidden, s.stored_end()
+    rest = s.params(st.scheme) - L * layer_p - 2 * end
+    end_state = min(end, s.end_slice()) * ob if st.offload == "disk" and sliced_update(st) else end * ob
+    largest = max(n for n, _ in s._large_tensors()[1:])  # a layer's largest tensor (an expert stack)
+    temps = largest * update_temps(st)
+
+    def ph(w, o, g, layer_b=0.0, logits_b=0.0):
+        return {"weights": (rest + w) * wb, "optimizer": rest * ob + o, "grads": g, "stored": stored,
+                "layer": layer_b, "logits": logits_b}
+    return {"loss": ph(layer_p + end, end_state, 2 * head_p * wb, logits_b=logits),
+            "layer re-run": ph(2 * layer_p, layer_p * ob, layer_p * wb + temps, layer_b=layer),
+            "end of backward": ph(layer_p + end, layer_p * ob + end_state, layer_p * wb + temps, layer_b=layer)}
 
 
 @dataclass
