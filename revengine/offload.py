@@ -326,6 +326,8 @@ class _StateRows:
         return out
 
     def write(self, rows: slice, state: Dict[str, object]) -> None:
+        if rows.start == 0 and self.fd is not None:
+            self._abandon()  # the file of a step that failed before the end's release
         if self.fd is None:
             self._open(state)
         try:
@@ -1082,6 +1084,8 @@ class LayerStore:
         for end in self.ends:
             if end.sliced:
                 self.optimizer.set_row_source(end.params[0], None)
+            if end.partial is not None:
+                end.partial._abandon()
         for pool in (self._reader, self._writer, self._syncer):
             if pool is not None:
                 pool.shutdown(wait=True)

@@ -429,6 +429,35 @@ def test_truncated_or_vanished_files_name_the_file(tmp_path):
         LayerStore.open(model, opt, directory)
 
 
+def test_a_truncated_ends_state_rows_name_the_file_and_leave_no_partial_file(tmp_path):
+    """The head's state comes a row slice at a time inside its step: a file cut short in its last
+    rows fails that slice's read, after earlier slices were written into the next version's file.
+    The error names the file; the next attempt starts that file over; detach removes it."""
+    directory = str(tmp_path / "store")
+    model, opt = build()
+    store = LayerStore(model, opt, tier="disk", directory=directory)
+    train(model, 2)
+    path = os.path.join(directory, "lm_head.0.safetensors")  # step 2's head
+    with open(path, "rb") as fh:
+        whole = fh.read()
+    with open(path, "r+b") as fh:
+        fh.truncate(len(whole) - 1000)
+    with pytest.raises(OffloadError, match=r"lm_head\.0\.safetensors: truncated while reading state\.weight"):
+        train(model, 1, start=2)
+    assert [f for f in os.listdir(directory) if ".tmp" in f] == [f"lm_head.1.safetensors.tmp-{os.getpid()}"]
+    store.detach()
+    assert not [f for f in os.listdir(directory) if ".tmp" in f]
+    with open(path, "wb") as fh:  # the file whole again: the store opens at step 2 as if nothing happened
+        fh.write(whole)
+    ref_model, ref_opt = build()
+    train(ref_model, 2)
+    model, opt = build()
+    store = LayerStore.open(model, opt, directory)
+    assert store.step == 2
+    store.close()
+    assert_same(snapshot(model, opt), snapshot(ref_model, ref_opt))
+
+
 def test_a_store_of_another_model_or_optimizer_is_refused(tmp_path):
     directory = str(tmp_path / "store")
     model, opt = build()

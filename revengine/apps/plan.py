@@ -25,8 +25,8 @@ A strategy is `BASE/OPTIMIZER/WEIGHTS[/in-backward]`:
                (revengine.optim.InBackwardOptimizer): the model's grads never exist at once
     offload-disk / offload-host  (reversible, in-backward) the layers and their optimizer state live on
                disk or in host memory between uses (revengine.offload.LayerStore): the device holds
-               two layers' weights and one layer's state (at the embedding's step: one layer's
-               and the embedding's, when larger) and what stays; printed
+               at most two layers' weights, one layer's state and one layer's grads (at the ends
+               of backward an end in place of a layer: store_phases) and what stays; printed
                below the table: the store's bytes and the bytes moved per step (with --bandwidth,
                the step time they bound)
 
