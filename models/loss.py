@@ -55,6 +55,11 @@ class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gh, gw = ctx.saved_tensors
+        if bool(grad == 1):
+            # the loss itself (not scaled): the saved grads are the grads. Returned as they are, they
+            # are not copied: autograd frees the saved references first (without retain_graph), so
+            # the head's gradient takes them over; the head's [vocab, hidden] gradient exists once.
+            return gh, gw, None, None
         return (gh * grad.to(gh.dtype) if gh is not None else None,
                 gw * grad.to(gw.dtype) if gw is not None else None, None, None)
 

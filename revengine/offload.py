@@ -973,10 +973,7 @@ class LayerStore:
                 self._load(layer, "state", wait=False)
             if i > 0:
                 self._load(self.layers[i - 1], "param", wait=False)
-            elif self._input is not None and stepping:  # the embedding's step comes last
-                self._load(self._input, "param", wait=False)
-                if not self._input.sliced:
-                    self._load(self._input, "state", wait=False)
+            # (the embedding's step, the last, is read for once layer 0 is released: _after_grad)
         elif i + 1 < len(self.layers):
             self._load(self.layers[i + 1], "param", wait=False)
         elif self._output is not None:
@@ -1013,6 +1010,12 @@ class LayerStore:
         layer.pending -= 1
         if layer.pending <= 0:
             self._release(layer)
+            if layer is self.layers[0] and self._input is not None and not self.optimizer.measuring_norm:
+                # the embedding's step comes last: its weights (and state) are read once layer 0's
+                # write-back has freed that memory, while the embedding's gradient is computed
+                self._load(self._input, "param", wait=False)
+                if not self._input.sliced:
+                    self._load(self._input, "state", wait=False)
 
     # -- API ---------------------------------------------------------------------------------------
 

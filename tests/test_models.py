@@ -140,6 +140,34 @@ def test_chunked_cross_entropy_equals_full_logits():
     assert float(out) == 0.0 and not ch.any() and not cw.any()
 
 
+def test_chunked_cross_entropy_hands_over_its_saved_head_gradient():
+    """The loss's grads are computed in forward and saved; for the loss itself (incoming grad 1) the
+    head's gradient is the saved tensor, not a copy (one [vocab, hidden] tensor, not two), and the
+    saved grads are not changed: a retained graph's second backward, and a scaled loss, are right."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    ref_h, ref_w = torch.autograd.grad(torch.nn.functional.cross_entropy(h @ w.t(), labels), (h, w))
+    saved = []
+
+    def pack(t):
+        saved.append(t.data_ptr())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = chunked_cross_entropy(h, w, labels, 8)
+    out.backward()
+    assert w.grad.data_ptr() in saved and h.grad.data_ptr() in saved
+    assert rel(w.grad, ref_w) < 1e-13 and rel(h.grad, ref_h) < 1e-13
+    h.grad = w.grad = None
+    out = chunked_cross_entropy(h, w, labels, 8)
+    out.backward(retain_graph=True)
+    first = w.grad.clone()
+    w.grad = None
+    (out * 0.5).backward()
+    assert torch.equal(w.grad, first * 0.5) and rel(first, ref_w) < 1e-13
+
+
 @pytest.mark.parametrize("block_type", BLOCK_TYPES)
 def test_generate_with_kv_cache_equals_recomputing(block_type):
     model = build(tiny(block_type, layers=3), dtype=torch.float32)

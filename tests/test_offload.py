@@ -135,8 +135,9 @@ def test_layers_are_released_between_uses(tmp_path):
 
 def test_backward_holds_two_layers_weights_and_one_layers_state(tmp_path, monkeypatch):
     """At every step inside backward the memory held is the stepped layer's weights and state and the
-    weights of the layer below (read once the write-back of the one above has freed its memory), or
-    at the bottom layer 0's and the embedding's: never three layers' weights or two layers' state."""
+    weights of the layer below (read once the write-back of the one above has freed its memory); at
+    the top the head and the last layer; at the bottom the embedding alone (read once layer 0's
+    write-back has freed its memory): never three layers' weights or two layers' state."""
     model, opt = build(layers=6)
     store = LayerStore(model, opt, tier="disk", directory=str(tmp_path / "s"))
     write = rev.offload._write_payload
@@ -162,6 +163,9 @@ def test_backward_holds_two_layers_weights_and_one_layers_state(tmp_path, monkey
         end = (h["param"] | h["state"]) & ends
         assert len(end) <= 1, h
         assert len(layers["state"]) <= 1 and len(layers["param"]) <= (1 if end else 2), h
+        if "model.embed_tokens" in end:  # its step, the last: read once layer 0 was written back
+            assert not layers["param"] and not layers["state"], h
+    assert sum("model.embed_tokens" in h["param"] for h in held) == 3
     assert max(len(h["param"]) for h in held) == 2  # the window is full at times
     store.close()
 

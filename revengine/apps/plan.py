@@ -400,14 +400,13 @@ def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: f
     in memory then, besides the parameters outside the stacks and the ends (the final norm, a tied
     embedding) and their state.
       - loss: the last layer's weights (backward re-runs it first), the head's weights and its
-        gradient twice (the loss's and the parameter's), and for its step the head's state (on
+        gradient (the loss's, which becomes the parameter's), and for its step the head's state (on
         disk, torch's AdamW state a row slice at a time);
       - a layer's re-run: its weights and state, the weights of the layer below (read ahead), the
         gradients of all its parameters (its vector-Jacobian product returns them together) and the
         largest one's update temporaries, its working set;
-      - end of backward: layer 0's weights and state and its gradients, the embedding's weights
-        (read ahead for its step, the last) and its state, and the working set.
-    One layer's place in the window is taken by an end at each end of the backward."""
+      - the embedding's step, the last: its weights (read once layer 0's write-back freed its
+        memory), its gradient and its state (a row slice on disk)."""
     wb, ob = WEIGHT_BYTES[st.weights], OPTIMIZERS[st.optimizer]
     L, layer_p, head_p, end = s.layers, s.layer_params(st.scheme), s.vocab * s.hidden, s.stored_end()
     rest = s.params(st.scheme) - L * layer_p - 2 * end
@@ -418,9 +417,9 @@ def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: f
     def ph(w, o, g, layer_b=0.0, logits_b=0.0):
         return {"weights": (rest + w) * wb, "optimizer": rest * ob + o, "grads": g, "stored": stored,
                 "layer": layer_b, "logits": logits_b}
-    return {"loss": ph(layer_p + end, end_state, 2 * head_p * wb, logits_b=logits),
+    return {"loss": ph(layer_p + end, end_state, head_p * wb, logits_b=logits),
             "layer re-run": ph(2 * layer_p, layer_p * ob, layer_p * wb + temps, layer_b=layer),
-            "end of backward": ph(layer_p + end, layer_p * ob + end_state, layer_p * wb + temps, layer_b=layer)}
+            "embedding's step": ph(end, end_state, end * wb)}
 
 
 @dataclass
