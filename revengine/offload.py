@@ -42,7 +42,8 @@ parameters has been stepped (not after the backward's re-run: its vector-Jacobia
 needs it). The next layer's weights are read ahead (in backward with this layer's optimizer state).
 A reader and a writer thread do the I/O; a read waits for its layer's last write-back and for the
 write-back in flight, so at most two layers' weights and one layer's state are in memory (the one
-stepped and the one below; at the bottom, layer 0's and the embedding's). A write-back frees its
+stepped and the one below; at the top the last layer's and the head's; at the bottom the embedding's
+alone, read for its step once layer 0's write-back has freed its memory). A write-back frees its
 memory once the file is in the page cache; a third thread flushes it to the disk, and store.json
 names a step only once all its files are flushed.
 

@@ -89,14 +89,15 @@ BDIA_DROPPED_BITS = round(-math.log2(RevMoEConfig().bdia_gamma))
 
 BASES = ("hf-plain", "hf-checkpoint", "rev-bdia", "rev-revffn")
 OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2.0 + 8.0 / 256, "adamw4bit": 1.0 + 8.0 / 128}  # state bytes per parameter
-# Temporaries of one tensor's update, bytes per element. torch's AdamW (fp32 weights): two fp32
-# tensors (its per-tensor update builds the denominator out of place: sqrt, then the division;
-# measured). Low-bit states and bf16 weights: none, since revengine's CPU update (and torchao's
-# compiled one on a GPU) reads and writes each element once (measured: the plan_check low-bit rows).
-# The largest tensor sets the step's peak: the whole optimizer step after backward, one
-# parameter's step in backward.
+# Temporaries of one tensor's update, bytes per element. torch's AdamW (fp32 weights) stepping after
+# backward, as torch builds it by default on CPU: two fp32 tensors (its per-tensor update builds the
+# denominator out of place: sqrt, then the division; measured). Inside backward InBackwardOptimizer
+# gives it fused=True (one kernel, no temporaries), and low-bit states and bf16 weights make none
+# either, since revengine's CPU update (and torchao's compiled one on a GPU) reads and writes each
+# element once (measured: the plan_check in-backward rows). The largest tensor sets the step's
+# peak: the whole optimizer step after backward.
 def update_temps(strategy: "Strategy") -> float:
-    return 8.0 if (strategy.optimizer, strategy.weights) == ("adamw", "fp32") else 0.0
+    return 8.0 if (strategy.optimizer, strategy.weights) == ("adamw", "fp32") and not strategy.in_backward else 0.0
 
 
 def sliced_update(strategy: "Strategy") -> bool:
@@ -351,8 +352,8 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
     base = {"weights": P * wb, "optimizer": P * ob}
 
     def grads(held_params: float) -> float:
-        if st.in_backward:  # one tensor's grad at a time, plus its update's temporaries
-            return s.largest_tensor() * (wb + update_temps(st))
+        if st.in_backward:  # one tensor's grad at a time (the update makes no temporaries)
+            return s.largest_tensor() * wb
         return held_params * wb
 
     def phase(grads_b, stored=0.0, layer=0.0, logits=0.0):
@@ -403,22 +404,20 @@ def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: f
         gradient (the loss's, which becomes the parameter's), and for its step the head's state (on
         disk, torch's AdamW state a row slice at a time);
       - a layer's re-run: its weights and state, the weights of the layer below (read ahead), the
-        gradients of all its parameters (its vector-Jacobian product returns them together) and the
-        largest one's update temporaries, its working set;
+        gradients of all its parameters (its vector-Jacobian product returns them together), its
+        working set;
       - the embedding's step, the last: its weights (read once layer 0's write-back freed its
         memory), its gradient and its state (a row slice on disk)."""
     wb, ob = WEIGHT_BYTES[st.weights], OPTIMIZERS[st.optimizer]
     L, layer_p, head_p, end = s.layers, s.layer_params(st.scheme), s.vocab * s.hidden, s.stored_end()
     rest = s.params(st.scheme) - L * layer_p - 2 * end
     end_state = min(end, s.end_slice()) * ob if st.offload == "disk" and sliced_update(st) else end * ob
-    largest = max(n for n, _ in s._large_tensors()[1:])  # a layer's largest tensor (an expert stack)
-    temps = largest * update_temps(st)
 
     def ph(w, o, g, layer_b=0.0, logits_b=0.0):
         return {"weights": (rest + w) * wb, "optimizer": rest * ob + o, "grads": g, "stored": stored,
                 "layer": layer_b, "logits": logits_b}
     return {"loss": ph(layer_p + end, end_state, head_p * wb, logits_b=logits),
-            "layer re-run": ph(2 * layer_p, layer_p * ob, layer_p * wb + temps, layer_b=layer),
+            "layer re-run": ph(2 * layer_p, layer_p * ob, layer_p * wb, layer_b=layer),
             "embedding's step": ph(end, end_state, end * wb)}
 
 
