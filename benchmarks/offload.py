@@ -12,13 +12,14 @@ stepped inside backward (revengine.optim.InBackwardOptimizer). Contenders:
            forward and its re-run, its AdamW state before its step, and both written back after it
 
 Each figure is a fresh subprocess (MALLOC_MMAP_THRESHOLD_=65536): build, one warm-up step (AdamW
-state), then --steps measured steps. Peak = the process's resident set size at the top of a step
+state), then --steps measured steps; --rounds such subprocesses per figure, the two contenders
+alternating, keep the fastest median step and the highest peak. Peak = the process's resident set size at the top of a step
 (VmRSS before it + its peak rise, the largest over the steps: what the machine must have); time =
 the median step. Bandwidth: the store's own write (safetensors + fsync + rename) and read (reads
 into existing tensors) of a 64 MiB file, repeated, in the same process. Reads usually come from
 the kernel's page cache (the files were just written), which is not the process's memory.
 
-    python benchmarks/offload.py                       # 12 24 48 layers (about 15 min on 2 cores)
+    python benchmarks/offload.py                       # 12 24 48 layers (about 6 min on 2 cores)
     python benchmarks/offload.py --depths 12 48 --steps 2
     python benchmarks/offload.py --quick               # tiny config, seconds (the tests run it)
     python benchmarks/offload.py --clip global         # with global grad-norm clipping (two passes per step)
@@ -133,6 +134,9 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", type=int, nargs="*", default=None, help="layers (default 12 24 48)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per step (default 512)")
     ap.add_argument("--steps", type=int, default=3, help="measured steps per figure (default 3)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="times each figure is measured, the contenders alternating; the fastest median step "
+                         "and the highest peak are kept (default 2: this machine's step times drift by ~20%%)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--clip", default="none", choices=("none", "per-tensor", "global"),
                     help="gradient clipping to norm 1 (global: InBackwardOptimizer.step_two_pass, two passes)")
@@ -146,13 +150,20 @@ def main(argv=None) -> int:
           + ("" if a.clip == "none" else f"; clipping {a.clip}"), flush=True)
     rows = {}
     for d in depths:
-        for tier in TIERS:
-            rows[(tier, d)] = r = measure_in_subprocess(
-                os.path.abspath(__file__) + ":measure",
-                dict(tier=tier, quick=a.quick, layers=d, seq=seq, steps=a.steps, threads=a.threads, clip=a.clip),
-                env=env, timeout=7200)
-            print(f"  measured {tier} at {d} layers ({time.perf_counter() - t0:.0f} s): peak {r['peak_mb']:.0f} MiB, "
-                  f"{r['seconds']:.1f} s/step", flush=True)
+        for _ in range(a.rounds):
+            for tier in TIERS:
+                r = measure_in_subprocess(
+                    os.path.abspath(__file__) + ":measure",
+                    dict(tier=tier, quick=a.quick, layers=d, seq=seq, steps=a.steps, threads=a.threads, clip=a.clip),
+                    env=env, timeout=7200)
+                print(f"  measured {tier} at {d} layers ({time.perf_counter() - t0:.0f} s): peak {r['peak_mb']:.0f} "
+                      f"MiB, {r['seconds']:.1f} s/step", flush=True)
+                best = rows.get((tier, d))
+                if best is not None:  # the faster step time and the higher peak (what the machine must have)
+                    mem = best if best["peak_mb"] >= r["peak_mb"] else r
+                    r = dict(r, seconds=min(r["seconds"], best["seconds"]), peak_mb=mem["peak_mb"],
+                             base_mb=mem["base_mb"])
+                rows[(tier, d)] = r
     print()
     table_header("layers", "parameters", "weights + AdamW state MiB", "peak MiB, none", "peak MiB, disk",
                  "disk / none", "s/step, none", "s/step, disk", "MiB moved/step", "write / read MB/s",
