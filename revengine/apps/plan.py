@@ -81,10 +81,6 @@ CAL = {
                                # weights' dtype, at fp32, besides its two streams (the stack's input and
                                # output, the head's normed input and the streams' grad)
     "rev_loss_chunks": 3.0,    # not fitted: [chunk, vocab] fp32 tensors of the chunked loss at once
-    "store_layer_grads": 3.0,  # the layer store's re-run phase: copies of a layer's gradients its peak
-                               # holds, read off benchmarks/offload.py (a sampler of the resident memory
-                               # put 22 MiB, two more copies, above the formula's one at 12 layers, 512
-                               # and 2048 tokens); not explained yet
 }
 # Options of the converted models (RevMoEConfig fields) the reversible strategies assume.
 REV_DEFAULTS = dict(moe_chunk_size=256, loss_chunk_size=64, attention_recompute=True)
@@ -395,13 +391,12 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
     layer = c["rev_layer"] * ((max(attn, moe) if o["attention_recompute"] else attn + moe) + chunk_inputs)
     logits = c["rev_loss_chunks"] * min(T, o["loss_chunk_size"]) * V * 4.0 + 2 * T * H * 4.0
     if st.offload:
-        return store_phases(s, st, stored, layer, logits, c)
+        return store_phases(s, st, stored, layer, logits)
     return {"loss": phase(grads(head_p), stored=stored, logits=logits),
             "end of backward": phase(grads(P), stored=stored, layer=layer), **step}
 
 
-def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: float,
-                 c: Dict[str, float]) -> Dict[str, Dict[str, float]]:
+def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: float) -> Dict[str, Dict[str, float]]:
     """The phases of a step whose layers live in the store between uses (revengine.offload): what is
     in memory then, besides the parameters outside the stacks and the ends (the final norm, a tied
     embedding) and their state.
@@ -409,8 +404,8 @@ def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: f
         gradient (the loss's, which becomes the parameter's), and for its step the head's state (on
         disk, torch's AdamW state a row slice at a time);
       - a layer's re-run: its weights and state, the weights of the layer below (read ahead), the
-        gradients of all its parameters (its vector-Jacobian product returns them together;
-        measured: about three copies at the peak, CAL["store_layer_grads"]), its working set;
+        gradients of all its parameters (its vector-Jacobian product returns them together), its
+        working set;
       - the embedding's step, the last: its weights (read once layer 0's write-back freed its
         memory), its gradient and its state (a row slice on disk)."""
     wb, ob = WEIGHT_BYTES[st.weights], OPTIMIZERS[st.optimizer]
@@ -422,7 +417,7 @@ def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: f
         return {"weights": (rest + w) * wb, "optimizer": rest * ob + o, "grads": g, "stored": stored,
                 "layer": layer_b, "logits": logits_b}
     return {"loss": ph(layer_p + end, end_state, head_p * wb, logits_b=logits),
-            "layer re-run": ph(2 * layer_p, layer_p * ob, c["store_layer_grads"] * layer_p * wb, layer_b=layer),
+            "layer re-run": ph(2 * layer_p, layer_p * ob, layer_p * wb, layer_b=layer),
             "embedding's step": ph(end, end_state, end * wb)}
 
 
