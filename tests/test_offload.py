@@ -75,6 +75,17 @@ def assert_same(a, b):
         for k in x:
             assert all(torch.equal(u, v) for u, v in zip(x[k], y[k])), k
 
+def assert_opens_as_uninterrupted(directory, steps):
+    """The store in `directory` opens at `steps` and equals that many uninterrupted steps."""
+    ref_model, ref_opt = build()
+    train(ref_model, steps)
+    model, opt = build()
+    store = LayerStore.open(model, opt, directory)
+    assert store.step == steps
+    store.close()
+    assert_same(snapshot(model, opt), snapshot(ref_model, ref_opt))
+
+
 
 @pytest.mark.parametrize("optimizer,weights", SETTINGS)
 @pytest.mark.parametrize("tier", ["disk", "none"])
@@ -308,15 +319,7 @@ def test_full_disk_is_one_error_and_the_last_step_stays_loadable(tmp_path, monke
     store.detach()
     assert not [f for f in os.listdir(directory) if ".tmp" in f]
 
-    # the store still opens at step 2, and equals two uninterrupted steps
-    ref_model, ref_opt = build()
-    train(ref_model, 2)
-    expect = snapshot(ref_model, ref_opt)
-    model, opt = build()
-    store = LayerStore.open(model, opt, directory)
-    assert store.step == 2
-    store.close()
-    assert_same(snapshot(model, opt), expect)
+    assert_opens_as_uninterrupted(directory, 2)
 
 
 def test_store_json_names_only_files_already_flushed(tmp_path, monkeypatch):
@@ -378,14 +381,7 @@ def test_a_failed_flush_is_one_error_and_the_last_step_stays_loadable(tmp_path, 
     store.detach()
     with open(os.path.join(directory, "store.json")) as fh:
         assert json.load(fh)["step"] == 2
-
-    ref_model, ref_opt = build()
-    train(ref_model, 2)
-    model, opt = build()
-    store = LayerStore.open(model, opt, directory)
-    assert store.step == 2
-    store.close()
-    assert_same(snapshot(model, opt), snapshot(ref_model, ref_opt))
+    assert_opens_as_uninterrupted(directory, 2)
 
 
 def test_reads_ask_for_huge_pages_inside_their_buffers(tmp_path, monkeypatch):
@@ -453,13 +449,7 @@ def test_a_truncated_ends_state_rows_name_the_file_and_leave_no_partial_file(tmp
     assert not [f for f in os.listdir(directory) if ".tmp" in f]
     with open(path, "wb") as fh:  # the file whole again: the store opens at step 2 as if nothing happened
         fh.write(whole)
-    ref_model, ref_opt = build()
-    train(ref_model, 2)
-    model, opt = build()
-    store = LayerStore.open(model, opt, directory)
-    assert store.step == 2
-    store.close()
-    assert_same(snapshot(model, opt), snapshot(ref_model, ref_opt))
+    assert_opens_as_uninterrupted(directory, 2)
 
 
 def test_a_store_of_another_model_or_optimizer_is_refused(tmp_path):
