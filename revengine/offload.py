@@ -189,7 +189,7 @@ def _layout(specs: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]], meta: Dict[st
     header: Dict[str, object] = {"__metadata__": meta}
     offset, starts = 0, {}
     for k, (dtype, shape) in specs.items():
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        n = math.prod(shape) * dtype.itemsize
         header[k] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         starts[k] = offset
         offset += n
@@ -239,6 +239,11 @@ def _cannot_write(path: str, what: str, e: OSError) -> OffloadError:
                         "completed step's files are unchanged")
 
 
+def _cannot_read(path: str, e: OSError) -> OffloadError:
+    """The one-line error of a layer file that cannot be opened or read."""
+    return OffloadError(f"{path}: cannot read the layer's file ({os.strerror(e.errno) if e.errno else e})")
+
+
 def _read_header(path: str, fh) -> Tuple[dict, int]:
     head = fh.read(8)
     if len(head) != 8:
@@ -264,7 +269,7 @@ def _read_into(path: str, targets: Dict[str, torch.Tensor]) -> Dict[str, str]:
     try:
         fh = open(path, "rb")
     except OSError as e:
-        raise OffloadError(f"{path}: cannot read the layer's file ({os.strerror(e.errno) if e.errno else e})") from None
+        raise _cannot_read(path, e) from None
     with fh:
         header, base = _read_header(path, fh)
         size = os.fstat(fh.fileno()).st_size
@@ -298,7 +303,7 @@ class _StateRows:
         self.fd: Optional[int] = None
 
     def _row_bytes(self, dtype: torch.dtype) -> int:
-        return self.param[0].numel() * torch.empty((), dtype=dtype).element_size()
+        return self.param[0].numel() * dtype.itemsize
 
     def _per_row(self, t) -> bool:
         return isinstance(t, torch.Tensor) and t.dim() == self.param.dim() and t.shape[1:] == self.param.shape[1:]
@@ -322,7 +327,7 @@ class _StateRows:
                         raise OffloadError(f"{path}: truncated while reading {name}")
                     out[name[len(self.prefix):].rsplit(".", 1)[0]] = t
         except OSError as e:
-            raise OffloadError(f"{path}: cannot read the layer's file ({os.strerror(e.errno) if e.errno else e})") from None
+            raise _cannot_read(path, e) from None
         self.store.bytes_read += sum(t.numel() * t.element_size() for t in out.values())
         return out
 
@@ -874,7 +879,7 @@ class LayerStore:
                 with open(path, "rb") as fh:
                     header, _ = _read_header(path, fh)
             except OSError as e:
-                raise OffloadError(f"{path}: cannot read the layer's file ({os.strerror(e.errno)})") from None
+                raise _cannot_read(path, e) from None
             for p in layer.params:  # a layer built released (LayerStore.build) gets its memory back
                 if p.untyped_storage().nbytes() == 0 and p.numel():
                     p.untyped_storage().resize_(p.numel() * p.element_size())

@@ -153,12 +153,17 @@ def _update_rows(p: torch.Tensor, moments) -> Iterator[Optional[slice]]:
     if p.dim() == 0 or p.numel() <= EAGER_UPDATE_ELEMENTS:
         yield None
         return
-    n, stride = p.shape[0], p.numel() // p.shape[0]
     block = max((getattr(t, "block_size", 1) for t in moments if t is not None), default=1)
-    unit = block // math.gcd(stride, block)  # rows per whole number of blocks
-    step = max(unit, EAGER_UPDATE_ELEMENTS // stride // unit * unit)
-    for start in range(0, n, step):
-        yield slice(start, min(start + step, n))
+    yield from _rows(p, EAGER_UPDATE_ELEMENTS, block)
+
+
+def _rows(p: torch.Tensor, elements: int, align: int) -> List[slice]:
+    """Row slices (dim 0) of p of about `elements` elements each, every one starting on a multiple
+    of `align` elements (the last one ends with p)."""
+    n, stride = p.shape[0], p.numel() // p.shape[0]
+    unit = align // math.gcd(stride, align)  # rows per whole number of aligned units
+    step = max(unit, elements // stride // unit * unit)
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 FUSED_CPU_STEP = True  # False: torchao's own update on CPU too (what runs on other devices)
@@ -413,10 +418,7 @@ class InBackwardOptimizer:
         if i is None or self.state_device is not None or type(self.optimizers[i]) not in SLICED_OPTIMIZERS \
                 or p.dim() < 1 or p.shape[0] < 2 or p.numel() <= SLICE_ELEMENTS or p.is_sparse:
             return None
-        stride = p.numel() // p.shape[0]
-        unit = SLICE_ALIGN // math.gcd(stride, SLICE_ALIGN)  # rows per whole number of aligned units
-        step = max(unit, SLICE_ELEMENTS // stride // unit * unit)
-        return [slice(a, min(a + step, p.shape[0])) for a in range(0, p.shape[0], step)]
+        return _rows(p, SLICE_ELEMENTS, SLICE_ALIGN)
 
     def set_row_source(self, p: torch.Tensor, source) -> None:
         """Parameter p's state rows come from `source` when it is stepped in slices: source.read(rows)
@@ -437,7 +439,10 @@ class InBackwardOptimizer:
             return
         source = self._row_sources.get(id(p))
         st = opt.state[p]
-        scalars = {k: v for k, v in st.items() if not (isinstance(v, torch.Tensor) and v.shape == p.shape)}
+
+        def per_row(v, shape) -> bool:  # a state tensor of the parameter's (or the slice's) shape
+            return isinstance(v, torch.Tensor) and v.shape == shape
+        scalars = {k: v for k, v in st.items() if not per_row(v, p.shape)}
         started = len(st) > 0  # (a source's state keeps only the scalars in the state dict)
         hyper = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
         flat, grad = p.detach(), p.grad
@@ -457,13 +462,13 @@ class InBackwardOptimizer:
                 source.write(r, new)
             elif not started:  # the first step: the whole state, filled slice by slice
                 for k, v in new.items():
-                    if isinstance(v, torch.Tensor) and v.shape == view.shape:
+                    if per_row(v, view.shape):
                         if k not in st:
                             st[k] = torch.empty(p.shape, dtype=v.dtype, device=v.device)
                         st[k][r] = v
             view.grad = None
         for k, v in new.items():  # the scalars (step counters) advanced as every slice's did
-            if not (isinstance(v, torch.Tensor) and v.shape == flat[rows[-1]].shape):
+            if not per_row(v, view.shape):
                 st[k] = v
 
     # -- state kept on state_device ----------------------------------------------------------------

@@ -97,10 +97,10 @@ OPTIMIZERS = {"adamw": 8.0, "adamw8bit": 2.0 + 8.0 / 256, "adamw4bit": 1.0 + 8.0
 # element once (measured: the plan_check in-backward rows). The largest tensor sets the step's
 # peak: the whole optimizer step after backward.
 def update_temps(strategy: "Strategy") -> float:
-    return 8.0 if (strategy.optimizer, strategy.weights) == ("adamw", "fp32") and not strategy.in_backward else 0.0
+    return 8.0 if torch_adamw(strategy) and not strategy.in_backward else 0.0
 
 
-def sliced_update(strategy: "Strategy") -> bool:
+def torch_adamw(strategy: "Strategy") -> bool:
     """Whether the optimizer is torch's AdamW (fp32 weights), which InBackwardOptimizer steps in row
     slices; with bf16 weights or low-bit state it is torchao's."""
     return (strategy.optimizer, strategy.weights) == ("adamw", "fp32")
@@ -411,7 +411,7 @@ def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: f
     wb, ob = WEIGHT_BYTES[st.weights], OPTIMIZERS[st.optimizer]
     L, layer_p, head_p, end = s.layers, s.layer_params(st.scheme), s.vocab * s.hidden, s.stored_end()
     rest = s.params(st.scheme) - L * layer_p - 2 * end
-    end_state = min(end, s.end_slice()) * ob if st.offload == "disk" and sliced_update(st) else end * ob
+    end_state = min(end, s.end_slice()) * ob if st.offload == "disk" and torch_adamw(st) else end * ob
 
     def ph(w, o, g, layer_b=0.0, logits_b=0.0):
         return {"weights": (rest + w) * wb, "optimizer": rest * ob + o, "grads": g, "stored": stored,
