@@ -27,8 +27,9 @@ Gradient clipping (`max_grad_norm`), by `clip`:
 Large parameters are stepped in row slices (`row_slices`: torch's Adam, AdamW and SGD, whose update
 of an element reads only that element's state, above SLICE_ELEMENTS elements), each slice by an
 optimizer of the same class and hyperparameters over views of the parameter, its gradient and its
-state: the same result bit for bit, with the update's temporaries bounded by one slice (AdamW's
-fp32 step holds about two of them: 64 MiB for a 151936 x 2048 head at once, 8 MiB in slices).
+state: the same result bit for bit, with the update's temporaries bounded by one slice (torch's
+per-op AdamW loop, foreach=False, holds two fp32 copies of what it updates: 2.3 GiB for a
+151936 x 2048 head at once, 8 MiB in slices; the fused kernel, the default, makes none).
 `set_row_source(p, source)` hands the slices' state to another owner (the offload store reads and
 writes a stored embedding's or head's state rows from its file, so that state is never whole).
 
