@@ -10,6 +10,7 @@
 #include <cmath>
 #include <mutex>
 #include <sstream>
+#include <type_traits>
 #include <unordered_map>
 
 #include "errors.h"
@@ -19,6 +20,22 @@ namespace revengine {
 
 using torch::autograd::Node;
 using torch::autograd::variable_list;
+
+namespace {
+// torch 2.13 holds autograd nodes in c10::intrusive_ptr, earlier releases in std::shared_ptr:
+// Edge::function names this torch's. (A stack's nodes chain one per layer: freeing them recursively
+// is as deep as the model, so torch's deleteNode, which flattens deep chains, is not needed.)
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <class T, class... Args>
+NodePtr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<Node>>) {
+    return NodePtr(new T(std::forward<Args>(args)...));
+  } else {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  }
+}
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------
 // Recompute flag, RNG and autocast replay
@@ -535,7 +552,7 @@ ForwardResult reversible_forward(const std::vector<LayerPtr>& layers, const at::
       continue;
     }
 
-    c10::intrusive_ptr<Node> node = c10::make_intrusive<RevNode>(st, i);
+    NodePtr node = make_node<RevNode>(st, i);
     variable_list inputs{prev_a, prev_b};
     inputs.insert(inputs.end(), params[i].begin(), params[i].end());
     inputs.insert(inputs.end(), ctx.tensors.begin(), ctx.tensors.end());

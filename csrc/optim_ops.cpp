@@ -25,6 +25,7 @@
 //
 // The file is also compiled into the plain C++ shared library: no pybind11 here.
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/BFloat16.h>
 #include <ATen/core/LegacyTypeDispatch.h>

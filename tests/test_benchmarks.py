@@ -176,7 +176,7 @@ def test_bdia_kernels_quick(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["bdia_kernels.py", "moe_kernels.py", "memory_vs_depth.py", "hf_memory.py",
-                                  "floor.py"])
+                                  "floor.py", "offload.py"])
 def test_benchmarks_take_device_cuda(name):
     env = child_env()
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), "--quick", "--device", "cuda"],
