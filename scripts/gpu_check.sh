@@ -54,7 +54,7 @@ stage build 480 $PY -m pip install --no-build-isolation --no-deps --no-index -v 
 stage selftest 180 $PY -m revengine selftest --device cuda
 stage offload 300 $PY benchmarks/offload.py --device cuda --steps 3 --rounds 1
 # the benchmarks' quick --device cuda runs are left to the stages below
-stage tests 600 $PY -m pytest -q -rfE -p no:cacheprovider --timeout 120 -k "(cuda or gpu) and not take_device_cuda" tests/
+stage tests 600 $PY -m pytest -q -rfE -p no:cacheprovider --timeout 120 --continue-on-collection-errors -k "(cuda or gpu) and not take_device_cuda" tests/
 stage kernels 300 bash -c "$PY benchmarks/bdia_kernels.py --device cuda && $PY benchmarks/moe_kernels.py --device cuda"
 stage memory 300 $PY benchmarks/memory_vs_depth.py --device cuda
 exit "$failed"
