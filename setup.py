@@ -8,6 +8,11 @@ too (architectures from TORCH_CUDA_ARCH_LIST); otherwise the extension is CPU-on
 import glob
 import importlib.util
 import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
 
 from setuptools import setup
 
@@ -69,6 +74,50 @@ generated = write_hash_header(digest)
 
 # -g0: no debug info (it triples compile time and the size of the module).
 extra_cflags = ["-O3", "-g0", "-fopenmp", "-DREVENGINE_HAVE_HASH_HEADER"]
+extra_ldflags = ["-fopenmp"]
+
+
+def links_shared_libstdcxx(cxx: str):
+    """Whether `cxx` links a shared library against the shared libstdc++ (True / False), or None when
+    the probe cannot tell (no such compiler, not Linux, no readelf)."""
+    readelf = shutil.which("readelf")
+    if not sys.platform.startswith("linux") or readelf is None or shutil.which(cxx.split()[0]) is None:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        src, lib = os.path.join(d, "probe.cpp"), os.path.join(d, "probe.so")
+        with open(src, "w") as fh:
+            fh.write("#include <sstream>\nstd::string probe(unsigned long x) { std::ostringstream s; s << x; return s.str(); }\n")
+        try:
+            subprocess.run(cxx.split() + ["-shared", "-fPIC", src, "-o", lib], check=True, capture_output=True, timeout=120)
+            needed = subprocess.run([readelf, "-d", lib], check=True, capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return "libstdc++.so" in needed
+
+
+def choose_compiler() -> None:
+    """torch's libraries use the shared libstdc++. A compiler that links it statically (some toolchains
+    under /opt do) gives the extension a second copy whose locale facet ids disagree with torch's: the
+    first formatted message (std::ostringstream << number) then crashes. Such a compiler is replaced by
+    the first of the system's that links it shared, with a printed line; with none, the build stops."""
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    if links_shared_libstdcxx(cxx) is not False:
+        return
+    for alt in (sysconfig.get_config_var("CXX"), "/usr/bin/g++", "/usr/bin/c++"):
+        if alt and alt != cxx and links_shared_libstdcxx(alt):
+            cc = alt.replace("g++", "gcc") if "g++" in alt else alt.replace("c++", "cc")
+            print(f"revengine: {cxx} links libstdc++ statically, beside torch's shared one (the extension would "
+                  f"crash); building with {alt} instead")
+            os.environ["CXX"] = alt
+            if shutil.which(cc.split()[0]):
+                os.environ["CC"] = cc
+            return
+    raise SystemExit(f"revengine: {cxx} links libstdc++ statically, beside torch's shared one (the extension would "
+                     "crash at its first message); set CXX (and CC) to a compiler that links it shared, "
+                     "e.g. the system's g++")
+
+
+choose_compiler()
 
 if WITH_CUDA and not CUDA_HOME_BAD:
     # Architectures: TORCH_CUDA_ARCH_LIST (e.g. "9.0"), else torch's default for the build machine.
@@ -78,7 +127,7 @@ if WITH_CUDA and not CUDA_HOME_BAD:
         SOURCES + CUDA_SOURCES,
         include_dirs=[os.path.join(HERE, "csrc"), generated],
         extra_compile_args={"cxx": extra_cflags, "nvcc": ["-O3"]},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=extra_ldflags,
     )
 else:
     if CUDA_HOME_BAD:
@@ -91,7 +140,7 @@ else:
         SOURCES,
         include_dirs=[os.path.join(HERE, "csrc"), generated],
         extra_compile_args={"cxx": extra_cflags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=extra_ldflags,
     )
 
 setup(

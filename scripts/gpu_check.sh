@@ -9,7 +9,8 @@
 # Each stage has a time limit, cut to what is left of $BUDGET_S seconds (default 3600) from the start;
 # its log goes to $OUT/<stage>.log (default folder ./gpu-check) and its last lines to stdout. Stages
 # named on the command line run alone: scripts/gpu_check.sh build tests. Exit status: the number of
-# stages that failed or were not run for lack of time.
+# stages that failed or were not run for lack of time. OFFLOAD_STEPS and OFFLOAD_ARGS shorten the
+# offload stage (e.g. OFFLOAD_STEPS=2 OFFLOAD_ARGS="--depths 12 48").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check}
@@ -52,7 +53,7 @@ stage build 480 $PY -m pip install --no-build-isolation --no-deps --no-index -v 
   exit 1
 }
 stage selftest 180 $PY -m revengine selftest --device cuda
-stage offload 300 $PY benchmarks/offload.py --device cuda --steps 3 --rounds 1
+stage offload 300 $PY benchmarks/offload.py --device cuda --steps ${OFFLOAD_STEPS:-3} --rounds 1 ${OFFLOAD_ARGS:-}
 # the benchmarks' quick --device cuda runs are left to the stages below
 stage tests 600 $PY -m pytest -q -rfE -p no:cacheprovider --timeout 120 --continue-on-collection-errors -k "(cuda or gpu) and not take_device_cuda" tests/
 stage kernels 300 bash -c "$PY benchmarks/bdia_kernels.py --device cuda && $PY benchmarks/moe_kernels.py --device cuda"

@@ -263,8 +263,9 @@ def test_pipeline_grads_match_cpu(T, E, k, H, dtype):
         if dtype == torch.bfloat16:  # one-ulp differences of the matmuls compound through the layers
             a, b = a.cpu().double(), b.double()
             assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6, f"relative error {(a - b).norm() / b.norm()}"
-        else:
-            torch.testing.assert_close(a.cpu(), b, **tol(dtype))
+        else:  # the weights' grads sum over tokens: their rounding grows with the largest term
+            t = tol(dtype)
+            torch.testing.assert_close(a.cpu(), b, rtol=t["rtol"], atol=t["atol"] * max(1.0, float(b.abs().max())))
 
     check(out_d, out_c)
     g_c = torch.autograd.grad(out_c, leaves_c, gout)

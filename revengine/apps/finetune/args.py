@@ -132,6 +132,15 @@ class FinetuneArgs:
             raise FinetuneError(f"--optimizer must be one of {OPTIMIZER_NAMES}, got {self.optimizer!r}")
         if self.weights not in WEIGHT_DTYPES:
             raise FinetuneError(f"--weights must be one of {tuple(WEIGHT_DTYPES)}, got {self.weights!r}")
+        # what no install can fix (the scheme, the GPU) is said before a missing package
+        if self.weights == "bf16":
+            if self.scheme in BF16_REFUSED and self.reversible_mode == "reversible":
+                raise FinetuneError(f"--weights bf16 cannot be honoured by --scheme {self.scheme}: "
+                                    f"{BF16_REFUSED[self.scheme]}")
+            if self.device.startswith("cuda"):
+                import torch
+                if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+                    raise FinetuneError(f"--weights bf16: {self.device} has no bf16 support; use --weights fp32")
         if needs_torchao(self.optimizer, self.weights) and not torchao_available():
             what = f"--optimizer {self.optimizer}" if self.optimizer != "adamw" else "--weights bf16"
             raise FinetuneError(f"{what} needs torchao, which is not installed: {TORCHAO_HINT}")
@@ -153,14 +162,6 @@ class FinetuneArgs:
             if self.state_device != "cpu":
                 raise FinetuneError(f"--state-device must be cpu (state in host memory), got {self.state_device!r}")
         self._validate_offload()
-        if self.weights == "bf16":
-            if self.scheme in BF16_REFUSED and self.reversible_mode == "reversible":
-                raise FinetuneError(f"--weights bf16 cannot be honoured by --scheme {self.scheme}: "
-                                    f"{BF16_REFUSED[self.scheme]}")
-            if self.device.startswith("cuda"):
-                import torch
-                if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-                    raise FinetuneError(f"--weights bf16: {self.device} has no bf16 support; use --weights fp32")
 
     def _validate_offload(self) -> None:
         """--offload and --offload-dir."""
