@@ -15,7 +15,11 @@ Each figure is a fresh subprocess (MALLOC_MMAP_THRESHOLD_=65536): build, one war
 state), then --steps measured steps; --rounds such subprocesses per figure, the two contenders
 alternating, keep the fastest median step and the highest peak. Peak = the process's resident set size at the top of a step
 (VmRSS before it + its peak rise, the largest over the steps: what the machine must have); time =
-the median step. Bandwidth: the store's own write (safetensors + fsync + rename) and read (reads
+the median step, by default (--timing own) in subprocesses of their own with glibc's default
+allocator: the memory subprocesses' MALLOC_MMAP_THRESHOLD_=65536 (needed for a true peak) maps and
+unmaps every freed buffer above 64 KiB, which costs the store's step (its loads allocate and free a
+layer at a time while the I/O threads run) far more than the in-memory one's (--timing memory
+times the memory subprocesses instead). Bandwidth: the store's own write (safetensors + fsync + rename) and read (reads
 into existing tensors) of a 64 MiB file, repeated, in the same process. Reads usually come from
 the kernel's page cache (the files were just written), which is not the process's memory.
 
@@ -171,6 +175,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--clip", default="none", choices=("none", "per-tensor", "global"),
                     help="gradient clipping to norm 1 (global: InBackwardOptimizer.step_two_pass, two passes)")
+    ap.add_argument("--timing", default="own", choices=("own", "memory"),
+                    help="own (default): step times from subprocesses with glibc's default allocator; memory: "
+                         "from the memory subprocesses (MALLOC_MMAP_THRESHOLD_=65536)")
     add_device(ap, "cpu (the disk tier, peak resident memory) or cuda[:i] (the host tier, peak GPU memory)")
     a = ap.parse_args(argv)
     kind = "cuda" if a.device.startswith("cuda") else "cpu"
@@ -187,13 +194,18 @@ def main(argv=None) -> int:
     for d in depths:
         for _ in range(a.rounds):
             for tier in tiers:
-                r = measure_in_subprocess(
-                    os.path.abspath(__file__) + ":measure",
-                    dict(tier=tier, quick=a.quick, layers=d, seq=seq, steps=a.steps, threads=a.threads, clip=a.clip,
-                         device=a.device),
-                    env=env, timeout=7200)
+                job = dict(tier=tier, quick=a.quick, layers=d, seq=seq, steps=a.steps, threads=a.threads,
+                           clip=a.clip, device=a.device)
+                r = measure_in_subprocess(os.path.abspath(__file__) + ":measure", job, env=env, timeout=7200)
+                if a.timing == "own" and kind == "cpu":
+                    timed = measure_in_subprocess(os.path.abspath(__file__) + ":measure", job,
+                                                  env={**(env or {}), "MALLOC_MMAP_THRESHOLD_": None}, timeout=7200)
+                    r = dict(r, seconds=timed["seconds"], seconds_memory_run=r["seconds"],
+                             losses_timing_run=timed["losses"])
                 print(f"  measured {tier} at {d} layers ({time.perf_counter() - t0:.0f} s): peak {r['peak_mb']:.0f} "
-                      f"MiB, {r['seconds']:.1f} s/step", flush=True)
+                      f"MiB, {r['seconds']:.1f} s/step"
+                      + (f" ({r['seconds_memory_run']:.1f} in the memory run)" if "seconds_memory_run" in r else ""),
+                      flush=True)
                 best = rows.get((tier, d))
                 if best is not None:  # the faster step time and the higher peak (what the machine must have)
                     mem = best if best["peak_mb"] >= r["peak_mb"] else r
@@ -222,7 +234,8 @@ def main(argv=None) -> int:
     for d, tier, m, p in checks:
         print(f"| {d} | {tier} | {m:.0f} | {p:.0f} | {100 * (p / m - 1):+.1f}% |")
     for d in depths:
-        diff = max(abs(x - y) for x, y in zip(rows[(away, d)]["losses"], rows[("none", d)]["losses"]))
+        runs = [rows[(t, d)].get(k) for t in (away, "none") for k in ("losses", "losses_timing_run")]
+        diff = max(abs(x - y) for other in runs if other for x, y in zip(rows[("none", d)]["losses"], other))
         ok.append(verdict(diff == 0, f"{d} layers: the {away} run's losses equal the in-memory run's bit for bit "
                                      f"(largest difference {diff:.3g})"))
     lo, hi = rows[(away, depths[0])], rows[(away, depths[-1])]

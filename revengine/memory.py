@@ -333,7 +333,9 @@ def measure_in_subprocess(
             JSON-serializable dict (a `MemoryFigure` in it is converted with `as_dict()`).
         kwargs: keyword arguments for the function; must be JSON-serializable.
         env: extra environment variables for the child (on top of this process's environment and
-            MALLOC_MMAP_THRESHOLD_=65536; OMP/MKL thread settings are inherited unchanged).
+            MALLOC_MMAP_THRESHOLD_=65536; OMP/MKL thread settings are inherited unchanged); a value of
+            None removes the variable (MALLOC_MMAP_THRESHOLD_=None: glibc's default allocator, for
+            timings that should not pay for returning every freed buffer to the kernel).
         timeout: seconds before the child is killed.
 
     Returns the function's dict. Raises RuntimeError, with the tail of the child's stderr, when the
@@ -353,8 +355,11 @@ def measure_in_subprocess(
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     paths = [root, os.getcwd()] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p]
     child_env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    if env:
-        child_env.update({str(k): str(v) for k, v in env.items()})
+    for k, v in (env or {}).items():
+        if v is None:
+            child_env.pop(str(k), None)
+        else:
+            child_env[str(k)] = str(v)
 
     code = _CHILD.replace("PREFIX", repr(_RESULT_PREFIX))
     try:

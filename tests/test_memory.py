@@ -87,6 +87,11 @@ def test_measure_in_subprocess_runs_a_fresh_process():
     assert 28 <= fig["peak_delta_mb"] <= 40, fig  # warm-up had the same peak: the reset makes it visible
 
 
+def test_measure_in_subprocess_env_none_removes_a_variable():
+    out = memory.measure_in_subprocess(f"{THIS}:child_step", {"mb": 1, "tag": "y"}, env={"MALLOC_MMAP_THRESHOLD_": None})
+    assert out["env"] is None and out["tag"] == "y"
+
+
 def test_measure_in_subprocess_reports_child_errors(tmp_path):
     (tmp_path / "failing_target.py").write_text("def boom():\n    raise ValueError('boom from the child')\n")
     with pytest.raises(RuntimeError, match="boom from the child") as info:
