@@ -52,6 +52,11 @@ stage build 480 $PY -m pip install --no-build-isolation --no-deps --no-index -v 
   echo "gpu_check: the build failed; nothing else can run"
   exit 1
 }
+# the extension must use torch's (shared) libstdc++: a static copy crashes at its first formatted message
+case " $STAGES " in *" build "*)
+  so=$(ls revengine/_C*.so 2>/dev/null | head -n 1)
+  [ -n "$so" ] && echo "gpu_check: $so links $(ldd "$so" | grep -o 'libstdc++[^ ]*' | head -n 1 | grep . || echo 'no shared libstdc++ (static?)')" ;;
+esac
 stage selftest 180 $PY -m revengine selftest --device cuda
 stage offload 300 $PY benchmarks/offload.py --device cuda --steps ${OFFLOAD_STEPS:-3} --rounds 1 ${OFFLOAD_ARGS:-}
 # the benchmarks' quick --device cuda runs are left to the stages below
