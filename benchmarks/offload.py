@@ -13,17 +13,18 @@ stepped inside backward (revengine.optim.InBackwardOptimizer). Contenders:
 
 Each figure is a fresh subprocess (MALLOC_MMAP_THRESHOLD_=65536): build, one warm-up step (AdamW
 state), then --steps measured steps; --rounds such subprocesses per figure, the two contenders
-alternating, keep the fastest median step and the highest peak. Peak = the process's resident set size at the top of a step
-(VmRSS before it + its peak rise, the largest over the steps: what the machine must have); time =
-the median step, by default (--timing own) in subprocesses of their own with glibc's default
-allocator: the memory subprocesses' MALLOC_MMAP_THRESHOLD_=65536 (needed for a true peak) maps and
-unmaps every freed buffer above 64 KiB, which costs the store's step (its loads allocate and free a
-layer at a time while the I/O threads run) far more than the in-memory one's (--timing memory
-times the memory subprocesses instead). Bandwidth: the store's own write (safetensors + fsync + rename) and read (reads
-into existing tensors) of a 64 MiB file, repeated, in the same process. Reads usually come from
-the kernel's page cache (the files were just written), which is not the process's memory.
+alternating, keep the fastest median step and the highest peak. Peak = the process's resident set
+size at the top of a step (VmRSS before it + its peak rise, the largest over the steps: what the
+machine must have); time = the median step, by default (--timing own) in subprocesses of their own
+with glibc's default allocator: the memory subprocesses' MALLOC_MMAP_THRESHOLD_=65536 (needed for a
+true peak) maps and unmaps every freed buffer above 64 KiB, which costs the store's step (its loads
+allocate and free a layer at a time while the I/O threads run) far more than the in-memory one's
+(--timing memory times the memory subprocesses instead). Bandwidth: the store's own write
+(safetensors + fsync + rename) and read (reads into existing tensors) of a 64 MiB file, repeated, in
+the same process. Reads usually come from the kernel's page cache (the files were just written),
+which is not the process's memory.
 
-    python benchmarks/offload.py                       # 12 24 48 layers (about 6 min on 2 cores)
+    python benchmarks/offload.py                       # 12 24 48 layers (about 10 min on 2 cores)
     python benchmarks/offload.py --depths 12 48 --steps 2
     python benchmarks/offload.py --quick               # tiny config, seconds (the tests run it)
     python benchmarks/offload.py --clip global         # with global grad-norm clipping (two passes per step)

@@ -75,6 +75,7 @@ def assert_same(a, b):
         for k in x:
             assert all(torch.equal(u, v) for u, v in zip(x[k], y[k])), k
 
+
 def assert_opens_as_uninterrupted(directory, steps):
     """The store in `directory` opens at `steps` and equals that many uninterrupted steps."""
     ref_model, ref_opt = build()
@@ -84,7 +85,6 @@ def assert_opens_as_uninterrupted(directory, steps):
     assert store.step == steps
     store.close()
     assert_same(snapshot(model, opt), snapshot(ref_model, ref_opt))
-
 
 
 @pytest.mark.parametrize("optimizer,weights", SETTINGS)
