@@ -612,6 +612,27 @@ def test_the_step_before_the_last_opens_until_the_next_step_writes(tmp_path):
     assert LayerStore.open(model, opt, directory).step == 4  # the last completed step is intact
 
 
+def test_a_layers_other_slot_is_overwritten_where_it_is(tmp_path):
+    """From the third step on, a layer's write-back goes over its other slot's file in place (the same
+    inode: no new file, no rename; its page-cache pages are reused), and the run stays bit-identical."""
+    directory = str(tmp_path / "store")
+    model, opt = build()
+    store = LayerStore(model, opt, tier="disk", directory=directory)
+    train(model, 2)
+
+    def inodes():
+        return {f: os.stat(os.path.join(directory, f)).st_ino for f in os.listdir(directory)
+                if f.startswith("model.layers.") and f.endswith(".safetensors")}
+    before = inodes()
+    assert len(before) == 2 * len(store.layers)
+    losses = train(model, 2, start=2)
+    store.close()
+    assert inodes() == before
+    ref_model, ref_opt = build()
+    assert train(ref_model, 4)[2:] == losses
+    assert_same(snapshot(model, opt), snapshot(ref_model, ref_opt))
+
+
 def test_save_weights_and_empty_layers(tmp_path):
     """save_weights writes the model's parameters through the store one layer at a time (safetensors
     reads them back equal to the model's); empty_layers makes a meta-built model that open() fills."""
