@@ -386,6 +386,7 @@ variable_list RevNode::apply(variable_list&& grads) {
     rec_mut.side_grads[k] = grads[2 + k];
 
   check_param_versions(rec_mut, label);
+  for (size_t k = 0; k < rec_mut.packed.size(); ++k) rec_mut.saved[k] = rec_mut.packed[k].unpack();
   BackwardResult r;
   {
     RngSection rng_section(st.opts.preserve_rng);
@@ -396,6 +397,7 @@ variable_list RevNode::apply(variable_list&& grads) {
     r = layers[index_]->backward(s, dya, dyb, st.ctx, rec_mut, needs);
   }
   rec_mut.side_grads.clear();
+  for (auto& t : rec_mut.saved) t.reset();  // unpacked again by a retained graph's next backward
   REVENGINE_CHECK(ReconstructionError, r.finite, "revengine: non-finite value (NaN or Inf) in the input of ", label,
               " reconstructed during backward. The forward may have overflowed, or the layer's "
               "inverse amplifies error (e.g. a small lam/beta). Sequential(..., debug=True) compares "
@@ -557,6 +559,10 @@ ForwardResult reversible_forward(const std::vector<LayerPtr>& layers, const at::
     inputs.insert(inputs.end(), params[i].begin(), params[i].end());
     inputs.insert(inputs.end(), ctx.tensors.begin(), ctx.tensors.end());
     node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+    for (auto& t : rec.saved) {  // through the saved-tensor hooks, if any (they may move t off the device)
+      rec.packed.emplace_back(t, /*is_output=*/false);
+      t.reset();
+    }
     rec.params = params[i];
     rec.param_versions.reserve(params[i].size());
     for (const auto& p : params[i]) rec.param_versions.push_back(p.defined() ? p._version() : 0);

@@ -6,6 +6,7 @@
 // plain C++ programs, and python.cpp adapts Python modules to the Fn / Layer interfaces below.
 #pragma once
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include <functional>
@@ -72,6 +73,10 @@ struct LayerRecord {
   // Small records the layer's functions asked to replay (e.g. MoE top-k indices), by tag.
   std::vector<std::string> saved_tags;
   std::vector<at::Tensor> saved;
+  // Between the layer's forward and its backward the records live here, packed by the saved-tensor
+  // hooks in force at the forward (torch.autograd.graph.saved_tensors_hooks, save_on_cpu), like any
+  // tensor autograd saves; `saved` is empty then, and refilled for the backward.
+  std::vector<torch::autograd::SavedVariable> packed;
   // Side outputs (e.g. MoE aux losses): scalars the layer's functions emitted in forward. They
   // become extra outputs of the layer's autograd node; backward hands their grads back by tag.
   std::vector<std::string> side_tags;

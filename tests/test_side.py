@@ -94,3 +94,65 @@ def test_replay_mismatch_is_a_clear_error():
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     with pytest.raises(RuntimeError, match="no record"):
         seq(x).sum().backward()
+
+
+def test_records_pass_through_saved_tensor_hooks():
+    """Between a layer's forward and its backward its records are packed by the saved-tensor hooks in
+    force at the forward, like any tensor autograd saves (save_on_cpu moves them off a GPU): the
+    executor keeps no reference of its own, the unpacked values replay, and the grads are those of a
+    run without hooks, again after retain_graph."""
+    import weakref
+    x = torch.randn(5, 16, dtype=torch.float64)
+    ref = step(make("reversible"), x)
+
+    packed, originals = {}, []
+
+    def pack(t):
+        originals.append(weakref.ref(t))
+        packed[len(packed)] = t.clone()
+        return len(packed) - 1
+
+    seq = make("reversible")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda k: packed[k]):
+        xg = x.clone().requires_grad_(True)
+        with rev.side.collect_aux() as aux:
+            y = seq(xg)
+    records = [k for k, t in packed.items() if t.dtype == torch.int64]  # the routers' picks
+    assert len(records) == len(seq)
+    import gc
+    gc.collect()
+    assert not any(originals[k]() is not None for k in records)  # only the hooks' copies hold them
+    loss = 0.37 * ((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + 0.1 * aux.total())
+    grads = []
+    for _ in range(2):
+        for p in seq.parameters():
+            p.grad = None
+        loss.backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in seq.parameters()])
+    for g in grads:
+        assert all(torch.equal(a, b) for a, b in zip(g, ref[2]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_save_on_cpu_moves_a_bdia_stacks_records_off_the_gpu():
+    from revengine.models import RevMoEConfig, RevMoEForCausalLM
+    torch.manual_seed(0)
+    cfg = RevMoEConfig.preset("tiny", num_hidden_layers=4, block_type="bdia")
+    model = RevMoEForCausalLM(cfg).cuda().train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda")
+    torch.manual_seed(1)
+    model(input_ids=ids, labels=ids).loss.backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    devices = []
+
+    def pack(t):
+        devices.append(t.device.type)
+        return t.to("cpu")
+
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t.to("cuda")):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert devices.count("cuda") >= cfg.num_hidden_layers
+    assert all(torch.equal(a, p.grad) for a, p in zip(ref, model.parameters()))
