@@ -81,6 +81,12 @@ CAL = {
                                # weights' dtype, at fp32, besides its two streams (the stack's input and
                                # output, the head's normed input and the streams' grad)
     "rev_loss_chunks": 3.0,    # not fitted: [chunk, vocab] fp32 tensors of the chunked loss at once
+    # one reversible layer's vector-Jacobian product while the optimizer steps inside backward / the
+    # attention's saved elements + one MoE chunk's + the chunk inputs: least squares on the resident
+    # memory sampled mid-product with the store (qwen-moe-mini, fp32, 256-2048 tokens: 15-43 MiB, the
+    # saved activations and their grads alive together). Without in-backward every grad is alive at
+    # the end of backward and rev_layer, fitted on those peaks, stands in for it.
+    "rev_layer_in_backward": 1.78,
 }
 # Options of the converted models (RevMoEConfig fields) the reversible strategies assume.
 REV_DEFAULTS = dict(moe_chunk_size=256, loss_chunk_size=64, attention_recompute=True)
@@ -388,7 +394,10 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
     attn = s.attn_elements() * T * ab
     moe = s.moe_elements() * Tc * ab
     chunk_inputs = T * H * ab if o["moe_chunk_size"] else 0.0
-    layer = c["rev_layer"] * ((max(attn, moe) if o["attention_recompute"] else attn + moe) + chunk_inputs)
+    if st.in_backward:
+        layer = c["rev_layer_in_backward"] * (attn + moe + chunk_inputs)
+    else:
+        layer = c["rev_layer"] * ((max(attn, moe) if o["attention_recompute"] else attn + moe) + chunk_inputs)
     logits = c["rev_loss_chunks"] * min(T, o["loss_chunk_size"]) * V * 4.0 + 2 * T * H * 4.0
     if st.offload:
         return store_phases(s, st, stored, layer, logits)
