@@ -181,7 +181,9 @@ def _write_file(path: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, str
     exactly the new file's size, it is overwritten where it is. Its pages are then usually in the page
     cache already, and overwriting them costs the CPU about a quarter of what a new file does (the
     kernel allocates and zeroes no pages, and frees none of the old file's): on 2 cores that CPU is
-    taken from the compute."""
+    taken from the compute. The header (the step the file holds) goes first, so a killed process
+    leaves a file that names the step it was becoming; after a power loss the pages may reach the
+    disk in any order, which matters only to `open(step=...)` of the step this slot held before."""
     head, _ = _layout({k: (t.dtype, t.shape) for k, t in tensors.items()}, meta)
     payload = [_bytes_view(t) for t in tensors.values()]
     if in_place:
