@@ -1,4 +1,7 @@
 """revengine.side: replayed records and side outputs (aux losses) through every mode."""
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -101,7 +104,6 @@ def test_records_pass_through_saved_tensor_hooks():
     force at the forward, like any tensor autograd saves (save_on_cpu moves them off a GPU): the
     executor keeps no reference of its own, the unpacked values replay, and the grads are those of a
     run without hooks, again after retain_graph."""
-    import weakref
     x = torch.randn(5, 16, dtype=torch.float64)
     ref = step(make("reversible"), x)
 
@@ -119,7 +121,6 @@ def test_records_pass_through_saved_tensor_hooks():
             y = seq(xg)
     records = [k for k, t in packed.items() if t.dtype == torch.int64]  # the routers' picks
     assert len(records) == len(seq)
-    import gc
     gc.collect()
     assert not any(originals[k]() is not None for k in records)  # only the hooks' copies hold them
     loss = 0.37 * ((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + 0.1 * aux.total())
@@ -135,6 +136,9 @@ def test_records_pass_through_saved_tensor_hooks():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_save_on_cpu_moves_a_bdia_stacks_records_off_the_gpu():
+    """BDIA's kept bits and the routing picks (uint8) leave the GPU through the hooks and come back for
+    backward; the grads match a run without hooks (to fp32 rounding: the GPU's expert kernels add
+    with atomics, so two runs need not agree bit for bit)."""
     from revengine.models import RevMoEConfig, RevMoEForCausalLM
     torch.manual_seed(0)
     cfg = RevMoEConfig.preset("tiny", num_hidden_layers=4, block_type="bdia")
@@ -144,15 +148,16 @@ def test_save_on_cpu_moves_a_bdia_stacks_records_off_the_gpu():
     model(input_ids=ids, labels=ids).loss.backward()
     ref = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    devices = []
+    moved = []
 
     def pack(t):
-        devices.append(t.device.type)
+        moved.append((t.device.type, t.dtype))
         return t.to("cpu")
 
     torch.manual_seed(1)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t.to("cuda")):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    assert devices.count("cuda") >= cfg.num_hidden_layers
-    assert all(torch.equal(a, p.grad) for a, p in zip(ref, model.parameters()))
+    assert moved.count(("cuda", torch.uint8)) >= 2 * cfg.num_hidden_layers  # kept bits + routing picks per layer
+    for a, p in zip(ref, model.parameters()):
+        torch.testing.assert_close(p.grad, a)
