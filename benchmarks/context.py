@@ -180,6 +180,12 @@ def parts_per_token(quick: bool, layers: int, profiled: dict, vocab_fixed: dict)
     return out
 
 
+def _ratio(x: float, y: float) -> float:
+    """x / y, infinite where y is not positive (a fitted slope can come out 0 or below when the lengths
+    measured are too short for the step's noise, as in --quick on a busy machine)."""
+    return x / y if y > 0 else float("inf")
+
+
 def main(argv=None) -> int:
     ap = parser(__doc__)
     ap.add_argument("--quick", action="store_true", help="tiny config, 2 layers, 32 and 64 tokens (seconds)")
@@ -278,7 +284,7 @@ def main(argv=None) -> int:
         for other, share, longer in (("ckpt", 4, 3), ("hf-ckpt", 8, 8)):
             if (other, hi) in fits:
                 ob = fits[(other, hi)]["b"]
-                ok.append(verdict(rb <= ob / share, f"{hi} layers: revengine {rb / KB:.1f} KB/token = 1/{ob / rb:.2f} of "
+                ok.append(verdict(rb <= ob / share, f"{hi} layers: revengine {rb / KB:.1f} KB/token = 1/{_ratio(ob, rb):.2f} of "
                                                    f"{other} ({ob / KB:.1f}); target <= 1/{share}"))
                 rl, ol = fits[("rev", hi)]["longest"] or 0, fits[(other, hi)]["longest"] or 0
                 if ol > 0:
@@ -288,7 +294,7 @@ def main(argv=None) -> int:
         if ("rev", lo) in fits and lo < hi:
             lb = fits[("rev", lo)]["b"]
             ok.append(verdict(rb <= 1.10 * lb, f"revengine's bytes per token from {lo} to {hi} layers: "
-                                               f"{lb / KB:.1f} -> {rb / KB:.1f} KB (+{100 * (rb / lb - 1):.0f}%); "
+                                               f"{lb / KB:.1f} -> {rb / KB:.1f} KB (+{100 * (_ratio(rb, lb) - 1):.0f}%); "
                                                "target <= +10%"))
     if a.breakdown:
         two = lengths[-2:] if len(lengths) > 1 else lengths
