@@ -613,8 +613,8 @@ def test_the_step_before_the_last_opens_until_the_next_step_writes(tmp_path):
 
 
 def test_a_layers_other_slot_is_overwritten_where_it_is(tmp_path):
-    """From the third step on, a layer's write-back goes over its other slot's file in place (the same
-    inode: no new file, no rename; its page-cache pages are reused), and the run stays bit-identical."""
+    """Once both of a layer's slots exist, its write-back goes over the other slot's file in place (the
+    same inode: no new file, no rename; its page-cache pages are reused), and the run stays bit-identical."""
     directory = str(tmp_path / "store")
     model, opt = build()
     store = LayerStore(model, opt, tier="disk", directory=directory)
