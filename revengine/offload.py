@@ -186,12 +186,15 @@ def _write_file(path: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, str
     disk in any order, which matters only to `open(step=...)` of the step this slot held before."""
     head, _ = _layout({k: (t.dtype, t.shape) for k, t in tensors.items()}, meta)
     payload = [_bytes_view(t) for t in tensors.values()]
+
+    def write(fh):
+        fh.write(head)
+        _write_payload(fh, payload)
     if in_place:
         try:
             with open(path, "r+b") as fh:
                 if os.fstat(fh.fileno()).st_size == len(head) + sum(b.nbytes for b in payload):
-                    fh.write(head)
-                    _write_payload(fh, payload)
+                    write(fh)
                     fh.flush()
                     if sync:
                         os.fsync(fh.fileno())
@@ -200,10 +203,6 @@ def _write_file(path: str, tensors: Dict[str, torch.Tensor], meta: Dict[str, str
             pass
         except OSError as e:
             raise _cannot_write(path, "the layer's file", e) from None
-
-    def write(fh):
-        fh.write(head)
-        _write_payload(fh, payload)
     _replace(path, "wb", write, "the layer's file", sync=sync)
 
 
