@@ -91,7 +91,7 @@ class _Layer:
     role: str = "layer"          # a stack's layer, or an end of the model: "input" embedding, "output" head
     loaded: bool = True          # its weights are in memory
     state_loaded: bool = True    # its optimizer state is (read only for the step: forward needs none)
-    ran: int = 0                 # parts run in the current forward
+    ran: int = 0                 # parts run in the current forward (a streamed head: 1 once the loss read it)
     dirty: bool = False          # stepped since it was last written
     pending: int = 0             # parameters whose gradient this backward has not consumed yet
     slot: int = 0                # the slot of its last written version (disk)
@@ -101,6 +101,7 @@ class _Layer:
     ready: Dict[str, Future] = field(default_factory=dict)  # disk: the reads of "param" / "state" in flight
     released: Optional[Future] = None  # disk: its last write-back / release (a read of it waits for it)
     sliced: bool = False         # disk, an end: its state is stepped in row slices, never whole (_StateRows)
+    streamed: bool = False       # disk, the head: its weight too, read and stepped by the loss a slice at a time
     partial: Optional["_StateRows"] = None  # the file of its next version, its state rows written so far
 
     def __post_init__(self):
@@ -326,12 +327,13 @@ class _StateRows:
         self.fd: Optional[int] = None
 
     def _row_bytes(self, dtype: torch.dtype) -> int:
-        return self.param[0].numel() * dtype.itemsize
+        return math.prod(self.param.shape[1:]) * dtype.itemsize  # (the weight may have no memory: no indexing)
 
     def _per_row(self, t) -> bool:
         return isinstance(t, torch.Tensor) and t.dim() == self.param.dim() and t.shape[1:] == self.param.shape[1:]
 
-    def read(self, rows: slice) -> Dict[str, torch.Tensor]:
+    def _read_rows(self, rows: slice, wanted: Callable[[str], bool]) -> Dict[str, torch.Tensor]:
+        """Rows of the tensors of the weight's shape whose names `wanted` picks, from the end's last version."""
         layer = self.layer
         path = self.store._path(layer, layer.slot)
         if layer.released is not None:
@@ -341,34 +343,62 @@ class _StateRows:
             with open(path, "rb") as fh:
                 header, base = _read_header(path, fh)
                 for name, h in header.items():
-                    if not name.startswith(self.prefix) or list(h["shape"]) != list(self.param.shape):
+                    if name == "__metadata__" or not wanted(name) or list(h["shape"]) != list(self.param.shape):
                         continue
                     dtype = _DTYPES[h["dtype"]]
                     t = torch.empty((rows.stop - rows.start, *self.param.shape[1:]), dtype=dtype)
                     fh.seek(base + h["data_offsets"][0] + rows.start * self._row_bytes(dtype))
                     if fh.readinto(_bytes_view(t)) != t.numel() * t.element_size():
                         raise OffloadError(f"{path}: truncated while reading {name}")
-                    out[name[len(self.prefix):].rsplit(".", 1)[0]] = t
+                    out[name] = t
         except OSError as e:
             raise _cannot_read(path, e) from None
         self.store.bytes_read += sum(t.numel() * t.element_size() for t in out.values())
         return out
 
-    def write(self, rows: slice, state: Dict[str, object]) -> None:
+    def read(self, rows: slice) -> Dict[str, torch.Tensor]:
+        out = self._read_rows(rows, lambda name: name.startswith(self.prefix))
+        return {name[len(self.prefix):].rsplit(".", 1)[0]: t for name, t in out.items()}
+
+    def start_streaming(self) -> bool:
+        """Whether a loss is to read the weight a slice at a time now: not while it is whole in memory
+        (the head ran on its own in a training forward, for logits: its gradient then arrives whole).
+        Remembers a training forward's yes: the head may not then run whole as well."""
+        if self.layer.loaded:
+            return False
+        if torch.is_grad_enabled():
+            self.layer.ran = 1
+        return True
+
+    def read_weight(self, rows: slice) -> torch.Tensor:
+        """The weight's rows (a streamed head: `InBackwardOptimizer.stream_rows`)."""
+        key = f"param.{self.layer.names[id(self.param)]}"
+        out = self._read_rows(rows, lambda name: name == key)
+        if key not in out:
+            raise OffloadError(f"{self.store._path(self.layer, self.layer.slot)}: has no tensor {key!r} of "
+                               f"{list(self.param.shape)} (a store written by another model?)")
+        return out[key]
+
+    def write(self, rows: slice, state: Dict[str, object], weight: Optional[torch.Tensor] = None) -> None:
+        """A stepped slice's state rows (and, for a streamed weight, its new weight rows) into the
+        next version's file."""
         if rows.start == 0 and self.fd is not None:
             self._abandon()  # the file of a step that failed before the end's release
         if self.fd is None:
-            self._open(state)
+            self._open(state, streamed=weight is not None)
         try:
             for key, t in state.items():
                 if self._per_row(t):
                     _write_at(self.fd, _bytes_view(t.contiguous()),
                               self.starts[f"{self.prefix}{key}.0"] + rows.start * self._row_bytes(t.dtype))
+            if weight is not None:
+                _write_at(self.fd, _bytes_view(weight.contiguous()),
+                          self.starts[self.weight_key] + rows.start * self._row_bytes(weight.dtype))
         except OSError as e:
             self._abandon()
             raise _cannot_write(self.path, "the layer's file", e) from None
 
-    def _open(self, state: Dict[str, object]) -> None:
+    def _open(self, state: Dict[str, object], streamed: bool = False) -> None:
         """The next version's file, laid out as the store writes an end (the weight, then the state
         entries by key; per-row ones at the weight's shape). The state dict gets a tensor without
         memory for each per-row entry (what the store's file names and `close` reads back into)."""
@@ -387,6 +417,9 @@ class _StateRows:
         self.step = store.step + 1
         head, self.starts = _layout(specs, {"step": str(self.step), "layer": layer.name})
         self.rows = {k for k in specs if k.startswith(self.prefix) and specs[k][1] == p.shape}
+        self.weight_key = f"param.{layer.names[id(p)]}"
+        if streamed:  # the weight's rows come with the state's; `finish` writes the scalars only
+            self.rows.add(self.weight_key)
         self.tmp = f"{self.path}.tmp-{os.getpid()}"
         try:
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -462,6 +495,8 @@ class LayerStore:
         self._stored = self.layers + self.ends  # what moves between the tier and memory
         for end in self.ends:  # on disk an end's state is stepped in row slices, never whole in memory
             end.sliced = tier == "disk" and len(end.params) == 1 and optimizer.row_slices(end.params[0]) is not None
+            # and the head's weight too: the loss reads it, and steps it, a vocabulary slice at a time
+            end.streamed = end.sliced and end.role == "output"
         self._of_param = {id(p): layer for layer in self._stored for p in layer.params}
         self._index = {layer.name: i for i, layer in enumerate(self.layers)}
         # the other trained parameters (the final norm, a tied embedding) stay in memory; the disk
@@ -743,7 +778,8 @@ class LayerStore:
         layer.dirty = False
 
     def _release(self, layer: _Layer) -> None:
-        if not layer.loaded or self.tier == "none":
+        # (a streamed head is never loaded in training; its stepped file is completed here all the same)
+        if not (layer.loaded or layer.partial is not None) or self.tier == "none":
             return
         moving = list(self._moving(layer).values())
         if self.tier == "disk":
@@ -964,7 +1000,9 @@ class LayerStore:
             self._handles.append(stack.register_forward_hook(lambda m, a, o: self._head_needed()))
         self._grad_hooks = self.optimizer.register_grad_hooks(self._before_step, self._after_grad)
         for end in self.ends:
-            if end.sliced:
+            if end.streamed:
+                self.optimizer.stream_rows(end.params[0], _StateRows(self, end))
+            elif end.sliced:
                 self.optimizer.set_row_source(end.params[0], _StateRows(self, end))
 
     def _trains(self) -> bool:
@@ -975,6 +1013,9 @@ class LayerStore:
         """After the last stack's forward: the head in memory (and its state, for the step that its
         gradient, the first of the backward, brings); it stays until that step."""
         out = self._output
+        if out.streamed:  # the loss reads it a slice at a time (`optim.streamed`)
+            out.pending, out.ran = (len(out.params) if self._trains() else 0), 0
+            return
         self._load(out, "param")
         if self._trains():
             if not self.optimizer.measuring_norm and not out.sliced:
@@ -987,6 +1028,10 @@ class LayerStore:
         re-reads it); otherwise both go."""
         if not self._trains():
             self._release(end)
+        elif end.streamed and end.ran:
+            raise OffloadError(f"offload: {end.name} ran whole in a training forward whose loss had already read its "
+                               "weight a vocabulary slice at a time (stepped then, in backward): compute the logits "
+                               "without grad, or return them from a forward without labels")
         elif end.role == "input":
             end.pending = len(end.params)
             self._release(end)
@@ -1005,7 +1050,7 @@ class LayerStore:
             # (the embedding's step, the last, is read for once layer 0 is released: _after_grad)
         elif i + 1 < len(self.layers):
             self._load(self.layers[i + 1], "param", wait=False)
-        elif self._output is not None:
+        elif self._output is not None and not self._output.streamed:
             self._load(self._output, "param", wait=False)
 
     def _after_part(self, layer: _Layer) -> None:
@@ -1026,7 +1071,7 @@ class LayerStore:
 
     def _before_step(self, p: torch.Tensor) -> None:
         layer = self._of_param.get(id(p))
-        if layer is not None:
+        if layer is not None and not layer.streamed:
             self._load(layer, "param")
             if not layer.sliced:  # (its state comes in row slices inside the step: _StateRows)
                 self._load(layer, "state")
@@ -1114,7 +1159,9 @@ class LayerStore:
         self._handles = []
         self._grad_hooks.remove()
         for end in self.ends:
-            if end.sliced:
+            if end.streamed:
+                self.optimizer.stream_rows(end.params[0], None)
+            elif end.sliced:
                 self.optimizer.set_row_source(end.params[0], None)
             if end.partial is not None:
                 end.partial._abandon()

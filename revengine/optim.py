@@ -167,6 +167,36 @@ def _rows(p: torch.Tensor, elements: int, align: int) -> List[slice]:
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
+def row_slices_of(t: torch.Tensor) -> List[slice]:
+    """The row slices (dim 0) a tensor of more than SLICE_ELEMENTS elements is worked on in: its
+    in-backward step (torch's Adam, AdamW, SGD), its gradient's norm, and, for an output head, the
+    cross-entropy's vocabulary slices. From the shape alone, so that every path that meets the same
+    tensor slices it alike. One slice (the whole tensor) for small or single-row tensors."""
+    if t.dim() < 1 or t.shape[0] < 2 or t.numel() <= SLICE_ELEMENTS:
+        return [slice(0, t.shape[0] if t.dim() else 1)]
+    return _rows(t, SLICE_ELEMENTS, SLICE_ALIGN)
+
+
+def _slice_norm(g: torch.Tensor) -> float:
+    # in the gradient's own dtype (at least fp32), as clip_grad_norm_ takes it: no float64 copy
+    wide = g.dtype in (torch.float32, torch.float64)
+    return float(torch.linalg.vector_norm(g, dtype=None if wide else torch.float32))
+
+
+def combine_norms(norms: List[float]) -> float:
+    """The 2-norm of a tensor from the norms of its row slices (one slice: that norm as it is)."""
+    return norms[0] if len(norms) == 1 else math.sqrt(sum(n * n for n in norms))
+
+
+def grad_norm(g: torch.Tensor) -> float:
+    """A gradient's 2-norm, taken over `row_slices_of(g)` and combined: the same number whether the
+    gradient exists whole or arrives one row slice at a time (a streamed output head's)."""
+    g = g.detach()
+    if g.dim() == 0:
+        return _slice_norm(g)
+    return combine_norms([_slice_norm(g[r]) for r in row_slices_of(g)])
+
+
 FUSED_CPU_STEP = True  # False: torchao's own update on CPU too (what runs on other devices)
 
 
@@ -281,6 +311,130 @@ def _copy_inner(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> Non
         d.copy_(s, non_blocking=non_blocking)
 
 
+class _SliceSteps:
+    """One parameter's step, a row slice at a time: each slice by an optimizer of the same class and
+    hyperparameters over the slice's weight, gradient and state (views of the whole parameter's, or
+    rows read from a row source), so that the result is the whole step's bit for bit."""
+
+    def __init__(self, opt: torch.optim.Optimizer, p: torch.Tensor, source):
+        self.opt, self.p, self.source = opt, p, source
+        self.st = opt.state[p]
+        self.scalars = {k: v for k, v in self.st.items() if not self._per_row(v, p.shape)}
+        self.started = len(self.st) > 0  # (a source's state keeps only the scalars in the state dict)
+        self.hyper = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        self.new: Dict[str, Any] = {}
+
+    @staticmethod
+    def _per_row(v, shape) -> bool:  # a state tensor of the parameter's (or the slice's) shape
+        return isinstance(v, torch.Tensor) and v.shape == shape
+
+    def step(self, r: slice, view: torch.Tensor, grad: torch.Tensor, weight_out: bool = False) -> None:
+        """Steps rows r: `view` is their weight (updated in place), `grad` their gradient.
+        weight_out: the source also takes the new weight rows (a streamed weight)."""
+        st, source = self.st, self.source
+        view.grad = grad
+        sliced = type(self.opt)([dict(self.hyper, params=[view])])
+        if self.started:
+            rows_state = source.read(r) if source is not None else \
+                {k: v[r] for k, v in st.items() if k not in self.scalars}
+            scalars = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in self.scalars.items()}
+            sliced.state[view] = {**scalars, **rows_state}
+        sliced.step()
+        new = self.new = sliced.state[view]
+        if source is not None:
+            if weight_out:
+                source.write(r, new, weight=view.detach())
+            else:
+                source.write(r, new)
+        elif not self.started:  # the first step: the whole state, filled slice by slice
+            for k, v in new.items():
+                if self._per_row(v, view.shape):
+                    if k not in st:
+                        st[k] = torch.empty(self.p.shape, dtype=v.dtype, device=v.device)
+                    st[k][r] = v
+        view.grad = None
+        self.shape = view.shape
+
+    def finish(self) -> None:
+        for k, v in self.new.items():  # the scalars (step counters) advanced as every slice's did
+            if not self._per_row(v, self.shape):
+                self.st[k] = v
+
+
+# parameters whose weight a row source holds (InBackwardOptimizer.stream_rows): id -> (parameter, optimizer)
+_STREAMED: Dict[int, Tuple[torch.Tensor, "InBackwardOptimizer"]] = {}
+
+
+def streamed(p: torch.Tensor) -> Optional["RowStream"]:
+    """The `RowStream` of a parameter whose weight lives in an offload store (read and stepped a row
+    slice at a time by the loss that uses it), or None: an ordinary parameter."""
+    entry = _STREAMED.get(id(p))
+    if entry is None or entry[0] is not p or not entry[1]._handles:
+        return None
+    if not entry[1]._row_sources[id(p)].start_streaming():
+        return None
+    return RowStream(entry[1], p)
+
+
+class RowStream:
+    """A weight read, and its gradient consumed, one row slice (`slices`) at a time, for a loss whose
+    gradient of a slice of the weight can be computed on its own (an output head's cross-entropy,
+    over vocabulary slices). The slices' gradients go through the optimizer as the whole gradient
+    would (clipped, measured or stepped), with the same result bit for bit.
+
+    In backward, for each sweep in `sweeps()` (two with per-tensor clipping: "norm" measures the
+    gradient's norm first, "step" then steps), for each slice: `consume(sweep, rows, weight, grad)`;
+    then `finish()`."""
+
+    def __init__(self, opt: "InBackwardOptimizer", p: torch.Tensor):
+        self.opt, self.p = opt, p
+        self.slices = row_slices_of(p)
+        self.source = opt._row_sources[id(p)]
+        self._norms: List[float] = []
+        self._steps: Optional[_SliceSteps] = None
+
+    def read(self, rows: slice) -> torch.Tensor:
+        """The weight's rows (a tensor of their own)."""
+        return self.source.read_weight(rows)
+
+    def sweeps(self) -> Tuple[str, ...]:
+        return ("norm", "step") if self.opt._pass == "step" and self.opt._clips_per_tensor else ("step",)
+
+    def consume(self, sweep: str, rows: slice, weight: torch.Tensor, grad: torch.Tensor) -> None:
+        opt = self.opt
+        if sweep == "norm" or opt._pass == "norm":
+            self._norms.append(_slice_norm(grad))
+            return
+        if opt._pass == "off":
+            return
+        if self._steps is None:  # the first slice of the step sweep
+            self._scale = opt._clip_scale(combine_norms(self._norms) if opt._clips_per_tensor else None)
+            for before, _ in opt._grad_hooks:
+                before(self.p)
+            self._steps = _SliceSteps(opt.optimizers[opt._index[id(self.p)]], self.p, self.source)
+        if self._scale != 1.0:
+            grad.mul_(self._scale)
+        self._steps.step(rows, weight, grad, weight_out=True)
+
+    def finish(self, failed: bool = False) -> None:
+        """After the last sweep (failed: the loss's backward raised before it ended; nothing more is
+        stepped, and the after-hooks hear that nothing was)."""
+        opt, stepped = self.opt, self._steps is not None and not failed
+        try:
+            if failed:
+                pass
+            elif opt._pass == "norm":
+                n = combine_norms(self._norms)
+                opt._sq_norm += n * n
+            elif stepped:
+                self._steps.finish()
+                opt.steps_taken += 1
+        finally:
+            self._norms, self._steps = [], None
+            for _, after in opt._grad_hooks:
+                after(self.p, stepped)
+
+
 class InBackwardOptimizer:
     """Steps every parameter inside backward, as soon as its gradient is complete, then frees it.
 
@@ -383,20 +537,13 @@ class InBackwardOptimizer:
             return False
         g = p.grad
         if self._pass == "norm":
-            # each tensor's norm in its own dtype (at least fp32), as clip_grad_norm_ takes them: no
-            # float64 copy of the gradient (+2x the largest tensor on the peak)
-            n = float(torch.linalg.vector_norm(g.detach(), dtype=None if g.dtype in (torch.float32, torch.float64)
-                                               else torch.float32))
+            n = grad_norm(g)
             self._sq_norm += n * n
             p.grad = None
             return False
-        if self.max_grad_norm is not None:
-            if self.clip == "per_tensor":
-                n = float(g.detach().norm())
-                if n > self.max_grad_norm:
-                    g.mul_(self.max_grad_norm / (n + 1e-6))
-            elif self._scale != 1.0:
-                g.mul_(self._scale)
+        scale = self._clip_scale(grad_norm(g) if self._clips_per_tensor else None)
+        if scale != 1.0:
+            g.mul_(scale)
         for before, _ in self._grad_hooks:
             before(p)
         if self.state_device is None:
@@ -409,6 +556,19 @@ class InBackwardOptimizer:
         self.steps_taken += 1
         return True
 
+    @property
+    def _clips_per_tensor(self) -> bool:
+        return self.max_grad_norm is not None and self.clip == "per_tensor"
+
+    def _clip_scale(self, norm: Optional[float]) -> float:
+        """What a gradient is multiplied by before its step: per-tensor clipping's factor for a
+        gradient of this norm, or global clipping's (1.0: none)."""
+        if self.max_grad_norm is None:
+            return 1.0
+        if self.clip == "per_tensor":
+            return self.max_grad_norm / (norm + 1e-6) if norm > self.max_grad_norm else 1.0
+        return self._scale
+
     # -- steps in row slices -----------------------------------------------------------------------
 
     def row_slices(self, p: torch.Tensor) -> Optional[List[slice]]:
@@ -419,7 +579,7 @@ class InBackwardOptimizer:
         if i is None or self.state_device is not None or type(self.optimizers[i]) not in SLICED_OPTIMIZERS \
                 or p.dim() < 1 or p.shape[0] < 2 or p.numel() <= SLICE_ELEMENTS or p.is_sparse:
             return None
-        return _rows(p, SLICE_ELEMENTS, SLICE_ALIGN)
+        return row_slices_of(p)
 
     def set_row_source(self, p: torch.Tensor, source) -> None:
         """Parameter p's state rows come from `source` when it is stepped in slices: source.read(rows)
@@ -438,39 +598,29 @@ class InBackwardOptimizer:
         if rows is None or p.grad is None or p.grad.is_sparse:
             opt.step()
             return
-        source = self._row_sources.get(id(p))
-        st = opt.state[p]
-
-        def per_row(v, shape) -> bool:  # a state tensor of the parameter's (or the slice's) shape
-            return isinstance(v, torch.Tensor) and v.shape == shape
-        scalars = {k: v for k, v in st.items() if not per_row(v, p.shape)}
-        started = len(st) > 0  # (a source's state keeps only the scalars in the state dict)
-        hyper = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        steps = _SliceSteps(opt, p, self._row_sources.get(id(p)))
         flat, grad = p.detach(), p.grad
-        new: Dict[str, Any] = {}
         for r in rows:
-            view = flat[r]
-            view.grad = grad[r]
-            sliced = type(opt)([dict(hyper, params=[view])])
-            if started:
-                rows_state = source.read(r) if source is not None else \
-                    {k: v[r] for k, v in st.items() if k not in scalars}
-                sliced.state[view] = {**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()},
-                                      **rows_state}
-            sliced.step()
-            new = sliced.state[view]
-            if source is not None:
-                source.write(r, new)
-            elif not started:  # the first step: the whole state, filled slice by slice
-                for k, v in new.items():
-                    if per_row(v, view.shape):
-                        if k not in st:
-                            st[k] = torch.empty(p.shape, dtype=v.dtype, device=v.device)
-                        st[k][r] = v
-            view.grad = None
-        for k, v in new.items():  # the scalars (step counters) advanced as every slice's did
-            if not per_row(v, view.shape):
-                st[k] = v
+            steps.step(r, flat[r], grad[r])
+        steps.finish()
+
+    def stream_rows(self, p: torch.Tensor, source) -> None:
+        """Parameter p's weight lives in `source` too, not only its state (the offload store's
+        output head): `streamed(p)` then hands a loss a `RowStream`, through which it reads the
+        weight a row slice at a time and gives back each slice's gradient, which is stepped at
+        once. source is a row source (`set_row_source`) with read_weight(rows) -> the weight's rows,
+        write(rows, state, weight=rows' new weight) and start_streaming() -> whether the weight is
+        to be read in rows now (False: it is whole in memory, and so will its gradient be). None: p
+        is an ordinary parameter again."""
+        if source is None:
+            self._row_sources.pop(id(p), None)
+            _STREAMED.pop(id(p), None)
+            return
+        if self.row_slices(p) is None:
+            raise ValueError(f"InBackwardOptimizer.stream_rows: a parameter of {tuple(p.shape)} is not stepped in row "
+                             "slices (torch's Adam, AdamW or SGD, above SLICE_ELEMENTS elements)")
+        self._row_sources[id(p)] = source
+        _STREAMED[id(p)] = (p, self)
 
     # -- state kept on state_device ----------------------------------------------------------------
 

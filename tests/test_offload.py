@@ -35,7 +35,7 @@ def small_slices(monkeypatch):
     monkeypatch.setattr(rev.optim, "SLICE_ELEMENTS", SMALL_SLICES)
 
 
-def build(optimizer="adamw", weights="fp32", hidden=64, layers=3, **config):
+def build(optimizer="adamw", weights="fp32", hidden=64, layers=3, opt_kw=None, **config):
     torch.manual_seed(0)
     cfg = RevMoEConfig.preset("tiny", num_hidden_layers=layers, block_type="bdia", hidden_size=hidden,
                               moe_intermediate_size=64, **config)
@@ -43,7 +43,7 @@ def build(optimizer="adamw", weights="fp32", hidden=64, layers=3, **config):
     if weights == "bf16":
         model.to(torch.bfloat16)
     cls, kw = optimizer_class(optimizer, weights=weights)
-    return model, InBackwardOptimizer(model.parameters(), cls, lr=1e-3, **kw)
+    return model, InBackwardOptimizer(model.parameters(), cls, lr=1e-3, **kw, **(opt_kw or {}))
 
 
 def train(model, steps, start=0):
@@ -184,8 +184,9 @@ def test_backward_holds_two_layers_weights_and_one_layers_state(tmp_path, monkey
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_the_embedding_and_the_head_are_stored_unless_tied(tmp_path, tied):
     """An untied embedding and head have files of their own, like a layer: the embedding is in memory
-    for its forward and its step, the head from the loss to its step (the first of the backward). A
-    tied one is used at both ends of every step: it stays in memory with the rest. Bit-identical."""
+    for its forward and its step, the head never whole (the loss reads it a vocabulary slice at a
+    time). A tied one is used at both ends of every step: it stays in memory with the rest.
+    Bit-identical."""
     model, opt = build(tie_word_embeddings=tied)
     plain = train(model, 3)
     expect = snapshot(model, opt)
@@ -205,7 +206,8 @@ def test_the_embedding_and_the_head_are_stored_unless_tied(tmp_path, tied):
         assert after_forward[-1] == ["model.layers.2"] and head.untyped_storage().nbytes() > 0
     else:
         assert ends <= files
-        assert after_forward[-1] == ["model.layers.2", "lm_head"]  # the embedding went after its forward
+        # the embedding went after its forward; the head's weight never comes whole: the loss reads it
+        assert after_forward[-1] == ["model.layers.2"]
         assert store.resident_layers() == ["model.embed_tokens", "model.layers.0"]  # read ahead for the next step
         assert head.untyped_storage().nbytes() == 0
     store.close()
@@ -216,12 +218,11 @@ def test_the_embedding_and_the_head_are_stored_unless_tied(tmp_path, tied):
 def test_the_ends_state_is_stepped_in_row_slices_never_whole(tmp_path, monkeypatch):
     """On disk the embedding's and the head's AdamW state comes in row slices inside their step (read
     from the last version's file, written into the next one's): it never has memory in the store's
-    run, and the run ends bit-identical to one that steps every tensor whole, without a store."""
-    monkeypatch.setattr(rev.optim, "SLICE_ELEMENTS", 1 << 30)
+    run, and the run ends bit-identical to one without a store (whose steps in row slices equal
+    whole ones: tests/test_optim.py)."""
     model, opt = build()
     plain = train(model, 3)
     expect = snapshot(model, opt)
-    monkeypatch.setattr(rev.optim, "SLICE_ELEMENTS", SMALL_SLICES)
 
     model, opt = build()
     ends = [model.model.embed_tokens.weight, model.lm_head.weight]
@@ -241,6 +242,82 @@ def test_the_ends_state_is_stepped_in_row_slices_never_whole(tmp_path, monkeypat
     assert len(state_bytes) == 6 and set(state_bytes) == {0}
     store.close()
     assert losses == plain
+    assert_same(snapshot(model, opt), expect)
+
+
+@pytest.mark.parametrize("clip", [None, "per_tensor", "global"])
+def test_the_heads_weight_and_gradient_are_never_whole(tmp_path, monkeypatch, clip):
+    """On disk the loss reads the head's weight a vocabulary slice at a time (in forward for the
+    log-sum-exp, in backward for each slice's gradient, which is clipped and stepped at once; per-tensor
+    clipping first measures every slice's gradient), so the weight never has memory and no gradient
+    of it exists whole; with a scaled loss and ignored labels the run is bit-identical to one without
+    a store, whose loss computes the same slices from the weight in memory."""
+    opt_kw = None if clip is None else dict(max_grad_norm=0.05, clip=clip)
+
+    def run(model, opt, steps=3):
+        losses = []
+        for s in range(steps):
+            torch.manual_seed(100 + s)
+            ids = torch.randint(0, model.config.vocab_size, (2, 64))
+            labels = ids.clone()
+            labels[:, :20] = -100  # a prompt: only the answer's tokens are labelled
+            closure = lambda: model(input_ids=ids, labels=labels).loss * 0.5  # noqa: E731
+            loss = opt.step_two_pass(closure) if clip == "global" else closure()
+            if clip != "global":
+                loss.backward()
+            losses.append(loss.item())
+        return losses
+
+    model, opt = build(opt_kw=opt_kw)
+    plain = run(model, opt)
+    expect = snapshot(model, opt)
+
+    model, opt = build(opt_kw=opt_kw)
+    head = model.lm_head.weight
+    store = LayerStore(model, opt, tier="disk", directory=str(tmp_path / "store"))
+    assert store._output.streamed
+    slices = len(rev.optim.row_slices_of(head))
+    assert slices >= 4
+    seen = []
+    real = rev.offload._StateRows.read_weight
+
+    def read_weight(self, rows):
+        state = [t for v in opt.state.get(head, {}).values() if isinstance(v, torch.Tensor) and v.dim() > 0
+                 for t in rev.optim.inner_tensors(v)]
+        seen.append((head.untyped_storage().nbytes(), head.grad, sum(t.untyped_storage().nbytes() for t in state)))
+        return real(self, rows)
+    monkeypatch.setattr(rev.offload._StateRows, "read_weight", read_weight)
+    losses = run(model, opt)
+    # reads a step: forward + backward, + the norm sweep with per-tensor clipping, x2 with global (two passes)
+    assert len(seen) == 3 * slices * {None: 2, "per_tensor": 3, "global": 4}[clip]
+    assert all(nbytes == 0 and grad is None and state == 0 for nbytes, grad, state in seen)
+    assert int(opt.state[head]["step"]) == 3  # one step of the head a training step, not two
+    store.close()
+    assert losses == plain
+    assert_same(snapshot(model, opt), expect)
+
+
+def test_a_training_forward_that_runs_the_head_whole_steps_it_whole(tmp_path):
+    """A loss from the logits (the head run on its own in a training forward, as DPO-style trainers
+    do) brings the head in whole and steps it from its whole gradient, bit-identical to a run without a
+    store; running it whole after the labels' loss already streamed it is a one-line error."""
+    def run(model, steps=2):
+        for s in range(steps):
+            torch.manual_seed(100 + s)
+            ids = torch.randint(0, model.config.vocab_size, (2, 32))
+            logits = model(input_ids=ids).logits
+            torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+
+    model, opt = build()
+    run(model)
+    expect = snapshot(model, opt)
+    model, opt = build()
+    store = LayerStore(model, opt, tier="disk", directory=str(tmp_path / "store"))
+    run(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32))
+    with pytest.raises(OffloadError, match=r"lm_head ran whole in a training forward whose loss had already read"):
+        model(input_ids=ids, labels=ids, return_logits=True)
+    store.close()
     assert_same(snapshot(model, opt), expect)
 
 
@@ -316,6 +393,7 @@ def test_full_disk_is_one_error_and_the_last_step_stays_loadable(tmp_path, monke
     with pytest.raises(OffloadError, match=match):
         train(model, 1, start=2)
     monkeypatch.undo()
+    monkeypatch.setattr(rev.optim, "SLICE_ELEMENTS", SMALL_SLICES)  # (the head's loss is computed in these slices)
     store.detach()
     assert not [f for f in os.listdir(directory) if ".tmp" in f]
 
@@ -377,6 +455,7 @@ def test_a_failed_flush_is_one_error_and_the_last_step_stays_loadable(tmp_path, 
     with pytest.raises(OffloadError, match=r"model\.layers\.1\.\d\.safetensors: cannot write .*Input/output error"):
         train(model, 1, start=2)
     monkeypatch.undo()
+    monkeypatch.setattr(rev.optim, "SLICE_ELEMENTS", SMALL_SLICES)  # (the head's loss is computed in these slices)
     assert failed, "the layer file's flush was never asked for"
     store.detach()
     with open(os.path.join(directory, "store.json")) as fh:
