@@ -8,6 +8,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 from torch import nn
@@ -177,25 +178,26 @@ def hf_workload(a):
             parse_options(a.set), child_env(a.threads or (1 if a.quick else None)))
 
 
-def hf_model(quick: bool, layers: int):
+def hf_model(quick: bool, layers: int, vocab: Optional[int] = None):
     import transformers as tf
 
     from revengine.convert import hf_config_from_revmoe
     from revengine.models import RevMoEConfig
 
-    cfg = RevMoEConfig.preset("tiny" if quick else "qwen-moe-mini", num_hidden_layers=layers)
+    cfg = RevMoEConfig.preset("tiny" if quick else "qwen-moe-mini", num_hidden_layers=layers,
+                              **({} if vocab is None else {"vocab_size": vocab}))
     hfc = hf_config_from_revmoe(cfg, "qwen2_moe")
     torch.manual_seed(0)
     return tf.Qwen2MoeForCausalLM(hfc)
 
 
-def hf_contender(name: str, quick: bool, layers: int, options=None):
-    """hf_model(quick, layers) as contender `name` trains it: "hf-plain" as is, "hf-ckpt" with HF
+def hf_contender(name: str, quick: bool, layers: int, options=None, vocab: Optional[int] = None):
+    """hf_model(quick, layers, vocab) as contender `name` trains it: "hf-plain" as is, "hf-ckpt" with HF
     gradient checkpointing (non-reentrant), "rev-<scheme>[-fused]" converted by
     from_hf(scheme=<scheme>, **options)."""
     from revengine.convert import from_hf
 
-    model = hf_model(quick, layers)
+    model = hf_model(quick, layers, vocab)
     if name == "hf-ckpt":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif name.startswith("rev-"):

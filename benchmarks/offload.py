@@ -94,7 +94,7 @@ def copy_bandwidth(device: str, mib: int = 256, rounds: int = 4) -> dict:
 
 
 def measure(tier: str, quick: bool, layers: int, seq: int, steps: int, threads=None, clip: str = "none",
-            device: str = "cpu") -> dict:
+            device: str = "cpu", vocab=None) -> dict:
     """Runs in a fresh subprocess."""
     from revengine.offload import LayerStore
     from revengine.optim import InBackwardOptimizer
@@ -116,7 +116,7 @@ def measure(tier: str, quick: bool, layers: int, seq: int, steps: int, threads=N
         return torch.cuda.memory_allocated(device) / MIB if cuda else proc_status_kb("VmRSS")["VmRSS"] / 1024.0
 
     base_mb = resident_mb()  # CPU: the interpreter, torch, transformers, revengine; GPU: ~0
-    model = hf_contender("rev-bdia", quick, layers).train().to(device)
+    model = hf_contender("rev-bdia", quick, layers, vocab=vocab).train().to(device)
     clipping = {} if clip == "none" else dict(max_grad_norm=1.0, clip=clip.replace("-", "_"))
     opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5, **clipping)
     ids = random_ids(model.config.vocab_size, 1, seq).to(device)
@@ -151,13 +151,14 @@ def measure(tier: str, quick: bool, layers: int, seq: int, steps: int, threads=N
             "base_mb": base_mb, "reliable": fig.reliable, **bw}
 
 
-def predicted_mb(quick: bool, layers: int, seq: int, tier: str) -> float:
+def predicted_mb(quick: bool, layers: int, seq: int, tier: str, vocab=None) -> float:
     """`revengine plan`'s peak for this workload (weights + state held + the step's rise; no runtime)."""
     from revengine.apps import plan as planner
     from revengine.convert import hf_config_from_revmoe
     from revengine.models import RevMoEConfig
 
-    cfg = hf_config_from_revmoe(RevMoEConfig.preset("tiny" if quick else "qwen-moe-mini", num_hidden_layers=layers),
+    cfg = hf_config_from_revmoe(RevMoEConfig.preset("tiny" if quick else "qwen-moe-mini", num_hidden_layers=layers,
+                                                    **({} if vocab is None else {"vocab_size": vocab})),
                                 "qwen2_moe").to_dict()
     shapes = planner.Shapes.from_config(cfg, name="qwen-moe-mini")
     st = planner.Strategy.parse("rev-bdia/adamw/fp32/in-backward" + ("" if tier == "none" else f"/offload-{tier}"))
@@ -174,6 +175,9 @@ def main(argv=None) -> int:
                     help="times each figure is measured, the contenders alternating; the fastest median step "
                          "and the highest peak are kept (default 2: this machine's step times drift by ~20%%)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="vocabulary size (default: the preset's, 16384; a larger one makes the LM head, which the "
+                         "store streams a vocabulary slice at a time, outweigh a layer)")
     ap.add_argument("--clip", default="none", choices=("none", "per-tensor", "global"),
                     help="gradient clipping to norm 1 (global: InBackwardOptimizer.step_two_pass, two passes)")
     ap.add_argument("--timing", default="own", choices=("own", "memory"),
@@ -190,13 +194,14 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     print(f"{'tiny' if a.quick else 'qwen-moe-mini'} converted with bdia, batch 1 x {seq}, fp32 AdamW in backward, "
           f"{a.steps} measured steps per figure, a fresh process each; depths {depths}; {a.device}"
-          + ("" if a.clip == "none" else f"; clipping {a.clip}"), flush=True)
+          + ("" if a.clip == "none" else f"; clipping {a.clip}") + ("" if a.vocab is None else f"; vocabulary {a.vocab}"),
+          flush=True)
     rows = {}
     for d in depths:
         for _ in range(a.rounds):
             for tier in tiers:
                 job = dict(tier=tier, quick=a.quick, layers=d, seq=seq, steps=a.steps, threads=a.threads,
-                           clip=a.clip, device=a.device)
+                           clip=a.clip, device=a.device, vocab=a.vocab)
                 r = measure_in_subprocess(os.path.abspath(__file__) + ":measure", job, env=env, timeout=7200)
                 if a.timing == "own" and kind == "cpu":
                     timed = measure_in_subprocess(os.path.abspath(__file__) + ":measure", job,
@@ -228,7 +233,7 @@ def main(argv=None) -> int:
               f"{k['peak_mb'] / n['peak_mb']:.3f} | {n['seconds']:.1f} | {k['seconds']:.1f} | {k['moved_mb']:.0f} | "
               f"{k['write_mb_s']:.0f} / {k['read_mb_s']:.0f} | {bound:.1f} | {k['seconds'] / bound:.2f} |")
         for tier, r in (("none", n), (away, k)):
-            checks.append((d, tier, r["peak_mb"] - r["base_mb"], predicted_mb(a.quick, d, seq, tier)))
+            checks.append((d, tier, r["peak_mb"] - r["base_mb"], predicted_mb(a.quick, d, seq, tier, a.vocab)))
     print("\nthe planner (`revengine plan`) against the peak above the runtime's own memory ("
           + ("GPU memory allocated before the model):" if kind == "cuda" else "VmRSS before the model):"))
     table_header("layers", "tier", "measured MiB", "predicted MiB", "error")

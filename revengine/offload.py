@@ -34,7 +34,10 @@ are trained and not tied (`get_input_embeddings()`, an nn.Embedding, in memory f
 its step, the last of the backward; `get_output_embeddings()`, an nn.Linear, from the end of the
 last stack's forward, when the loss reads it, to its step, the first of the backward; on disk their
 state, when the optimizer steps them in row slices, comes a slice at a time inside the step and is
-never whole in memory: `_StateRows`), and the tensors of their optimizer state (the plain tensors inside torchao's quantized state too); tensors
+never whole in memory: `_StateRows`; the head's weight then too: a loss that asks
+`optim.streamed(weight)`, as the models' chunked cross-entropy does, reads it a vocabulary slice at a
+time and steps each slice's gradient in backward, so it never comes in whole in training), and the
+tensors of their optimizer state (the plain tensors inside torchao's quantized state too); tensors
 under 4096 elements stay (norm weights, quantization tables, step counters), and so do the other
 parameters outside the stacks (the final norm, a tied embedding). A layer is released after its
 forward (in training not the last one: backward re-runs it first) and after the last of its
@@ -42,7 +45,7 @@ parameters has been stepped (not after the backward's re-run: its vector-Jacobia
 needs it). The next layer's weights are read ahead (in backward with this layer's optimizer state).
 A reader and a writer thread do the I/O; a read waits for its layer's last write-back and for the
 write-back in flight, so at most two layers' weights and one layer's state are in memory (the one
-stepped and the one below; at the top the last layer's and the head's; at the bottom the embedding's
+stepped and the one below; at the top the last layer's and the head's, or a slice of it; at the bottom the embedding's
 alone, read for its step once layer 0's write-back has freed its memory). A write-back frees its
 memory once the file is in the page cache; a third thread flushes it to the disk, and store.json
 names a step only once all its files are flushed.

@@ -31,7 +31,12 @@ state: the same result bit for bit, with the update's temporaries bounded by one
 per-op AdamW loop, foreach=False, holds two fp32 copies of what it updates: 2.3 GiB for a
 151936 x 2048 head at once, 8 MiB in slices; the fused kernel, the default, makes none).
 `set_row_source(p, source)` hands the slices' state to another owner (the offload store reads and
-writes a stored embedding's or head's state rows from its file, so that state is never whole).
+writes a stored embedding's or head's state rows from its file, so that state is never whole), and
+`stream_rows(p, source)` the weight's rows too: a loss that finds `streamed(weight)` reads the weight
+through it a slice at a time and hands each slice's gradient back (`RowStream`), to be clipped and
+stepped as the whole gradient would be (the offload store's LM head: its weight and gradient never
+exist whole). A gradient's norm is taken over the same row slices (`grad_norm`), so that a gradient
+that arrives whole and one that arrives a slice at a time clip alike, bit for bit.
 
 Gradient accumulation is refused (`grad_accumulation` > 1 is a ValueError): every backward is an
 optimizer step, so summing micro-batch gradients would need the full set of gradients this

@@ -219,7 +219,8 @@ def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
     """Under offload the device holds, besides what stays (the final norm), at the loss the last layer's
     weights and the head's weights, grads and state; in a layer's re-run two layers' weights, one
     layer's state and its grads; at the embedding's step (the last, once layer 0 is gone) the
-    embedding's weights, grad and state. On disk torch's AdamW state of an end comes a row slice at a time.
+    embedding's weights, grad and state. On disk torch's AdamW state of an end comes a row slice at a time,
+    and so do the head's weights and grads.
     The activations and the loss are those of the model without the store. The store keeps every
     layer and both ends (two slots on disk) and moves 3 weight + 2 state copies of each per step."""
     s = plan.load_shapes("mixtral-8x7b")
@@ -251,6 +252,9 @@ def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
     disk = plan.phases(big, plan.Strategy.parse("rev-bdia/adamw/fp32/in-backward/offload-disk"), 1, 512)
     host = plan.phases(big, plan.Strategy.parse("rev-bdia/adamw/fp32/in-backward/offload-host"), 1, 512)
     assert host["loss"]["optimizer"] - disk["loss"]["optimizer"] == pytest.approx((Em - big.end_slice()) * 8)
+    # and the head itself: the loss reads its weight, and steps its gradient, a slice at a time
+    assert host["loss"]["weights"] - disk["loss"]["weights"] == pytest.approx((Em - big.end_slice()) * 4)
+    assert host["loss"]["grads"] == Em * 4 and disk["loss"]["grads"] == big.end_slice() * 4
     # a layer's grads at once (the fused AdamW update inside backward makes no temporaries)
     assert disk["layer re-run"]["grads"] == Lm * 4
     fig = plan.store_figures(s, off)

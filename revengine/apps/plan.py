@@ -409,9 +409,9 @@ def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: f
     """The phases of a step whose layers live in the store between uses (revengine.offload): what is
     in memory then, besides the parameters outside the stacks and the ends (the final norm, a tied
     embedding) and their state.
-      - loss: the last layer's weights (backward re-runs it first), the head's weights and its
-        gradient (the loss's, which becomes the parameter's), and for its step the head's state (on
-        disk, torch's AdamW state a row slice at a time);
+      - loss: the last layer's weights (backward re-runs it first), the head's weights, its gradient
+        and, for its step, its state; on disk with torch's AdamW a vocabulary slice of each at a
+        time (the loss reads the head's weight slice by slice and steps each slice's gradient);
       - a layer's re-run: its weights and state, the weights of the layer below (read ahead), the
         gradients of all its parameters (its vector-Jacobian product returns them together), its
         working set;
@@ -420,12 +420,15 @@ def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: f
     wb, ob = WEIGHT_BYTES[st.weights], OPTIMIZERS[st.optimizer]
     L, layer_p, head_p, end = s.layers, s.layer_params(st.scheme), s.vocab * s.hidden, s.stored_end()
     rest = s.params(st.scheme) - L * layer_p - 2 * end
-    end_state = min(end, s.end_slice()) * ob if st.offload == "disk" and torch_adamw(st) else end * ob
+    sliced = st.offload == "disk" and torch_adamw(st)  # the ends' state, and the head, in row slices
+    end_state = min(end, s.end_slice()) * ob if sliced else end * ob
+    head_in = min(end, s.end_slice()) if sliced else end  # a tied head is with the rest: its gradient whole
+    head_grad = min(head_p, s.end_slice()) if sliced and end else head_p
 
     def ph(w, o, g, layer_b=0.0, logits_b=0.0):
         return {"weights": (rest + w) * wb, "optimizer": rest * ob + o, "grads": g, "stored": stored,
                 "layer": layer_b, "logits": logits_b}
-    return {"loss": ph(layer_p + end, end_state, head_p * wb, logits_b=logits),
+    return {"loss": ph(layer_p + head_in, end_state, head_grad * wb, logits_b=logits),
             "layer re-run": ph(2 * layer_p, layer_p * ob, layer_p * wb, layer_b=layer),
             "embedding's step": ph(end, end_state, end * wb)}
 
