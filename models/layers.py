@@ -15,11 +15,64 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from revengine import moe, side
+from revengine import moe, optim, side
 
 from .config import RevMoEConfig
 
 Tensor = torch.Tensor
+
+
+class _StreamedLookup(torch.autograd.Function):
+    """An embedding lookup whose weight an offload store keeps (`optim.streamed`): forward reads the
+    weight a row slice at a time and gathers the rows of the ids in it; backward sums each slice's
+    gradient rows (`index_add_` over the ids in token order, as nn.Embedding's dense CPU gradient
+    sums them: the same bits) and hands it to the optimizer, which steps that slice at once. The
+    weight and its gradient never exist whole."""
+
+    @staticmethod
+    def forward(ctx, ids, stream, anchor):
+        flat = ids.reshape(-1)
+        rows = stream.p.shape[0]
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= rows):
+            raise IndexError(f"embedding: ids outside [0, {rows}): min {int(flat.min())}, max {int(flat.max())}")
+        out = torch.empty((flat.numel(), *stream.p.shape[1:]), dtype=stream.p.dtype, device=ids.device)
+        for r in stream.slices:
+            at = ((flat >= r.start) & (flat < r.stop)).nonzero()[:, 0]
+            if at.numel():
+                out[at] = stream.read(r).index_select(0, flat[at] - r.start)
+        ctx.save_for_backward(flat)
+        ctx.stream = stream
+        return out.view(*ids.shape, *stream.p.shape[1:])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (flat,) = ctx.saved_tensors
+        stream = ctx.stream
+        g = grad.reshape(flat.numel(), -1)
+        try:
+            for sweep in stream.sweeps():
+                for r in stream.slices:
+                    at = ((flat >= r.start) & (flat < r.stop)).nonzero()[:, 0]
+                    gw = torch.zeros((r.stop - r.start, *stream.p.shape[1:]), dtype=stream.p.dtype, device=g.device)
+                    gw.index_add_(0, flat[at] - r.start, g.index_select(0, at).to(gw.dtype))
+                    stream.consume(sweep, r, stream.read(r) if sweep == "step" else None, gw)
+        except BaseException:
+            stream.finish(failed=True)
+            raise
+        stream.finish()
+        return None, None, None
+
+
+def embed(module: nn.Embedding, ids: Tensor) -> Tensor:
+    """module(ids); for an embedding whose weight an offload store streams (and that has no padding
+    row, norm limit or sparse gradient), the same rows and gradient a row slice at a time."""
+    stream = optim.streamed(module.weight)
+    if stream is None:
+        return module(ids)
+    # the weight is not an input of the graph (autograd would give it a gradient of zeros); an empty
+    # leaf that asks for a gradient is, so that backward reaches the lookup in training
+    anchor = torch.empty(0, device=ids.device, requires_grad=torch.is_grad_enabled())
+    return _StreamedLookup.apply(ids, stream, anchor)
 
 
 class RMSNorm(nn.Module):

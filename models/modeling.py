@@ -25,7 +25,7 @@ from revengine.sequential import Sequential
 
 from .blocks import AttnBranch, BlockIncrement, MoEBranch
 from .config import RevMoEConfig
-from .layers import KVCache, RMSNorm, init_weights, rope_tables
+from .layers import KVCache, RMSNorm, embed, init_weights, rope_tables
 from .loss import chunked_cross_entropy
 from .revffn import RevFFNLayer
 
@@ -138,7 +138,7 @@ class RevMoEModel(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -S:]
             else:
                 position_ids = torch.arange(past, past + S, device=input_ids.device)[None].expand(B, S)
-        x = self.embed_tokens(input_ids)
+        x = embed(self.embed_tokens, input_ids)
         cos, sin = rope_tables(cfg, position_ids, dtype=x.dtype)
         ctx = dict(
             position_embeddings=(cos, sin),

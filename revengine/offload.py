@@ -34,9 +34,10 @@ are trained and not tied (`get_input_embeddings()`, an nn.Embedding, in memory f
 its step, the last of the backward; `get_output_embeddings()`, an nn.Linear, from the end of the
 last stack's forward, when the loss reads it, to its step, the first of the backward; on disk their
 state, when the optimizer steps them in row slices, comes a slice at a time inside the step and is
-never whole in memory: `_StateRows`; the head's weight then too: a loss that asks
-`optim.streamed(weight)`, as the models' chunked cross-entropy does, reads it a vocabulary slice at a
-time and steps each slice's gradient in backward, so it never comes in whole in training), and the
+never whole in memory: `_StateRows`; their weights then too: a loss or lookup that asks
+`optim.streamed(weight)`, as the models' chunked cross-entropy and embedding lookup do, reads it a
+row slice at a time and steps each slice's gradient in backward, so it never comes in whole in
+training; one that calls the module itself gets it whole, for its forward and its step), and the
 tensors of their optimizer state (the plain tensors inside torchao's quantized state too); tensors
 under 4096 elements stay (norm weights, quantization tables, step counters), and so do the other
 parameters outside the stacks (the final norm, a tied embedding). A layer is released after its
@@ -45,8 +46,9 @@ parameters has been stepped (not after the backward's re-run: its vector-Jacobia
 needs it). The next layer's weights are read ahead (in backward with this layer's optimizer state).
 A reader and a writer thread do the I/O; a read waits for its layer's last write-back and for the
 write-back in flight, so at most two layers' weights and one layer's state are in memory (the one
-stepped and the one below; at the top the last layer's and the head's, or a slice of it; at the bottom the embedding's
-alone, read for its step once layer 0's write-back has freed its memory). A write-back frees its
+stepped and the one below; at the top the last layer's and the head's, or a slice of it; at the
+bottom the embedding's alone, or a slice of it, read for its step once layer 0's write-back has freed
+its memory). A write-back frees its
 memory once the file is in the page cache; a third thread flushes it to the disk, and store.json
 names a step only once all its files are flushed.
 
@@ -94,7 +96,7 @@ class _Layer:
     role: str = "layer"          # a stack's layer, or an end of the model: "input" embedding, "output" head
     loaded: bool = True          # its weights are in memory
     state_loaded: bool = True    # its optimizer state is (read only for the step: forward needs none)
-    ran: int = 0                 # parts run in the current forward (a streamed head: 1 once the loss read it)
+    ran: int = 0                 # parts run in the current forward (a streamed end: 1 once streamed in training)
     dirty: bool = False          # stepped since it was last written
     pending: int = 0             # parameters whose gradient this backward has not consumed yet
     slot: int = 0                # the slot of its last written version (disk)
@@ -104,7 +106,7 @@ class _Layer:
     ready: Dict[str, Future] = field(default_factory=dict)  # disk: the reads of "param" / "state" in flight
     released: Optional[Future] = None  # disk: its last write-back / release (a read of it waits for it)
     sliced: bool = False         # disk, an end: its state is stepped in row slices, never whole (_StateRows)
-    streamed: bool = False       # disk, the head: its weight too, read and stepped by the loss a slice at a time
+    streamed: bool = False       # disk, an end: its weight too, read and stepped by its user a slice at a time
     partial: Optional["_StateRows"] = None  # the file of its next version, its state rows written so far
 
     def __post_init__(self):
@@ -498,8 +500,11 @@ class LayerStore:
         self._stored = self.layers + self.ends  # what moves between the tier and memory
         for end in self.ends:  # on disk an end's state is stepped in row slices, never whole in memory
             end.sliced = tier == "disk" and len(end.params) == 1 and optimizer.row_slices(end.params[0]) is not None
-            # and the head's weight too: the loss reads it, and steps it, a vocabulary slice at a time
-            end.streamed = end.sliced and end.role == "output"
+            # and their weights too: the loss reads the head's, and steps it, a vocabulary slice at a time,
+            # and the models' lookup the embedding's (a plain one: no padding row, norm limit, sparse grad)
+            m = end.module
+            end.streamed = end.sliced and (end.role == "output" or (
+                m.padding_idx is None and m.max_norm is None and not m.sparse and not m.scale_grad_by_freq))
         self._of_param = {id(p): layer for layer in self._stored for p in layer.params}
         self._index = {layer.name: i for i, layer in enumerate(self.layers)}
         # the other trained parameters (the final norm, a tied embedding) stay in memory; the disk
@@ -834,7 +839,9 @@ class LayerStore:
             self._commit()
         else:
             self._drain()
-        if self._input is not None:  # the next forward starts there
+        for end in self.ends:
+            end.ran = 0
+        if self._input is not None and not self._input.streamed:  # the next forward starts there
             self._load(self._input, "param", wait=False)
         self._load(self.layers[0], "param", wait=False)
 
@@ -1032,9 +1039,9 @@ class LayerStore:
         if not self._trains():
             self._release(end)
         elif end.streamed and end.ran:
-            raise OffloadError(f"offload: {end.name} ran whole in a training forward whose loss had already read its "
-                               "weight a vocabulary slice at a time (stepped then, in backward): compute the logits "
-                               "without grad, or return them from a forward without labels")
+            raise OffloadError(f"offload: {end.name} ran whole in a training forward that had already read its weight "
+                               "a slice at a time (stepped then, in backward): call it once per forward (for logits: "
+                               "without grad, or from a forward without labels)")
         elif end.role == "input":
             end.pending = len(end.params)
             self._release(end)
@@ -1074,7 +1081,7 @@ class LayerStore:
 
     def _before_step(self, p: torch.Tensor) -> None:
         layer = self._of_param.get(id(p))
-        if layer is not None and not layer.streamed:
+        if layer is not None and not (layer.streamed and layer.ran):  # (streamed: the stream steps it in slices)
             self._load(layer, "param")
             if not layer.sliced:  # (its state comes in row slices inside the step: _StateRows)
                 self._load(layer, "state")
@@ -1087,7 +1094,8 @@ class LayerStore:
         layer.pending -= 1
         if layer.pending <= 0:
             self._release(layer)
-            if layer is self.layers[0] and self._input is not None and not self.optimizer.measuring_norm:
+            if layer is self.layers[0] and self._input is not None and not self.optimizer.measuring_norm \
+                    and not (self._input.streamed and self._input.ran):
                 # the embedding's step comes last: its weights (and state) are read once layer 0's
                 # write-back has freed that memory, while the embedding's gradient is computed
                 self._load(self._input, "param", wait=False)

@@ -219,8 +219,8 @@ def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
     """Under offload the device holds, besides what stays (the final norm), at the loss the last layer's
     weights and the head's weights, grads and state; in a layer's re-run two layers' weights, one
     layer's state and its grads; at the embedding's step (the last, once layer 0 is gone) the
-    embedding's weights, grad and state. On disk torch's AdamW state of an end comes a row slice at a time,
-    and so do the head's weights and grads.
+    embedding's weights, grad and state. On disk with torch's AdamW an end's weights, grads and state come
+    a row slice at a time.
     The activations and the loss are those of the model without the store. The store keeps every
     layer and both ends (two slots on disk) and moves 3 weight + 2 state copies of each per step."""
     s = plan.load_shapes("mixtral-8x7b")
@@ -255,6 +255,10 @@ def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
     # and the head itself: the loss reads its weight, and steps its gradient, a slice at a time
     assert host["loss"]["weights"] - disk["loss"]["weights"] == pytest.approx((Em - big.end_slice()) * 4)
     assert host["loss"]["grads"] == Em * 4 and disk["loss"]["grads"] == big.end_slice() * 4
+    # the embedding's too: its lookup reads it, and steps its gradient, a slice at a time
+    bottom_host, bottom_disk = host["embedding's step"], disk["embedding's step"]
+    assert bottom_host["weights"] - bottom_disk["weights"] == pytest.approx((Em - big.end_slice()) * 4)
+    assert bottom_host["grads"] == Em * 4 and bottom_disk["grads"] == big.end_slice() * 4
     # a layer's grads at once (the fused AdamW update inside backward makes no temporaries)
     assert disk["layer re-run"]["grads"] == Lm * 4
     fig = plan.store_figures(s, off)

@@ -416,21 +416,22 @@ def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: f
         gradients of all its parameters (its vector-Jacobian product returns them together), its
         working set;
       - the embedding's step, the last: its weights (read once layer 0's write-back freed its
-        memory), its gradient and its state (a row slice on disk)."""
+        memory), its gradient and its state; on disk with torch's AdamW a row slice of each at a
+        time (the models' lookup reads the weight slice by slice and steps each slice's gradient)."""
     wb, ob = WEIGHT_BYTES[st.weights], OPTIMIZERS[st.optimizer]
     L, layer_p, head_p, end = s.layers, s.layer_params(st.scheme), s.vocab * s.hidden, s.stored_end()
     rest = s.params(st.scheme) - L * layer_p - 2 * end
-    sliced = st.offload == "disk" and torch_adamw(st)  # the ends' state, and the head, in row slices
-    end_state = min(end, s.end_slice()) * ob if sliced else end * ob
-    head_in = min(end, s.end_slice()) if sliced else end  # a tied head is with the rest: its gradient whole
-    head_grad = min(head_p, s.end_slice()) if sliced and end else head_p
+    sliced = st.offload == "disk" and torch_adamw(st)  # the ends' weights, grads and state in row slices
+    end_in = min(end, s.end_slice()) if sliced else end  # what of a stored end is in memory at once
+    end_state = end_in * ob
+    head_grad = end_in if end else head_p  # a tied head stays with the rest: its gradient whole
 
     def ph(w, o, g, layer_b=0.0, logits_b=0.0):
         return {"weights": (rest + w) * wb, "optimizer": rest * ob + o, "grads": g, "stored": stored,
                 "layer": layer_b, "logits": logits_b}
-    return {"loss": ph(layer_p + head_in, end_state, head_grad * wb, logits_b=logits),
+    return {"loss": ph(layer_p + end_in, end_state, head_grad * wb, logits_b=logits),
             "layer re-run": ph(2 * layer_p, layer_p * ob, layer_p * wb, layer_b=layer),
-            "embedding's step": ph(end, end_state, end * wb)}
+            "embedding's step": ph(end_in, end_state, end_in * wb)}
 
 
 @dataclass
