@@ -80,7 +80,8 @@ CAL = {
     "rev_stream_bytes": 16.0,  # not fitted: bytes per token and hidden unit a reversible stack keeps in the
                                # weights' dtype, at fp32, besides its two streams (the stack's input and
                                # output, the head's normed input and the streams' grad)
-    "rev_loss_chunks": 3.0,    # not fitted: [chunk, vocab] fp32 tensors of the chunked loss at once
+    "rev_loss_chunks": 3.0,    # not fitted: blocks of chunk x vocab fp32 logits of the chunked loss at once
+                               # (a block and log-sum-exp's temporaries of it)
     # one reversible layer's vector-Jacobian product while the optimizer steps inside backward / the
     # attention's saved elements + one MoE chunk's + the chunk inputs: least squares on the resident
     # memory sampled mid-product with the store (qwen-moe-mini, fp32, 256-2048 tokens: 15-43 MiB, the
