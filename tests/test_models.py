@@ -121,7 +121,14 @@ def test_routing_replay_prevents_diverging_grads():
     assert errs[True] <= 1e-9 and errs[False] > 1e-2, errs
 
 
-def test_chunked_cross_entropy_equals_full_logits():
+@pytest.mark.parametrize("slice_elements", [None, 64, 200], ids=["one slice", "13 slices", "5 slices"])
+def test_chunked_cross_entropy_equals_full_logits(slice_elements, monkeypatch):
+    """In float64 the loss and grads of the blocked cross-entropy (token chunks x vocabulary slices:
+    the log-sum-exp folded over the slices, each slice's gradient accumulated over the chunks) equal
+    those of the full logits, whatever the chunks and slices (the last ones short)."""
+    if slice_elements is not None:
+        monkeypatch.setattr(rev.optim, "SLICE_ELEMENTS", slice_elements)
+    assert len(rev.optim.row_slices_of(torch.empty(50, 16))) == {None: 1, 64: 13, 200: 5}[slice_elements]
     g = torch.Generator().manual_seed(0)
     h = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
