@@ -22,7 +22,7 @@ class _Blocks:
     x vocab logits, the memory the caller's chunk asked for: token chunks are longer when slices
     are narrower than the vocabulary."""
 
-    def __init__(self, h: Tensor, w_shape: torch.Size, labels: Tensor, chunk: int):
+    def __init__(self, h: Tensor, w: Tensor, labels: Tensor, chunk: int):
         valid = labels != -100
         self.acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         self.n = valid.sum().clamp_min(1).to(self.acc)
@@ -32,9 +32,9 @@ class _Blocks:
             h, labels = h.index_select(0, self.rows), labels.index_select(0, self.rows)
             valid = torch.ones_like(labels, dtype=torch.bool)
         self.h, self.labels, self.valid = h, labels, valid
-        self.slices = optim.row_slices_of(torch.empty(w_shape, device="meta"))
+        self.slices = optim.row_slices_of(w)  # (from its shape: a streamed weight has no memory)
         widest = max(r.stop - r.start for r in self.slices)
-        tokens = max(1, chunk * w_shape[0] // widest)
+        tokens = max(1, chunk * w.shape[0] // widest)
         self.chunks = [slice(s, s + tokens) for s in range(0, h.shape[0], tokens)]
 
     def _logits(self, c: slice, w: Tensor) -> Tensor:
@@ -102,7 +102,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, labels, chunk):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        b = _Blocks(h, w.shape, labels, chunk)
+        b = _Blocks(h, w, labels, chunk)
         b.lse_pass(lambda r: w[r])
         gh = gw = None
         if want_h or want_w:
@@ -135,7 +135,7 @@ class _StreamedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, labels, chunk, stream):
-        b = _Blocks(h, stream.p.shape, labels, chunk)
+        b = _Blocks(h, stream.p, labels, chunk)
         b.lse_pass(stream.read)
         ctx.b, ctx.stream = b, stream
         return b.loss()
@@ -152,9 +152,8 @@ class _StreamedLinearCE(torch.autograd.Function):
             return take
         try:
             for sweep in stream.sweeps():
-                b.grad_pass(stream.read, lambda r: torch.zeros((r.stop - r.start, *stream.p.shape[1:]),
-                                                               dtype=stream.p.dtype, device=b.h.device),
-                            done(sweep), gh if sweep == "step" else None)
+                b.grad_pass(stream.read, lambda r: stream.grad_buffer(r, b.h.device), done(sweep),
+                            gh if sweep == "step" else None)
         except BaseException:
             stream.finish(failed=True)
             raise

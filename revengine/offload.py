@@ -109,6 +109,11 @@ class _Layer:
     streamed: bool = False       # disk, an end: its weight too, read and stepped by its user a slice at a time
     partial: Optional["_StateRows"] = None  # the file of its next version, its state rows written so far
 
+    @property
+    def streaming(self) -> bool:
+        """A streamed end that this training forward read a slice at a time (so its user steps it)."""
+        return self.streamed and bool(self.ran)
+
     def __post_init__(self):
         mine = {id(p) for p in self.params}
         # the parameters' names inside the module (a tied weight: its last name)
@@ -329,6 +334,7 @@ class _StateRows:
         self.store, self.layer = store, layer
         self.param = layer.params[0]
         self.prefix = f"state.{layer.names[id(self.param)]}."
+        self.weight_key = f"param.{layer.names[id(self.param)]}"
         self.fd: Optional[int] = None
 
     def _row_bytes(self, dtype: torch.dtype) -> int:
@@ -366,9 +372,9 @@ class _StateRows:
         return {name[len(self.prefix):].rsplit(".", 1)[0]: t for name, t in out.items()}
 
     def start_streaming(self) -> bool:
-        """Whether a loss is to read the weight a slice at a time now: not while it is whole in memory
-        (the head ran on its own in a training forward, for logits: its gradient then arrives whole).
-        Remembers a training forward's yes: the head may not then run whole as well."""
+        """Whether a loss or lookup is to read the weight a slice at a time now: not while it is whole in
+        memory (the module ran on its own in a training forward: its gradient then arrives whole).
+        Remembers a training forward's yes: the module may not then run whole as well."""
         if self.layer.loaded:
             return False
         if torch.is_grad_enabled():
@@ -376,8 +382,8 @@ class _StateRows:
         return True
 
     def read_weight(self, rows: slice) -> torch.Tensor:
-        """The weight's rows (a streamed head: `InBackwardOptimizer.stream_rows`)."""
-        key = f"param.{self.layer.names[id(self.param)]}"
+        """The weight's rows (a streamed end: `InBackwardOptimizer.stream_rows`)."""
+        key = self.weight_key
         out = self._read_rows(rows, lambda name: name == key)
         if key not in out:
             raise OffloadError(f"{self.store._path(self.layer, self.layer.slot)}: has no tensor {key!r} of "
@@ -422,7 +428,6 @@ class _StateRows:
         self.step = store.step + 1
         head, self.starts = _layout(specs, {"step": str(self.step), "layer": layer.name})
         self.rows = {k for k in specs if k.startswith(self.prefix) and specs[k][1] == p.shape}
-        self.weight_key = f"param.{layer.names[id(p)]}"
         if streamed:  # the weight's rows come with the state's; `finish` writes the scalars only
             self.rows.add(self.weight_key)
         self.tmp = f"{self.path}.tmp-{os.getpid()}"
@@ -786,7 +791,7 @@ class LayerStore:
         layer.dirty = False
 
     def _release(self, layer: _Layer) -> None:
-        # (a streamed head is never loaded in training; its stepped file is completed here all the same)
+        # (a streamed end is never loaded in training; its stepped file is completed here all the same)
         if not (layer.loaded or layer.partial is not None) or self.tier == "none":
             return
         moving = list(self._moving(layer).values())
@@ -1038,7 +1043,7 @@ class LayerStore:
         re-reads it); otherwise both go."""
         if not self._trains():
             self._release(end)
-        elif end.streamed and end.ran:
+        elif end.streaming:
             raise OffloadError(f"offload: {end.name} ran whole in a training forward that had already read its weight "
                                "a slice at a time (stepped then, in backward): call it once per forward (for logits: "
                                "without grad, or from a forward without labels)")
@@ -1081,7 +1086,7 @@ class LayerStore:
 
     def _before_step(self, p: torch.Tensor) -> None:
         layer = self._of_param.get(id(p))
-        if layer is not None and not (layer.streamed and layer.ran):  # (streamed: the stream steps it in slices)
+        if layer is not None and not layer.streaming:  # (the stream steps it in slices)
             self._load(layer, "param")
             if not layer.sliced:  # (its state comes in row slices inside the step: _StateRows)
                 self._load(layer, "state")
@@ -1095,7 +1100,7 @@ class LayerStore:
         if layer.pending <= 0:
             self._release(layer)
             if layer is self.layers[0] and self._input is not None and not self.optimizer.measuring_norm \
-                    and not (self._input.streamed and self._input.ran):
+                    and not self._input.streaming:
                 # the embedding's step comes last: its weights (and state) are read once layer 0's
                 # write-back has freed that memory, while the embedding's gradient is computed
                 self._load(self._input, "param", wait=False)

@@ -402,6 +402,10 @@ class RowStream:
         """The weight's rows (a tensor of their own)."""
         return self.source.read_weight(rows)
 
+    def grad_buffer(self, rows: slice, device) -> torch.Tensor:
+        """A zeroed gradient for the weight's rows, to accumulate a slice's gradient in."""
+        return torch.zeros((rows.stop - rows.start, *self.p.shape[1:]), dtype=self.p.dtype, device=device)
+
     def sweeps(self) -> Tuple[str, ...]:
         return ("norm", "step") if self.opt._pass == "step" and self.opt._clips_per_tensor else ("step",)
 
@@ -426,9 +430,7 @@ class RowStream:
         stepped, and the after-hooks hear that nothing was)."""
         opt, stepped = self.opt, self._steps is not None and not failed
         try:
-            if failed:
-                pass
-            elif opt._pass == "norm":
+            if not failed and opt._pass == "norm":
                 n = combine_norms(self._norms)
                 opt._sq_norm += n * n
             elif stepped:
