@@ -4,7 +4,7 @@
 //   adam_step_(param, grad, exp_avg, exp_avg_scale, exp_avg_qmap,
 //              exp_avg_sq, exp_avg_sq_scale, exp_avg_sq_qmap, bits, block_size,
 //              lr, lr_wd, beta1, beta2, weight_decay, eps, bias_correction1,
-//              bias_correction2_sqrt, adamw, sr_seed) -> ()
+//              bias_correction2_sqrt, adamw, sr_seed, sr_offset=0) -> ()
 //
 //   bits 8: exp_avg / exp_avg_sq are uint8 codes, one per element (torchao OptimState8bit);
 //   bits 4: two codes per byte, element 2i in the high nibble (torchao OptimState4bit);
@@ -21,7 +21,9 @@
 // the parameter; this makes one, block by block, with no temporaries. And bf16 weights are
 // rounded stochastically (sr_seed >= 0) with random bits from a counter-based hash of
 // (sr_seed, element index) instead of torch.randint: the same distribution, independent of the
-// thread count, deterministic given the seed (drawn from torch's generator by the caller).
+// thread count, deterministic given the seed (drawn from torch's generator by the caller). The
+// index counts from sr_offset: a row slice of a parameter stepped with the whole step's seed and
+// its first element's index as offset rounds its elements as the whole step does.
 //
 // The file is also compiled into the plain C++ shared library: no pybind11 here.
 #include <ATen/Parallel.h>
@@ -50,6 +52,7 @@ struct Coeffs {
   float lr, lr_wd, w1, w2, weight_decay, eps, bc1, bc2s;
   bool adamw;
   int64_t sr_seed;
+  int64_t sr_offset;
 };
 
 // torch's lerp in its vectorised form, fma(w, end - start, start) for w < 0.5. The fma is done in
@@ -77,7 +80,7 @@ inline c10::BFloat16 to_bf16(float x, const Coeffs& c, int64_t index) {
   uint32_t bits;
   std::memcpy(&bits, &x, 4);
   const uint32_t r = static_cast<uint32_t>(splitmix64(static_cast<uint64_t>(c.sr_seed) ^
-                                                      (static_cast<uint64_t>(index) * 0xD1B54A32D192ED03ull)) >> 48);
+                                                      (static_cast<uint64_t>(index + c.sr_offset) * 0xD1B54A32D192ED03ull)) >> 48);
   uint32_t out = bits & 0xFFFF0000u;
   if (r < (bits & 0xFFFFu)) out += 0x10000u;
   return c10::BFloat16(static_cast<uint16_t>(out >> 16), c10::BFloat16::from_bits());
@@ -303,7 +306,7 @@ void adam_step__cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_a
                     at::Tensor& exp_avg_sq, const c10::optional<at::Tensor>& exp_avg_sq_scale,
                     const c10::optional<at::Tensor>& exp_avg_sq_qmap, int64_t bits, int64_t block_size, double lr,
                     double lr_wd, double beta1, double beta2, double weight_decay, double eps, double bias_correction1,
-                    double bias_correction2_sqrt, bool adamw, int64_t sr_seed) {
+                    double bias_correction2_sqrt, bool adamw, int64_t sr_seed, int64_t sr_offset) {
   check_args(param, grad, exp_avg, exp_avg_scale, exp_avg_qmap, exp_avg_sq, exp_avg_sq_scale, exp_avg_sq_qmap, bits,
              block_size);
   TORCH_CHECK(sr_seed < 0 || param.scalar_type() == at::kBFloat16,
@@ -311,7 +314,9 @@ void adam_step__cpu(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_a
   // torch casts a Python scalar to the op's float32 before using it (1 - beta: computed in double first)
   const Coeffs c{static_cast<float>(lr), static_cast<float>(lr_wd), static_cast<float>(1.0 - beta1),
                  static_cast<float>(1.0 - beta2), static_cast<float>(weight_decay), static_cast<float>(eps),
-                 static_cast<float>(bias_correction1), static_cast<float>(bias_correction2_sqrt), adamw, sr_seed};
+                 static_cast<float>(bias_correction1), static_cast<float>(bias_correction2_sqrt), adamw, sr_seed,
+                 sr_offset};
+  TORCH_CHECK(sr_offset >= 0, "revengine::adam_step_: sr_offset must be >= 0, got ", sr_offset);
   const int64_t n = param.numel();
   if (n == 0) return;
   auto run = [&](auto* p, const auto* g) {
@@ -366,7 +371,7 @@ void adam_step__meta(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_
                      const c10::optional<at::Tensor>& exp_avg_scale, const c10::optional<at::Tensor>& exp_avg_qmap,
                      at::Tensor& exp_avg_sq, const c10::optional<at::Tensor>& exp_avg_sq_scale,
                      const c10::optional<at::Tensor>& exp_avg_sq_qmap, int64_t bits, int64_t block_size, double,
-                     double, double, double, double, double, double, double, bool, int64_t) {
+                     double, double, double, double, double, double, double, bool, int64_t, int64_t) {
   check_args(param, grad, exp_avg, exp_avg_scale, exp_avg_qmap, exp_avg_sq, exp_avg_sq_scale, exp_avg_sq_qmap, bits,
              block_size);
 }
@@ -378,7 +383,8 @@ void adam_step__autograd(at::Tensor& param, const at::Tensor& grad, at::Tensor& 
                          at::Tensor& exp_avg_sq, const c10::optional<at::Tensor>& exp_avg_sq_scale,
                          const c10::optional<at::Tensor>& exp_avg_sq_qmap, int64_t bits, int64_t block_size, double lr,
                          double lr_wd, double beta1, double beta2, double weight_decay, double eps,
-                         double bias_correction1, double bias_correction2_sqrt, bool adamw, int64_t sr_seed) {
+                         double bias_correction1, double bias_correction2_sqrt, bool adamw, int64_t sr_seed,
+                         int64_t sr_offset) {
   TORCH_CHECK(!at::GradMode::is_enabled() || !param.requires_grad(),
               "revengine::adam_step_ is an optimizer step: call it under torch.no_grad()");
   {
@@ -388,7 +394,7 @@ void adam_step__autograd(at::Tensor& param, const at::Tensor& grad, at::Tensor& 
                          .typed<decltype(adam_step__cpu)>();
     op.call(param, grad, exp_avg, exp_avg_scale, exp_avg_qmap, exp_avg_sq, exp_avg_sq_scale, exp_avg_sq_qmap, bits,
             block_size, lr, lr_wd, beta1, beta2, weight_decay, eps, bias_correction1, bias_correction2_sqrt, adamw,
-            sr_seed);
+            sr_seed, sr_offset);
   }
   torch::autograd::impl::bump_version(param);
   torch::autograd::impl::bump_version(exp_avg);
@@ -403,7 +409,7 @@ TORCH_LIBRARY_FRAGMENT(revengine, m) {
       "adam_step_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!)? exp_avg_scale, Tensor? exp_avg_qmap, "
       "Tensor(d!) exp_avg_sq, Tensor(e!)? exp_avg_sq_scale, Tensor? exp_avg_sq_qmap, int bits, int block_size, "
       "float lr, float lr_wd, float beta1, float beta2, float weight_decay, float eps, float bias_correction1, "
-      "float bias_correction2_sqrt, bool adamw, int sr_seed) -> ()");
+      "float bias_correction2_sqrt, bool adamw, int sr_seed, int sr_offset=0) -> ()");
   m.def("qmap_codes(Tensor x, Tensor qmap) -> Tensor");
 }
 

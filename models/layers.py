@@ -24,9 +24,10 @@ Tensor = torch.Tensor
 
 class _StreamedLookup(torch.autograd.Function):
     """An embedding lookup whose weight an offload store keeps (`optim.streamed`): forward reads the
-    weight a row slice at a time and gathers the rows of the ids in it; backward sums each slice's
-    gradient rows (`index_add_` over the ids in token order, as nn.Embedding's dense CPU gradient
-    sums them: the same bits) and hands it to the optimizer, which steps that slice at once. The
+    weight a row slice at a time and gathers the rows of the ids in it; backward takes each slice's
+    gradient with nn.Embedding's own backward op over the ids in it (each row sums the same tokens in
+    the same order: the whole gradient's rows bit for bit, in bf16 too, which torch accumulates in
+    fp32) and hands it to the optimizer, which steps that slice at once. The
     weight and its gradient never exist whole. The ids are the caller's to check (RevMoEModel.prepare
     does): one outside every slice would leave its row unset."""
 
@@ -51,8 +52,8 @@ class _StreamedLookup(torch.autograd.Function):
             for sweep in stream.sweeps():
                 for r in stream.slices:
                     at = ((flat >= r.start) & (flat < r.stop)).nonzero()[:, 0]
-                    gw = stream.grad_buffer(r, g.device)
-                    gw.index_add_(0, flat[at] - r.start, g.index_select(0, at).to(gw.dtype))
+                    gw = torch.ops.aten.embedding_dense_backward(g.index_select(0, at).to(stream.p.dtype),
+                                                                 flat[at] - r.start, r.stop - r.start, -1, False)
                     stream.consume(sweep, r, stream.read(r) if sweep == "step" else None, gw)
         except BaseException:
             stream.finish(failed=True)

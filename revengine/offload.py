@@ -75,7 +75,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import side
-from .optim import InBackwardOptimizer, inner_tensors, map_inner
+from .optim import InBackwardOptimizer, inner_tensors, map_inner, state_of_rows, state_rows, state_template
 
 TIERS = ("none", "host", "disk")
 MIN_ELEMENTS = 4096  # smaller tensors stay in memory (norm weights, quantization tables, step counters)
@@ -325,7 +325,8 @@ def _read_into(path: str, targets: Dict[str, torch.Tensor]) -> Dict[str, str]:
 
 class _StateRows:
     """The optimizer state of a stored end (the embedding or the head, one weight), row slices at a
-    time, for `InBackwardOptimizer.set_row_source`: each slice's rows are read from the file of the
+    time, for `InBackwardOptimizer.set_row_source` (torch's moments by rows; torchao's quantized ones by
+    their codes' and scales' parts, their lookup table whole): each slice's rows are read from the file of the
     end's last written version and, once stepped, written into the file of its next version, so
     the state is never whole in memory. The weight and the scalars (the step counter) complete that
     file at the end's release (`finish`), which renames it into place."""
@@ -343,8 +344,8 @@ class _StateRows:
     def _per_row(self, t) -> bool:
         return isinstance(t, torch.Tensor) and t.dim() == self.param.dim() and t.shape[1:] == self.param.shape[1:]
 
-    def _read_rows(self, rows: slice, wanted: Callable[[str], bool]) -> Dict[str, torch.Tensor]:
-        """Rows of the tensors of the weight's shape whose names `wanted` picks, from the end's last version."""
+    def _read_parts(self, parts: Dict[str, slice]) -> Dict[str, torch.Tensor]:
+        """Flat element ranges of tensors of the end's last version, by name."""
         layer = self.layer
         path = self.store._path(layer, layer.slot)
         if layer.released is not None:
@@ -353,12 +354,18 @@ class _StateRows:
         try:
             with open(path, "rb") as fh:
                 header, base = _read_header(path, fh)
-                for name, h in header.items():
-                    if name == "__metadata__" or not wanted(name) or list(h["shape"]) != list(self.param.shape):
-                        continue
-                    dtype = _DTYPES[h["dtype"]]
-                    t = torch.empty((rows.stop - rows.start, *self.param.shape[1:]), dtype=dtype)
-                    fh.seek(base + h["data_offsets"][0] + rows.start * self._row_bytes(dtype))
+                for name, part in parts.items():
+                    h = header.get(name)
+                    if h is None or name == "__metadata__":
+                        raise OffloadError(f"{path}: has no tensor {name!r} (a store written by another model or "
+                                           "optimizer?)")
+                    t = torch.empty(part.stop - part.start, dtype=_DTYPES[h["dtype"]])
+                    start, end = h["data_offsets"]
+                    offset = start + part.start * t.element_size()
+                    if offset + t.numel() * t.element_size() > end:
+                        raise OffloadError(f"{path}: {name} holds {math.prod(h['shape'])} elements, not "
+                                           f"{part.stop} (a store written by another model or optimizer?)")
+                    fh.seek(base + offset)
                     if fh.readinto(_bytes_view(t)) != t.numel() * t.element_size():
                         raise OffloadError(f"{path}: truncated while reading {name}")
                     out[name] = t
@@ -367,9 +374,22 @@ class _StateRows:
         self.store.bytes_read += sum(t.numel() * t.element_size() for t in out.values())
         return out
 
+    def _templates(self) -> Dict[str, torch.Tensor]:
+        """The state entries of the weight's shape (in the state dict without memory: their rows are in the file)."""
+        st = self.store.optimizer.state.get(self.param, {})
+        return {k: v for k, v in st.items() if isinstance(v, torch.Tensor) and v.shape == self.param.shape}
+
+    def _parts(self, key: str, template: torch.Tensor, rows: slice) -> List[Tuple[str, Optional[slice]]]:
+        """(file entry, element range of rows `rows`, None: shared by all rows) of each inner tensor of a state entry."""
+        return [(f"{self.prefix}{key}.{j}", part) for j, part in enumerate(state_rows(template, rows))]
+
     def read(self, rows: slice) -> Dict[str, torch.Tensor]:
-        out = self._read_rows(rows, lambda name: name.startswith(self.prefix))
-        return {name[len(self.prefix):].rsplit(".", 1)[0]: t for name, t in out.items()}
+        templates = self._templates()
+        layout = {key: self._parts(key, t, rows) for key, t in templates.items()}
+        got = self._read_parts({name: part for parts in layout.values() for name, part in parts if part is not None})
+        return {key: state_of_rows(t, rows, [got[name] if part is not None else inner
+                                             for (name, part), inner in zip(layout[key], inner_tensors(t))])
+                for key, t in templates.items()}
 
     def start_streaming(self) -> bool:
         """Whether a loss or lookup is to read the weight a slice at a time now: not while it is whole in
@@ -383,12 +403,9 @@ class _StateRows:
 
     def read_weight(self, rows: slice) -> torch.Tensor:
         """The weight's rows (a streamed end: `InBackwardOptimizer.stream_rows`)."""
-        key = self.weight_key
-        out = self._read_rows(rows, lambda name: name == key)
-        if key not in out:
-            raise OffloadError(f"{self.store._path(self.layer, self.layer.slot)}: has no tensor {key!r} of "
-                               f"{list(self.param.shape)} (a store written by another model?)")
-        return out[key]
+        stride = math.prod(self.param.shape[1:])
+        flat = self._read_parts({self.weight_key: slice(rows.start * stride, rows.stop * stride)})[self.weight_key]
+        return flat.view(rows.stop - rows.start, *self.param.shape[1:])
 
     def write(self, rows: slice, state: Dict[str, object], weight: Optional[torch.Tensor] = None) -> None:
         """A stepped slice's state rows (and, for a streamed weight, its new weight rows) into the
@@ -398,10 +415,12 @@ class _StateRows:
         if self.fd is None:
             self._open(state, streamed=weight is not None)
         try:
-            for key, t in state.items():
-                if self._per_row(t):
-                    _write_at(self.fd, _bytes_view(t.contiguous()),
-                              self.starts[f"{self.prefix}{key}.0"] + rows.start * self._row_bytes(t.dtype))
+            templates = self._templates()
+            for key, v in state.items():
+                if self._per_row(v):
+                    for (name, part), t in zip(self._parts(key, templates[key], rows), inner_tensors(v)):
+                        if part is not None:  # (a shared table: written whole by `finish`)
+                            _write_at(self.fd, _bytes_view(t.contiguous()), self.starts[name] + part.start * t.element_size())
             if weight is not None:
                 _write_at(self.fd, _bytes_view(weight.contiguous()),
                           self.starts[self.weight_key] + rows.start * self._row_bytes(weight.dtype))
@@ -417,17 +436,17 @@ class _StateRows:
         st = store.optimizer.state[p]
         for key, t in state.items():
             if self._per_row(t) and not (isinstance(st.get(key), torch.Tensor) and st[key].shape == p.shape):
-                st[key] = torch.empty(p.shape, dtype=t.dtype)
-                st[key].untyped_storage().resize_(0)
+                st[key] = state_template(t, p.shape)
         specs = {f"param.{layer.names[id(p)]}": (p.dtype, p.shape)}
         for key, t in sorted(state.items()):
             if isinstance(t, torch.Tensor):
-                specs[f"{self.prefix}{key}.0"] = (t.dtype, p.shape if self._per_row(t) else t.shape)
+                for j, inner in enumerate(inner_tensors(st[key] if self._per_row(t) else t)):
+                    specs[f"{self.prefix}{key}.{j}"] = (inner.dtype, inner.shape)
         self.slot = layer.slot if layer.name in store._written else 1 - layer.slot
         self.path = store._path(layer, self.slot)
         self.step = store.step + 1
         head, self.starts = _layout(specs, {"step": str(self.step), "layer": layer.name})
-        self.rows = {k for k in specs if k.startswith(self.prefix) and specs[k][1] == p.shape}
+        self.rows = store._row_entries(layer)  # what the slices write; `finish` the rest
         if streamed:  # the weight's rows come with the state's; `finish` writes the scalars only
             self.rows.add(self.weight_key)
         self.tmp = f"{self.path}.tmp-{os.getpid()}"
@@ -706,10 +725,22 @@ class LayerStore:
         return out
 
     def _moving(self, layer: _Layer, kind: str = "") -> Dict[str, torch.Tensor]:
-        """The tensors whose memory is released between uses (the large ones that own their storage);
-        kind "param" or "state" selects the weights or the optimizer state."""
+        """The tensors whose memory is released between uses (the large ones that own their storage,
+        and a sliced end's state kept in rows, whatever its size); kind "param" or "state" selects the
+        weights or the optimizer state."""
+        rows = self._row_entries(layer)
         return {k: t for k, t in self._tensors(layer).items()
-                if k.startswith(kind) and t.numel() >= MIN_ELEMENTS and _owns_storage(t)}
+                if k.startswith(kind) and _owns_storage(t) and (t.numel() >= MIN_ELEMENTS or k in rows)}
+
+    def _row_entries(self, layer: _Layer) -> set:
+        """The entries of a sliced end's state that are read and written a row slice at a time (`_StateRows`)."""
+        if not layer.sliced:
+            return set()
+        p = layer.params[0]
+        prefix, every = f"state.{layer.names[id(p)]}.", slice(0, p.shape[0])
+        return {f"{prefix}{key}.{j}" for key, v in self.optimizer.state.get(p, {}).items()
+                if isinstance(v, torch.Tensor) and v.shape == p.shape
+                for j, part in enumerate(state_rows(v, every)) if part is not None}
 
     def _own_memory(self, layer: _Layer) -> None:
         """Gives every moving tensor of the layer memory of its own that can be released: tensors read

@@ -63,10 +63,11 @@ quantized state tensors included) as safetensors plus JSON: no pickle.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -74,7 +75,8 @@ CLIP_MODES = ("per_tensor", "global")
 # updates that read only each element's own gradient and state: steppable in row slices
 SLICED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
 SLICE_ELEMENTS = 1 << 20  # a larger parameter of those is stepped in row slices of about this many elements
-SLICE_ALIGN = 64  # slices start on multiples of this many elements (whole vector units of every kernel)
+SLICE_ALIGN = 256  # slices start on multiples of this many elements: whole vector units of every kernel and
+# whole quantization blocks of torchao's 8- and 4-bit state (256 and 128 elements by default)
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "adamw4bit")
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TORCHAO_HINT = "pip install 'torchao>=0.18' (or the revengine[lowbit] extra)"
@@ -205,11 +207,17 @@ def grad_norm(g: torch.Tensor) -> float:
 FUSED_CPU_STEP = True  # False: torchao's own update on CPU too (what runs on other devices)
 
 
+def _draw_seed() -> int:
+    return int(torch.randint(0, 1 << 62, ()))  # from torch's generator: resumable
+
+
 def _fused_step(p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any], is_adamw: bool,
-                stochastic_round: bool) -> bool:
+                stochastic_round: bool, part: Optional["_Part"] = None) -> bool:
     """torchao's update of one CPU parameter by revengine's fused kernel (`torch.ops.revengine.adam_step_`:
     one pass, no temporaries, the state left in torchao's layout). Returns False, having done nothing,
-    where the kernel does not apply (another device, amsgrad, moments or dtypes it does not read)."""
+    where the kernel does not apply (another device, amsgrad, moments or dtypes it does not read).
+    part: p is a row slice of a parameter stepped a slice at a time; stochastic rounding then takes the
+    whole step's seed and counts elements from the slice's first, as the whole step would."""
     m, v = state["exp_avg"], state["exp_avg_sq"]
     if not FUSED_CPU_STEP or p.device.type != "cpu" or group["amsgrad"] or p.dtype not in WEIGHT_DTYPES.values() \
             or p.grad.dtype not in WEIGHT_DTYPES.values() or not p.is_contiguous() or not p.grad.is_contiguous():
@@ -229,9 +237,10 @@ def _fused_step(p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any], i
     lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=torch.float32)
     bias_correction1 = float(1 - beta1 ** step)
     bias_correction2_sqrt = float((1 - beta2 ** step).sqrt())
-    seed = int(torch.randint(0, 1 << 62, ())) if stochastic_round else -1  # from torch's generator: resumable
+    seed = -1 if not stochastic_round else part.seed() if part is not None else _draw_seed()
     torch.ops.revengine.adam_step_(p.detach(), p.grad, *moments, float(lr_t), float(lr_t * wd), beta1, beta2,
-                                   wd, group["eps"], bias_correction1, bias_correction2_sqrt, is_adamw, seed)
+                                   wd, group["eps"], bias_correction1, bias_correction2_sqrt, is_adamw, seed,
+                                   part.offset if part is not None else 0)
     return True
 
 
@@ -261,7 +270,7 @@ def _eager_class(cls: type) -> type:
                             state["max_exp_avg_sq"] = self._new_buffer(p, False)
                     state["step"] += 1
                     sr = self.bf16_stochastic_round and p.dtype is torch.bfloat16
-                    if _fused_step(p, state, group, self.is_adamw, sr):
+                    if _fused_step(p, state, group, self.is_adamw, sr, getattr(self, "part", None)):
                         continue
                     moments = [state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq")]
                     for rows in _update_rows(p, moments):
@@ -311,9 +320,93 @@ def inner_tensors(t: torch.Tensor) -> Iterator[torch.Tensor]:
         yield t
 
 
+def _on_meta(t: torch.Tensor) -> torch.Tensor:
+    return map_inner(t, lambda x: torch.empty(x.shape, dtype=x.dtype, device="meta"))
+
+
+def state_rows(v: torch.Tensor, rows: slice) -> List[Optional[slice]]:
+    """For a state tensor of a parameter's shape (plain, or torchao's quantized state), what rows
+    `rows` of the parameter cover in each of its `inner_tensors`: a flat element range, or None for
+    an inner tensor every row shares (a quantization table). As the tensor's own row slicing takes
+    them (`v[rows]`), worked out on the meta device: v needs no memory."""
+    whole = _on_meta(v)
+    part = whole[rows]
+    return [slice(t.storage_offset(), t.storage_offset() + t.numel()) if _same_storage(t, w) else None
+            for w, t in zip(inner_tensors(whole), inner_tensors(part))]
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # (a view made inside a subclass's __torch_dispatch__ has no _base: compare the storages)
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata
+
+
+def state_of_rows(v: torch.Tensor, rows: slice, inner: List[torch.Tensor]) -> torch.Tensor:
+    """The state tensor of rows `rows` of v (a state tensor of the parameter's shape) made of the
+    given inner tensors (flat, in `inner_tensors` order; as `state_rows` names their parts)."""
+    part = _on_meta(v)[rows]
+    if not _is_subclass(part):
+        return inner[0].view(part.shape)
+    names, ctx = part.__tensor_flatten__()
+    shaped = {n: t.view(getattr(part, n).shape) for n, t in zip(names, inner)}
+    return type(part).__tensor_unflatten__(shaped, ctx, part.size(), part.stride())
+
+
+def state_template(v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A state tensor of a whole parameter's shape laid out as v, a row slice's state, is: the inner
+    tensors that hold rows have no memory (a row source reads and writes their rows elsewhere), the
+    shared ones (a quantization table) are v's own."""
+    def memoryless(dtype, size):
+        t = torch.empty(size, dtype=dtype, device=v.device)
+        t.untyped_storage().resize_(0)
+        return t
+    if not _is_subclass(v):
+        return memoryless(v.dtype, shape)
+    # torchao's OptimState8bit / OptimState4bit: the whole's layout from its own constructor
+    whole = type(v).zeros(shape, signed=v.signed, block_size=v.block_size, device="meta")
+    names, ctx = whole.__tensor_flatten__()
+    held = state_rows(whole, slice(0, shape[0]))
+    inner = {n: memoryless(getattr(whole, n).dtype, getattr(whole, n).shape) if r is not None else getattr(v, n)
+             for n, r in zip(names, held)}
+    return type(whole).__tensor_unflatten__(inner, ctx, whole.size(), whole.stride())
+
+
 def _copy_inner(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
     for d, s in zip(inner_tensors(dst), inner_tensors(src)):
         d.copy_(s, non_blocking=non_blocking)
+
+
+def _lowbit(opt: torch.optim.Optimizer) -> bool:
+    """A torchao AdamW class as optimizer_class gives it by default (run eagerly; on CPU the fused kernel)."""
+    return type(opt) in _EAGER.values()
+
+
+def _steps_in_rows(opt: torch.optim.Optimizer, p: torch.Tensor) -> bool:
+    """Whether opt's update of p can run a row slice at a time with the whole step's result bit for
+    bit: torch's Adam, AdamW and SGD (each element reads only its own state); torchao's AdamW classes
+    run eagerly, whose slices start on whole quantization blocks (SLICE_ALIGN), unless they round bf16
+    weights stochastically where the fused kernel does not run (torchao's own rounding draws its
+    random bits per call, so slices would round differently from the whole)."""
+    if type(opt) in SLICED_OPTIMIZERS:
+        return True
+    if not _lowbit(opt) or opt.param_groups[0]["amsgrad"]:
+        return False
+    if math.isfinite(opt.block_size) and SLICE_ALIGN % opt.block_size:  # (_AdamW's plain moments: no blocks)
+        return False
+    return (FUSED_CPU_STEP and p.device.type == "cpu") or not (opt.bf16_stochastic_round and p.dtype is torch.bfloat16)
+
+
+def _slice_buffer(opt: torch.optim.Optimizer, p: torch.Tensor, view: torch.Tensor, signed: bool) -> torch.Tensor:
+    """torchao's zeroed state for a row slice `view` of p, quantized or not as p's whole state is
+    (torchao quantizes tensors of at least 4096 elements: a short last slice is quantized all the same)."""
+    whole = opt._new_buffer(torch.empty(p.shape, dtype=p.dtype, device="meta"), signed)
+    return opt._subclass_zeros(view, signed, opt.block_size) if _is_subclass(whole) else torch.zeros_like(view)
+
+
+class _Part(NamedTuple):
+    """A row slice stepped as part of its parameter's step: the step's stochastic-rounding seed (one
+    draw for all its slices, as the whole step makes) and the slice's first element."""
+    seed: Callable[[], int]
+    offset: int
 
 
 class _SliceSteps:
@@ -328,6 +421,20 @@ class _SliceSteps:
         self.started = len(self.st) > 0  # (a source's state keeps only the scalars in the state dict)
         self.hyper = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
         self.new: Dict[str, Any] = {}
+        self._seed: Optional[int] = None
+
+    def seed(self) -> int:
+        if self._seed is None:
+            self._seed = _draw_seed()
+        return self._seed
+
+    def _optimizer(self, r: slice, view: torch.Tensor) -> torch.optim.Optimizer:
+        sliced = type(self.opt)([dict(self.hyper, params=[view])])
+        if _lowbit(self.opt):  # torchao keeps these settings on the optimizer, not in its param group
+            sliced.block_size, sliced.bf16_stochastic_round = self.opt.block_size, self.opt.bf16_stochastic_round
+            sliced.part = _Part(self.seed, r.start * view[0].numel())
+            sliced._new_buffer = functools.partial(_slice_buffer, self.opt, self.p)
+        return sliced
 
     @staticmethod
     def _per_row(v, shape) -> bool:  # a state tensor of the parameter's (or the slice's) shape
@@ -338,7 +445,7 @@ class _SliceSteps:
         weight_out: the source also takes the new weight rows (a streamed weight)."""
         st, source = self.st, self.source
         view.grad = grad
-        sliced = type(self.opt)([dict(self.hyper, params=[view])])
+        sliced = self._optimizer(r, view)
         if self.started:
             rows_state = source.read(r) if source is not None else \
                 {k: v[r] for k, v in st.items() if k not in self.scalars}
@@ -579,11 +686,13 @@ class InBackwardOptimizer:
     # -- steps in row slices -----------------------------------------------------------------------
 
     def row_slices(self, p: torch.Tensor) -> Optional[List[slice]]:
-        """The row slices (dim 0) parameter p is stepped in, or None (stepped whole): torch's Adam,
-        AdamW and SGD over a dense parameter of more than SLICE_ELEMENTS elements and several rows,
-        without state_device."""
+        """The row slices (dim 0) parameter p can be stepped in, or None (stepped whole): a dense
+        parameter of more than SLICE_ELEMENTS elements and several rows, without state_device, whose
+        optimizer steps rows alike (torch's Adam, AdamW and SGD; torchao's AdamW classes, see
+        _steps_in_rows). In memory only torch's are stepped so (their update's temporaries are
+        bounded by a slice; the fused kernel makes none); a row source's parameter is, by either."""
         i = self._index.get(id(p))
-        if i is None or self.state_device is not None or type(self.optimizers[i]) not in SLICED_OPTIMIZERS \
+        if i is None or self.state_device is not None or not _steps_in_rows(self.optimizers[i], p) \
                 or p.dim() < 1 or p.shape[0] < 2 or p.numel() <= SLICE_ELEMENTS or p.is_sparse:
             return None
         return row_slices_of(p)
@@ -600,12 +709,12 @@ class InBackwardOptimizer:
             self._row_sources[id(p)] = source
 
     def _step(self, i: int, p: torch.Tensor) -> None:
-        opt = self.optimizers[i]
+        opt, source = self.optimizers[i], self._row_sources.get(id(p))
         rows = self.row_slices(p)
-        if rows is None or p.grad is None or p.grad.is_sparse:
+        if rows is None or p.grad is None or p.grad.is_sparse or (source is None and type(opt) not in SLICED_OPTIMIZERS):
             opt.step()
             return
-        steps = _SliceSteps(opt, p, self._row_sources.get(id(p)))
+        steps = _SliceSteps(opt, p, source)
         flat, grad = p.detach(), p.grad
         for r in rows:
             steps.step(r, flat[r], grad[r])
@@ -625,7 +734,7 @@ class InBackwardOptimizer:
             return
         if self.row_slices(p) is None:
             raise ValueError(f"InBackwardOptimizer.stream_rows: a parameter of {tuple(p.shape)} is not stepped in row "
-                             "slices (torch's Adam, AdamW or SGD, above SLICE_ELEMENTS elements)")
+                             "slices (torch's Adam, AdamW or SGD, or torchao's AdamW, above SLICE_ELEMENTS elements)")
         self._row_sources[id(p)] = source
         _STREAMED[id(p)] = (p, self)
 

@@ -247,13 +247,21 @@ def test_the_ends_state_is_stepped_in_row_slices_never_whole(tmp_path, monkeypat
     assert_same(snapshot(model, opt), expect)
 
 
-@pytest.mark.parametrize("clip", [None, "per_tensor", "global"])
-def test_the_heads_weight_and_gradient_are_never_whole(tmp_path, monkeypatch, clip):
+LOWBIT = pytest.mark.skipif(not rev.optim.torchao_available(), reason="torchao is not installed")
+
+
+@pytest.mark.parametrize("clip,optimizer,weights", [
+    (None, "adamw", "fp32"), ("per_tensor", "adamw", "fp32"), ("global", "adamw", "fp32"),
+    pytest.param(None, "adamw8bit", "bf16", marks=LOWBIT), pytest.param("per_tensor", "adamw4bit", "fp32", marks=LOWBIT),
+    pytest.param("global", "adamw8bit", "fp32", marks=LOWBIT), pytest.param(None, "adamw", "bf16", marks=LOWBIT)])
+def test_the_heads_weight_and_gradient_are_never_whole(tmp_path, monkeypatch, clip, optimizer, weights):
     """On disk the loss reads the head's weight a vocabulary slice at a time (in forward for the
     log-sum-exp, in backward for each slice's gradient, which is clipped and stepped at once; per-tensor
     clipping first measures every slice's gradient), so the weight never has memory and no gradient
-    of it exists whole; with a scaled loss and ignored labels the run is bit-identical to one without
-    a store, whose loss computes the same slices from the weight in memory."""
+    of it exists whole, nor its state (torch's moments, torchao's 8- and 4-bit codes and scales: only
+    their lookup tables stay); with a scaled loss and ignored labels the run is bit-identical to one
+    without a store, whose loss computes the same slices from the weight in memory (bf16 weights:
+    with the same stochastic rounding)."""
     opt_kw = None if clip is None else dict(max_grad_norm=0.05, clip=clip)
 
     def run(model, opt, steps=3):
@@ -270,11 +278,11 @@ def test_the_heads_weight_and_gradient_are_never_whole(tmp_path, monkeypatch, cl
             losses.append(loss.item())
         return losses
 
-    model, opt = build(opt_kw=opt_kw)
+    model, opt = build(optimizer, weights, opt_kw=opt_kw)
     plain = run(model, opt)
     expect = snapshot(model, opt)
 
-    model, opt = build(opt_kw=opt_kw)
+    model, opt = build(optimizer, weights, opt_kw=opt_kw)
     head = model.lm_head.weight
     store = LayerStore(model, opt, tier="disk", directory=str(tmp_path / "store"))
     assert store._output.streamed
@@ -287,7 +295,11 @@ def test_the_heads_weight_and_gradient_are_never_whole(tmp_path, monkeypatch, cl
         if self.param is not head:
             return real(self, rows)
         state = [t for v in opt.state.get(head, {}).values() if isinstance(v, torch.Tensor) and v.dim() > 0
-                 for t in rev.optim.inner_tensors(v)]
+                 for t, part in zip(rev.optim.inner_tensors(v), rev.optim.state_rows(v, slice(0, len(v))))
+                 if part is not None]
+        tables = [t for v in opt.state.get(head, {}).values() if isinstance(v, torch.Tensor) and v.dim() > 0
+                  for t in rev.optim.inner_tensors(v)][len(state):]
+        assert all(t.numel() <= 256 for t in tables)  # a quantization table: 16 or 256 entries
         seen.append((head.untyped_storage().nbytes(), head.grad, sum(t.untyped_storage().nbytes() for t in state)))
         return real(self, rows)
     monkeypatch.setattr(rev.offload._StateRows, "read_weight", read_weight)

@@ -459,3 +459,58 @@ def test_fused_stochastic_rounding_is_unbiased_and_thread_independent(monkeypatc
     assert abs(float(bias.mean())) < 0.01 and float(bias.abs().mean()) < 0.08, (bias.mean(), bias.abs().mean())
     assert torch.equal(one_step(torch.bfloat16, 7, threads=1), one_step(torch.bfloat16, 7, threads=2))
     assert fused == [True] * len(fused) and len(fused) == 67
+
+
+class _RowsInMemory:
+    """A row source (InBackwardOptimizer.set_row_source) that keeps each slice's state as it was written."""
+
+    def __init__(self):
+        self.rows, self.reads = {}, 0
+
+    def read(self, rows):
+        self.reads += 1
+        return self.rows[rows.start]
+
+    def write(self, rows, state):
+        self.rows[rows.start] = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+
+
+@pytest.mark.parametrize("name,weights", [("adamw8bit", "bf16"), ("adamw4bit", "fp32"), ("adamw8bit", "fp32"),
+                                          ("adamw", "bf16")])
+def test_low_bit_state_stepped_in_row_slices_equals_the_whole_step(name, weights, monkeypatch):
+    """torchao's AdamW classes stepped a row slice at a time through a row source (as the offload store
+    steps an embedding or a head) give the whole step's weights and state bit for bit over 4 steps: the
+    slices fall on quantization blocks, the last short slice is quantized as the whole is, and bf16
+    stochastic rounding uses the step's one seed with each slice's element offset."""
+    pytest.importorskip("torchao")
+    from revengine import optim
+    monkeypatch.setattr(optim, "SLICE_ELEMENTS", 4096)
+    cls, kw = optim.optimizer_class(name, weights=weights)
+    dtype = optim.WEIGHT_DTYPES[weights]
+    torch.manual_seed(0)
+    p0 = torch.randn(100, 128).to(dtype)  # slices of 32 rows, the last of 4 (512 elements: under torchao's 4096)
+    whole, sliced = nn.Parameter(p0.clone()), nn.Parameter(p0.clone())
+    ref = InBackwardOptimizer([whole], cls, lr=1e-2, weight_decay=0.1, **kw)
+    opt = InBackwardOptimizer([sliced], cls, lr=1e-2, weight_decay=0.1, **kw)
+    rows = opt.row_slices(sliced)
+    assert [r.stop - r.start for r in rows] == [32, 32, 32, 4] and ref.row_slices(whole) == rows
+    source = _RowsInMemory()
+    opt.set_row_source(sliced, source)
+    for step in range(4):
+        g = (torch.randn_like(p0.float()) * (step + 1)).to(dtype)
+        torch.manual_seed(step)
+        (whole * g).sum().backward()
+        torch.manual_seed(step)
+        (sliced * g).sum().backward()
+        assert torch.equal(sliced.detach(), whole.detach()), step
+    assert source.reads == 3 * len(rows)
+    st = ref.state[whole]
+    assert int(opt.state[sliced]["step"]) == int(st["step"]) == 4
+    quantized = name != "adamw"
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert optim._is_subclass(st[key]) == quantized
+        for r in rows:
+            part = source.rows[r.start][key]
+            assert type(part) is type(st[key])
+            for u, v in zip(optim.inner_tensors(part), optim.inner_tensors(st[key][r])):
+                assert torch.equal(u, v), (key, r)

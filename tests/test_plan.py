@@ -244,7 +244,7 @@ def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
         assert ph["loss"][name] == a["loss"][name]
     assert rerun["layer"] == a["end of backward"]["layer"] and rerun["stored"] == a["loss"]["stored"]
     host = plan.phases(s, plan.Strategy.parse(on.name + "/offload-host"), 1, 4096)
-    assert host == ph  # torchao's low-bit state: whole on both tiers
+    assert host == ph  # bf16 weights (stochastic rounding): each end whole on both tiers
     # torch's AdamW: on disk an end's state is read a row slice at a time (1M elements: 4096 rows of 256)
     big = plan.load_shapes("qwen-moe-mini")
     Lm, Em = big.layer_params("bdia"), big.vocab * big.hidden
@@ -261,6 +261,12 @@ def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
     assert bottom_host["grads"] == Em * 4 and bottom_disk["grads"] == big.end_slice() * 4
     # a layer's grads at once (the fused AdamW update inside backward makes no temporaries)
     assert disk["layer re-run"]["grads"] == Lm * 4
+    # torchao's 8-bit state with fp32 weights: in row slices on disk too (its codes and scales by rows)
+    disk8 = plan.phases(big, plan.Strategy.parse("rev-bdia/adamw8bit/fp32/in-backward/offload-disk"), 1, 512)
+    host8 = plan.phases(big, plan.Strategy.parse("rev-bdia/adamw8bit/fp32/in-backward/offload-host"), 1, 512)
+    assert host8["loss"]["grads"] == Em * 4 and disk8["loss"]["grads"] == big.end_slice() * 4
+    assert host8["loss"]["optimizer"] - disk8["loss"]["optimizer"] == pytest.approx(
+        (Em - big.end_slice()) * plan.OPTIMIZERS["adamw8bit"])
     fig = plan.store_figures(s, off)
     assert fig["moved_bytes_per_step"] == pytest.approx((L * Lp + 2 * E) * (3 * 2 + 2 * ob) + rest * (2 + ob))
     assert fig["store_bytes"] == pytest.approx(2 * P * (2 + ob))
