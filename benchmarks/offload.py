@@ -5,7 +5,8 @@ bandwidth).
 
 Workload: qwen-moe-mini (HF Qwen2-MoE: hidden 256, 16 experts top-4 + a shared expert, vocab 16384)
 converted with from_hf(scheme="bdia"), at 12, 24 and 48 layers, batch 1 x 512 tokens, fp32 AdamW
-stepped inside backward (revengine.optim.InBackwardOptimizer). Contenders:
+stepped inside backward (revengine.optim.InBackwardOptimizer; --optimizer adamw8bit / adamw4bit and
+--weights bf16: torchao's low-bit state, bf16 weights). Contenders:
 
     none   every layer in memory (the ordinary in-backward run)
     disk   LayerStore(tier="disk") in a temporary folder: each layer's weights are read before its
@@ -94,10 +95,11 @@ def copy_bandwidth(device: str, mib: int = 256, rounds: int = 4) -> dict:
 
 
 def measure(tier: str, quick: bool, layers: int, seq: int, steps: int, threads=None, clip: str = "none",
-            device: str = "cpu", vocab=None) -> dict:
+            device: str = "cpu", vocab=None, optimizer: str = "adamw", weights: str = "fp32") -> dict:
     """Runs in a fresh subprocess."""
+    from revengine.apps.plan import OPTIMIZERS, WEIGHT_BYTES
     from revengine.offload import LayerStore
-    from revengine.optim import InBackwardOptimizer
+    from revengine.optim import WEIGHT_DTYPES, InBackwardOptimizer, optimizer_class
 
     if threads:
         torch.set_num_threads(threads)
@@ -116,9 +118,10 @@ def measure(tier: str, quick: bool, layers: int, seq: int, steps: int, threads=N
         return torch.cuda.memory_allocated(device) / MIB if cuda else proc_status_kb("VmRSS")["VmRSS"] / 1024.0
 
     base_mb = resident_mb()  # CPU: the interpreter, torch, transformers, revengine; GPU: ~0
-    model = hf_contender("rev-bdia", quick, layers, vocab=vocab).train().to(device)
+    model = hf_contender("rev-bdia", quick, layers, vocab=vocab).train().to(device, WEIGHT_DTYPES[weights])
     clipping = {} if clip == "none" else dict(max_grad_norm=1.0, clip=clip.replace("-", "_"))
-    opt = InBackwardOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-5, **clipping)
+    cls, kw = optimizer_class(optimizer, weights=weights)
+    opt = InBackwardOptimizer(model.parameters(), cls, lr=1e-5, **kw, **clipping)
     ids = random_ids(model.config.vocab_size, 1, seq).to(device)
     directory = tempfile.mkdtemp(prefix="revengine-offload-")
     try:
@@ -147,11 +150,12 @@ def measure(tier: str, quick: bool, layers: int, seq: int, steps: int, threads=N
         shutil.rmtree(directory, ignore_errors=True)
     params = sum(p.numel() for p in model.parameters())
     return {"tier": tier, "layers": layers, "seq": seq, "peak_mb": max(peaks), "seconds": statistics.median(times),
-            "losses": losses, "moved_mb": moved / MIB, "params": params, "state_mb": 12 * params / MIB,
+            "losses": losses, "moved_mb": moved / MIB, "params": params,
+            "state_mb": (WEIGHT_BYTES[weights] + OPTIMIZERS[optimizer]) * params / MIB,
             "base_mb": base_mb, "reliable": fig.reliable, **bw}
 
 
-def predicted_mb(quick: bool, layers: int, seq: int, tier: str, vocab=None) -> float:
+def predicted_mb(quick: bool, layers: int, seq: int, tier: str, vocab=None, optimizer="adamw", weights="fp32") -> float:
     """`revengine plan`'s peak for this workload (weights + state held + the step's rise; no runtime)."""
     from revengine.apps import plan as planner
     from revengine.convert import hf_config_from_revmoe
@@ -160,7 +164,8 @@ def predicted_mb(quick: bool, layers: int, seq: int, tier: str, vocab=None) -> f
     model_cfg = RevMoEConfig.preset("tiny" if quick else "qwen-moe-mini", num_hidden_layers=layers,
                                     **({} if vocab is None else {"vocab_size": vocab}))
     shapes = planner.Shapes.from_config(hf_config_from_revmoe(model_cfg, "qwen2_moe").to_dict(), name="qwen-moe-mini")
-    st = planner.Strategy.parse("rev-bdia/adamw/fp32/in-backward" + ("" if tier == "none" else f"/offload-{tier}"))
+    st = planner.Strategy.parse(f"rev-bdia/{optimizer}/{weights}/in-backward"
+                                + ("" if tier == "none" else f"/offload-{tier}"))
     # the working-set options the converted model picks for this many tokens (the benchmark sets none):
     # the planner's defaults are the same at the preset's vocabulary, not at a larger one (shorter loss chunks)
     return planner.peak(shapes, st, 1, seq, rev_options=model_cfg.working_set(seq - 1))[2] / MIB
@@ -184,6 +189,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timing", default="own", choices=("own", "memory"),
                     help="own (default): step times from subprocesses with glibc's default allocator; memory: "
                          "from the memory subprocesses (MALLOC_MMAP_THRESHOLD_=65536)")
+    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "adamw4bit"),
+                    help="the optimizer (revengine.optim.optimizer_class; default adamw)")
+    ap.add_argument("--weights", default="fp32", choices=("fp32", "bf16"), help="weight dtype (default fp32)")
     add_device(ap, "cpu (the disk tier, peak resident memory) or cuda[:i] (the host tier, peak GPU memory)")
     a = ap.parse_args(argv)
     kind = "cuda" if a.device.startswith("cuda") else "cpu"
@@ -193,7 +201,8 @@ def main(argv=None) -> int:
     seq = a.seq or (64 if a.quick else 512)
     env = child_env(a.threads)
     t0 = time.perf_counter()
-    print(f"{'tiny' if a.quick else 'qwen-moe-mini'} converted with bdia, batch 1 x {seq}, fp32 AdamW in backward, "
+    print(f"{'tiny' if a.quick else 'qwen-moe-mini'} converted with bdia, batch 1 x {seq}, {a.optimizer} "
+          f"({a.weights} weights) in backward, "
           f"{a.steps} measured steps per figure, a fresh process each; depths {depths}; {a.device}"
           + ("" if a.clip == "none" else f"; clipping {a.clip}") + ("" if a.vocab is None else f"; vocabulary {a.vocab}"),
           flush=True)
@@ -202,7 +211,7 @@ def main(argv=None) -> int:
         for _ in range(a.rounds):
             for tier in tiers:
                 job = dict(tier=tier, quick=a.quick, layers=d, seq=seq, steps=a.steps, threads=a.threads,
-                           clip=a.clip, device=a.device, vocab=a.vocab)
+                           clip=a.clip, device=a.device, vocab=a.vocab, optimizer=a.optimizer, weights=a.weights)
                 r = measure_in_subprocess(os.path.abspath(__file__) + ":measure", job, env=env, timeout=7200)
                 if a.timing == "own" and kind == "cpu":
                     timed = measure_in_subprocess(os.path.abspath(__file__) + ":measure", job,
@@ -220,7 +229,7 @@ def main(argv=None) -> int:
                              base_mb=mem["base_mb"])
                 rows[(tier, d)] = r
     print()
-    table_header("layers", "parameters", "weights + AdamW state MiB", "peak MiB, none", f"peak MiB, {away}",
+    table_header("layers", "parameters", "weights + optimizer state MiB", "peak MiB, none", f"peak MiB, {away}",
                  f"{away} / none", "s/step, none", f"s/step, {away}", "MiB moved/step", "write / read MB/s",
                  "lower bound s", f"{away} / bound")
     checks = []
@@ -234,7 +243,8 @@ def main(argv=None) -> int:
               f"{k['peak_mb'] / n['peak_mb']:.3f} | {n['seconds']:.1f} | {k['seconds']:.1f} | {k['moved_mb']:.0f} | "
               f"{k['write_mb_s']:.0f} / {k['read_mb_s']:.0f} | {bound:.1f} | {k['seconds'] / bound:.2f} |")
         for tier, r in (("none", n), (away, k)):
-            checks.append((d, tier, r["peak_mb"] - r["base_mb"], predicted_mb(a.quick, d, seq, tier, a.vocab)))
+            checks.append((d, tier, r["peak_mb"] - r["base_mb"],
+                           predicted_mb(a.quick, d, seq, tier, a.vocab, a.optimizer, a.weights)))
     print("\nthe planner (`revengine plan`) against the peak above the runtime's own memory ("
           + ("GPU memory allocated before the model):" if kind == "cuda" else "VmRSS before the model):"))
     table_header("layers", "tier", "measured MiB", "predicted MiB", "error")

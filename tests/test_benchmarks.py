@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import child_env, load_benchmark
+from revengine.optim import torchao_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,12 +205,16 @@ def test_context_quick(tmp_path):
     assert png.exists() or "no plot written" in out
 
 
-@pytest.mark.parametrize("clip", ["none", "global"])
-def test_offload_quick(clip):
-    # the step times from subprocesses of their own (glibc's default allocator) once; the other case
-    # times its memory subprocesses
-    timing = "own" if clip == "none" else "memory"
-    out = _run_bench("offload.py", "--quick", "--steps", "1", "--threads", "1", "--clip", clip, "--timing", timing)
+@pytest.mark.parametrize("clip,optimizer", [("none", "adamw"), ("global", "adamw"), pytest.param(
+    "none", "adamw8bit", marks=pytest.mark.skipif(not torchao_available(), reason="torchao is not installed"))])
+def test_offload_quick(clip, optimizer):
+    # the step times from subprocesses of their own (glibc's default allocator) once; the other cases
+    # time their memory subprocesses
+    timing = "own" if (clip, optimizer) == ("none", "adamw") else "memory"
+    weights = "fp32" if optimizer == "adamw" else "bf16"
+    out = _run_bench("offload.py", "--quick", "--steps", "1", "--threads", "1", "--clip", clip, "--timing", timing,
+                     "--optimizer", optimizer, "--weights", weights)
+    assert f"{optimizer} ({weights} weights) in backward" in out
     assert ("in the memory run)" in out) == (timing == "own"), out
     rows = [line for line in out.splitlines() if line.startswith(("| 2 |", "| 4 |"))]
     assert len(rows) == 2 + 4, out  # the depths' rows, then the planner's (none and disk at each)
