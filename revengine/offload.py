@@ -505,7 +505,8 @@ class LayerStore:
 
     Raises:
         OffloadError: an unknown tier, a missing or unwritable directory, no reversible stack, a
-            stack not in reversible mode, a layer with frozen parameters, or "host" on a CPU model.
+            stack not in reversible mode, a layer with frozen parameters, "host" on a CPU model or
+            "disk" on another device.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: InBackwardOptimizer, tier: str = "disk",
@@ -538,6 +539,10 @@ class LayerStore:
             raise OffloadError("offload: tier 'host' keeps a GPU model's layers in host memory; this model is on the CPU "
                                "(use tier 'disk')")
         if tier == "disk":
+            elsewhere = next((p.device for layer in self._stored for p in layer.params if p.device.type != "cpu"), None)
+            if elsewhere is not None:
+                raise OffloadError(f"offload: tier 'disk' reads the layers into CPU memory; this model is on {elsewhere} "
+                                   "(use tier 'host')")
             if self.directory is None:
                 raise OffloadError("offload: tier 'disk' needs a directory (--offload-dir)")
             self._check_directory(_resume)

@@ -608,6 +608,11 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         LayerStore(model, opt, tier="disk")
     with pytest.raises(OffloadError, match="this model is on the CPU"):
         LayerStore(model, opt, tier="host")
+    elsewhere = build()[0].to("meta")  # (a GPU model, where there is none): the disk tier reads into CPU memory
+    elsewhere_opt = InBackwardOptimizer(elsewhere.parameters(), torch.optim.AdamW, lr=1e-3)
+    with pytest.raises(OffloadError, match="tier 'disk' reads the layers into CPU memory; this model is on meta"):
+        LayerStore(elsewhere, elsewhere_opt, tier="disk", directory=str(tmp_path / "m"))
+    assert not os.path.exists(tmp_path / "m")
     with pytest.raises(OffloadError, match="InBackwardOptimizer"):
         LayerStore(model, torch.optim.AdamW(model.parameters()), tier="disk", directory=str(tmp_path / "a"))
     blocker = tmp_path / "file"

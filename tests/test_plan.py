@@ -219,14 +219,14 @@ def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
     """Under offload the device holds, besides what stays (the final norm), at the loss the last layer's
     weights and the head's weights, grads and state; in a layer's re-run two layers' weights, one
     layer's state and its grads; at the embedding's step (the last, once layer 0 is gone) the
-    embedding's weights, grad and state. On disk with torch's AdamW an end's weights, grads and state come
-    a row slice at a time.
+    embedding's weights, grad and state. On disk (a CPU model) an end's weights, grads and state come
+    a row slice at a time, whatever the optimizer.
     The activations and the loss are those of the model without the store. The store keeps every
     layer and both ends (two slots on disk) and moves 3 weight + 2 state copies of each per step."""
     s = plan.load_shapes("mixtral-8x7b")
     on = plan.Strategy.parse("rev-bdia/adamw8bit/bf16/in-backward")
-    off = plan.Strategy.parse("rev-bdia/adamw8bit/bf16/in-backward/offload-disk")
-    assert off.offload == "disk" and off.name.endswith("/offload-disk") and not s.tied
+    off = plan.Strategy.parse("rev-bdia/adamw8bit/bf16/in-backward/offload-host")  # each end whole
+    assert off.offload == "host" and off.name.endswith("/offload-host") and not s.tied
     P, Lp, L, E = s.params("bdia"), s.layer_params("bdia"), s.layers, s.vocab * s.hidden
     ob = plan.OPTIMIZERS["adamw8bit"]
     rest = P - L * Lp - 2 * E  # the final norm
@@ -243,8 +243,10 @@ def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
     for name in ("stored", "logits"):
         assert ph["loss"][name] == a["loss"][name]
     assert rerun["layer"] == a["end of backward"]["layer"] and rerun["stored"] == a["loss"]["stored"]
-    host = plan.phases(s, plan.Strategy.parse(on.name + "/offload-host"), 1, 4096)
-    assert host == ph  # bf16 weights (stochastic rounding): each end whole on both tiers
+    disk_st = plan.Strategy.parse(on.name + "/offload-disk")
+    on_disk = plan.phases(s, disk_st, 1, 4096)  # the ends a row slice at a time
+    assert on_disk["layer re-run"] == rerun and s.end_slice() < E
+    assert on_disk["loss"]["grads"] == s.end_slice() * 2.0 and on_disk["embedding's step"]["grads"] == s.end_slice() * 2.0
     # torch's AdamW: on disk an end's state is read a row slice at a time (1M elements: 4096 rows of 256)
     big = plan.load_shapes("qwen-moe-mini")
     Lm, Em = big.layer_params("bdia"), big.vocab * big.hidden
@@ -261,12 +263,13 @@ def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
     assert bottom_host["grads"] == Em * 4 and bottom_disk["grads"] == big.end_slice() * 4
     # a layer's grads at once (the fused AdamW update inside backward makes no temporaries)
     assert disk["layer re-run"]["grads"] == Lm * 4
-    # torchao's 8-bit state with fp32 weights: in row slices on disk too (its codes and scales by rows)
-    disk8 = plan.phases(big, plan.Strategy.parse("rev-bdia/adamw8bit/fp32/in-backward/offload-disk"), 1, 512)
-    host8 = plan.phases(big, plan.Strategy.parse("rev-bdia/adamw8bit/fp32/in-backward/offload-host"), 1, 512)
-    assert host8["loss"]["grads"] == Em * 4 and disk8["loss"]["grads"] == big.end_slice() * 4
+    # torchao's 8-bit state, bf16 weights: in row slices on disk too (its codes and scales by rows)
+    disk8 = plan.phases(big, plan.Strategy.parse("rev-bdia/adamw8bit/bf16/in-backward/offload-disk"), 1, 512)
+    host8 = plan.phases(big, plan.Strategy.parse("rev-bdia/adamw8bit/bf16/in-backward/offload-host"), 1, 512)
+    assert host8["loss"]["grads"] == Em * 2 and disk8["loss"]["grads"] == big.end_slice() * 2
     assert host8["loss"]["optimizer"] - disk8["loss"]["optimizer"] == pytest.approx(
         (Em - big.end_slice()) * plan.OPTIMIZERS["adamw8bit"])
+    off = disk_st
     fig = plan.store_figures(s, off)
     assert fig["moved_bytes_per_step"] == pytest.approx((L * Lp + 2 * E) * (3 * 2 + 2 * ob) + rest * (2 + ob))
     assert fig["store_bytes"] == pytest.approx(2 * P * (2 + ob))

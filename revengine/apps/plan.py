@@ -411,20 +411,18 @@ def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: f
     in memory then, besides the parameters outside the stacks and the ends (the final norm, a tied
     embedding) and their state.
       - loss: the last layer's weights (backward re-runs it first), the head's weights, its gradient
-        and, for its step, its state; on disk with fp32 weights a vocabulary slice of each at a
+        and, for its step, its state; on disk a vocabulary slice of each at a
         time (the loss reads the head's weight slice by slice and steps each slice's gradient);
       - a layer's re-run: its weights and state, the weights of the layer below (read ahead), the
         gradients of all its parameters (its vector-Jacobian product returns them together), its
         working set;
       - the embedding's step, the last: its weights (read once layer 0's write-back freed its
-        memory), its gradient and its state; on disk with fp32 weights a row slice of each at a
+        memory), its gradient and its state; on disk a row slice of each at a
         time (the models' lookup reads the weight slice by slice and steps each slice's gradient)."""
     wb, ob = WEIGHT_BYTES[st.weights], OPTIMIZERS[st.optimizer]
     L, layer_p, head_p, end = s.layers, s.layer_params(st.scheme), s.vocab * s.hidden, s.stored_end()
     rest = s.params(st.scheme) - L * layer_p - 2 * end
-    # the ends' weights, grads and state in row slices: on disk, with fp32 weights (bf16 ones are rounded
-    # stochastically, in row slices only by revengine's CPU update: on a GPU each end is whole)
-    sliced = st.offload == "disk" and st.weights == "fp32"
+    sliced = st.offload == "disk"  # the ends' weights, grads and state in row slices (on the host tier whole)
     end_in = min(end, s.end_slice()) if sliced else end  # what of a stored end is in memory at once
     end_state = end_in * ob
     head_grad = end_in if end else head_p  # a tied head stays with the rest: its gradient whole
