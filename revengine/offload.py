@@ -337,6 +337,7 @@ class _StateRows:
         self.prefix = f"state.{layer.names[id(self.param)]}."
         self.weight_key = f"param.{layer.names[id(self.param)]}"
         self.fd: Optional[int] = None
+        self.pending: Optional[Future] = None  # the slice write in flight
 
     def _row_bytes(self, dtype: torch.dtype) -> int:
         return math.prod(self.param.shape[1:]) * dtype.itemsize  # (the weight may have no memory: no indexing)
@@ -409,24 +410,40 @@ class _StateRows:
 
     def write(self, rows: slice, state: Dict[str, object], weight: Optional[torch.Tensor] = None) -> None:
         """A stepped slice's state rows (and, for a streamed weight, its new weight rows) into the
-        next version's file."""
+        next version's file: written on the store's writer thread while the next slice computes, one
+        slice in flight (a failed write is raised by the next slice's write, or at the end's release)."""
         if rows.start == 0 and self.fd is not None:
+            self._settle(raising=False)
             self._abandon()  # the file of a step that failed before the end's release
         if self.fd is None:
             self._open(state, streamed=weight is not None)
+        self._settle()
+        templates, chunks = self._templates(), []
+        for key, v in state.items():
+            if self._per_row(v):
+                for (name, part), t in zip(self._parts(key, templates[key], rows), inner_tensors(v)):
+                    if part is not None:  # (a shared table: written whole by `finish`)
+                        chunks.append((self.starts[name] + part.start * t.element_size(), t.contiguous()))
+        if weight is not None:
+            chunks.append((self.starts[self.weight_key] + rows.start * self._row_bytes(weight.dtype), weight.contiguous()))
+        fd = self.fd
+
+        def job():
+            for offset, t in chunks:
+                _write_at(fd, _bytes_view(t), offset)
+        self.pending = self.store._writer.submit(job)  # (its failure is _settle's to raise, not _drain's)
+
+    def _settle(self, raising: bool = True) -> None:
+        """Waits for the slice write in flight; its failure becomes the one-line error (the file is abandoned)."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
         try:
-            templates = self._templates()
-            for key, v in state.items():
-                if self._per_row(v):
-                    for (name, part), t in zip(self._parts(key, templates[key], rows), inner_tensors(v)):
-                        if part is not None:  # (a shared table: written whole by `finish`)
-                            _write_at(self.fd, _bytes_view(t.contiguous()), self.starts[name] + part.start * t.element_size())
-            if weight is not None:
-                _write_at(self.fd, _bytes_view(weight.contiguous()),
-                          self.starts[self.weight_key] + rows.start * self._row_bytes(weight.dtype))
+            pending.result()
         except OSError as e:
             self._abandon()
-            raise _cannot_write(self.path, "the layer's file", e) from None
+            if raising:
+                raise _cannot_write(self.path, "the layer's file", e) from None
 
     def _open(self, state: Dict[str, object], streamed: bool = False) -> None:
         """The next version's file, laid out as the store writes an end (the weight, then the state
@@ -460,7 +477,9 @@ class _StateRows:
 
     def finish(self, tensors: Dict[str, torch.Tensor]) -> None:
         """Writes the weight and the scalars, and renames the file into place (not synced: the
-        store's flush thread does that, as for a layer's file)."""
+        store's flush thread does that, as for a layer's file). On the writer thread, after the
+        last slice's write."""
+        self._settle()
         try:
             for k, t in tensors.items():
                 if k not in self.rows:
@@ -1216,6 +1235,7 @@ class LayerStore:
             elif end.sliced:
                 self.optimizer.set_row_source(end.params[0], None)
             if end.partial is not None:
+                end.partial._settle(raising=False)
                 end.partial._abandon()
         for pool in (self._reader, self._writer, self._syncer):
             if pool is not None:

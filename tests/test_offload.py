@@ -416,10 +416,12 @@ def test_resume_after_kill_is_bit_identical(tmp_path, optimizer, weights):
     assert_same(snapshot(model, opt), snapshot(ref_model, ref_opt))
 
 
-@pytest.mark.parametrize("where", ["layer", "head rows"])
+@pytest.mark.parametrize("where", ["layer", "head rows", "head's last rows"])
 def test_full_disk_is_one_error_and_the_last_step_stays_loadable(tmp_path, monkeypatch, where):
     """The disk fills up while the first file of step 3 is written: a layer's (written whole), or the
-    head's (its state written row slice by row slice inside its step, then completed at its release)."""
+    head's (its state written row slice by row slice inside its step, each slice's write on the writer
+    thread while the next computes: raised by the next slice's write, or, for the last slice, when the
+    file is completed at the head's release)."""
     directory = str(tmp_path / "store")
     model, opt = build()
     store = LayerStore(model, opt, tier="disk", directory=directory)
@@ -429,8 +431,14 @@ def test_full_disk_is_one_error_and_the_last_step_stays_loadable(tmp_path, monke
         fh.write(bytes(buffers[0])[:100])
         raise OSError(28, os.strerror(28))
 
+    calls, write_at = [], rev.offload._write_at
+    last = 1 + 3 * (len(rev.optim.row_slices_of(model.lm_head.weight)) - 1)  # the header, 3 tensors a slice
+
     def full_at(fd, data, offset):
-        raise OSError(28, os.strerror(28))
+        calls.append(offset)
+        if where == "head rows" or len(calls) == last + 1:  # (the disk then has room for the embedding's rows)
+            raise OSError(28, os.strerror(28))
+        write_at(fd, data, offset)
 
     if where == "layer":  # the head is first in backward, but it does not write through _write_payload
         monkeypatch.setattr(rev.offload, "_write_payload", full)
