@@ -54,7 +54,7 @@ class _StreamedLookup(torch.autograd.Function):
                     at = ((flat >= r.start) & (flat < r.stop)).nonzero()[:, 0]
                     gw = torch.ops.aten.embedding_dense_backward(g.index_select(0, at).to(stream.p.dtype),
                                                                  flat[at] - r.start, r.stop - r.start, -1, False)
-                    stream.consume(sweep, r, stream.read(r) if sweep == "step" else None, gw)
+                    stream.consume(sweep, r, stream.read(r) if stream.steps(sweep) else None, gw)
         except BaseException:
             stream.finish(failed=True)
             raise

@@ -516,6 +516,11 @@ class RowStream:
     def sweeps(self) -> Tuple[str, ...]:
         return ("norm", "step") if self.opt._pass == "step" and self.opt._clips_per_tensor else ("step",)
 
+    def steps(self, sweep: str) -> bool:
+        """Whether `sweep` steps the weight (its consume needs the weight's rows): not a norm sweep, nor
+        any sweep of global clipping's norm pass or of a pass that steps nothing."""
+        return sweep == "step" and self.opt._pass == "step"
+
     def consume(self, sweep: str, rows: slice, weight: torch.Tensor, grad: torch.Tensor) -> None:
         opt = self.opt
         if sweep == "norm" or opt._pass == "norm":

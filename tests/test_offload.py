@@ -288,11 +288,12 @@ def test_the_heads_weight_and_gradient_are_never_whole(tmp_path, monkeypatch, cl
     assert store._output.streamed
     slices = len(rev.optim.row_slices_of(head))
     assert slices >= 4
-    seen = []
+    seen, embedding_reads = [], []
     real = rev.offload._StateRows.read_weight
 
     def read_weight(self, rows):
         if self.param is not head:
+            embedding_reads.append(rows.start)
             return real(self, rows)
         state = [t for v in opt.state.get(head, {}).values() if isinstance(v, torch.Tensor) and v.dim() > 0
                  for t, part in zip(rev.optim.inner_tensors(v), rev.optim.state_rows(v, slice(0, len(v))))
@@ -306,6 +307,10 @@ def test_the_heads_weight_and_gradient_are_never_whole(tmp_path, monkeypatch, cl
     losses = run(model, opt)
     # reads a step: forward + backward, + the norm sweep with per-tensor clipping, x2 with global (two passes)
     assert len(seen) == 3 * slices * {None: 2, "per_tensor": 3, "global": 4}[clip]
+    # the embedding's: each slice holding some of the ids in forward, each slice for its step (norm sweeps
+    # and global clipping's norm pass read no weight: they measure the gradient only)
+    lookups = 3 * len(rev.optim.row_slices_of(model.model.embed_tokens.weight)) * {"global": 2}.get(clip, 1)
+    assert len(embedding_reads) == lookups + lookups // {"global": 2}.get(clip, 1)
     assert all(nbytes == 0 and grad is None and state == 0 for nbytes, grad, state in seen)
     assert int(opt.state[head]["step"]) == 3  # one step of the head a training step, not two
     store.close()
