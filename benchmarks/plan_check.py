@@ -15,7 +15,7 @@ Models (random weights of the real shapes: memory does not depend on the values)
 Strategies measured:
     hf-plain        HF model, torch.optim.AdamW
     hf-checkpoint   the same with gradient_checkpointing_enable() (non-reentrant)
-    rev-bdia        from_hf(scheme="bdia", moe_chunk_size=256, loss_chunk_size=64, attention_recompute=True), AdamW
+    rev-bdia        from_hf(scheme="bdia", moe_chunk_size=256, attention_recompute=True; the loss chunk its own: 64), AdamW
     rev-bdia-ib     the same with revengine.optim.InBackwardOptimizer(AdamW)
     rev-bdia-8bit   rev-bdia-ib with bf16 weights (stochastic rounding) and 8-bit AdamW (revengine.optim)
     rev-bdia-4bit   the same with 4-bit AdamW

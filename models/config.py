@@ -28,6 +28,11 @@ def read_config_json(path: str) -> Dict[str, Any]:
 AUTO_MOE_CHUNK = 256  # tokens per expert chunk
 AUTO_LOGITS_ELEMENTS = 1 << 20  # logits per cross-entropy chunk (4 MiB in fp32)
 
+
+def auto_loss_chunk(vocab_size: int) -> int:
+    """Tokens per cross-entropy chunk when none is set: AUTO_LOGITS_ELEMENTS logits, 16 to 1024 tokens."""
+    return max(16, min(1024, AUTO_LOGITS_ELEMENTS // vocab_size))
+
 BLOCK_TYPES = ("revffn", "additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
 FIXED_POINT_FALLBACKS = ("error", "warn", "store")
 EXACT_BLOCK_TYPES = ("additive", "midpoint", "leapfrog", "hamiltonian", "bdia")
@@ -188,8 +193,7 @@ class RevMoEConfig:
         big = tokens > AUTO_MOE_CHUNK
         moe = self.moe_chunk_size if self.moe_chunk_size is not None else (AUTO_MOE_CHUNK if big else 0)
         attn = bool(self.attention_recompute) if self.attention_recompute is not None else big
-        loss = self.loss_chunk_size if self.loss_chunk_size is not None else \
-            max(16, min(1024, AUTO_LOGITS_ELEMENTS // self.vocab_size))
+        loss = self.loss_chunk_size if self.loss_chunk_size is not None else auto_loss_chunk(self.vocab_size)
         return {"moe_chunk_size": int(moe), "attention_recompute": attn, "loss_chunk_size": int(loss)}
 
     # -- serialisation ------------------------------------------------------------------------

@@ -290,3 +290,20 @@ def test_offload_strategies_hold_two_layers_and_say_what_moves(capsys):
 def test_bad_offload_strategies(text, why):
     with pytest.raises(plan.PlanError, match=why):
         plan.Strategy.parse(text)
+
+
+def test_the_default_loss_chunk_is_the_converted_models_own(capsys):
+    """With no --loss-chunk-size the planner takes the chunk a default-converted model runs with
+    (2^20 logits: 16 tokens at Qwen's 151936 vocabulary, 64 at 16384); a given one replaces it."""
+    from revengine.models import RevMoEConfig
+    qwen, mini = plan.load_shapes("qwen1.5-moe-a2.7b"), plan.load_shapes("qwen-moe-mini")
+    for shapes in (qwen, mini):
+        model_cfg = RevMoEConfig.preset("qwen-moe-mini", vocab_size=shapes.vocab)
+        assert plan.rev_options_for(shapes)["loss_chunk_size"] == model_cfg.working_set(4096)["loss_chunk_size"]
+    assert plan.rev_options_for(qwen)["loss_chunk_size"] == 16 and plan.rev_options_for(mini)["loss_chunk_size"] == 64
+    import argparse
+    ap = argparse.ArgumentParser()
+    plan.add_arguments(ap)
+    for flag, chunk in ((["--loss-chunk-size", "128"], 128), ([], 16)):
+        assert plan.cmd_plan(ap.parse_args(["--config", "qwen1.5-moe-a2.7b", "--json", *flag])) == 0
+        assert json.loads(capsys.readouterr().out)["rev_options"]["loss_chunk_size"] == chunk

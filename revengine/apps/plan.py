@@ -16,8 +16,8 @@ A strategy is `BASE/OPTIMIZER/WEIGHTS[/in-backward]`:
                rev-bdia        converted to a reversible BDIA model (revengine.convert.from_hf): two
                                fixed-point streams and 4 bits per element and layer stored
                rev-revffn      converted to RevFFN: two half-width streams, projection adapters added
-                               (both with REV_DEFAULTS, which --moe-chunk-size, --loss-chunk-size and
-                               --no-attention-recompute change)
+                               (both with REV_DEFAULTS and the model's own loss chunk, which
+                               --moe-chunk-size, --loss-chunk-size and --no-attention-recompute change)
     OPTIMIZER  adamw (two fp32 moments: 8 bytes per parameter), adamw8bit (~2), adamw4bit (~1)
     WEIGHTS    fp32 (4 bytes per parameter) or bf16 (2, no fp32 master copy: stochastic rounding);
                activations in the weights' dtype, the loss in fp32
@@ -59,7 +59,7 @@ from typing import Dict, List, Optional, Tuple
 
 from revengine.convert import FAMILIES
 from revengine.optim import SLICE_ELEMENTS
-from revengine.models.config import RevMoEConfig, read_config_json
+from revengine.models.config import RevMoEConfig, auto_loss_chunk, read_config_json
 
 PROG = "revengine plan"
 GiB = float(2**30)
@@ -90,7 +90,17 @@ CAL = {
     "rev_layer_in_backward": 1.78,
 }
 # Options of the converted models (RevMoEConfig fields) the reversible strategies assume.
-REV_DEFAULTS = dict(moe_chunk_size=256, loss_chunk_size=64, attention_recompute=True)
+# loss_chunk_size None: the converted model's own (auto_loss_chunk: 2^20 logits, 64 tokens at a 16384 vocabulary)
+REV_DEFAULTS = dict(moe_chunk_size=256, loss_chunk_size=None, attention_recompute=True)
+
+
+def rev_options_for(shapes: "Shapes", rev_options: Optional[dict] = None) -> dict:
+    """The reversible model's working-set options: REV_DEFAULTS under the given ones, the loss chunk
+    resolved for the vocabulary when none is set."""
+    o = dict(REV_DEFAULTS, **(rev_options or {}))
+    if o["loss_chunk_size"] is None:
+        o["loss_chunk_size"] = auto_loss_chunk(shapes.vocab)
+    return o
 # BDIA's default gamma 2^-k: exact inversion keeps the k bits per element and layer that g * p drops
 BDIA_DROPPED_BITS = round(-math.log2(RevMoEConfig().bdia_gamma))
 
@@ -346,7 +356,7 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
            cal: Optional[dict] = None) -> Dict[str, Dict[str, float]]:
     """{phase: {part: bytes}} of one training step; its peak is the phase with the largest sum."""
     c = dict(CAL, **(cal or {}))
-    o = dict(REV_DEFAULTS, **(rev_options or {}))
+    o = rev_options_for(shapes, rev_options)
     s, st = shapes, strategy
     T = float(batch) * float(seq)
     H, V, L = s.hidden, s.vocab, s.layers
@@ -565,7 +575,7 @@ def format_table(shapes: Shapes, preds: List[Prediction], batch: int, seq: int, 
         for lb in labels:
             row += ["yes" if p.fits[lb] else "no", str(p.max_seq[lb]) if p.max_seq[lb] else "none"]
         lines.append("| " + " | ".join(row) + " |")
-    lines.append(f"(GiB at the peak of one step; reversible models with {dict(REV_DEFAULTS, **(rev_options or {}))}; "
+    lines.append(f"(GiB at the peak of one step; reversible models with {rev_options_for(shapes, rev_options)}; "
                  "parts of the phase that holds the peak)")
     for p in preds:
         if p.store:
@@ -586,7 +596,8 @@ def cmd_plan(args) -> int:
         memories = [parse_memory(m) for m in args.memory.split(",")] if args.memory is not None else []
         strategies = [Strategy.parse(t) for t in (args.strategy or DEFAULT_STRATEGIES)]
         rev_options = dict(moe_chunk_size=_positive_or_zero("--moe-chunk-size")(args.moe_chunk_size),
-                           loss_chunk_size=_positive("--loss-chunk-size")(args.loss_chunk_size),
+                           loss_chunk_size=None if args.loss_chunk_size == "auto"
+                           else _positive("--loss-chunk-size")(args.loss_chunk_size),
                            attention_recompute=not args.no_attention_recompute)
     except ValueError as e:  # PlanError, and read_config_json's file:line errors
         print(f"{PROG}: error: {e}", file=sys.stderr)
@@ -594,7 +605,7 @@ def cmd_plan(args) -> int:
     preds = plan(shapes, strategies, batch, seq, memories, rev_options=rev_options)
     if args.json:
         print(json.dumps({"config": shapes.name, "model_type": shapes.model_type, "batch": batch, "seq": seq,
-                          "memory_gib": [m / GiB for m in memories], "rev_options": rev_options,
+                          "memory_gib": [m / GiB for m in memories], "rev_options": rev_options_for(shapes, rev_options),
                           "strategies": [p.as_dict() for p in preds]}, indent=2))
     else:
         print(format_table(shapes, preds, batch, seq, memories, rev_options, args.bandwidth))
@@ -615,7 +626,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="offload strategies: the disk's or host copies' bandwidth, for the step time's lower bound")
     p.add_argument("--moe-chunk-size", default=str(REV_DEFAULTS["moe_chunk_size"]),
                    help="reversible models: tokens per expert chunk (0: off; default %(default)s)")
-    p.add_argument("--loss-chunk-size", default=str(REV_DEFAULTS["loss_chunk_size"]),
-                   help="reversible models: tokens per cross-entropy chunk (default %(default)s)")
+    p.add_argument("--loss-chunk-size", default="auto",
+                   help="reversible models: tokens per cross-entropy chunk (default auto: the converted model's, "
+                        "2^20 // vocabulary, 16 to 1024)")
     p.add_argument("--no-attention-recompute", action="store_true",
                    help="reversible models: keep the attention's intermediates in the re-run (default: recomputed)")
