@@ -88,6 +88,10 @@ CAL = {
     # saved activations and their grads alive together). Without in-backward every grad is alive at
     # the end of backward and rev_layer, fitted on those peaks, stands in for it.
     "rev_layer_in_backward": 1.78,
+    # the disk tier runs a CPU model, whose device memory is the process's: it also holds each layer's
+    # Python objects (modules, parameters without storage, optimizer and store entries), measured as
+    # resident memory above every live tensor's storage after a step (qwen-moe-mini, 12 and 48 layers)
+    "disk_layer_objects": 0.22 * 2**20,
 }
 # Options of the converted models (RevMoEConfig fields) the reversible strategies assume.
 # loss_chunk_size None: the converted model's own (auto_loss_chunk: 2^20 logits, 64 tokens at a 16384 vocabulary)
@@ -411,12 +415,14 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
         layer = c["rev_layer"] * ((max(attn, moe) if o["attention_recompute"] else attn + moe) + chunk_inputs)
     logits = c["rev_loss_chunks"] * min(T, o["loss_chunk_size"]) * V * 4.0 + 2 * T * H * 4.0
     if st.offload:
-        return store_phases(s, st, stored, layer, logits)
+        return store_phases(s, st, stored, layer, logits, objects=c["disk_layer_objects"] * L if st.offload == "disk"
+                            else 0.0)
     return {"loss": phase(grads(head_p), stored=stored, logits=logits),
             "end of backward": phase(grads(P), stored=stored, layer=layer), **step}
 
 
-def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: float) -> Dict[str, Dict[str, float]]:
+def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: float,
+                 objects: float = 0.0) -> Dict[str, Dict[str, float]]:
     """The phases of a step whose layers live in the store between uses (revengine.offload): what is
     in memory then, besides the parameters outside the stacks and the ends (the final norm, a tied
     embedding) and their state.
@@ -428,7 +434,8 @@ def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: f
         working set;
       - the embedding's step, the last: its weights (read once layer 0's write-back freed its
         memory), its gradient and its state; on disk a row slice of each at a
-        time (the models' lookup reads the weight slice by slice and steps each slice's gradient)."""
+        time (the models' lookup reads the weight slice by slice and steps each slice's gradient).
+    objects: bytes of the layers' Python objects, counted with the weights (on disk: a CPU model)."""
     wb, ob = WEIGHT_BYTES[st.weights], OPTIMIZERS[st.optimizer]
     L, layer_p, head_p, end = s.layers, s.layer_params(st.scheme), s.vocab * s.hidden, s.stored_end()
     rest = s.params(st.scheme) - L * layer_p - 2 * end
@@ -438,7 +445,7 @@ def store_phases(s: Shapes, st: Strategy, stored: float, layer: float, logits: f
     head_grad = end_in if end else head_p  # a tied head stays with the rest: its gradient whole
 
     def ph(w, o, g, layer_b=0.0, logits_b=0.0):
-        return {"weights": (rest + w) * wb, "optimizer": rest * ob + o, "grads": g, "stored": stored,
+        return {"weights": (rest + w) * wb + objects, "optimizer": rest * ob + o, "grads": g, "stored": stored,
                 "layer": layer_b, "logits": logits_b}
     return {"loss": ph(layer_p + end_in, end_state, head_grad * wb, logits_b=logits),
             "layer re-run": ph(2 * layer_p, layer_p * ob, layer_p * wb, layer_b=layer),
