@@ -31,7 +31,10 @@ state: the same result bit for bit, with the update's temporaries bounded by one
 per-op AdamW loop, foreach=False, holds two fp32 copies of what it updates: 2.3 GiB for a
 151936 x 2048 head at once, 8 MiB in slices; the fused kernel, the default, makes none).
 `set_row_source(p, source)` hands the slices' state to another owner (the offload store reads and
-writes a stored embedding's or head's state rows from its file, so that state is never whole), and
+writes a stored embedding's or head's state rows from its file, so that state is never whole; then
+torchao's AdamW classes step in the same slices too: slices start on whole quantization blocks, a
+quantized state moves its codes' and scales' parts (`state_rows`), and bf16 stochastic rounding uses
+the step's one seed with each slice's element offset, so the result is the whole step's bit for bit), and
 `stream_rows(p, source)` the weight's rows too: a loss that finds `streamed(weight)` reads the weight
 through it a slice at a time and hands each slice's gradient back (`RowStream`), to be clipped and
 stepped as the whole gradient would be (the offload store's LM head: its weight and gradient never
