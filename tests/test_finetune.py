@@ -789,12 +789,23 @@ def test_bf16_weights_on_a_gpu_without_bf16_are_refused(tmp_path, data, mixtral,
 
 
 @pytest.mark.parametrize("optimizer,wdtype", [("adamw", "fp32"), ("adamw8bit", "bf16")])
-def test_offload_disk_is_bit_identical_and_resumes(tmp_path, data, mixtral, optimizer, wdtype, capsys):
+def test_offload_disk_is_bit_identical_and_resumes(tmp_path, data, mixtral, optimizer, wdtype, capsys, monkeypatch):
     """Stage 1 in memory, 10 steps of stage 2 with every layer on disk between uses: the same weights,
     losses and evals as without; stopped and resumed (the checkpoint, not the store, is what a resume reads),
-    still the same. The store is in <out>/offload."""
+    still the same. The store is in <out>/offload. The tiny model's embedding and head come in row
+    slices, as a real model's do (slices of 1024 elements here: several per end)."""
     if optimizer != "adamw":
         pytest.importorskip("torchao")
+    from revengine import optim
+    from revengine.offload import LayerStore
+    monkeypatch.setattr(optim, "SLICE_ELEMENTS", 1024)
+    streamed = []
+    real_init = LayerStore.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        streamed.append([end.streamed for end in self.ends])
+    monkeypatch.setattr(LayerStore, "__init__", init)
     kw = dict(scheme="bdia", stage1_steps=2, steps=10, save_every=2, in_backward=True, optimizer=optimizer,
               weights=wdtype)
     ref = ft.run(args(mixtral, data, tmp_path / "ref", **kw))
@@ -812,6 +823,7 @@ def test_offload_disk_is_bit_identical_and_resumes(tmp_path, data, mixtral, opti
     assert strip(tmp_path / "ref") == strip(out)
     with open(out / "offload" / "store.json") as fh:
         assert json.load(fh)["step"] == 6  # the resumed process's six stage-2 steps
+    assert streamed and all(ends == [True, True] for ends in streamed)
 
 
 @pytest.mark.parametrize("kw,match", [
