@@ -106,9 +106,10 @@ def measure(tier: str, quick: bool, layers: int, seq: int, steps: int, threads=N
     for name in ("transformers", "revengine.convert"):  # imported before the baseline: runtime, not model
         importlib.import_module(name)
     # so is what the first model and step bring in: transformers' lazily imported model code, torch's
-    # compute threads and math libraries (~40 MiB here, which the planner does not count)
+    # compute threads and math libraries (~40 MiB here, which the planner does not count), in the weights'
+    # dtype (bf16 brings its own kernels)
     cuda = device != "cpu"
-    warm = hf_contender("rev-bdia", True, 1).train().to(device)
+    warm = hf_contender("rev-bdia", True, 1).train().to(device, WEIGHT_DTYPES[weights])
     warm_ids = random_ids(warm.config.vocab_size, 1, 16).to(device)
     warm(input_ids=warm_ids, labels=warm_ids, use_cache=False).loss.backward()
     del warm
