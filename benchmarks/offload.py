@@ -167,8 +167,8 @@ def predicted_mb(quick: bool, layers: int, seq: int, tier: str, vocab=None, opti
     shapes = planner.Shapes.from_config(hf_config_from_revmoe(model_cfg, "qwen2_moe").to_dict(), name="qwen-moe-mini")
     st = planner.Strategy.parse(f"rev-bdia/{optimizer}/{weights}/in-backward"
                                 + ("" if tier == "none" else f"/offload-{tier}"))
-    # the working-set options the converted model picks for this many tokens (the benchmark sets none):
-    # the planner's defaults are the same at the preset's vocabulary, not at a larger one (shorter loss chunks)
+    # the working-set options the converted model picks for this many tokens (the benchmark sets none;
+    # the planner's defaults assume a batch above one expert chunk, as at the default 512 tokens)
     return planner.peak(shapes, st, 1, seq, rev_options=model_cfg.working_set(seq - 1))[2] / MIB
 
 

@@ -32,11 +32,15 @@ class _StreamedLookup(torch.autograd.Function):
     does): one outside every slice would leave its row unset."""
 
     @staticmethod
+    def _tokens(flat: Tensor, stream) -> list:
+        """(rows, positions of the ids in them) for each of the weight's slices."""
+        return [(r, ((flat >= r.start) & (flat < r.stop)).nonzero()[:, 0]) for r in stream.slices]
+
+    @staticmethod
     def forward(ctx, ids, stream, anchor):
         flat = ids.reshape(-1)
         out = torch.empty((flat.numel(), *stream.p.shape[1:]), dtype=stream.p.dtype, device=ids.device)
-        for r in stream.slices:
-            at = ((flat >= r.start) & (flat < r.stop)).nonzero()[:, 0]
+        for r, at in _StreamedLookup._tokens(flat, stream):
             if at.numel():
                 out[at] = stream.read(r).index_select(0, flat[at] - r.start)
         ctx.save_for_backward(flat)
@@ -48,10 +52,10 @@ class _StreamedLookup(torch.autograd.Function):
         (flat,) = ctx.saved_tensors
         stream = ctx.stream
         g = grad.reshape(flat.numel(), -1)
+        tokens = _StreamedLookup._tokens(flat, stream)  # once for every sweep
         try:
             for sweep in stream.sweeps():
-                for r in stream.slices:
-                    at = ((flat >= r.start) & (flat < r.stop)).nonzero()[:, 0]
+                for r, at in tokens:
                     gw = torch.ops.aten.embedding_dense_backward(g.index_select(0, at).to(stream.p.dtype),
                                                                  flat[at] - r.start, r.stop - r.start, -1, False)
                     stream.consume(sweep, r, stream.read(r) if stream.steps(sweep) else None, gw)

@@ -415,8 +415,8 @@ def phases(shapes: Shapes, strategy: Strategy, batch: int, seq: int, rev_options
         layer = c["rev_layer"] * ((max(attn, moe) if o["attention_recompute"] else attn + moe) + chunk_inputs)
     logits = c["rev_loss_chunks"] * min(T, o["loss_chunk_size"]) * V * 4.0 + 2 * T * H * 4.0
     if st.offload:
-        return store_phases(s, st, stored, layer, logits, objects=c["disk_layer_objects"] * L if st.offload == "disk"
-                            else 0.0)
+        objects = c["disk_layer_objects"] * L if st.offload == "disk" else 0.0
+        return store_phases(s, st, stored, layer, logits, objects=objects)
     return {"loss": phase(grads(head_p), stored=stored, logits=logits),
             "end of backward": phase(grads(P), stored=stored, layer=layer), **step}
 
